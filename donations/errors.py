@@ -1,0 +1,82 @@
+"""The errors a caller can be answered with, each mapped to a status and the contract's JSON shape.
+
+    ApiError                       4xx/5xx {"error": {"code", "message", "field"?}}
+     ├── BadRequest                400  malformed, unsigned or invalid input
+     ├── Unauthorized              401  no or unknown token
+     ├── Forbidden                 403  a token without the needed scope
+     ├── NotFound                  404
+     ├── Conflict                  409
+     ├── PayloadTooLarge           413
+     ├── Unprocessable             422  well-formed but out of range
+     └── ServiceUnavailable        503  a dependency (database, Stripe) is not there: retry later
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class ApiError(Exception):
+    """An answer for the caller; `code` is stable snake_case, `message` is for a person."""
+
+    status: ClassVar[int] = 500
+
+    def __init__(self, code: str, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.field = field
+
+    def body(self) -> dict[str, Any]:
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.field is not None:
+            error["field"] = self.field
+        return {"error": error}
+
+
+class BadRequest(ApiError):
+    """The request cannot be read or is not acceptable as sent."""
+
+    status = 400
+
+
+class Unauthorized(ApiError):
+    """No credentials, or unknown ones."""
+
+    status = 401
+
+
+class Forbidden(ApiError):
+    """Known credentials without the needed scope."""
+
+    status = 403
+
+
+class NotFound(ApiError):
+    """Nothing at that address."""
+
+    status = 404
+
+
+class Conflict(ApiError):
+    """The request contradicts an earlier one (e.g. an idempotency key reused with another body)."""
+
+    status = 409
+
+
+class PayloadTooLarge(ApiError):
+    """The body is over the endpoint's limit."""
+
+    status = 413
+
+
+class Unprocessable(ApiError):
+    """Well-formed input whose values are out of range."""
+
+    status = 422
+
+
+class ServiceUnavailable(ApiError):
+    """A dependency is down or not configured; the caller should retry later."""
+
+    status = 503

@@ -1,0 +1,127 @@
+"""The background worker that fetches balance transactions: fees, net and the settled amount.
+
+Never on the webhook's path: a charge's fee is filled in seconds later, retried with backoff while
+Stripe is slow or down, and stays unknown (NULL) without a Stripe key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import asyncpg
+import stripe
+import structlog
+
+from donations import db
+from donations.events import ref
+from donations.metrics import Metrics
+from donations.stripe_api import plain
+
+log = structlog.get_logger(__name__)
+
+LEASE_SECONDS = 120
+MAX_BACKOFF_SECONDS = 6 * 3600
+
+
+def backoff(attempts: int) -> int:
+    """Seconds until the next try: 10 s, 20 s, 40 s … at most six hours."""
+    return min(MAX_BACKOFF_SECONDS, 10 * (1 << min(max(0, attempts - 1), 20)))
+
+
+async def claim(conn: asyncpg.Connection, batch: int) -> list[tuple[str, int]]:
+    """Lease due look-ups so that several replicas never fetch the same one at once."""
+    rows = await conn.fetch(
+        """
+        UPDATE balance_transaction_fetches AS f
+           SET attempts = f.attempts + 1,
+               next_attempt_at = now() + make_interval(secs => $2)
+         WHERE f.id IN (SELECT id FROM balance_transaction_fetches
+                         WHERE next_attempt_at <= now()
+                         ORDER BY next_attempt_at
+                         LIMIT $1
+                         FOR UPDATE SKIP LOCKED)
+        RETURNING f.id, f.attempts
+        """,
+        batch, LEASE_SECONDS,
+    )
+    return [(r["id"], r["attempts"]) for r in rows]
+
+
+async def store_balance_transaction(conn: asyncpg.Connection, bt: dict[str, Any]) -> None:
+    """Keep the balance transaction; fill fee, net and settlement into the payments it settles."""
+    async with conn.transaction():
+        await conn.execute(
+            """
+            INSERT INTO balance_transactions (id, type, source, amount, currency, fee, net,
+                exchange_rate, status, reporting_category, available_on, created_at, data)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8::numeric, $9, $10, to_timestamp($11),
+                    to_timestamp($12), $13)
+            ON CONFLICT (id) DO UPDATE
+               SET status = excluded.status, data = excluded.data, fetched_at = now()
+            """,
+            bt["id"], bt.get("type") or "unknown", ref(bt.get("source")), int(bt["amount"]),
+            str(bt["currency"]), int(bt.get("fee") or 0), int(bt["net"]),
+            # the rate is a decimal string to PostgreSQL's numeric; never a float on our side
+            None if bt.get("exchange_rate") is None else str(bt["exchange_rate"]),
+            bt.get("status"), bt.get("reporting_category"), int(bt.get("available_on") or 0),
+            int(bt.get("created") or 0), bt,
+        )
+        await conn.execute(
+            """
+            UPDATE payments
+               SET fee = $2, net = $3, settlement_currency = $4, settlement_amount = $5
+             WHERE balance_transaction = $1
+            """,
+            bt["id"], int(bt.get("fee") or 0), int(bt["net"]), str(bt["currency"]),
+            int(bt["amount"]),
+        )
+        await conn.execute("DELETE FROM balance_transaction_fetches WHERE id = $1", bt["id"])
+
+
+async def run_once(
+    pool: asyncpg.Pool, client: stripe.StripeClient, metrics: Metrics, batch: int = 25
+) -> int:
+    """Fetch what is due; returns how many were stored."""
+    async with db.connection(pool) as conn:
+        claimed = await claim(conn, batch)
+    stored = 0
+    for bt_id, attempts in claimed:
+        try:
+            bt = plain(await client.v1.balance_transactions.retrieve_async(bt_id))
+        except stripe.StripeError as exc:
+            metrics.balance_fetches.inc(outcome="error")
+            delay = backoff(attempts)
+            log.warning("balance_transaction_fetch_failed", balance_transaction=bt_id,
+                        error=type(exc).__name__, http_status=exc.http_status,
+                        retry_in_seconds=delay)
+            async with db.connection(pool) as conn:
+                await conn.execute(
+                    """
+                    UPDATE balance_transaction_fetches
+                       SET last_error = $2, next_attempt_at = now() + make_interval(secs => $3)
+                     WHERE id = $1
+                    """,
+                    bt_id, f"{type(exc).__name__}: {exc.user_message or exc}"[:500], delay,
+                )
+            continue
+        async with db.connection(pool) as conn:
+            await store_balance_transaction(conn, bt)
+        metrics.balance_fetches.inc(outcome="stored")
+        stored += 1
+    return stored
+
+
+async def worker(
+    pool: asyncpg.Pool, client: stripe.StripeClient, metrics: Metrics, interval: float
+) -> None:
+    """Run until cancelled; a database or Stripe outage only delays the work."""
+    while True:
+        try:
+            while await run_once(pool, client, metrics):
+                pass
+        except db.DatabaseUnavailable:
+            log.warning("balance_transaction_worker_database_unavailable")
+        except Exception:
+            log.exception("balance_transaction_worker_failed")
+        await asyncio.sleep(interval)

@@ -1,0 +1,103 @@
+"""Exact money: integer minor units beside an ISO 4217 currency, and their decimal spelling."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+
+# Stripe's lists (docs.stripe.com/currencies). A zero-decimal currency has no minor unit: ¥1,000 is
+# 1000. A three-decimal one counts in thousandths (1.000 BHD is 1000).
+ZERO_DECIMAL = frozenset(
+    ["bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga",
+     "pyg", "rwf", "ugx", "vnd", "vuv", "xaf", "xof", "xpf"]
+)
+THREE_DECIMAL = frozenset(["bhd", "jod", "kwd", "omr", "tnd"])
+
+
+class CurrencyMismatch(ValueError):
+    """Two amounts in different currencies were combined."""
+
+
+def exponent(currency: str) -> int:
+    """How many decimal places the currency's minor unit has, as Stripe counts them."""
+    code = currency.lower()
+    if code in ZERO_DECIMAL:
+        return 0
+    if code in THREE_DECIMAL:
+        return 3
+    return 2
+
+
+def is_currency_code(value: str) -> bool:
+    """A well-formed ISO 4217 code: three ASCII letters (Stripe writes them lower-case)."""
+    return len(value) == 3 and value.isascii() and value.isalpha()
+
+
+def to_major(amount: int, currency: str) -> str:
+    """`1050, "gbp"` → `"10.50"`; `1000, "jpy"` → `"1000"`; `-5, "bhd"` → `"-0.005"`."""
+    places = exponent(currency)
+    if places == 0:
+        return str(amount)
+    sign = "-" if amount < 0 else ""
+    whole, fraction = divmod(abs(amount), 10**places)
+    return f"{sign}{whole}.{fraction:0{places}d}"
+
+
+def from_major(text: str, currency: str) -> int:
+    """The inverse of `to_major`; refuses more decimal places than the currency has."""
+    value = Decimal(text)
+    minor = value.scaleb(exponent(currency))
+    if minor != minor.to_integral_value():
+        raise ValueError(f"{text} has more decimal places than {currency.upper()} allows")
+    return int(minor)
+
+
+@dataclass(frozen=True, slots=True)
+class Money:
+    """An amount in minor units of one currency; adding two currencies is an error, not a guess."""
+
+    amount: int
+    currency: str
+
+    def __post_init__(self) -> None:
+        if isinstance(self.amount, bool) or not isinstance(self.amount, int):
+            raise TypeError("Money.amount must be an int of minor units")
+        if not is_currency_code(self.currency) or self.currency != self.currency.lower():
+            raise ValueError(f"not a lower-case ISO 4217 code: {self.currency!r}")
+
+    @classmethod
+    def zero(cls, currency: str) -> Money:
+        return cls(0, currency)
+
+    def __add__(self, other: Money) -> Money:
+        self._same_currency(other)
+        return Money(self.amount + other.amount, self.currency)
+
+    def __sub__(self, other: Money) -> Money:
+        self._same_currency(other)
+        return Money(self.amount - other.amount, self.currency)
+
+    def __neg__(self) -> Money:
+        return Money(-self.amount, self.currency)
+
+    def _same_currency(self, other: Money) -> None:
+        if other.currency != self.currency:
+            raise CurrencyMismatch(f"cannot combine {self.currency} with {other.currency}")
+
+    def major(self) -> str:
+        return to_major(self.amount, self.currency)
+
+    def as_json(self) -> dict[str, int | str]:
+        """The contract's money object, exactly as Stripe writes money."""
+        return {"amount": self.amount, "currency": self.currency}
+
+    def __str__(self) -> str:
+        return f"{self.major()} {self.currency.upper()}"
+
+
+def apply_percent_off(amount: int, percent_off: Decimal) -> int:
+    """The price after a percentage discount, rounded half up to the minor unit as Stripe rounds."""
+    if not Decimal(0) <= percent_off <= Decimal(100):
+        raise ValueError(f"percent_off out of range: {percent_off}")
+    discounted = Decimal(amount) * (Decimal(100) - percent_off) / Decimal(100)
+    return int(discounted.to_integral_value(rounding="ROUND_HALF_UP"))

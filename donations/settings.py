@@ -1,0 +1,180 @@
+"""Settings: read once from the environment at start, validated, secrets masked."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from donations.money import is_currency_code
+
+
+class ConfigError(Exception):
+    """A setting is missing or wrong; the message names the variable and the problem."""
+
+
+class Secret:
+    """A string that never shows itself in a repr, a log line or a traceback."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: Secret | None = None
+    data_dir: Path = Path(".donations")
+    host: str = "127.0.0.1"
+    port: int = 8080
+    stripe_secret_key: Secret | None = None
+    stripe_webhook_secrets: tuple[Secret, ...] = ()
+    stripe_api_base: str | None = None
+    site_origins: tuple[str, ...] = ()
+    reporting_currency: str = "gbp"
+    founding_seats: int = 1000
+    founding_percent_off: int = 50
+    founding_coupon_id: str = "founding-supporter"
+    log_format: Literal["json", "console"] = "json"
+    log_level: str = "info"
+    fee_worker_interval: float = 5.0
+
+    @property
+    def stripe_mode(self) -> Literal["live", "test"] | None:
+        """The key's mode, so an event from the other mode can be refused."""
+        if self.stripe_secret_key is None:
+            return None
+        key = self.stripe_secret_key.reveal()
+        return "live" if "_live_" in key else "test"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        get = _Reader(env)
+        return cls(
+            database_url=get.secret("DATABASE_URL", check=_check_database_url),
+            data_dir=Path(get.text("DONATIONS_DATA_DIR") or ".donations"),
+            host=get.text("HOST") or "127.0.0.1",
+            port=get.integer("PORT", 8080, low=0, high=65535),
+            stripe_secret_key=get.secret("STRIPE_SECRET_KEY", check=_check_stripe_key),
+            stripe_webhook_secrets=get.secrets("STRIPE_WEBHOOK_SECRET", prefix="whsec_"),
+            stripe_api_base=get.url("STRIPE_API_BASE"),
+            site_origins=get.origins("SITE_ORIGINS"),
+            reporting_currency=get.currency("REPORTING_CURRENCY", "gbp"),
+            founding_seats=get.integer("FOUNDING_SEATS", 1000, low=0, high=10_000_000),
+            founding_percent_off=get.integer("FOUNDING_PERCENT_OFF", 50, low=1, high=100),
+            founding_coupon_id=get.text("FOUNDING_COUPON_ID") or "founding-supporter",
+            log_format=get.choice(
+                "LOG_FORMAT", ("json", "console"), "console" if sys.stderr.isatty() else "json"
+            ),  # type: ignore[arg-type]
+            log_level=get.choice(
+                "LOG_LEVEL", ("debug", "info", "warning", "error"), "info"
+            ),
+            fee_worker_interval=float(
+                get.integer("FEE_WORKER_INTERVAL", 5, low=1, high=3600)
+            ),
+        )
+
+
+def _check_database_url(value: str) -> str | None:
+    if urlsplit(value).scheme not in ("postgres", "postgresql"):
+        return "must be a postgresql:// URL"
+    return None
+
+
+def _check_stripe_key(value: str) -> str | None:
+    if not value.startswith(("sk_test_", "sk_live_", "rk_test_", "rk_live_")):
+        return "must be a Stripe secret or restricted key (sk_test_…, sk_live_…, rk_…)"
+    return None
+
+
+class _Reader:
+    """Reads one variable at a time and raises ConfigError naming it."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._env = env
+
+    def text(self, name: str) -> str | None:
+        value = self._env.get(name, "").strip()
+        return value or None
+
+    def secret(self, name: str, *, check: object = None) -> Secret | None:
+        value = self.text(name)
+        if value is None:
+            return None
+        if callable(check) and (problem := check(value)):
+            raise ConfigError(f"{name} {problem}")
+        return Secret(value)
+
+    def secrets(self, name: str, *, prefix: str) -> tuple[Secret, ...]:
+        parts = [p.strip() for p in (self.text(name) or "").split(",") if p.strip()]
+        for part in parts:
+            if not part.startswith(prefix):
+                raise ConfigError(f"{name} must be one or more {prefix}… values, comma-separated")
+        return tuple(Secret(p) for p in parts)
+
+    def integer(self, name: str, default: int, *, low: int, high: int) -> int:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+        if not low <= value <= high:
+            raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+        return value
+
+    def choice(self, name: str, options: tuple[str, ...], default: str) -> str:
+        raw = (self.text(name) or default).lower()
+        if raw not in options:
+            raise ConfigError(f"{name} must be one of {', '.join(options)}, got {raw!r}")
+        return raw
+
+    def currency(self, name: str, default: str) -> str:
+        raw = (self.text(name) or default).lower()
+        if not is_currency_code(raw):
+            raise ConfigError(f"{name} must be an ISO 4217 currency code, got {raw!r}")
+        return raw
+
+    def url(self, name: str) -> str | None:
+        raw = self.text(name)
+        if raw is None:
+            return None
+        parts = urlsplit(raw)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ConfigError(f"{name} must be an http(s) URL, got {raw!r}")
+        return raw.rstrip("/")
+
+    def origins(self, name: str) -> tuple[str, ...]:
+        result = []
+        for raw in (self.text(name) or "").split(","):
+            origin = raw.strip().rstrip("/")
+            if not origin:
+                continue
+            parts = urlsplit(origin)
+            if parts.scheme not in ("http", "https") or not parts.netloc or parts.path:
+                raise ConfigError(
+                    f"{name} must be origins like https://example.org, got {origin!r}"
+                )
+            result.append(f"{parts.scheme}://{parts.netloc.lower()}")
+        return tuple(result)

@@ -1,0 +1,95 @@
+"""POST /webhooks/stripe: verify the signature on the raw body, store the event, apply it once."""
+
+from __future__ import annotations
+
+import json
+
+import stripe
+import structlog
+from aiohttp import web
+
+from donations.appkeys import METRICS, OFFER, POOL, SETTINGS
+from donations.errors import ApiError, BadRequest, PayloadTooLarge, ServiceUnavailable
+from donations.events import NotAnEvent, parse_event
+from donations.ingest import Outcome, ingest
+
+log = structlog.get_logger(__name__)
+
+MAX_BODY = 1024 * 1024  # Stripe's events are a few KiB; anything over 1 MiB is not one of them
+TOLERANCE_SECONDS = 300
+
+routes = web.RouteTableDef()
+
+
+class EventFailed(ApiError):
+    """The event is stored but applying it failed: 500 so that Stripe delivers it again."""
+
+    status = 500
+
+
+async def _read_body(request: web.Request) -> bytes:
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise PayloadTooLarge("body_too_large", f"the body is over {MAX_BODY} bytes")
+    body = bytearray()
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        body += chunk
+        if len(body) > MAX_BODY:
+            raise PayloadTooLarge("body_too_large", f"the body is over {MAX_BODY} bytes")
+    return bytes(body)
+
+
+def verify(body: bytes, header: str | None, secrets: list[str]) -> str:
+    """The body as text if any configured secret signed it within the tolerance, else 400."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("malformed_body", "the body is not UTF-8") from None
+    if not header:
+        raise BadRequest("missing_signature", "the Stripe-Signature header is missing",
+                         field="Stripe-Signature")
+    problem = "no signature matches"
+    for secret in secrets:  # several during a rotation: any of them may have signed it
+        try:
+            stripe.WebhookSignature.verify_header(text, header, secret, TOLERANCE_SECONDS)
+            return text
+        except stripe.SignatureVerificationError as exc:
+            if "tolerance" in str(exc):
+                problem = "the signature's timestamp is more than 5 minutes old"
+    raise BadRequest("bad_signature", f"the Stripe-Signature is not valid: {problem}",
+                     field="Stripe-Signature")
+
+
+@routes.post("/webhooks/stripe")
+async def stripe_webhook(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    if not settings.stripe_webhook_secrets:
+        raise ServiceUnavailable("webhook_not_configured", "STRIPE_WEBHOOK_SECRET is not set")
+    body = await _read_body(request)
+    text = verify(
+        body,
+        request.headers.get("Stripe-Signature"),
+        [s.reveal() for s in settings.stripe_webhook_secrets],
+    )
+    try:
+        event = parse_event(json.loads(text))
+    except json.JSONDecodeError:
+        raise BadRequest("malformed_json", "the body is not JSON") from None
+    except NotAnEvent as exc:
+        raise BadRequest("not_an_event", str(exc)) from None
+
+    structlog.contextvars.bind_contextvars(event_id=event.id, event_type=event.type)
+    mode = settings.stripe_mode
+    if mode is not None and event.livemode != (mode == "live"):
+        log.warning("webhook_livemode_mismatch", event_livemode=event.livemode, key_mode=mode)
+        request.app[METRICS].webhook_events.inc(type=event.type, outcome="livemode_mismatch")
+        raise BadRequest(
+            "livemode_mismatch",
+            f"a {'live' if event.livemode else 'test'} event sent to a service with a {mode} key",
+        )
+
+    outcome = await ingest(request.app[POOL], event, text, request.app[OFFER])
+    request.app[METRICS].webhook_events.inc(type=event.type, outcome=outcome.value)
+    log.info("webhook_event", outcome=outcome.value)
+    if outcome is Outcome.FAILED:
+        raise EventFailed("event_failed", "the event is stored but could not be applied yet")
+    return web.json_response({"received": True, "outcome": outcome.value})

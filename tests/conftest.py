@@ -1,0 +1,96 @@
+"""Test fixtures: a real PostgreSQL (embedded, or the server DATABASE_URL names), a fresh database
+for the session with migrations applied, tables emptied before each test, and the app on top."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
+
+from donations import db
+from donations.app import create_app
+from donations.settings import Secret, Settings
+
+WEBHOOK_SECRET = "whsec_test_secret_for_the_donations_suite"
+
+# Every table the tests write to; emptied before each test so that tests cannot see each other.
+TABLES = (
+    "stripe_events", "stripe_objects", "payments", "refunds", "disputes", "subscriptions",
+    "customers", "payouts", "balance_transactions", "balance_transaction_fetches",
+)
+
+
+@pytest.fixture(scope="session")
+def server_dsn() -> Iterator[str]:
+    """An administrative URL of the PostgreSQL the suite runs against."""
+    given = os.environ.get("DATABASE_URL")
+    if given:
+        yield given
+        return
+    embedded = db.EmbeddedPostgres(Path(tempfile.mkdtemp(prefix="donations-test-")))
+    dsn = embedded.start()
+    try:
+        yield dsn.replace(f"/{db.EmbeddedPostgres.DATABASE}?", "/postgres?", 1)
+    finally:
+        embedded.stop()
+
+
+def _with_database(dsn: str, name: str) -> str:
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+@pytest.fixture(scope="session")
+async def dsn(server_dsn: str) -> AsyncIterator[str]:
+    """A database of the suite's own, created fresh and dropped at the end."""
+    name = f"donations_test_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(server_dsn)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    url = _with_database(server_dsn, name)
+    await db.migrate(url)
+    yield url
+    admin = await asyncpg.connect(server_dsn)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def pool(dsn: str) -> AsyncIterator[asyncpg.Pool]:
+    pool = await db.create_pool(dsn, min_size=1, max_size=10)
+    async with pool.acquire() as conn:
+        await conn.execute(f"TRUNCATE {', '.join(TABLES)}")
+    yield pool
+    await pool.close()
+
+
+def make_settings(dsn: str, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "database_url": Secret(dsn),
+        "stripe_webhook_secrets": (Secret(WEBHOOK_SECRET),),
+        "log_format": "json",
+    }
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+Client = TestClient[web.Request, web.Application]
+
+
+@pytest.fixture
+async def client(pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient) -> Client:
+    """The service, with a webhook secret and no Stripe key (so no fee look-ups)."""
+    return await aiohttp_client(create_app(make_settings(dsn)))

@@ -1,0 +1,287 @@
+"""POST /webhooks/stripe: verified, stored, applied once; every bad input gets its answer."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import io
+import json
+import time
+
+import asyncpg
+from pytest_aiohttp import AiohttpClient
+
+from donations.app import create_app
+from donations.settings import Secret
+from tests.conftest import WEBHOOK_SECRET, Client, make_settings
+from tests.fakestripe.signing import sign, signed_request
+from tests.fakestripe.world import World
+from tests.ledger_check import dump, reference
+from tests.webhook_helpers import count, post_all, post_event
+
+
+async def test_signed_one_off_lands_in_the_ledger(client: Client, pool: asyncpg.Pool) -> None:
+    world = World(seed=1)
+    paid = world.one_off(2500, "gbp", campaign="winter-appeal", email="jane.doe@example.org")
+    await post_all(client, paid.events)
+
+    async with pool.acquire() as conn:
+        rows = await conn.fetch("SELECT * FROM payments")
+        ledger = await dump(conn)
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row["payment_key"], row["status"], row["kind"]) == (
+        paid.payment_intent, "succeeded", "one_off")
+    assert (row["amount"], row["currency"], row["campaign"]) == (2500, "gbp", "winter-appeal")
+    assert row["charge"] == paid.charge
+    assert row["checkout_session"] == paid.checkout_session
+    assert row["email"] == "jane.doe@example.org"
+    assert ledger == reference(world.events)
+
+
+async def test_a_subscription_payment_is_one_recurring_contribution(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    world = World(seed=2)
+    started = world.subscribe(1000, "gbp", campaign="founders", founding=True)
+    renewal = world.renew(started.subscription)
+    await post_all(client, world.events)
+
+    async with pool.acquire() as conn:
+        payments = await conn.fetch("SELECT * FROM payments ORDER BY created_at")
+        subscription = await conn.fetchrow("SELECT * FROM subscriptions")
+        ledger = await dump(conn)
+    # two invoices paid: two contributions, each seen through invoice, invoice payment, payment
+    # intent, charge and checkout session, and counted once
+    assert [p["payment_key"] for p in payments] == [started.payment_intent, renewal.payment_intent]
+    assert {p["kind"] for p in payments} == {"recurring"}
+    assert [p["invoice"] for p in payments] == [started.invoice, renewal.invoice]
+    assert {p["subscription"] for p in payments} == {started.subscription}
+    assert {p["campaign"] for p in payments} == {"founders"}
+    assert [p["amount"] for p in payments] == [500, 500]  # the founding 50% off
+    assert subscription["founding"] is True
+    assert subscription["percent_off"] == 50
+    assert (subscription["amount"], subscription["interval"], subscription["status"]) == (
+        1000, "month", "active")
+    assert ledger == reference(world.events)
+
+
+async def test_bad_signatures_are_refused_and_nothing_is_stored(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    event = World(seed=3).one_off(1000, "gbp").events[0]
+    body, headers = signed_request(event, WEBHOOK_SECRET)
+
+    cases = {
+        "missing": {k: v for k, v in headers.items() if k != "Stripe-Signature"},
+        "wrong secret": {**headers, "Stripe-Signature": sign(body, "whsec_not_ours")},
+        "garbage": {**headers, "Stripe-Signature": "t=abc,v1=zz"},
+        "stale": {**headers,
+                  "Stripe-Signature": sign(body, WEBHOOK_SECRET, int(time.time()) - 301)},
+    }
+    for name, case_headers in cases.items():
+        response = await client.post("/webhooks/stripe", data=body, headers=case_headers)
+        assert response.status == 400, name
+        error = (await response.json())["error"]
+        assert error["code"] in ("missing_signature", "bad_signature"), name
+        assert error["field"] == "Stripe-Signature"
+
+    tampered = body.replace(b'"gbp"', b'"usd"')
+    response = await client.post("/webhooks/stripe", data=tampered, headers=headers)
+    assert response.status == 400
+    stale = await client.post("/webhooks/stripe", data=body, headers=cases["stale"])
+    assert "5 minutes" in (await stale.json())["error"]["message"]
+    assert await count(pool, "stripe_events") == 0
+
+
+async def test_any_configured_secret_verifies_during_rotation(
+    pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
+) -> None:
+    settings = make_settings(dsn, stripe_webhook_secrets=(
+        Secret("whsec_old_one"), Secret(WEBHOOK_SECRET)))
+    client = await aiohttp_client(create_app(settings))
+    event = World(seed=4).one_off(1000, "gbp").events[0]
+    for secret in ("whsec_old_one", WEBHOOK_SECRET):
+        copy_of = {**event, "id": f"{event['id']}{secret[-3:]}"}
+        status, _ = await post_event(client, copy_of, secret=secret)
+        assert status == 200
+    assert await count(pool, "stripe_events") == 2
+
+
+async def test_oversized_malformed_and_non_event_bodies(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    big = b"{" + b" " * (1024 * 1024) + b"}"
+    response = await client.post(
+        "/webhooks/stripe", data=io.BytesIO(big),
+        headers={"Stripe-Signature": sign(big, WEBHOOK_SECRET)})
+    assert response.status == 413
+    assert (await response.json())["error"]["code"] == "body_too_large"
+
+    for body, code in (
+        (b'{"id": "evt_1", "object": "event",', "malformed_json"),
+        (b'{"id": "ch_1", "object": "charge"}', "not_an_event"),
+        (b'{"id": "evt_1", "object": "event", "type": "charge.succeeded", "created": 1}',
+         "not_an_event"),
+        (b"\xff\xfe not utf-8", "malformed_body"),
+    ):
+        response = await client.post(
+            "/webhooks/stripe", data=body,
+            headers={"Stripe-Signature": sign(body, WEBHOOK_SECRET),
+                     "Content-Type": "application/json"})
+        assert response.status == 400, body
+        assert (await response.json())["error"]["code"] == code
+    assert await count(pool, "stripe_events") == 0
+
+
+async def test_an_event_from_the_other_mode_is_refused(
+    pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
+) -> None:
+    settings = make_settings(dsn, stripe_secret_key=Secret("sk_live_abc123"),
+                             stripe_api_base="http://127.0.0.1:9")
+    client = await aiohttp_client(create_app(settings))
+    event = World(seed=5).one_off(1000, "gbp").events[0]
+    assert event["livemode"] is False
+    status, body = await post_event(client, event)
+    assert status == 400
+    assert body["error"]["code"] == "livemode_mismatch"
+    assert await count(pool, "stripe_events") == 0
+
+
+async def test_a_duplicate_changes_nothing(client: Client, pool: asyncpg.Pool) -> None:
+    events = World(seed=6).one_off(1000, "gbp").events
+    await post_all(client, events)
+    async with pool.acquire() as conn:
+        before = await dump(conn)
+    status, body = await post_event(client, events[1])
+    assert (status, body["outcome"]) == (200, "duplicate")
+    async with pool.acquire() as conn:
+        assert await dump(conn) == before
+        attempts = await conn.fetchval(
+            "SELECT attempts FROM stripe_events WHERE id = $1", events[1]["id"])
+    assert attempts == 1
+
+
+async def test_concurrent_deliveries_apply_once(client: Client, pool: asyncpg.Pool) -> None:
+    world = World(seed=7)
+    world.one_off(1000, "gbp")
+    world.one_off(700, "usd")
+    answers = await asyncio.gather(
+        *(post_event(client, event) for event in world.events for _ in range(4))
+    )
+    assert {status for status, _ in answers} == {200}
+    outcomes = [body["outcome"] for _, body in answers]
+    assert outcomes.count("processed") + outcomes.count("ignored") == len(world.events)
+    assert outcomes.count("duplicate") == 3 * len(world.events)
+    async with pool.acquire() as conn:
+        assert await dump(conn) == reference(world.events)
+    assert await count(pool, "stripe_events") == len(world.events)
+
+
+async def test_unknown_types_are_stored_and_ignored(client: Client, pool: asyncpg.Pool) -> None:
+    event = copy.deepcopy(World(seed=8).one_off(1000, "gbp").events[0])
+    event["type"] = "radar.early_fraud_warning.created"
+    status, body = await post_event(client, event)
+    assert (status, body["outcome"]) == (200, "ignored")
+    async with pool.acquire() as conn:
+        stored = await conn.fetchrow("SELECT status, type FROM stripe_events")
+    assert dict(stored) == {"status": "ignored", "type": "radar.early_fraud_warning.created"}
+    assert await count(pool, "payments") == 0
+
+
+async def test_other_api_versions_apply_only_where_understood(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    world = World(seed=9)
+    started = world.subscribe(1000, "gbp")
+    invoice_paid = copy.deepcopy(started.of_type("invoice.paid")[0])
+    invoice_paid["api_version"] = "2024-06-20"  # invoices had another shape then
+    charge = copy.deepcopy(started.of_type("charge.succeeded")[0])
+    charge["api_version"] = "2025-01-27.acacia"  # charges read the same
+    future = copy.deepcopy(started.of_type("payment_intent.succeeded")[0])
+    future["api_version"] = "2099-01-01.zebra"
+
+    answers = [await post_event(client, e) for e in (invoice_paid, charge, future)]
+    assert [body["outcome"] for _, body in answers] == [
+        "needs_attention", "processed", "needs_attention"]
+    async with pool.acquire() as conn:
+        statuses = await conn.fetch("SELECT status FROM stripe_events ORDER BY status")
+        objects = await conn.fetch("SELECT id FROM stripe_objects")
+    assert [r["status"] for r in statuses] == ["needs_attention", "needs_attention", "processed"]
+    assert [r["id"] for r in objects] == [started.charge]
+    metrics = await (await client.get("/metrics")).text()
+    assert 'donations_stored_events{status="needs_attention",type="invoice.paid"} 1' in metrics
+
+
+async def test_a_failing_event_is_kept_and_applied_on_redelivery(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    events = World(seed=10).one_off(1200, "gbp").events
+    async with pool.acquire() as conn:
+        # A real failure inside PostgreSQL while the ledger is written, as a bug or an
+        # outage of a dependency would cause; removed below as an operator's fix would.
+        await conn.execute("""
+            CREATE FUNCTION refuse_payments() RETURNS trigger LANGUAGE plpgsql AS
+            $$ BEGIN RAISE EXCEPTION 'payments are refused for this test'; END $$;
+            CREATE TRIGGER refuse BEFORE INSERT ON payments
+                FOR EACH ROW EXECUTE FUNCTION refuse_payments();
+        """)
+    try:
+        status, body = await post_event(client, events[1])
+        assert status == 500
+        assert body["error"]["code"] == "event_failed"
+        async with pool.acquire() as conn:
+            stored = await conn.fetchrow("SELECT * FROM stripe_events")
+            assert (stored["status"], stored["attempts"]) == ("failed", 1)
+            assert "refused for this test" in stored["last_error"]
+            assert await conn.fetchval("SELECT count(*) FROM stripe_objects") == 0
+    finally:
+        async with pool.acquire() as conn:
+            await conn.execute("DROP TRIGGER refuse ON payments; DROP FUNCTION refuse_payments()")
+
+    status, body = await post_event(client, events[1])  # Stripe's retry
+    assert (status, body["outcome"]) == (200, "processed")
+    await post_all(client, events)
+    async with pool.acquire() as conn:
+        assert await dump(conn) == reference(events)
+        stored = await conn.fetchrow(
+            "SELECT status, attempts, last_error FROM stripe_events WHERE id = $1",
+            events[1]["id"])
+    assert dict(stored) == {"status": "processed", "attempts": 2, "last_error": None}
+
+
+async def test_webhook_without_a_secret_is_503(
+    pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
+) -> None:
+    client = await aiohttp_client(create_app(make_settings(dsn, stripe_webhook_secrets=())))
+    event = World(seed=11).one_off(1000, "gbp").events[0]
+    status, body = await post_event(client, event)
+    assert (status, body["error"]["code"]) == (503, "webhook_not_configured")
+
+
+async def test_request_ids_are_honoured_or_made(client: Client) -> None:
+    given = await client.get("/healthz", headers={"X-Request-ID": "abc-123"})
+    assert given.headers["X-Request-ID"] == "abc-123"
+    made = await client.get("/healthz", headers={"X-Request-ID": "bad id with spaces"})
+    assert len(made.headers["X-Request-ID"]) == 32
+
+
+async def test_errors_have_the_contract_shape(client: Client) -> None:
+    missing = await client.get("/nowhere")
+    assert missing.status == 404
+    assert (await missing.json())["error"]["code"] == "not_found"
+    wrong_method = await client.get("/webhooks/stripe")
+    assert wrong_method.status == 405
+    assert (await wrong_method.json())["error"]["code"] == "method_not_allowed"
+
+
+async def test_metrics_count_requests_and_webhook_outcomes(client: Client) -> None:
+    events = World(seed=12).one_off(1000, "gbp").events
+    await post_all(client, events)
+    text = await (await client.get("/metrics")).text()
+    assert 'donations_webhook_events_total{outcome="processed",type="charge.succeeded"} 1' in text
+    assert 'route="/webhooks/stripe"' in text
+    assert 'donations_ledger_net_minor_units{currency="gbp",kind="one_off"} 1000' in text
+    spec = await (await client.get("/openapi.json")).json()
+    assert "/webhooks/stripe" in spec["paths"]
+    assert json.dumps(spec)  # serialisable as served
