@@ -23,11 +23,11 @@ _TABLES = {
 }
 
 
-async def dump(conn: asyncpg.Connection) -> LedgerDump:
+async def dump(pool: asyncpg.Pool) -> LedgerDump:
     """Every ledger table as {table: {key: row}}."""
     result: LedgerDump = {}
     for table, key in _TABLES.items():
-        rows = await conn.fetch(f"SELECT * FROM {table}")  # noqa: S608 - constant names
+        rows = await pool.fetch(f"SELECT * FROM {table}")  # noqa: S608 - constant names
         result[table] = {r[key]: _normalise(dict(r)) for r in rows}
     return result
 

@@ -10,7 +10,7 @@ from tests.conftest import Client
 async def test_migrations_are_applied(pool: asyncpg.Pool) -> None:
     async with pool.acquire() as conn:
         names = await conn.fetch("SELECT name FROM schema_migrations ORDER BY version")
-    assert [r["name"] for r in names][0] == "001_ledger.sql"
+    assert names[0]["name"] == "001_ledger.sql"
 
 
 async def test_healthz_and_readyz(client: Client) -> None:

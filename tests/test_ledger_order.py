@@ -1,0 +1,89 @@
+"""Order independence: any permutation of the same events, with duplicates, gives one ledger,
+and that ledger agrees with what Stripe's objects say in the end."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import asyncpg
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from donations.events import parse_event
+from donations.ingest import ingest
+from donations.ledger import FoundingOffer
+from tests.conftest import TABLES
+from tests.ledger_check import dump, reference
+from tests.scenarios import History, deliveries, histories
+
+OFFER = FoundingOffer()
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_any_order_with_duplicates_gives_the_same_ledger(data: st.DataObject) -> None:
+    history = data.draw(histories())
+    shuffled = data.draw(deliveries(history.events))
+    assert reference(shuffled, OFFER) == reference(history.events, OFFER)
+
+
+@settings(max_examples=100, deadline=None)
+@given(history=histories())
+def test_the_ledger_agrees_with_stripes_final_objects(history: History) -> None:
+    ledger = reference(history.events, OFFER)
+    world = history.world
+    payments = ledger["payments"]
+    succeeded = {p["charge"]: p for p in payments.values() if p["status"] == "succeeded"}
+    charges = {i: o for i, o in world.objects.items()
+               if o.get("object") == "charge" and o["status"] == "succeeded"}
+    # every successful charge is exactly one contribution, with Stripe's amounts
+    assert set(succeeded) == set(charges)
+    for charge_id, charge in charges.items():
+        row = succeeded[charge_id]
+        assert (row["amount"], row["currency"]) == (charge["amount"], charge["currency"])
+        assert row["amount_refunded"] == charge["amount_refunded"]
+        dispute = next((o for o in world.objects.values() if o.get("object") == "dispute"
+                        and o["charge"] == charge_id), None)
+        held = dispute["amount"] if dispute and dispute["status"] in (
+            "needs_response", "under_review", "lost") else 0
+        assert row["amount_disputed"] == held
+    for sub_id in history.subscriptions:
+        stripe_sub = world.objects[sub_id]
+        row = ledger["subscriptions"][sub_id]
+        assert row["status"] == stripe_sub["status"]
+        assert row["cancel_at_period_end"] == stripe_sub["cancel_at_period_end"]
+        price = stripe_sub["items"]["data"][0]["price"]
+        assert row["amount"] == price["unit_amount"]
+        assert row["interval"] == price["recurring"]["interval"]
+    # a payment is never counted under its invoice once its payment intent is known
+    assert not [k for k, p in payments.items() if k.startswith("in_")]
+
+
+async def _reset(pool: asyncpg.Pool) -> None:
+    async with pool.acquire() as conn:
+        await conn.execute(f"TRUNCATE {', '.join(TABLES)}")
+
+
+async def _deliver(pool: asyncpg.Pool, events: list[dict[str, Any]], at_once: int) -> None:
+    """Deliver in order of the list, `at_once` events racing each other at a time."""
+    for start in range(0, len(events), at_once):
+        batch = events[start:start + at_once]
+        await asyncio.gather(*(
+            ingest(pool, parse_event(e), json.dumps(e), OFFER) for e in batch
+        ))
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+async def test_the_database_ledger_equals_the_reference_in_any_order(
+    pool: asyncpg.Pool, data: st.DataObject
+) -> None:
+    history = data.draw(histories(max_steps=6))
+    shuffled = data.draw(deliveries(history.events))
+    at_once = data.draw(st.sampled_from([1, 4, 8]))
+    await _reset(pool)
+    await _deliver(pool, shuffled, at_once)
+    assert await dump(pool) == reference(history.events, OFFER)
