@@ -10,7 +10,9 @@ from hypothesis import strategies as st
 from tests.fakestripe.world import World
 
 CURRENCIES = ("gbp", "usd", "jpy")
-AMOUNTS = {"gbp": (100, 50_000), "usd": (100, 50_000), "jpy": (100, 100_000)}
+AMOUNTS = {
+    "gbp": (100, 50_000), "usd": (100, 50_000), "eur": (100, 50_000), "jpy": (100, 100_000),
+}
 
 
 @dataclass
@@ -30,15 +32,16 @@ def _amount(draw: st.DrawFn, currency: str) -> int:
 
 
 @st.composite
-def histories(draw: st.DrawFn, max_steps: int = 8) -> History:
+def histories(draw: st.DrawFn, max_steps: int = 12) -> History:
     """A World driven through a random but valid sequence of what supporters and Stripe do."""
     world = World(seed=draw(st.integers(min_value=0, max_value=2**16)))
     charges: list[str] = []
     subscriptions: list[str] = []
-    for _ in range(draw(st.integers(min_value=1, max_value=max_steps))):
+    for _ in range(draw(st.integers(min_value=3, max_value=max_steps))):
         action = draw(st.sampled_from(
-            ["one_off", "one_off", "subscribe", "renew", "change", "cancel",
-             "refund", "refund", "dispute", "failed"]))
+            # refunds and disputes first: hypothesis leans towards the start of the list
+            ["one_off", "refund", "subscribe", "dispute", "refund", "renew", "fail_refund",
+             "one_off", "change", "cancel", "failed", "async", "pause", "fail_renewal", "payout"]))
         currency = draw(st.sampled_from(CURRENCIES))
         if action == "one_off" or (not charges and action in ("refund", "dispute")):
             via: Literal["checkout", "payment_intent"] = draw(
@@ -48,8 +51,25 @@ def histories(draw: st.DrawFn, max_steps: int = 8) -> History:
             charges.append(paid.charge)
         elif action == "failed":
             world.failed_payment(_amount(draw, currency), currency)
-        elif action == "subscribe" or (not subscriptions and action in ("renew", "change",
-                                                                        "cancel")):
+        elif action == "async":
+            currency = draw(st.sampled_from(["gbp", "eur"]))  # Bacs and SEPA debits
+            paid = world.async_checkout(_amount(draw, currency), currency,
+                                        succeed=draw(st.booleans()))
+            if paid.charge and world.objects[paid.charge]["status"] == "succeeded":
+                charges.append(paid.charge)
+        elif action == "fail_refund":
+            live = [r for r in world.objects.values()
+                    if r.get("object") == "refund" and r["status"] in ("pending", "succeeded")]
+            if live:
+                world.fail_refund(draw(st.sampled_from(live))["id"])
+        elif action == "payout":
+            if any(world.payout_of.get(b) is None for b in world.balance_transactions):
+                try:
+                    world.payout()
+                except ValueError:  # nothing positive to pay out
+                    pass
+        elif action == "subscribe" or (not subscriptions and action in (
+                "renew", "change", "cancel", "pause", "fail_renewal")):
             started = world.subscribe(
                 _amount(draw, currency), currency,
                 interval=draw(st.sampled_from(["month", "year"])),
@@ -61,7 +81,7 @@ def histories(draw: st.DrawFn, max_steps: int = 8) -> History:
                 charges.append(started.charge)
         elif action == "renew":
             sub = draw(st.sampled_from(subscriptions))
-            if world.objects[sub]["status"] in ("active", "past_due"):
+            if world.objects[sub]["status"] == "active":
                 run = world.renew(sub)
                 if run.charge:
                     charges.append(run.charge)
@@ -74,12 +94,31 @@ def histories(draw: st.DrawFn, max_steps: int = 8) -> History:
             sub = draw(st.sampled_from(subscriptions))
             if world.objects[sub]["status"] == "active":
                 world.cancel(sub, at_period_end=draw(st.booleans()))
+        elif action == "pause":
+            sub = draw(st.sampled_from(subscriptions))
+            if world.objects[sub]["status"] == "active":
+                world.pause(sub)
+                if draw(st.booleans()):
+                    run = world.resume(sub)
+                    if run.charge:
+                        charges.append(run.charge)
+        elif action == "fail_renewal":
+            sub = draw(st.sampled_from(subscriptions))
+            if world.objects[sub]["status"] == "active" and not world.objects[sub][
+                    "cancel_at_period_end"]:
+                world.fail_renewal(sub)
+                if draw(st.booleans()):
+                    run = world.retry_renewal(sub)
+                    if run.charge:
+                        charges.append(run.charge)
         elif action == "refund":
             charge = world.objects[draw(st.sampled_from(charges))]
             left = int(charge["amount"]) - int(charge["amount_refunded"])
             if left > 0 and not charge["disputed"]:
                 part = draw(st.one_of(st.none(), st.integers(min_value=1, max_value=left)))
-                world.refund(charge["id"], part)
+                refunded = world.refund(charge["id"], part)
+                if draw(st.integers(min_value=0, max_value=3)) == 0:
+                    world.fail_refund(refunded.refund)  # the bank sends it back
         elif action == "dispute":
             charge = world.objects[draw(st.sampled_from(charges))]
             if not charge["disputed"] and int(charge["amount_refunded"]) == 0:
