@@ -1,0 +1,149 @@
+"""The command line as an operator runs it: `donations serve`, `migrate` and `events retry`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+
+from donations.events import parse_event
+from donations.ingest import ingest
+from donations.ledger import FoundingOffer
+from tests.conftest import WEBHOOK_SECRET
+from tests.fakestripe.signing import signed_request
+from tests.fakestripe.world import World
+from tests.ledger_check import dump, reference
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _env(**values: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL",)}
+    env.update({"LOG_FORMAT": "json", "LOG_LEVEL": "info", "HOST": "127.0.0.1"})
+    env.update(values)
+    return env
+
+
+async def _run(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "donations", *args, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+@asynccontextmanager
+async def serving(env: dict[str, str]) -> AsyncIterator[str]:
+    """`donations serve` in a subprocess until it is ready; SIGTERM afterwards, exit 0 expected."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "donations", "serve", env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    base = f"http://127.0.0.1:{env['PORT']}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(300):
+                try:
+                    async with session.get(f"{base}/readyz") as response:
+                        if response.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    pass
+                if process.returncode is not None:
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("the service did not become ready")
+        yield base
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+        assert process.stderr is not None
+        stderr = (await asyncio.wait_for(process.stderr.read(), timeout=30)).decode()
+        code = await asyncio.wait_for(process.wait(), timeout=30)
+    assert code == 0, stderr[-2000:]
+
+
+async def _post(base: str, events: list[dict[str, object]]) -> list[int]:
+    statuses = []
+    async with aiohttp.ClientSession() as session:
+        for event in events:
+            body, headers = signed_request(event, WEBHOOK_SECRET)
+            async with session.post(f"{base}/webhooks/stripe", data=body,
+                                    headers=headers) as response:
+                statuses.append(response.status)
+    return statuses
+
+
+async def test_serve_ledgers_signed_events_and_stops_cleanly_on_sigterm(
+    pool: asyncpg.Pool, dsn: str
+) -> None:
+    world = World(seed=21)
+    world.one_off(1500, "gbp", campaign="spring")
+    world.subscribe(1000, "usd", founding=True)
+    env = _env(DATABASE_URL=dsn, PORT=str(_free_port()), STRIPE_WEBHOOK_SECRET=WEBHOOK_SECRET)
+    async with serving(env) as base:
+        assert set(await _post(base, world.events)) == {200}
+        async with aiohttp.ClientSession() as session, session.get(f"{base}/metrics") as r:
+            metrics = await r.text()
+    assert await dump(pool) == reference(world.events)
+    assert 'donations_ledger_contributions{currency="gbp",kind="one_off"} 1' in metrics
+
+
+async def test_embedded_postgres_keeps_the_ledger_across_restarts(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    env = _env(DONATIONS_DATA_DIR=str(data_dir), PORT=str(_free_port()),
+               STRIPE_WEBHOOK_SECRET=WEBHOOK_SECRET)
+    world = World(seed=22)
+    world.one_off(4200, "gbp")
+    async with serving(env) as base:
+        assert set(await _post(base, world.events)) == {200}
+    # stopped with the service: no server left running on the data folder
+    assert not (data_dir / "pgdata" / "postmaster.pid").exists()
+    async with serving(env) as base, aiohttp.ClientSession() as session:
+        async with session.get(f"{base}/metrics") as response:
+            metrics = await response.text()
+    assert 'donations_ledger_net_minor_units{currency="gbp",kind="one_off"} 4200' in metrics
+
+
+async def test_migrate_command_applies_then_has_nothing_to_do(pool: asyncpg.Pool, dsn: str) -> None:
+    code, out, _ = await _run("migrate", env=_env(DATABASE_URL=dsn))
+    assert (code, out.strip()) == (0, "applied 0 migration(s)")
+
+
+async def test_events_retry_applies_what_failed(pool: asyncpg.Pool, dsn: str) -> None:
+    events = World(seed=23).one_off(900, "gbp").events
+    await pool.execute("""
+        CREATE FUNCTION refuse_payments() RETURNS trigger LANGUAGE plpgsql AS
+        $$ BEGIN RAISE EXCEPTION 'refused for this test'; END $$;
+        CREATE TRIGGER refuse BEFORE INSERT ON payments
+            FOR EACH ROW EXECUTE FUNCTION refuse_payments();
+    """)
+    try:
+        outcomes = [await ingest(pool, parse_event(e), json.dumps(e), FoundingOffer())
+                    for e in events]
+    finally:
+        await pool.execute("DROP TRIGGER refuse ON payments; DROP FUNCTION refuse_payments()")
+    failed = sum(1 for o in outcomes if o.value == "failed")
+    assert failed >= 1
+
+    code, out, err = await _run("events", "retry", env=_env(DATABASE_URL=dsn))
+    assert code == 0, err
+    assert out.strip() == f"processed: {failed}"
+    assert await dump(pool) == reference(events)
+    code, out, _ = await _run("events", "list", env=_env(DATABASE_URL=dsn))
+    assert "failed" not in out
