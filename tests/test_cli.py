@@ -114,9 +114,12 @@ async def test_embedded_postgres_keeps_the_ledger_across_restarts(tmp_path: Path
         assert set(await _post(base, world.events)) == {200}
     # stopped with the service: no server left running on the data folder
     assert not (data_dir / "pgdata" / "postmaster.pid").exists()
-    async with serving(env) as base, aiohttp.ClientSession() as session:
-        async with session.get(f"{base}/metrics") as response:
-            metrics = await response.text()
+    async with (
+        serving(env) as base,
+        aiohttp.ClientSession() as session,
+        session.get(f"{base}/metrics") as response,
+    ):
+        metrics = await response.text()
     assert 'donations_ledger_net_minor_units{currency="gbp",kind="one_off"} 4200' in metrics
 
 
