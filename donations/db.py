@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -131,22 +132,23 @@ class Migration:
         return hashlib.sha256(self.sql.encode()).hexdigest()
 
 
-def sql_directory() -> Path:
-    """`sql/` beside the package in a checkout, else the copy shipped inside the package."""
-    beside = Path(__file__).resolve().parent.parent / "sql"
-    if beside.is_dir():
-        return beside
-    return Path(str(resources.files("donations._sql")))
+def sql_directory() -> Traversable:
+    """`sql/` in a checkout (editable install), else the copy shipped inside the package."""
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "sql").is_dir():
+        return checkout / "sql"
+    return resources.files("donations._sql")
 
 
-def load_migrations(directory: Path | None = None) -> list[Migration]:
+def load_migrations(directory: Traversable | None = None) -> list[Migration]:
     directory = directory or sql_directory()
     found = []
-    for path in sorted(directory.glob("*.sql")):
-        match = _MIGRATION_NAME.match(path.name)
+    files = [f for f in directory.iterdir() if f.name.endswith(".sql")]
+    for entry in sorted(files, key=lambda f: f.name):
+        match = _MIGRATION_NAME.match(entry.name)
         if not match:
-            raise MigrationError(f"{path.name}: migration files are named NNN_words.sql")
-        found.append(Migration(int(match.group(1)), path.name, path.read_text("utf-8")))
+            raise MigrationError(f"{entry.name}: migration files are named NNN_words.sql")
+        found.append(Migration(int(match.group(1)), entry.name, entry.read_text("utf-8")))
     versions = [m.version for m in found]
     if len(set(versions)) != len(versions):
         raise MigrationError("two migrations share a number")
