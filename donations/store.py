@@ -28,7 +28,7 @@ async def insert_event(conn: asyncpg.Connection, event: Event, raw: str, source:
     inserted = await conn.fetchval(
         """
         INSERT INTO stripe_events (id, type, api_version, livemode, created, payload, source)
-        VALUES ($1, $2, $3, $4, to_timestamp($5), $6::jsonb, $7)
+        VALUES ($1, $2, $3, $4, to_timestamp($5), $6::json, $7)
         ON CONFLICT (id) DO NOTHING
         RETURNING true
         """,

@@ -11,7 +11,7 @@ CREATE TABLE stripe_events (
     api_version   text,
     livemode      boolean     NOT NULL,
     created       timestamptz NOT NULL,
-    payload       jsonb       NOT NULL,
+    payload       json        NOT NULL,  -- json, not jsonb: the body exactly as Stripe sent it
     received_at   timestamptz NOT NULL DEFAULT now(),
     processed_at  timestamptz,
     status        text        NOT NULL DEFAULT 'pending'
