@@ -13,7 +13,7 @@ import stripe
 import structlog
 from aiohttp import web
 
-from donations import db, fees, openapi, webhooks
+from donations import campaigns, db, fees, openapi, webhooks
 from donations.appkeys import METRICS, MIGRATIONS, OFFER, POOL, SETTINGS, STRIPE
 from donations.errors import ApiError
 from donations.ledger import FoundingOffer
@@ -41,6 +41,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.extend([database, stripe_client, balance_transaction_worker])
     app.add_routes(routes)
     app.add_routes(webhooks.routes)
+    app.add_routes(campaigns.routes)
     return app
 
 

@@ -25,7 +25,8 @@ WEBHOOK_SECRET = "whsec_test_secret_for_the_donations_suite"
 # Every table the tests write to; emptied before each test so that tests cannot see each other.
 TABLES = (
     "stripe_events", "stripe_objects", "payments", "refunds", "disputes", "subscriptions",
-    "customers", "payouts", "balance_transactions", "balance_transaction_fetches",
+    "customers", "payouts", "balance_transactions", "balance_transaction_fetches", "api_tokens",
+    "campaigns",
 )
 
 

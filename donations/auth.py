@@ -1,0 +1,108 @@
+"""Staff tokens: made once and shown once, kept only as a hash, checked per request with scopes."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import structlog
+from aiohttp import web
+
+from donations import db
+from donations.appkeys import POOL
+from donations.errors import Conflict, Forbidden, NotFound, Unauthorized, Unprocessable
+
+log = structlog.get_logger(__name__)
+
+SCOPES = ("admin", "reports:read", "portal")
+ISSUED_PREFIX = "dnt_"  # recognisable in a leaked-secret scan
+_TOUCH_EVERY = timedelta(minutes=1)
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    id: int
+    name: str
+    scopes: tuple[str, ...]
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+    def allows(self, scope: str) -> bool:
+        return "admin" in self.scopes or scope in self.scopes
+
+
+def token_hash(token: str) -> bytes:
+    # The tokens are 256 random bits, so a plain SHA-256 cannot be brute-forced; a slow
+    # password hash would only slow every request.
+    return hashlib.sha256(token.encode("utf-8")).digest()
+
+
+def _token(row: asyncpg.Record) -> Token:
+    return Token(row["id"], row["name"], tuple(row["scopes"]), row["created_at"],
+                 row["last_used_at"], row["revoked_at"])
+
+
+async def create_token(conn: asyncpg.Connection, name: str, scopes: list[str]) -> str:
+    """A new token for `name`; the only time its value exists outside the caller's hands."""
+    unknown = sorted(set(scopes) - set(SCOPES))
+    if unknown or not scopes:
+        raise Unprocessable("invalid_scope", f"scopes must be among {', '.join(SCOPES)}",
+                            field="scope")
+    value = ISSUED_PREFIX + secrets.token_urlsafe(32)
+    try:
+        await conn.execute(
+            "INSERT INTO api_tokens (name, token_hash, scopes) VALUES ($1, $2, $3)",
+            name, token_hash(value), sorted(set(scopes)),
+        )
+    except asyncpg.UniqueViolationError:
+        raise Conflict("token_exists", f"a live token is already named {name!r}",
+                       field="name") from None
+    except asyncpg.CheckViolationError:
+        raise Unprocessable("invalid_name", "a token name is letters, digits and _.@- "
+                            "(at most 64)", field="name") from None
+    return value
+
+
+async def list_tokens(conn: asyncpg.Connection) -> list[Token]:
+    rows = await conn.fetch("SELECT * FROM api_tokens ORDER BY created_at, id")
+    return [_token(r) for r in rows]
+
+
+async def revoke_token(conn: asyncpg.Connection, name: str) -> None:
+    revoked = await conn.fetchval(
+        "UPDATE api_tokens SET revoked_at = now() WHERE name = $1 AND revoked_at IS NULL "
+        "RETURNING id", name,
+    )
+    if revoked is None:
+        raise NotFound("token_not_found", f"no live token is named {name!r}", field="name")
+
+
+async def require(request: web.Request, scope: str) -> Token:
+    """The caller's token if it carries `scope` (admin implies every scope); else 401 or 403."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        raise Unauthorized("unauthorized", "send Authorization: Bearer <token>")
+    presented = token_hash(value.strip())
+    async with db.connection(request.app[POOL]) as conn:
+        row = await conn.fetchrow(
+            "SELECT * FROM api_tokens WHERE token_hash = $1 AND revoked_at IS NULL", presented
+        )
+        # compare the digests in constant time as well: the index lookup is not the check
+        if row is None or not hmac.compare_digest(bytes(row["token_hash"]), presented):
+            log.warning("auth_failed", reason="unknown_or_revoked_token", path=request.path)
+            raise Unauthorized("unauthorized", "the token is unknown or revoked")
+        token = _token(row)
+        # at most one write a minute per token, not one per request
+        if token.last_used_at is None or datetime.now(UTC) - token.last_used_at > _TOUCH_EVERY:
+            await conn.execute("UPDATE api_tokens SET last_used_at = now() WHERE id = $1",
+                               token.id)
+    if not token.allows(scope):
+        log.warning("auth_forbidden", token_name=token.name, scope=scope, path=request.path)
+        raise Forbidden("forbidden", f"this token does not have the {scope} scope")
+    return token

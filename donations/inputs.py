@@ -1,0 +1,113 @@
+"""Reading and validating request input: JSON bodies, dates, amounts; each fault names its field."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, date, datetime
+from typing import Any
+
+from aiohttp import web
+
+from donations.errors import ApiError, BadRequest, PayloadTooLarge, Unprocessable
+from donations.money import is_currency_code
+
+MAX_JSON_BODY = 64 * 1024
+
+
+async def read_json(request: web.Request, max_bytes: int = MAX_JSON_BODY) -> dict[str, Any]:
+    """The body as a JSON object; 413 over `max_bytes`, 400 when not a JSON object."""
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise PayloadTooLarge("body_too_large", f"the body is over {max_bytes} bytes")
+    body = bytearray()
+    async for chunk in request.content.iter_chunked(16 * 1024):
+        body += chunk
+        if len(body) > max_bytes:
+            raise PayloadTooLarge("body_too_large", f"the body is over {max_bytes} bytes")
+    try:
+        value = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise BadRequest("malformed_json", "the body is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise BadRequest("malformed_json", "the body must be a JSON object")
+    return value
+
+
+def text(body: dict[str, Any], name: str, *, required: bool = True, max_length: int = 500
+         ) -> str | None:
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise BadRequest("missing_field", f"{name} is required", field=name)
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise BadRequest("invalid_field", f"{name} must be a non-empty string", field=name)
+    if len(value) > max_length:
+        raise Unprocessable("too_long", f"{name} is longer than {max_length} characters",
+                            field=name)
+    return value.strip()
+
+
+def integer(body: dict[str, Any], name: str, *, required: bool = True, low: int = 0,
+            high: int = 10**12) -> int | None:
+    """A whole number; floats, strings and booleans are refused, never rounded."""
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise BadRequest("missing_field", f"{name} is required", field=name)
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequest("invalid_field", f"{name} must be a whole number of minor units",
+                         field=name)
+    if not low <= value <= high:
+        raise Unprocessable("out_of_range", f"{name} must be between {low} and {high}",
+                            field=name)
+    return value
+
+
+def money(body: dict[str, Any], name: str, *, required: bool = True) -> tuple[int, str] | None:
+    """A money object `{"amount": <minor units>, "currency": "gbp"}`, as the contract writes it."""
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise BadRequest("missing_field", f"{name} is required", field=name)
+        return None
+    if not isinstance(value, dict):
+        raise BadRequest("invalid_field", f'{name} must be {{"amount": …, "currency": …}}',
+                         field=name)
+    try:
+        amount = integer(value, "amount", low=1)
+    except ApiError as exc:
+        exc.field = f"{name}.amount"
+        raise
+    assert amount is not None
+    return amount, currency(value.get("currency"), f"{name}.currency")
+
+
+def currency(value: object, name: str = "currency") -> str:
+    if not isinstance(value, str) or not is_currency_code(value):
+        raise BadRequest("invalid_currency", f"{name} must be an ISO 4217 code such as gbp",
+                         field=name)
+    return value.lower()
+
+
+def timestamp(value: object, name: str) -> datetime:
+    """An RFC 3339 timestamp or an ISO date (midnight UTC); naive times are taken as UTC."""
+    if not isinstance(value, str):
+        raise BadRequest("invalid_timestamp", f"{name} must be an RFC 3339 timestamp or a date",
+                         field=name)
+    try:
+        if len(value) == 10:
+            day = date.fromisoformat(value)
+            return datetime(day.year, day.month, day.day, tzinfo=UTC)
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise BadRequest("invalid_timestamp", f"{name} must be an RFC 3339 timestamp or a date",
+                         field=name) from None
+    return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def rfc3339(value: datetime | None) -> str | None:
+    """`2026-11-24T19:00:00Z`: UTC, seconds, Z."""
+    if value is None:
+        return None
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

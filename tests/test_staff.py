@@ -1,0 +1,130 @@
+"""Staff tokens (hashed, scoped, revocable) and campaigns (admin only), over HTTP and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import asyncpg
+
+from donations import auth, db
+from tests.conftest import Client
+from tests.test_cli import _env, _run
+
+
+async def _token(pool: asyncpg.Pool, name: str, *scopes: str) -> str:
+    async with db.connection(pool) as conn:
+        return await auth.create_token(conn, name, list(scopes))
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def test_tokens_are_stored_only_as_hashes(pool: asyncpg.Pool) -> None:
+    token = await _token(pool, "finance", "reports:read")
+    assert token.startswith("dnt_") and len(token) > 40
+    stored = await pool.fetchrow("SELECT * FROM api_tokens WHERE name = 'finance'")
+    assert stored is not None
+    assert token.encode() not in bytes(stored["token_hash"])
+    assert bytes(stored["token_hash"]) == auth.token_hash(token)
+    assert token not in repr(dict(stored))
+
+
+async def test_every_auth_case_on_a_staff_endpoint(client: Client, pool: asyncpg.Pool) -> None:
+    admin = await _token(pool, "ops", "admin")
+    reader = await _token(pool, "finance", "reports:read")
+    revoked = await _token(pool, "old", "admin")
+    async with db.connection(pool) as conn:
+        await auth.revoke_token(conn, "old")
+
+    cases = {
+        "no header": ({}, 401),
+        "not bearer": ({"Authorization": f"Basic {admin}"}, 401),
+        "unknown token": (_bearer("dnt_not-a-real-token"), 401),
+        "revoked token": (_bearer(revoked), 401),
+        "without the scope": (_bearer(reader), 403),
+        "admin": (_bearer(admin), 200),
+    }
+    for name, (headers, status) in cases.items():
+        response = await client.get("/v1/campaigns", headers=headers)
+        assert response.status == status, name
+        if status != 200:
+            body = await response.json()
+            assert body["error"]["code"] == {401: "unauthorized", 403: "forbidden"}[status]
+            assert admin not in json.dumps(body)
+    last_used = await pool.fetchval("SELECT last_used_at FROM api_tokens WHERE name = 'ops'")
+    assert last_used is not None
+
+
+async def test_admin_creates_and_lists_campaigns(client: Client, pool: asyncpg.Pool) -> None:
+    headers = _bearer(await _token(pool, "ops", "admin"))
+    created = await client.post("/v1/campaigns", headers=headers, json={
+        "slug": "winter-2026", "title": "Winter appeal",
+        "goal": {"amount": 5_000_000, "currency": "gbp"},
+        "starts": "2026-12-01", "ends": "2027-01-01T00:00:00Z",
+    })
+    assert created.status == 201
+    body = await created.json()
+    assert body == {
+        "slug": "winter-2026", "title": "Winter appeal",
+        "goal": {"amount": 5_000_000, "currency": "gbp"},
+        "starts_at": "2026-12-01T00:00:00Z", "ends_at": "2027-01-01T00:00:00Z",
+        "created_at": body["created_at"],
+    }
+    listed = await (await client.get("/v1/campaigns", headers=headers)).json()
+    assert [c["slug"] for c in listed["data"]] == ["winter-2026"]
+
+
+async def test_bad_campaigns_are_refused_naming_the_field(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    headers = _bearer(await _token(pool, "ops", "admin"))
+    ok = {"slug": "spring", "title": "Spring"}
+    assert (await client.post("/v1/campaigns", headers=headers, json=ok)).status == 201
+    cases = [
+        (ok, 409, "campaign_exists", "slug"),
+        ({"slug": "Bad Slug!", "title": "x"}, 422, "invalid_slug", "slug"),
+        ({"slug": "x"}, 400, "missing_field", "title"),
+        ({"slug": "usd-goal", "title": "x", "goal": {"amount": 100, "currency": "usd"}},
+         422, "goal_currency_mismatch", "currency"),
+        ({"slug": "float-goal", "title": "x", "goal": {"amount": 10.5, "currency": "gbp"}},
+         400, "invalid_field", "goal.amount"),
+        ({"slug": "window", "title": "x", "starts": "2027-01-02", "ends": "2027-01-01"},
+         422, "invalid_window", "ends"),
+        ({"slug": "when", "title": "x", "starts": "tomorrow"}, 400, "invalid_timestamp", "starts"),
+    ]
+    for body, status, code, field in cases:
+        response = await client.post("/v1/campaigns", headers=headers, json=body)
+        error = (await response.json())["error"]
+        assert (response.status, error["code"], error.get("field")) == (status, code, field), body
+    malformed = await client.post("/v1/campaigns", headers=headers, data=b"{not json")
+    assert malformed.status == 400
+    assert await pool.fetchval("SELECT count(*) FROM campaigns") == 1
+
+
+async def test_cli_tokens_and_campaigns(pool: asyncpg.Pool, dsn: str) -> None:
+    env = _env(DATABASE_URL=dsn)
+    code, out, err = await _run("tokens", "create", "--name", "finance", "--scope",
+                                "reports:read", env=env)
+    assert code == 0, err
+    token = out.strip()
+    assert token.startswith("dnt_")
+    assert "shown only this once" in err
+    code, out, _ = await _run("tokens", "list", env=env)
+    assert "finance\treports:read" in out
+    assert token not in out
+    code, _, err = await _run("tokens", "create", "--name", "finance", "--scope", "admin",
+                              env=env)
+    assert code == 1 and "already named" in err
+    assert (await _run("tokens", "revoke", "finance", env=env))[0] == 0
+    assert (await _run("tokens", "revoke", "finance", env=env))[0] == 1
+
+    code, out, err = await _run("campaigns", "create", "--slug", "winter", "--title", "Winter",
+                                "--goal", "50000", env=env)
+    assert code == 0, err
+    assert json.loads(out)["goal"] == {"amount": 5_000_000, "currency": "gbp"}
+    code, _, err = await _run("campaigns", "create", "--slug", "yen", "--title", "Yen",
+                              "--goal", "10.5", "--currency", "jpy", env=env)
+    assert code == 1 and "goal" in err
+    code, out, _ = await _run("campaigns", "list", env=env)
+    assert [json.loads(line)["slug"] for line in out.splitlines()] == ["winter"]
