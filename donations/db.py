@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import random
 import re
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -36,6 +37,10 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
     asyncpg.ConnectionDoesNotExistError,
+)
+# What releasing a connection to a server that went away can raise.
+_RELEASE_ERRORS: tuple[type[BaseException], ...] = (
+    *UNAVAILABLE_ERRORS, asyncpg.InterfaceError, asyncpg.InternalClientError,
 )
 # Errors after which the same transaction, run again, may well succeed.
 RETRYABLE_ERRORS: tuple[type[BaseException], ...] = (
@@ -92,30 +97,70 @@ async def connection(
         yield cast(asyncpg.Connection, conn)
     except UNAVAILABLE_ERRORS as exc:
         raise DatabaseUnavailable(str(exc) or type(exc).__name__) from exc
+    except (asyncpg.InterfaceError, asyncpg.InternalClientError) as exc:
+        # When the server goes away mid-transaction, asyncpg reports it as misuse of the dead
+        # connection ("cannot call Transaction.__aexit__(): the underlying connection is
+        # closed"): still an outage, not a bug, if the connection is gone.
+        if _is_lost(conn):
+            raise DatabaseUnavailable(str(exc) or type(exc).__name__) from exc
+        if isinstance(exc, asyncpg.InternalClientError):
+            # A connection left mid-operation by a failed write ("another operation is in
+            # progress") while the server goes away: never hand it out again.
+            conn.terminate()
+            raise DatabaseUnavailable(str(exc) or type(exc).__name__) from exc
+        raise
     finally:
-        await pool.release(conn)
+        try:
+            await pool.release(conn)
+        except _RELEASE_ERRORS as exc:
+            # Resetting a connection whose server went away fails; asyncpg has terminated it
+            # and connects afresh next time. What was done, or the error raised, stands.
+            log.warning("database_connection_lost", error=type(exc).__name__)
 
 
-async def serializable(
+def _is_lost(conn: Any) -> bool:
+    """Whether a pooled connection died while in use (the pool takes a dead one back itself)."""
+    try:
+        return bool(conn.is_closed())
+    except asyncpg.InterfaceError:  # "released back to the pool": only done early when closed
+        return True
+
+
+class DatabaseBusy(Exception):
+    """A transaction kept colliding with others (deadlocks): answer 503 and let the caller retry."""
+
+
+async def transaction(
     pool: asyncpg.Pool,
     work: Callable[[asyncpg.Connection], Awaitable[T]],
     *,
     attempts: int = 8,
 ) -> T:
-    """Run `work` in one SERIALIZABLE transaction, again from the start if PostgreSQL asks.
+    """Run `work` in one READ COMMITTED transaction, again from the start after a deadlock.
 
-    Serializable isolation is what keeps concurrent events about the same payment from each
-    deriving the payment from a set of snapshots that misses the other's.
+    Work that must not interleave with other work about the same thing takes advisory locks
+    (`lock`) in a fixed order first; PostgreSQL breaks the rare cycle by aborting one of them.
     """
     for attempt in range(1, attempts + 1):
         try:
-            async with connection(pool) as conn, conn.transaction(isolation="serializable"):
+            async with connection(pool) as conn, conn.transaction():
                 return await work(conn)
-        except RETRYABLE_ERRORS:
+        except RETRYABLE_ERRORS as exc:
             if attempt == attempts:
-                raise
-            await asyncio.sleep(0.002 * attempt)
+                raise DatabaseBusy(f"gave up after {attempts} attempts: {exc}") from exc
+            # full jitter: transactions that collided must not come back in step
+            await asyncio.sleep(random.uniform(0, min(0.5, 0.004 * 2**attempt)))  # noqa: S311
     raise AssertionError("unreachable")
+
+
+async def lock(conn: asyncpg.Connection, keys: list[str]) -> None:
+    """Take transaction-scoped advisory locks on `keys`, in the order given (callers sort)."""
+    if keys:
+        await conn.execute(
+            "SELECT count(pg_advisory_xact_lock(hashtextextended(k, 0)))"
+            " FROM unnest($1::text[]) WITH ORDINALITY AS t(k, n)",
+            keys,
+        )
 
 
 # --- migrations -----------------------------------------------------------------------------

@@ -67,6 +67,12 @@ async def store_balance_transaction(conn: asyncpg.Connection, bt: dict[str, Any]
             bt.get("status"), bt.get("reporting_category"), int(bt.get("available_on") or 0),
             int(bt.get("created") or 0), bt,
         )
+        # The payment's lock, as a webhook deriving the same payment holds it: whichever comes
+        # second sees the other's committed work, so a fee is never overwritten with NULL.
+        keys = await conn.fetch(
+            "SELECT payment_key FROM payments WHERE balance_transaction = $1", bt["id"]
+        )
+        await db.lock(conn, sorted(r["payment_key"] for r in keys))
         await conn.execute(
             """
             UPDATE payments

@@ -1,4 +1,12 @@
-"""Apply a verified Stripe event to the ledger exactly once: store it, keep its snapshot, derive."""
+"""Apply a verified Stripe event to the ledger exactly once: store it, keep its snapshot, derive.
+
+Concurrency: each event runs in one READ COMMITTED transaction that first takes advisory locks on
+what it can change: the subscription, then the invoices, then the payments (each group sorted),
+always in that order so that two events can never wait on each other in a cycle. Whoever derives
+a payment holds that payment's lock and sees every snapshot committed before it, and every event
+whose snapshot a payment's derivation reads derives that payment again while holding its lock, so
+the last derivation always sees everything.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +18,10 @@ import asyncpg
 import structlog
 
 from donations import db, store
-from donations.events import (
-    Event,
-    Links,
-    parse_event,
-)
+from donations.events import Event, parse_event
 from donations.ledger import (
     FoundingOffer,
+    Snapshot,
     derive_customer,
     derive_dispute,
     derive_payment,
@@ -39,97 +44,115 @@ class Outcome(enum.StrEnum):
     FAILED = "failed"  # stored; applying it raised, the effects were rolled back
 
 
+FINAL = frozenset({Outcome.PROCESSED, Outcome.IGNORED, Outcome.NEEDS_ATTENTION})
+
+# Not the event's fault: the caller answers 503 and Stripe delivers it again later.
+_OUTAGES: tuple[type[BaseException], ...] = (
+    db.DatabaseUnavailable, db.DatabaseBusy, *db.UNAVAILABLE_ERRORS
+)
+
+
+def classify(event: Event) -> tuple[Outcome, Snapshot | None]:
+    """What the ledger will do with the event, before touching the database."""
+    if event.object_kind is None:
+        return Outcome.IGNORED, None
+    snapshot = snapshot_of(event)
+    if snapshot is None:
+        return Outcome.NEEDS_ATTENTION, None
+    return Outcome.PROCESSED, snapshot
+
+
 async def ingest(
     pool: asyncpg.Pool, event: Event, raw: str, offer: FoundingOffer, *, source: str = "webhook"
 ) -> Outcome:
-    """Store and apply one event in one transaction; safe to call any number of times, at once."""
+    """Store and apply one event in one transaction; safe to call any number of times, at once.
+
+    A failure while applying rolls everything back and then records the event as failed in a
+    transaction of its own, so that Stripe's retry (or `events retry`) applies it later.
+    """
+    outcome, snapshot = classify(event)
+    if outcome is Outcome.NEEDS_ATTENTION:
+        log.warning("event_api_version_not_understood", api_version=event.api_version)
 
     async def work(conn: asyncpg.Connection) -> Outcome:
-        if not await store.insert_event(conn, event, raw, source):
+        if not await store.insert_event(conn, event, raw, source, outcome.value):
             status = await store.event_status(conn, event.id)
-            if status in ("processed", "ignored", "needs_attention"):
+            if status in FINAL:
                 return Outcome.DUPLICATE
-        return await _apply_and_record(conn, event, offer)
+            # stored before but failed: apply it now and say so
+            if snapshot is not None:
+                await apply_snapshot(conn, event.id, snapshot, offer)
+            await store.finish_event(conn, event.id, outcome.value)
+            return outcome
+        if snapshot is not None:
+            await apply_snapshot(conn, event.id, snapshot, offer)
+        return outcome
 
-    return await db.serializable(pool, work)
-
-
-async def _apply_and_record(
-    conn: asyncpg.Connection, event: Event, offer: FoundingOffer
-) -> Outcome:
     try:
-        # A savepoint: a failure undoes the ledger changes but keeps the event, marked failed.
-        async with conn.transaction():
-            outcome = await apply_event(conn, event, offer)
-    except (*db.RETRYABLE_ERRORS, *db.UNAVAILABLE_ERRORS):
+        return await db.transaction(pool, work)
+    except _OUTAGES:
         raise
     except Exception as exc:
         log.exception("event_apply_failed", error=type(exc).__name__)
-        await store.fail_event(conn, event.id, f"{type(exc).__name__}: {exc}")
+        error = f"{type(exc).__name__}: {exc}"
+
+        async def record(conn: asyncpg.Connection) -> None:
+            await store.record_failure(conn, event, raw, source, error)
+
+        await db.transaction(pool, record)
         return Outcome.FAILED
-    await store.finish_event(conn, event.id, outcome.value)
-    return outcome
 
 
-async def apply_event(conn: asyncpg.Connection, event: Event, offer: FoundingOffer) -> Outcome:
-    """The ledger changes one event makes; idempotent, and the same in any order."""
-    if event.object_kind is None:
-        return Outcome.IGNORED
-    snapshot = snapshot_of(event)
-    if snapshot is None:
-        log.warning("event_api_version_not_understood", api_version=event.api_version)
-        return Outcome.NEEDS_ATTENTION
-    kind, object_id, own_links = snapshot.kind, snapshot.id, snapshot.links
-    if not await store.put_snapshot(
-        conn, kind, object_id, snapshot.version, own_links, snapshot.data
-    ):
-        return Outcome.PROCESSED  # an older or equal snapshot: the ledger already reflects better
+async def apply_snapshot(
+    conn: asyncpg.Connection, event_id: str, snapshot: Snapshot, offer: FoundingOffer
+) -> None:
+    """The ledger changes one snapshot makes; idempotent, and the same in any order."""
+    kind, own = snapshot.kind, snapshot.links
+    subscriptions = [own.subscription_id] if own.subscription_id else []
+    invoices = [own.invoice_id] if own.invoice_id else []
+    payments = {own.payment_key} if own.payment_key else set()
+
+    # Locks in the fixed order subscription → invoices → payments; what a subscription or an
+    # invoice touches further down is read only once the lock above it is held.
+    await db.lock(conn, subscriptions)
+    if kind == "subscription":
+        invoices += await store.invoices_of_subscription(conn, snapshot.id)
+    if invoices:
+        await db.lock(conn, sorted(set(invoices)))
+        payments |= set(await store.payment_keys_of_invoices(conn, invoices))
+    await db.lock(conn, sorted(payments - set(invoices)))
+
+    if not await store.put_snapshot(conn, snapshot, event_id):
+        return  # an older or equal snapshot: the ledger already reflects a later state
 
     match kind:
         case "refund":
-            await store.put_refund(conn, derive_refund(snapshot))
-            if snapshot.data.get("balance_transaction"):
-                await store.queue_balance_transaction(
-                    conn, str(snapshot.data["balance_transaction"])
-                )
+            refund = derive_refund(snapshot)
+            await store.put_refund(conn, refund)
+            if refund.balance_transaction:  # its fee, for finance's reports
+                await store.queue_balance_transaction(conn, refund.balance_transaction)
         case "dispute":
             await store.put_dispute(conn, derive_dispute(snapshot))
         case "subscription" | "discount":
-            subscription, discounts = await store.load_subscription(
-                conn, own_links.subscription_id or ""
-            )
+            subscription, discounts = await store.load_subscription(conn, subscriptions[0]) \
+                if subscriptions else (None, [])
             if subscription is not None:
                 await store.put_subscription(
                     conn, derive_subscription(subscription, discounts, offer)
                 )
             if kind == "discount":
-                return Outcome.PROCESSED
+                return
         case "customer":
             await store.put_customer(conn, derive_customer(snapshot))
-            return Outcome.PROCESSED
+            return
         case "payout":
             await store.put_payout(conn, derive_payout(snapshot))
-            return Outcome.PROCESSED
+            return
 
-    for key in sorted(await _affected_payments(conn, kind, object_id, own_links)):
+    # an invoice-keyed payment stands until its invoice payment is known, so both are due
+    for key in sorted(payments | set(invoices)):
         cluster = await store.load_cluster(conn, key)
         await store.put_payment(conn, key, derive_payment(key, cluster))
-    return Outcome.PROCESSED
-
-
-async def _affected_payments(
-    conn: asyncpg.Connection, kind: str, object_id: str, own: Links
-) -> set[str]:
-    """Every payment whose derivation may read the snapshot just stored."""
-    keys: set[str] = {own.payment_key} if own.payment_key else set()
-    invoice_ids: list[str] = [own.invoice_id] if own.invoice_id else []
-    if kind == "subscription":
-        invoice_ids += await store.invoices_of_subscription(conn, object_id)
-    if invoice_ids:
-        # an invoice-keyed payment stands until its invoice payment is known, so both are due
-        keys.update(invoice_ids)
-        keys.update(await store.payment_keys_of_invoices(conn, invoice_ids))
-    return keys
 
 
 async def retry_unfinished(
@@ -142,15 +165,22 @@ async def retry_unfinished(
     for event_id, payload in todo:
         event = parse_event(json.loads(payload))
         with structlog.contextvars.bound_contextvars(event_id=event_id, event_type=event.type):
-            outcome = await _reapply(pool, event, offer)
+            outcome = await ingest(pool, event, payload, offer)
+        if outcome is Outcome.DUPLICATE:  # set aside for attention, now understood or not
+            outcome = await _reapply_attention(pool, event, offer)
         counts[outcome.value] = counts.get(outcome.value, 0) + 1
     return counts
 
 
-async def _reapply(pool: asyncpg.Pool, event: Event, offer: FoundingOffer) -> Outcome:
-    async def work(conn: asyncpg.Connection) -> Outcome:
-        if await store.event_status(conn, event.id) not in ("failed", "pending", "needs_attention"):
-            return Outcome.DUPLICATE
-        return await _apply_and_record(conn, event, offer)
+async def _reapply_attention(pool: asyncpg.Pool, event: Event, offer: FoundingOffer) -> Outcome:
+    outcome, snapshot = classify(event)
 
-    return await db.serializable(pool, work)
+    async def work(conn: asyncpg.Connection) -> Outcome:
+        if await store.event_status(conn, event.id) != Outcome.NEEDS_ATTENTION:
+            return Outcome.DUPLICATE
+        if snapshot is not None:
+            await apply_snapshot(conn, event.id, snapshot, offer)
+        await store.finish_event(conn, event.id, outcome.value)
+        return outcome
+
+    return await db.transaction(pool, work)

@@ -10,10 +10,12 @@ from typing import Any
 
 import structlog
 
+from donations.db import UNAVAILABLE_ERRORS
+
 # Keys whose values are personal or secret wherever they appear in an event.
 _EMAIL_KEYS = frozenset({"email", "customer_email", "receipt_email"})
 _SECRET_KEYS = frozenset({"authorization", "token", "secret", "api_key", "password", "signature"})
-_SECRET_TEXT = re.compile(r"\b(whsec|sk_live|sk_test|rk_live|rk_test)_[A-Za-z0-9]+")
+_SECRET_TEXT = re.compile(r"\b(whsec|sk_live|sk_test|rk_live|rk_test)_[A-Za-z0-9_]+")
 _EMAIL_TEXT = re.compile(r"([A-Za-z0-9._%+-])[A-Za-z0-9._%+-]*@([A-Za-z0-9.-]+\.[A-Za-z]{2,})")
 
 
@@ -28,21 +30,51 @@ def mask_email(value: str) -> str:
 def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """A processor that masks e-mails and drops secrets, by key and by shape, before rendering."""
     for key, value in list(event.items()):
-        lowered = key.lower()
-        if lowered in _SECRET_KEYS:
-            event[key] = "[redacted]"
-        elif lowered in _EMAIL_KEYS and isinstance(value, str):
-            event[key] = mask_email(value)
-        elif isinstance(value, str):
-            scrubbed = _SECRET_TEXT.sub(r"\1_[redacted]", value)
-            event[key] = _EMAIL_TEXT.sub(r"\1***@\2", scrubbed)
+        event[key] = _scrub(key, value)
     return event
+
+
+def _scrub(key: Any, value: Any) -> Any:
+    lowered = str(key).lower()
+    if lowered in _SECRET_KEYS:
+        return "[redacted]"
+    if lowered in _EMAIL_KEYS and isinstance(value, str):
+        return mask_email(value)
+    if isinstance(value, str):
+        # the cheap containment checks first: most values (paths, ids, codes) hold neither
+        if "_" in value:
+            value = _SECRET_TEXT.sub(r"\1_[redacted]", value)
+        if "@" in value:
+            value = _EMAIL_TEXT.sub(r"\1***@\2", value)
+        return value
+    # nested values (a dict of fields, a list of addresses) are scrubbed the same way
+    if isinstance(value, dict):
+        return {k: _scrub(k, v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrub(key, v) for v in value]
+    if type(value) is tuple:  # not exc_info's (type, error, traceback), which is left as it is
+        return tuple(_scrub(key, v) for v in value) if key != "exc_info" else value
+    return value
+
+
+class _OutageWithoutTraceback(logging.Filter):
+    """asyncpg's pool logs each failed reconnect during an outage with a traceback; one line
+    naming the error says as much."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None and isinstance(error, UNAVAILABLE_ERRORS):
+            record.msg = f"{record.getMessage()} ({type(error).__name__}: {error})"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
 
 
 def configure(log_format: str = "json", level: str = "info") -> None:
     """Configure once at start. JSON lines in production; a readable console on a terminal."""
     shared: list[Any] = [
-        structlog.contextvars.merge_contextvars,  # first: the request and event ids
+        structlog.contextvars.merge_contextvars,  # the request and event ids
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -54,7 +86,10 @@ def configure(log_format: str = "json", level: str = "info") -> None:
         else structlog.processors.JSONRenderer()
     )
     structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        # Dropping what the level filters out before any other work: a request line at a
+        # level that is not written must cost next to nothing.
+        processors=[structlog.stdlib.filter_by_level, *shared,
+                    structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,
@@ -64,6 +99,7 @@ def configure(log_format: str = "json", level: str = "info") -> None:
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             structlog.processors.format_exc_info if log_format == "json" else _identity,
+            _redact_traceback,  # a traceback's text can hold an address or a key too
             renderer,
         ],
     )
@@ -76,6 +112,17 @@ def configure(log_format: str = "json", level: str = "info") -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     # The stripe library logs request bodies at debug; never let them through.
     logging.getLogger("stripe").setLevel(logging.WARNING)
+    pool_logger = logging.getLogger("asyncpg.pool")
+    if not any(isinstance(f, _OutageWithoutTraceback) for f in pool_logger.filters):
+        pool_logger.addFilter(_OutageWithoutTraceback())
+
+
+def _redact_traceback(
+    _: Any, __: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    if "exception" in event:
+        event["exception"] = _scrub("exception", event["exception"])
+    return event
 
 
 def _identity(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:

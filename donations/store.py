@@ -7,7 +7,7 @@ from typing import Any
 
 import asyncpg
 
-from donations.events import Event, Links, Version
+from donations.events import Event, Version
 from donations.ledger import (
     BalanceTransaction,
     Cluster,
@@ -23,18 +23,42 @@ from donations.ledger import (
 # --- events ---------------------------------------------------------------------------------
 
 
-async def insert_event(conn: asyncpg.Connection, event: Event, raw: str, source: str) -> bool:
-    """Store the event; False when it was stored before (a duplicate or a racing delivery)."""
+async def insert_event(
+    conn: asyncpg.Connection, event: Event, raw: str, source: str, status: str
+) -> bool:
+    """Store the event with the status it will have once this transaction commits; False when
+    it was stored before (a duplicate, or a racing delivery that committed first)."""
     inserted = await conn.fetchval(
         """
-        INSERT INTO stripe_events (id, type, api_version, livemode, created, payload, source)
-        VALUES ($1, $2, $3, $4, to_timestamp($5), $6::json, $7)
+        INSERT INTO stripe_events (id, type, api_version, livemode, created, payload, source,
+                                   status, attempts, processed_at)
+        VALUES ($1, $2, $3, $4, to_timestamp($5), $6::json, $7, $8, 1, now())
         ON CONFLICT (id) DO NOTHING
         RETURNING true
         """,
         event.id, event.type, event.api_version, event.livemode, event.created, raw, source,
+        status,
     )
     return bool(inserted)
+
+
+async def record_failure(
+    conn: asyncpg.Connection, event: Event, raw: str, source: str, error: str
+) -> None:
+    """Keep an event whose effects were rolled back, marked failed with the error."""
+    await conn.execute(
+        """
+        INSERT INTO stripe_events AS e (id, type, api_version, livemode, created, payload,
+                                        source, status, attempts, last_error)
+        VALUES ($1, $2, $3, $4, to_timestamp($5), $6::json, $7, 'failed', 1, $8)
+        ON CONFLICT (id) DO UPDATE
+           SET attempts = e.attempts + 1, last_error = excluded.last_error,
+               status = 'failed', processed_at = NULL
+         WHERE e.status IN ('failed', 'pending')
+        """,
+        event.id, event.type, event.api_version, event.livemode, event.created, raw, source,
+        error[:2000],
+    )
 
 
 async def event_status(conn: asyncpg.Connection, event_id: str) -> str | None:
@@ -52,17 +76,6 @@ async def finish_event(conn: asyncpg.Connection, event_id: str, status: str) -> 
          WHERE id = $1
         """,
         event_id, status,
-    )
-
-
-async def fail_event(conn: asyncpg.Connection, event_id: str, error: str) -> None:
-    await conn.execute(
-        """
-        UPDATE stripe_events
-           SET status = 'failed', attempts = attempts + 1, processed_at = NULL, last_error = $2
-         WHERE id = $1
-        """,
-        event_id, error[:2000],
     )
 
 
@@ -85,16 +98,18 @@ async def unfinished_events(
 # --- snapshots ------------------------------------------------------------------------------
 
 
-async def put_snapshot(
-    conn: asyncpg.Connection, kind: str, object_id: str, version: Version, links: Links,
-    data: dict[str, Any],
-) -> bool:
-    """Keep the snapshot if it outranks the one stored; True when it did (the state changed)."""
+async def put_snapshot(conn: asyncpg.Connection, snapshot: Snapshot, event_id: str) -> bool:
+    """Keep the snapshot if it outranks the one stored; True when it did (the state changed).
+
+    The object is taken from the stored event's body inside PostgreSQL rather than encoded again.
+    """
+    version, links = snapshot.version, snapshot.links
     won = await conn.fetchval(
         """
         INSERT INTO stripe_objects AS o (id, object, rank, progress, event_created, type_rank,
                                          event_id, payment_key, invoice_id, subscription_id, data)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+        SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, payload::jsonb -> 'data' -> 'object'
+          FROM stripe_events WHERE id = $11
         ON CONFLICT (id) DO UPDATE
            SET rank = excluded.rank, progress = excluded.progress,
                event_created = excluded.event_created, type_rank = excluded.type_rank,
@@ -106,13 +121,17 @@ async def put_snapshot(
              > (o.rank, o.progress, o.event_created, o.type_rank, o.event_id)
         RETURNING true
         """,
-        object_id, kind, version.stage, version.progress, version.created, version.type_rank,
-        version.event_id, links.payment_key, links.invoice_id, links.subscription_id, data,
+        snapshot.id, snapshot.kind, version.stage, version.progress, version.created,
+        version.type_rank, version.event_id, links.payment_key, links.invoice_id,
+        links.subscription_id, event_id,
     )
     return bool(won)
 
 
-_SNAPSHOT_COLUMNS = "id, object, rank, progress, event_created, type_rank, event_id, data"
+_SNAPSHOT_COLUMNS = (
+    "id, object, rank, progress, event_created, type_rank, event_id, invoice_id, subscription_id,"
+    " data"
+)
 
 
 def _snapshot(row: asyncpg.Record) -> Snapshot:
@@ -126,35 +145,39 @@ def _snapshot(row: asyncpg.Record) -> Snapshot:
 
 
 async def load_cluster(conn: asyncpg.Connection, payment_key: str) -> Cluster:
-    """The payment's own snapshots, its invoices' (and their sessions'), their subscriptions'."""
-    rows = await conn.fetch(
-        f"""
-        WITH direct AS (
-            SELECT * FROM stripe_objects WHERE payment_key = $1
-        ), invoices AS (
-            SELECT invoice_id AS id FROM direct WHERE invoice_id IS NOT NULL
-            UNION SELECT $1 WHERE $1 LIKE 'in\\_%'
-        ), by_invoice AS (
-            SELECT * FROM stripe_objects WHERE invoice_id IN (SELECT id FROM invoices)
-        ), subscriptions AS (
-            SELECT subscription_id AS id FROM by_invoice WHERE subscription_id IS NOT NULL
-            UNION SELECT subscription_id FROM direct WHERE subscription_id IS NOT NULL
-        )
-        SELECT {_SNAPSHOT_COLUMNS} FROM direct
-        UNION ALL SELECT {_SNAPSHOT_COLUMNS} FROM by_invoice
-        UNION ALL SELECT {_SNAPSHOT_COLUMNS} FROM stripe_objects
-                   WHERE id IN (SELECT id FROM subscriptions)
-        """,  # noqa: S608 - the interpolated text is a constant column list
+    """The payment's own snapshots, its invoices' (and their sessions'), their subscriptions'.
+
+    Separate index look-ups rather than one query with IN (subquery): the planner would turn
+    those into sequential scans of stripe_objects on a young table.
+    """
+    rows = list(await conn.fetch(
+        f"SELECT {_SNAPSHOT_COLUMNS} FROM stripe_objects WHERE payment_key = $1",  # noqa: S608
         payment_key,
-    )
+    ))
+    invoices = {r["invoice_id"] for r in rows if r["invoice_id"]}
+    if payment_key.startswith("in_"):
+        invoices.add(payment_key)
+    if invoices:
+        rows += await conn.fetch(
+            f"SELECT {_SNAPSHOT_COLUMNS} FROM stripe_objects"  # noqa: S608
+            " WHERE invoice_id = any($1::text[])",
+            sorted(invoices),
+        )
+    subscriptions = {r["subscription_id"] for r in rows if r["subscription_id"]}
+    if subscriptions:
+        rows += await conn.fetch(
+            f"SELECT {_SNAPSHOT_COLUMNS} FROM stripe_objects"  # noqa: S608
+            " WHERE id = any($1::text[]) AND object = 'subscription'",
+            sorted(subscriptions),
+        )
     seen: dict[str, Snapshot] = {}
     for row in rows:
         seen.setdefault(row["id"], _snapshot(row))
     cluster = Cluster(snapshots=list(seen.values()))
-    bt_ids = [
-        s.data.get("balance_transaction") for s in cluster.snapshots if s.kind == "charge"
-    ]
-    bt_ids = [b for b in bt_ids if isinstance(b, str)]
+    bt_ids = sorted({
+        s.data["balance_transaction"] for s in cluster.snapshots
+        if s.kind == "charge" and isinstance(s.data.get("balance_transaction"), str)
+    })
     if bt_ids:
         for row in await conn.fetch(
             "SELECT id, amount, currency, fee, net FROM balance_transactions WHERE id = any($1)",
@@ -222,9 +245,17 @@ async def put_payment(conn: asyncpg.Connection, key: str, row: PaymentRow | None
     if row is None:
         await conn.execute("DELETE FROM payments WHERE payment_key = $1", key)
         return
-    await _put(conn, "payments", row, key="payment_key")
+    sql, args = _upsert("payments", asdict(row), "payment_key")
     if row.balance_transaction and row.fee is None:
-        await queue_balance_transaction(conn, row.balance_transaction)
+        # fees come later from the worker; queue the look-up in the same round trip
+        sql = (
+            f"WITH upsert AS ({sql} RETURNING balance_transaction) "  # noqa: S608
+            "INSERT INTO balance_transaction_fetches (id) SELECT balance_transaction FROM upsert"
+            " WHERE NOT EXISTS (SELECT 1 FROM balance_transactions b"
+            "                    WHERE b.id = upsert.balance_transaction)"
+            " ON CONFLICT (id) DO NOTHING"
+        )
+    await conn.execute(sql, *args)
 
 
 async def put_refund(conn: asyncpg.Connection, row: RefundRow) -> None:

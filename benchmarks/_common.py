@@ -1,0 +1,281 @@
+"""Shared by the benchmarks: a PostgreSQL to measure against, the service as a subprocess,
+latency percentiles and a small result table.
+
+Every benchmark measures the real thing: `donations serve` in its own process, over HTTP, on a
+real PostgreSQL (the embedded one in a temporary folder, or a server the caller names), in a
+scratch database created for the run and dropped after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import secrets
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+import asyncpg
+
+from donations import db
+
+# --- PostgreSQL -----------------------------------------------------------------------------
+
+
+def database_url_from(given: str | None) -> str | None:
+    """The server to use: the --database-url given, else DATABASE_URL, else None (embedded)."""
+    return given or os.environ.get("DATABASE_URL") or None
+
+
+def with_database(dsn: str, name: str) -> str:
+    """The same server URL, naming another database."""
+    return urlunsplit(urlsplit(dsn)._replace(path=f"/{name}"))
+
+
+def describe_server(dsn: str) -> str:
+    """host:port/database of a URL, without the user or password, for printing."""
+    parts = urlsplit(dsn)
+    return f"{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path}"
+
+
+@contextlib.asynccontextmanager
+async def postgres_server(database_url: str | None) -> AsyncIterator[str]:
+    """An administrative URL of the server to measure against.
+
+    With a URL, that server (left as it is). Without one, an embedded PostgreSQL 18 started in
+    a temporary folder, stopped and removed when the block ends.
+    """
+    if database_url:
+        yield database_url
+        return
+    folder = Path(tempfile.mkdtemp(prefix="donations-bench-"))
+    embedded = db.EmbeddedPostgres(folder)
+    try:
+        dsn = await asyncio.to_thread(embedded.start)
+        yield dsn.replace(f"/{db.EmbeddedPostgres.DATABASE}?", "/postgres?", 1)
+    finally:
+        await asyncio.to_thread(embedded.stop)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.asynccontextmanager
+async def scratch_database(admin_dsn: str, prefix: str = "donations_bench") -> AsyncIterator[str]:
+    """A fresh, empty database on the server for the run; dropped (WITH FORCE) afterwards."""
+    name = f"{prefix}_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(admin_dsn)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    try:
+        yield with_database(admin_dsn, name)
+    finally:
+        admin = await asyncpg.connect(admin_dsn)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+async def server_version(dsn: str) -> str:
+    conn = await asyncpg.connect(dsn)
+    try:
+        version: str = await conn.fetchval("SHOW server_version")
+    finally:
+        await conn.close()
+    return version
+
+
+async def transaction_counts(dsn: str) -> tuple[int, int]:
+    """(commits, rollbacks) PostgreSQL has counted for the URL's database so far.
+
+    The cumulative statistics are flushed by each backend when it goes idle (at most about a
+    second late), so read them after a pause when the load has stopped.
+    """
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("SELECT pg_stat_clear_snapshot()")
+        row = await conn.fetchrow(
+            "SELECT xact_commit, xact_rollback FROM pg_stat_database WHERE datname = $1",
+            urlsplit(dsn).path.lstrip("/"),
+        )
+    finally:
+        await conn.close()
+    return (int(row["xact_commit"]), int(row["xact_rollback"])) if row else (0, 0)
+
+
+# --- the service ----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def service_command() -> list[str]:
+    """`donations serve` from the same environment as this interpreter."""
+    script = Path(sys.executable).parent / "donations"
+    if script.exists():
+        return [str(script), "serve"]
+    return [sys.executable, "-m", "donations", "serve"]
+
+
+@dataclass
+class Service:
+    base_url: str
+    process: asyncio.subprocess.Process
+    log_path: Path
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_path.read_text("utf-8", errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+@contextlib.asynccontextmanager
+async def running_service(
+    database_url: str,
+    *,
+    env: Mapping[str, str] | None = None,
+    log_level: str = "warning",
+    ready_timeout: float = 60.0,
+) -> AsyncIterator[Service]:
+    """One `donations serve` process on a free port, ready (GET /readyz is 200) when yielded.
+
+    It logs at `log_level` (warning by default, so that a log line per request does not become
+    what is measured) to a temporary file, shown if it fails to start. SIGTERM at the end.
+    """
+    port = free_port()
+    folder = Path(tempfile.mkdtemp(prefix="donations-bench-service-"))
+    log_path = folder / "service.log"
+    child_env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "LOG_LEVEL": log_level,
+        "LOG_FORMAT": "json",
+        "DONATIONS_DATA_DIR": str(folder / "data"),
+        # no Stripe key: the balance-transaction worker stays off and makes no calls out
+        "STRIPE_SECRET_KEY": "",
+        **(env or {}),
+    }
+    with log_path.open("wb") as log_file:
+        process = await asyncio.create_subprocess_exec(
+            *service_command(), env=child_env, stdout=log_file, stderr=log_file,
+            stdin=asyncio.subprocess.DEVNULL,
+        )
+    service = Service(f"http://127.0.0.1:{port}", process, log_path)
+    try:
+        await _wait_ready(service, ready_timeout)
+        yield service
+    finally:
+        await _stop(process)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+async def _wait_ready(service: Service, within: float) -> None:
+    deadline = time.monotonic() + within
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+        while time.monotonic() < deadline:
+            if service.process.returncode is not None:
+                raise RuntimeError(
+                    f"donations serve exited with {service.process.returncode}:\n"
+                    + service.log_tail()
+                )
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with session.get(f"{service.base_url}/readyz") as response:
+                    if response.status == 200:
+                        return
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"donations serve not ready after {within:.0f}s:\n" + service.log_tail())
+
+
+async def _stop(process: asyncio.subprocess.Process) -> None:
+    if process.returncode is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), 40)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+
+
+# --- figures --------------------------------------------------------------------------------
+
+
+def percentile(ordered: Sequence[float], p: float) -> float:
+    """The nearest-rank p-th percentile (0 < p <= 100) of values sorted ascending."""
+    if not ordered:
+        return math.nan
+    rank = max(1, math.ceil(p / 100 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+@dataclass
+class Measurement:
+    """What one measured phase did: how many operations, in how long, each how long."""
+
+    name: str
+    seconds: float = 0.0
+    latencies: list[float] = field(default_factory=list)  # seconds, one per operation
+    failures: int = 0
+
+    @property
+    def count(self) -> int:
+        return len(self.latencies)
+
+    @property
+    def rate(self) -> float:
+        return self.count / self.seconds if self.seconds > 0 else math.nan
+
+    def ms(self, p: float) -> float:
+        return percentile(sorted(self.latencies), p) * 1000
+
+    @property
+    def mean_ms(self) -> float:
+        return sum(self.latencies) / len(self.latencies) * 1000 if self.latencies else math.nan
+
+
+def print_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
+    """A plain, aligned text table: text left, numbers right."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    numeric = [bool(cells) and all(_is_number(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(values: Sequence[str]) -> str:
+        padded = zip(values, widths, numeric, strict=True)
+        return "  ".join(v.rjust(w) if right else v.ljust(w) for v, w, right in padded).rstrip()
+
+    print(line(headers))
+    print("  ".join("-" * w for w in widths))
+    for row in cells:
+        print(line(row))
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.2f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _is_number(text: str) -> bool:
+    return bool(text) and (text == "-" or text.replace(",", "").replace(".", "", 1).isdigit())

@@ -1,0 +1,246 @@
+"""Logs: one JSON object a line, a line per request with its id, the event bound while it is
+handled, and no e-mail address or secret in full anywhere."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import asyncpg
+import pytest
+import structlog
+
+from donations.logging import configure, mask_email, redact
+from tests.conftest import WEBHOOK_SECRET, Client
+from tests.fakestripe.signing import signed_request
+from tests.fakestripe.world import World
+from tests.webhook_helpers import post_all, post_event
+
+EMAIL = "jane.doe@example.org"
+MASKED = "j***@example.org"
+
+
+class Output:
+    """What the configured pipeline wrote."""
+
+    def __init__(self) -> None:
+        self.stream = io.StringIO()
+
+    @property
+    def text(self) -> str:
+        return self.stream.getvalue()
+
+    def lines(self) -> list[dict[str, Any]]:
+        parsed = [json.loads(line) for line in self.text.splitlines()]
+        assert all(isinstance(p, dict) for p in parsed)
+        return parsed
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [line for line in self.lines() if line["event"] == name]
+
+
+def _pipeline(log_format: str) -> Iterator[Output]:
+    root = logging.getLogger()
+    level = root.level
+    quiet = {name: logging.getLogger(name).level for name in ("aiohttp.access", "stripe")}
+    configure(log_format, "debug")
+    # Loggers cached on first use would keep this pipeline after the test, where other tests
+    # capture logs with structlog.testing; everything else stays as configure() set it.
+    structlog.configure(cache_logger_on_first_use=False)
+    handler = root.handlers[0]
+    assert isinstance(handler, logging.StreamHandler)
+    output = Output()
+    handler.setStream(output.stream)
+    try:
+        yield output
+    finally:
+        structlog.reset_defaults()
+        root.removeHandler(handler)
+        root.setLevel(level)
+        for name, old in quiet.items():
+            logging.getLogger(name).setLevel(old)
+
+
+@pytest.fixture
+def json_logs() -> Iterator[Output]:
+    yield from _pipeline("json")
+
+
+@pytest.fixture
+def console_logs() -> Iterator[Output]:
+    yield from _pipeline("console")
+
+
+def test_mask_email_keeps_the_first_letter_and_the_domain() -> None:
+    assert mask_email(EMAIL) == MASKED
+    assert mask_email("x@y.org") == "x***@y.org"
+    assert mask_email("not an address") == "***"
+
+
+def test_an_email_in_any_field_is_masked(json_logs: Output) -> None:
+    log = structlog.get_logger("tests.logging")
+    log.info(
+        "supporter_note",
+        email=EMAIL,
+        customer_email="bob@example.com",
+        note=f"reply to {EMAIL} tomorrow",
+        billing={"details": {"address": EMAIL}},
+        recipients=[EMAIL, "bob@example.com"],
+    )
+    (line,) = json_logs.events("supporter_note")
+    assert line["email"] == MASKED
+    assert line["customer_email"] == "b***@example.com"
+    assert line["note"] == f"reply to {MASKED} tomorrow"
+    assert line["billing"] == {"details": {"address": MASKED}}
+    assert line["recipients"] == [MASKED, "b***@example.com"]
+    assert EMAIL not in json_logs.text
+    assert "bob@example.com" not in json_logs.text
+
+
+def test_secrets_are_redacted_by_shape_and_by_key(json_logs: Output) -> None:
+    log = structlog.get_logger("tests.logging")
+    log.warning(
+        "config_seen",
+        detail=f"secret {WEBHOOK_SECRET} and key sk_live_51HxYzAbC123 in use",
+        rotated=["whsec_old0123", "rk_test_abc_def"],
+        authorization="Bearer sk_test_abc",
+        Token="t-123",
+        secret="plain words",
+        api_key="k",
+        password="hunter2",
+        signature="t=1,v1=abc",
+    )
+    (line,) = json_logs.events("config_seen")
+    assert line["detail"] == "secret whsec_[redacted] and key sk_live_[redacted] in use"
+    assert line["rotated"] == ["whsec_[redacted]", "rk_test_[redacted]"]
+    for key in ("authorization", "Token", "secret", "api_key", "password", "signature"):
+        assert line[key] == "[redacted]", key
+    for leaked in (WEBHOOK_SECRET, "test_secret_for", "51HxYzAbC123", "hunter2", "t-123"):
+        assert leaked not in json_logs.text
+
+
+def test_a_traceback_is_scrubbed_too(json_logs: Output) -> None:
+    log = structlog.get_logger("tests.logging")
+    try:
+        raise ValueError(f"no customer for {EMAIL} with key sk_live_abc123")
+    except ValueError:
+        log.exception("lookup_failed")
+    (line,) = json_logs.events("lookup_failed")
+    assert line["level"] == "error"
+    assert "ValueError: no customer for j***@example.org with key sk_live_[redacted]" in (
+        line["exception"])
+    assert EMAIL not in json_logs.text
+    assert "abc123" not in json_logs.text
+
+
+def test_standard_library_records_go_through_the_same_pipeline(json_logs: Output) -> None:
+    logging.getLogger("aiohttp.server").error("Error handling request from %s", EMAIL)
+    (line,) = json_logs.events(f"Error handling request from {MASKED}")
+    assert (line["logger"], line["level"]) == ("aiohttp.server", "error")
+    assert EMAIL not in json_logs.text
+
+
+def test_the_pools_reconnect_warnings_carry_no_traceback(json_logs: Output) -> None:
+    # what asyncpg's pool logs on each failed reconnect while PostgreSQL is down
+    try:
+        raise ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 5432)")
+    except ConnectionRefusedError:
+        logging.getLogger("asyncpg.pool").warning(
+            "Failed to restore the pool connection floor; retrying", exc_info=True)
+    (line,) = json_logs.lines()
+    assert line["level"] == "warning"
+    assert line["event"].startswith("Failed to restore the pool connection floor; retrying")
+    assert "ConnectionRefusedError" in line["event"]
+    assert "exception" not in line
+    assert "Traceback" not in json_logs.text
+
+
+def test_json_output_is_one_object_a_line(json_logs: Output) -> None:
+    log = structlog.get_logger("tests.logging")
+    log.info("first", text="a\nmultiline\nvalue")
+    log.warning("second", count=2)
+    logging.getLogger("tests.stdlib").info("third")
+    lines = json_logs.text.splitlines()
+    assert len(lines) == 3
+    parsed = json_logs.lines()
+    assert [p["event"] for p in parsed] == ["first", "second", "third"]
+    assert parsed[0]["text"] == "a\nmultiline\nvalue"
+    for p in parsed:
+        assert {"event", "level", "logger", "timestamp"} <= set(p)
+        assert p["timestamp"].endswith("Z")
+
+
+def test_console_output_masks_as_json_does(console_logs: Output) -> None:
+    structlog.get_logger("tests.logging").info("supporter_note", note=f"from {EMAIL}")
+    assert "supporter_note" in console_logs.text
+    assert MASKED in console_logs.text
+    assert EMAIL not in console_logs.text
+
+
+async def test_a_webhook_request_logs_one_request_line_and_binds_the_event(
+    json_logs: Output, client: Client
+) -> None:
+    event = World(seed=301).one_off(1000, "gbp").events[0]
+    body, headers = signed_request(event, WEBHOOK_SECRET)
+    response = await client.post(
+        "/webhooks/stripe", data=body, headers={**headers, "X-Request-ID": "req-test-301"})
+    assert response.status == 200
+
+    requests = [r for r in json_logs.events("request") if r.get("request_id") == "req-test-301"]
+    assert len(requests) == 1
+    request = requests[0]
+    assert (request["method"], request["path"], request["status"]) == (
+        "POST", "/webhooks/stripe", 200)
+    assert isinstance(request["duration_ms"], int | float)
+    assert request["duration_ms"] >= 0
+
+    (handled,) = json_logs.events("webhook_event")
+    assert handled["request_id"] == "req-test-301"
+    assert (handled["event_id"], handled["event_type"]) == (event["id"], event["type"])
+    assert handled["outcome"] in ("processed", "ignored")
+
+    await client.get("/healthz")  # the next request starts with nothing bound
+    (health,) = [r for r in json_logs.events("request") if r["path"] == "/healthz"]
+    assert "event_id" not in health
+    assert health["request_id"] != "req-test-301"
+
+
+async def test_a_supporters_email_is_never_logged_in_full(
+    json_logs: Output, client: Client, pool: asyncpg.Pool
+) -> None:
+    paid = World(seed=302).one_off(2500, "gbp", email=EMAIL)
+    charge = paid.of_type("charge.succeeded")[0]
+    assert charge["data"]["object"]["billing_details"]["email"] == EMAIL
+    await post_all(client, paid.events)
+
+    # and when applying fails with an error that quotes the address
+    async with pool.acquire() as conn:
+        await conn.execute("""
+            CREATE FUNCTION refuse_payments() RETURNS trigger LANGUAGE plpgsql AS
+            $$ BEGIN RAISE EXCEPTION 'payment for % refused', NEW.email; END $$;
+            CREATE TRIGGER refuse BEFORE INSERT OR UPDATE ON payments
+                FOR EACH ROW EXECUTE FUNCTION refuse_payments();
+        """)
+    try:
+        again = World(seed=303).one_off(1000, "gbp", email=EMAIL)
+        status, _ = await post_event(client, again.of_type("charge.succeeded")[0])
+        assert status == 500
+    finally:
+        async with pool.acquire() as conn:
+            await conn.execute("DROP TRIGGER refuse ON payments; DROP FUNCTION refuse_payments()")
+
+    assert json_logs.events("webhook_event")
+    failed = json_logs.events("event_apply_failed")
+    assert failed, "the failure was not logged"
+    assert MASKED in json.dumps(failed)
+    assert EMAIL not in json_logs.text
+    assert "jane.doe" not in json_logs.text
+
+
+def test_redact_leaves_other_values_alone() -> None:
+    event = {"event": "x", "amount": 2500, "currency": "gbp", "ok": True, "n": None}
+    assert redact(None, "info", dict(event)) == event
+

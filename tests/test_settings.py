@@ -1,0 +1,157 @@
+"""Settings from the environment: the documented defaults, refusals that name the variable, and
+secrets that never show themselves."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from donations.settings import ConfigError, Secret, Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+VALID = {
+    "DATABASE_URL": "postgresql://donations:hunter2-db-password@db.internal:5432/donations",
+    "STRIPE_SECRET_KEY": "sk_live_abc123DEF456",
+    "STRIPE_WEBHOOK_SECRET": "whsec_current123, whsec_previous456",
+}
+
+
+def test_defaults_match_the_contract() -> None:
+    settings = Settings.from_env({})
+    assert settings.database_url is None  # an embedded PostgreSQL in the data folder
+    assert settings.data_dir == Path(".donations")
+    assert (settings.host, settings.port) == ("127.0.0.1", 8080)
+    assert settings.stripe_secret_key is None
+    assert settings.stripe_mode is None
+    assert settings.stripe_webhook_secrets == ()
+    assert settings.stripe_api_base is None
+    assert settings.site_origins == ()
+    assert settings.reporting_currency == "gbp"
+    assert (settings.founding_seats, settings.founding_percent_off) == (1000, 50)
+    assert settings.founding_coupon_id == "founding-supporter"
+    assert settings.log_level == "info"
+    assert settings.log_format == ("console" if sys.stderr.isatty() else "json")
+    assert settings.fee_worker_interval == 5.0
+
+
+def test_blank_values_count_as_unset() -> None:
+    blank = {name: "  " for name in ("DATABASE_URL", "PORT", "REPORTING_CURRENCY", "LOG_LEVEL")}
+    assert Settings.from_env(blank) == Settings.from_env({})
+
+
+def test_every_variable_is_read() -> None:
+    settings = Settings.from_env({
+        **VALID,
+        "DONATIONS_DATA_DIR": "/var/lib/donations",
+        "HOST": "::1",
+        "PORT": "9000",
+        "STRIPE_API_BASE": "http://127.0.0.1:12111/",
+        "SITE_ORIGINS": "https://Example.org/, https://shop.example.org",
+        "REPORTING_CURRENCY": "EUR",
+        "FOUNDING_SEATS": "250",
+        "FOUNDING_PERCENT_OFF": "30",
+        "FOUNDING_COUPON_ID": "early-bird",
+        "LOG_FORMAT": "console",
+        "LOG_LEVEL": "DEBUG",
+        "FEE_WORKER_INTERVAL": "30",
+    })
+    assert settings.database_url == Secret(VALID["DATABASE_URL"])
+    assert settings.data_dir == Path("/var/lib/donations")
+    assert (settings.host, settings.port) == ("::1", 9000)
+    assert settings.stripe_api_base == "http://127.0.0.1:12111"
+    assert settings.site_origins == ("https://example.org", "https://shop.example.org")
+    assert settings.reporting_currency == "eur"
+    assert (settings.founding_seats, settings.founding_percent_off) == (250, 30)
+    assert settings.founding_coupon_id == "early-bird"
+    assert (settings.log_format, settings.log_level) == ("console", "debug")
+    assert settings.fee_worker_interval == 30.0
+
+
+def test_webhook_secrets_are_comma_separated_for_rotation() -> None:
+    settings = Settings.from_env(VALID)
+    assert [s.reveal() for s in settings.stripe_webhook_secrets] == [
+        "whsec_current123", "whsec_previous456"]
+    one = Settings.from_env({"STRIPE_WEBHOOK_SECRET": "whsec_only,"})
+    assert [s.reveal() for s in one.stripe_webhook_secrets] == ["whsec_only"]
+
+
+@pytest.mark.parametrize(
+    ("key", "mode"),
+    [("sk_live_abc", "live"), ("rk_live_abc", "live"), ("sk_test_abc", "test"),
+     ("rk_test_abc", "test")],
+)
+def test_stripe_mode_follows_the_key(key: str, mode: str) -> None:
+    assert Settings.from_env({"STRIPE_SECRET_KEY": key}).stripe_mode == mode
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("PORT", "abc"),
+        ("PORT", "70000"),
+        ("PORT", "-1"),
+        ("STRIPE_SECRET_KEY", "pk_test_x"),
+        ("STRIPE_WEBHOOK_SECRET", "nope"),
+        ("STRIPE_WEBHOOK_SECRET", "whsec_good,nope"),
+        ("STRIPE_API_BASE", "ftp://stripe.example"),
+        ("SITE_ORIGINS", "https://a.org/path"),
+        ("SITE_ORIGINS", "a.org"),
+        ("REPORTING_CURRENCY", "pounds"),
+        ("DATABASE_URL", "mysql://user:pw@localhost/donations"),
+        ("LOG_LEVEL", "loud"),
+        ("LOG_FORMAT", "xml"),
+        ("FOUNDING_SEATS", "lots"),
+        ("FOUNDING_PERCENT_OFF", "0"),
+        ("FOUNDING_PERCENT_OFF", "150"),
+        ("FEE_WORKER_INTERVAL", "0"),
+    ],
+)
+def test_an_invalid_value_is_refused_naming_the_variable(name: str, value: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        Settings.from_env({**VALID, name: value})
+    assert str(raised.value).startswith(f"{name} ")
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("STRIPE_SECRET_KEY", "pk_live_supersecret99"),
+     ("STRIPE_WEBHOOK_SECRET", "whsec_fine,oops_supersecret99"),
+     ("DATABASE_URL", "mysql://root:supersecret99@db/donations")],
+)
+def test_a_refused_secret_is_not_repeated_in_the_message(name: str, value: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        Settings.from_env({name: value})
+    assert "supersecret99" not in str(raised.value)
+
+
+def test_secrets_never_show_in_a_repr_or_str() -> None:
+    settings = Settings.from_env(VALID)
+    for text in (repr(settings), str(settings), f"{settings}", repr(settings.stripe_secret_key)):
+        assert "hunter2" not in text
+        assert "abc123DEF456" not in text
+        assert "current123" not in text and "previous456" not in text
+    assert "**********" in repr(settings)
+    assert str(Secret("x")) == repr(Secret("x")) == "Secret('**********')"
+    assert settings.stripe_secret_key is not None
+    assert settings.stripe_secret_key.reveal() == VALID["STRIPE_SECRET_KEY"]
+
+
+def test_serve_with_an_invalid_variable_exits_2_with_one_line_naming_it(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "PORT")}
+    env["PORT"] = "abc"
+    env["DONATIONS_DATA_DIR"] = str(tmp_path)  # in case it started after all: not the repo's
+    done = subprocess.run(
+        [sys.executable, "-m", "donations", "serve"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert done.returncode == 2
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "PORT" in lines[0]
+    assert "configuration error" in lines[0]
+    assert done.stdout == ""
