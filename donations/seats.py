@@ -1,0 +1,121 @@
+"""Founding-supporter seats: held per subscription checkout before Stripe is asked, never oversold.
+
+A seat is *taken* by a founding subscription (the ledger's `subscriptions.founding`, however it
+came: through a hold or not; a seat is not given back when the subscription ends) or by the
+subscription of a held session that completed before the subscription's own events arrived. A
+seat is *held* by a hold whose session is open, or not yet known to us, until the session's
+expiry plus a grace for a late `checkout.session.expired`. Seats left = seats - taken - held.
+
+Holds are taken one at a time under a transaction-scoped advisory lock, counting after the lock
+is granted, so concurrent checkouts cannot each see the same last seat.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import asyncpg
+
+# A session that expired without our hearing of it (a lost or late webhook) keeps its seat this
+# much longer; a seat held a little too long costs nothing, one sold twice costs a promise.
+HOLD_GRACE = timedelta(hours=1)
+LOCK_KEY = "donations:founding_seats"
+
+_COUNTS = """
+taken AS (
+    SELECT id FROM subscriptions WHERE founding
+    UNION
+    SELECT o.subscription_id
+      FROM founding_holds h JOIN stripe_objects o ON o.id = h.checkout_session
+     WHERE o.object = 'checkout.session' AND o.data->>'status' = 'complete'
+       AND o.subscription_id IS NOT NULL
+), held AS (
+    SELECT h.id
+      FROM founding_holds h LEFT JOIN stripe_objects o ON o.id = h.checkout_session
+     WHERE h.expires_at > now() AND (o.id IS NULL OR o.data->>'status' = 'open')
+)
+"""
+
+
+class FoundingSeats:
+    """The offer's seats for one process: `seats` from FOUNDING_SEATS."""
+
+    def __init__(self, seats: int) -> None:
+        self.seats = seats
+        # Taken seats never come back, so once all are taken the offer is closed for good and
+        # later checkouts need not queue on the lock to learn it.
+        self._sold_out = seats <= 0
+
+    async def hold(self, conn: asyncpg.Connection, until: datetime) -> int | None:
+        """Hold a seat until `until` (in the caller's transaction); None when none is left."""
+        if self._sold_out:
+            return None
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", LOCK_KEY)
+        # A new statement after the lock: its snapshot sees every hold committed before it.
+        row = await conn.fetchrow(
+            f"""
+            WITH {_COUNTS},
+            counts AS (SELECT (SELECT count(*) FROM taken) AS taken,
+                              (SELECT count(*) FROM held) AS held),
+            inserted AS (
+                INSERT INTO founding_holds (expires_at)
+                SELECT $2::timestamptz FROM counts WHERE counts.taken + counts.held < $1::bigint
+                RETURNING id)
+            SELECT (SELECT id FROM inserted) AS id, counts.taken FROM counts
+            """,  # noqa: S608 - a constant, not input
+            self.seats, until,
+        )
+        assert row is not None
+        if row["taken"] >= self.seats:
+            self._sold_out = True
+        hold_id: int | None = row["id"]
+        return hold_id
+
+    async def left(self, conn: asyncpg.Connection) -> int:
+        """Seats neither taken nor held now (for display: a checkout decides under the lock)."""
+        if self._sold_out:
+            return 0
+        row = await conn.fetchrow(
+            f"""
+            WITH {_COUNTS}
+            SELECT (SELECT count(*) FROM taken) AS taken, (SELECT count(*) FROM held) AS held
+            """  # noqa: S608 - a constant, not input
+        )
+        assert row is not None
+        if row["taken"] >= self.seats:
+            self._sold_out = True
+        return max(0, self.seats - int(row["taken"]) - int(row["held"]))
+
+
+async def attach(
+    conn: asyncpg.Connection, hold_id: int, session_id: str, session_expires_at: datetime
+) -> None:
+    """The hold now belongs to that session: it lasts until the session ends (plus the grace)."""
+    await conn.execute(
+        "UPDATE founding_holds SET checkout_session = $2, expires_at = $3 WHERE id = $1",
+        hold_id, session_id, session_expires_at + HOLD_GRACE,
+    )
+
+
+async def release(conn: asyncpg.Connection, hold_id: int) -> None:
+    """Give the seat back at once: no session was made for it."""
+    await conn.execute("DELETE FROM founding_holds WHERE id = $1", hold_id)
+
+
+async def forget_lapsed(conn: asyncpg.Connection, older_than: timedelta) -> int:
+    """Delete holds that lapsed long ago without their session completing (those that completed
+    are kept: they count their subscription as taken until its own events arrive)."""
+    deleted = await conn.fetchval(
+        """
+        WITH gone AS (
+            DELETE FROM founding_holds h
+             WHERE h.expires_at < now() - $1::interval
+               AND NOT EXISTS (SELECT 1 FROM stripe_objects o
+                                WHERE o.id = h.checkout_session
+                                  AND o.data->>'status' = 'complete')
+            RETURNING 1)
+        SELECT count(*) FROM gone
+        """,
+        older_than,
+    )
+    return int(deleted or 0)

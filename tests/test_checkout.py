@@ -1,0 +1,400 @@
+"""Checkout for the site's forms, through the real stripe library against the fake Stripe: what
+reached Stripe, what the form is answered, and the ledger once Stripe's webhooks come back."""
+
+from __future__ import annotations
+
+import time
+
+import asyncpg
+from pytest_aiohttp import AiohttpClient
+
+from tests.checkout_helpers import (
+    SESSIONS,
+    SITE,
+    add_campaign,
+    checkout_service,
+    created_sessions,
+    order,
+    sessions_in,
+    subscription,
+)
+from tests.conftest import Client
+from tests.fakestripe.world import World
+from tests.webhook_helpers import post_all
+
+CONTRIBUTIONS = "/v1/checkout/contributions"
+SUBSCRIPTIONS = "/v1/checkout/subscriptions"
+
+
+async def test_a_contribution_is_a_payment_session_carrying_campaign_and_metadata(
+    pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
+) -> None:
+    await add_campaign(pool, "winter-appeal")
+    world = World(seed=41)
+    async with checkout_service(aiohttp_client, dsn, world) as (client, fake):
+        before = int(time.time())
+        response = await client.post(CONTRIBUTIONS, json=order(
+            email="jane.doe@example.org", campaign="winter-appeal",
+            metadata={"referrer": "newsletter", "variant": "b"}))
+        body = await response.json()
+        assert response.status == 201, body
+        [sent] = created_sessions(fake)
+        [session] = sessions_in(world)
+
+    assert body == {
+        "id": session["id"], "url": session["url"],
+        "expires_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(session["expires_at"])),
+        "amount": {"amount": 2500, "currency": "gbp"}, "campaign": "winter-appeal",
+    }
+    assert body["url"].startswith("https://checkout.stripe.com/")
+    form = sent.form
+    metadata = {"referrer": "newsletter", "variant": "b", "campaign": "winter-appeal"}
+    assert form["mode"] == "payment"
+    assert form["submit_type"] == "donate"
+    assert form["line_items"] == [{"quantity": "1", "price_data": {
+        "currency": "gbp", "unit_amount": "2500", "product": "donations-one-off"}}]
+    assert form["metadata"] == metadata
+    assert form["payment_intent_data"] == {"metadata": metadata}
+    assert "subscription_data" not in form and "discounts" not in form
+    assert form["customer_email"] == "jane.doe@example.org"
+    assert form["success_url"] == f"{SITE}/thanks?session_id={{CHECKOUT_SESSION_ID}}"
+    assert form["cancel_url"] == f"{SITE}/support"
+    # Stripe's own floor is 30 minutes after it creates the session
+    assert before + 1800 < int(form["expires_at"]) <= int(time.time()) + 31 * 60
+    assert sent.headers["Authorization"] == "Bearer sk_test_donations_checkout"
+
+
+async def test_a_subscription_is_monthly_or_yearly_and_carries_metadata_on_the_subscription(
+    pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
+) -> None:
+    async with checkout_service(aiohttp_client, dsn, founding_seats=0) as (client, fake):
+        monthly = await client.post(SUBSCRIPTIONS, json=subscription(
+            metadata={"referrer": "homepage"}))
+        yearly = await client.post(SUBSCRIPTIONS, json=subscription(
+            amount=10000, currency="gbp", interval="year"))
+        assert (monthly.status, yearly.status) == (201, 201)
+        month_form, year_form = (r.form for r in created_sessions(fake))
+
+    assert (await monthly.json())["founding_discount"] is False
+    assert (await yearly.json())["interval"] == "year"
+    assert month_form["mode"] == "subscription"
+    assert month_form["line_items"][0]["price_data"] == {
+        "currency": "gbp", "unit_amount": "1000", "product": "donations-recurring",
+        "recurring": {"interval": "month"}}
+    assert year_form["line_items"][0]["price_data"]["recurring"] == {"interval": "year"}
+    assert month_form["subscription_data"] == {"metadata": {"referrer": "homepage"}}
+    assert "payment_intent_data" not in month_form and "submit_type" not in month_form
+    assert "discounts" not in month_form
+
+
+async def test_completed_checkouts_land_in_the_ledger_with_their_campaign(
+    pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
+) -> None:
+    await add_campaign(pool, "spring")
+    world = World(seed=42)
+    async with checkout_service(aiohttp_client, dsn, world) as (client, _fake):
+        one_off = await (await client.post(CONTRIBUTIONS, json=order(
+            campaign="spring", email="ann@example.org", metadata={"referrer": "x"}))).json()
+        monthly = await (await client.post(SUBSCRIPTIONS, json=subscription(
+            campaign="spring", amount=1200))).json()
+        assert monthly["founding_discount"] is True
+        paid = world.complete_checkout(one_off["id"])
+        started = world.complete_checkout(monthly["id"], email="bob@example.org")
+        await post_all(client, [*paid, *started])
+
+    payments = {r["checkout_session"] or r["invoice"]: dict(r)
+                for r in await pool.fetch("SELECT * FROM payments")}
+    assert len(payments) == 2
+    single = next(p for p in payments.values() if p["kind"] == "one_off")
+    assert (single["status"], single["amount"], single["currency"]) == ("succeeded", 2500, "gbp")
+    assert single["checkout_session"] == one_off["id"]
+    assert single["campaign"] == "spring"
+    assert single["metadata"]["referrer"] == "x"
+    recurring = next(p for p in payments.values() if p["kind"] == "recurring")
+    assert (recurring["status"], recurring["amount"], recurring["campaign"]) == (
+        "succeeded", 600, "spring")  # the founding 50% off £12
+    sub = await pool.fetchrow("SELECT * FROM subscriptions")
+    assert sub is not None
+    assert (sub["campaign"], sub["founding"], sub["amount"], sub["interval"]) == (
+        "spring", True, 1200, "month")
+    session = await pool.fetchval(
+        "SELECT data->>'status' FROM stripe_objects WHERE id = $1", monthly["id"])
+    assert session == "complete"
+
+
+async def test_the_same_idempotency_key_gives_the_same_answer_and_one_session(
+    pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
+) -> None:
+    world = World(seed=43)
+    headers = {"Idempotency-Key": "4a1c7e7e-2b6d-4c1e-9a63-2f1b2f6b9d10"}
+    async with checkout_service(aiohttp_client, dsn, world) as (client, fake):
+        first = await client.post(SUBSCRIPTIONS, json=subscription(), headers=headers)
+        # the same body, spelled differently: same request
+        again = await client.post(
+            SUBSCRIPTIONS, headers={**headers, "Content-Type": "application/json"},
+            data=b'{"interval": "month", "currency": "gbp", "amount": 1000, '
+                 b'"cancel_url": "https://news.example.org/support", '
+                 b'"success_url": "https://news.example.org/thanks?session_id='
+                 b'{CHECKOUT_SESSION_ID}"}')
+        other = await client.post(SUBSCRIPTIONS, json=subscription(amount=1500), headers=headers)
+        elsewhere = await client.post(CONTRIBUTIONS, json=order(), headers=headers)
+        bad_key = await client.post(SUBSCRIPTIONS, json=subscription(),
+                                    headers={"Idempotency-Key": "has spaces"})
+        sent = created_sessions(fake)
+
+    assert (first.status, again.status) == (201, 201)
+    assert await first.json() == await again.json()
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert len(sessions_in(world)) == 1 and len(sent) == 1
+    assert sent[0].headers["Idempotency-Key"] == f"checkout:{headers['Idempotency-Key']}"
+    for refused in (other, elsewhere):
+        assert refused.status == 409
+        error = (await refused.json())["error"]
+        assert (error["code"], error["field"]) == ("idempotency_key_reused", "Idempotency-Key")
+    assert bad_key.status == 400
+    # the replay holds no second seat
+    assert await pool.fetchval("SELECT count(*) FROM founding_holds") == 1
+
+
+async def test_a_failed_stripe_call_frees_the_seat_and_the_key_for_a_retry(
+    pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
+) -> None:
+    headers = {"Idempotency-Key": "retry-me"}
+    async with checkout_service(aiohttp_client, dsn, founding_seats=1) as (client, fake):
+        fake.fail_next(1, 500, SESSIONS, should_retry=False)
+        failed = await client.post(SUBSCRIPTIONS, json=subscription(), headers=headers)
+        assert failed.status == 503
+        assert (await failed.json())["error"]["code"] == "stripe_unavailable"
+        assert failed.headers["Retry-After"] == "5"
+        assert await pool.fetchval("SELECT count(*) FROM founding_holds") == 0
+        state = await pool.fetchval("SELECT state FROM checkout_requests")
+        assert state == "failed"
+
+        retried = await client.post(SUBSCRIPTIONS, json=subscription(), headers=headers)
+        assert retried.status == 201
+        assert (await retried.json())["founding_discount"] is True
+        keys = [r.headers["Idempotency-Key"] for r in created_sessions(fake)]
+    # a new Stripe key for the new try: Stripe keeps a key's first result, errors included
+    assert keys == ["checkout:retry-me", "checkout:retry-me:2"]
+    assert await pool.fetchval("SELECT count(*) FROM founding_holds") == 1
+
+
+async def test_stripe_failures_are_clear_502_and_503_answers(
+    pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
+) -> None:
+    async with checkout_service(aiohttp_client, dsn) as (client, fake):
+        fake.fail_next(1, 429, SESSIONS, should_retry=False)
+        limited = await client.post(CONTRIBUTIONS, json=order())
+        fake.fail_next(1, 500, SESSIONS)  # retried by the library: the second try succeeds
+        recovered = await client.post(CONTRIBUTIONS, json=order())
+        metrics = await (await client.get("/metrics")).text()
+    async with checkout_service(aiohttp_client, dsn, stocked=False) as (client, _):
+        not_set_up = await client.post(CONTRIBUTIONS, json=order())
+    async with checkout_service(aiohttp_client, dsn,
+                                stripe_secret_key=_secret("sk_test_not-a-key")) as (client, _):
+        bad_key = await client.post(CONTRIBUTIONS, json=order())
+
+    expected = [(limited, 503, "stripe_rate_limited"), (not_set_up, 503, "stripe_not_set_up"),
+                (bad_key, 502, "stripe_authentication_failed")]
+    for response, status, code in expected:
+        body = await response.json()
+        assert (response.status, body["error"]["code"]) == (status, code), body
+        assert "Traceback" not in body["error"]["message"]
+        assert "sk_test" not in str(body)
+    assert limited.headers["Retry-After"] == "5"
+    assert recovered.status == 201
+    assert ('donations_stripe_errors_total{code="stripe_rate_limited",'
+            'operation="checkout_session_create"} 1') in metrics
+
+
+async def test_an_unreachable_stripe_is_503(
+    pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
+) -> None:
+    async with checkout_service(aiohttp_client, dsn) as (client, fake):
+        await fake.close()  # nothing listens there any more: every try is refused
+        response = await client.post(CONTRIBUTIONS, json=order())
+    assert response.status == 503
+    assert (await response.json())["error"]["code"] == "stripe_unavailable"
+
+
+async def test_without_a_stripe_key_checkout_is_503_and_options_still_answer(
+    client: Client,
+) -> None:
+    response = await client.post(CONTRIBUTIONS, json=order())
+    assert response.status == 503
+    assert (await response.json())["error"]["code"] == "stripe_not_configured"
+    options = await client.get("/v1/checkout/options")
+    assert options.status == 200
+    assert (await options.json())["checkout_available"] is False
+
+
+async def test_invalid_requests_name_the_field_and_never_reach_stripe(
+    pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
+) -> None:
+    await add_campaign(pool, "known")
+    cases = [
+        (CONTRIBUTIONS, order(currency="chf"), 422, "unsupported_currency", "currency"),
+        (CONTRIBUTIONS, order(currency="pounds"), 400, "invalid_currency", "currency"),
+        (CONTRIBUTIONS, order(amount=10.5), 400, "invalid_field", "amount"),
+        (CONTRIBUTIONS, order(amount="2500"), 400, "invalid_field", "amount"),
+        (CONTRIBUTIONS, order(amount=True), 400, "invalid_field", "amount"),
+        (CONTRIBUTIONS, order(amount=99), 422, "amount_out_of_range", "amount"),
+        (CONTRIBUTIONS, order(amount=1_000_001), 422, "amount_out_of_range", "amount"),
+        (CONTRIBUTIONS, order(amount=199, currency="jpy"), 422, "amount_out_of_range", "amount"),
+        (SUBSCRIPTIONS, subscription(amount=299), 422, "amount_out_of_range", "amount"),
+        (SUBSCRIPTIONS, subscription(amount=2999, interval="year"), 422,
+         "amount_out_of_range", "amount"),
+        (SUBSCRIPTIONS, subscription(interval="week"), 422, "invalid_interval", "interval"),
+        (SUBSCRIPTIONS, subscription(interval=None), 400, "missing_field", "interval"),
+        (CONTRIBUTIONS, order(interval="month"), 400, "unknown_field", "interval"),
+        (CONTRIBUTIONS, order(email="not an email"), 422, "invalid_email", "email"),
+        (CONTRIBUTIONS, order(email="a@b"), 422, "invalid_email", "email"),
+        (CONTRIBUTIONS, order(success_url="https://evil.example.com/x"), 422,
+         "url_not_allowed", "success_url"),
+        (CONTRIBUTIONS, order(success_url="https://news.example.org.evil.com/"), 422,
+         "url_not_allowed", "success_url"),
+        (CONTRIBUTIONS, order(cancel_url="http://news.example.org/support"), 422,
+         "url_not_allowed", "cancel_url"),
+        (CONTRIBUTIONS, order(cancel_url="javascript:alert(1)"), 422, "invalid_url",
+         "cancel_url"),
+        (CONTRIBUTIONS, order(success_url="https://user@news.example.org/"), 422,
+         "invalid_url", "success_url"),
+        (CONTRIBUTIONS, order(success_url="https://news.example.org\\@evil.com/"), 422,
+         "invalid_url", "success_url"),
+        (CONTRIBUTIONS, order(cancel_url=None), 400, "missing_field", "cancel_url"),
+        (CONTRIBUTIONS, order(campaign="unknown"), 422, "unknown_campaign", "campaign"),
+        (CONTRIBUTIONS, order(campaign="Not A Slug"), 422, "unknown_campaign", "campaign"),
+        (CONTRIBUTIONS, order(metadata={f"k{i}": "v" for i in range(49)}), 422,
+         "too_many_metadata_keys", "metadata"),
+        (CONTRIBUTIONS, order(metadata={"x" * 41: "v"}), 422, "invalid_metadata_key",
+         "metadata." + "x" * 41),
+        (CONTRIBUTIONS, order(metadata={"a[b]": "v"}), 422, "invalid_metadata_key",
+         "metadata.a[b]"),
+        (CONTRIBUTIONS, order(metadata={"ref": "v" * 501}), 422, "invalid_metadata_value",
+         "metadata.ref"),
+        (CONTRIBUTIONS, order(metadata={"ref": 5}), 422, "invalid_metadata_value",
+         "metadata.ref"),
+        (CONTRIBUTIONS, order(metadata={"campaign": "known"}), 422, "reserved_metadata_key",
+         "metadata.campaign"),
+        (SUBSCRIPTIONS, subscription(metadata={"founding_supporter": "true"}), 422,
+         "reserved_metadata_key", "metadata.founding_supporter"),
+        (CONTRIBUTIONS, order(metadata=["a"]), 400, "invalid_field", "metadata"),
+    ]
+    async with checkout_service(aiohttp_client, dsn) as (client, fake):
+        for path, body, status, code, field in cases:
+            response = await client.post(path, json=body)
+            error = (await response.json())["error"]
+            assert (response.status, error["code"], error.get("field")) == (
+                status, code, field), body
+        malformed = await client.post(CONTRIBUTIONS, data=b"{nope",
+                                      headers={"Content-Type": "application/json"})
+        assert malformed.status == 400
+        # the limits at their edges are accepted, JPY with no minor unit
+        for path, body in [(CONTRIBUTIONS, order(amount=100)),
+                           (CONTRIBUTIONS, order(amount=1_000_000)),
+                           (CONTRIBUTIONS, order(amount=200, currency="jpy")),
+                           (SUBSCRIPTIONS, subscription(amount=300)),
+                           (SUBSCRIPTIONS, subscription(amount=500, currency="usd",
+                                                        interval="month"))]:
+            assert (await client.post(path, json=body)).status == 201, body
+        sent = created_sessions(fake)
+    assert len(sent) == 5
+    assert sent[2].form["line_items"][0]["price_data"]["unit_amount"] == "200"
+
+
+async def test_cors_is_for_the_site_only_preflight_included(
+    pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
+) -> None:
+    async with checkout_service(aiohttp_client, dsn) as (client, fake):
+        preflight = await client.options(CONTRIBUTIONS, headers={
+            "Origin": SITE, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type, idempotency-key"})
+        foreign_preflight = await client.options(CONTRIBUTIONS, headers={
+            "Origin": "https://evil.example.com", "Access-Control-Request-Method": "POST"})
+        created = await client.post(CONTRIBUTIONS, json=order(), headers={"Origin": SITE})
+        invalid = await client.post(CONTRIBUTIONS, json=order(amount=1),
+                                    headers={"Origin": SITE})
+        foreign = await client.post(CONTRIBUTIONS, json=order(),
+                                    headers={"Origin": "https://evil.example.com"})
+        options = await client.get("/v1/checkout/options", headers={"Origin": SITE})
+        sent = created_sessions(fake)
+
+    assert preflight.status == 204
+    assert preflight.headers["Access-Control-Allow-Origin"] == SITE
+    assert "POST" in preflight.headers["Access-Control-Allow-Methods"]
+    assert "Idempotency-Key" in preflight.headers["Access-Control-Allow-Headers"]
+    assert "Origin" in preflight.headers["Vary"]
+    assert foreign_preflight.status == 403
+    assert "Access-Control-Allow-Origin" not in foreign_preflight.headers
+    for response in (created, invalid, options):
+        assert response.headers["Access-Control-Allow-Origin"] == SITE
+    assert "Retry-After" in created.headers["Access-Control-Expose-Headers"]
+    assert invalid.status == 422  # the form can read why
+    assert foreign.status == 403
+    assert (await foreign.json())["error"]["code"] == "origin_not_allowed"
+    assert "Access-Control-Allow-Origin" not in foreign.headers
+    assert len(sent) == 1
+
+
+async def test_rate_limits_per_client_and_overall_answer_429_and_are_counted(
+    pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
+) -> None:
+    async with checkout_service(aiohttp_client, dsn, checkout_rate_per_ip=3,
+                                checkout_rate_overall=5, proxy_hops=1) as (client, fake):
+        def from_ip(ip: str) -> dict[str, str]:
+            # the client may claim anything on the left; the proxy appends what it saw
+            return {"X-Forwarded-For": f"10.9.9.9, {ip}"}
+
+        statuses = [(await client.post(CONTRIBUTIONS, json=order(),
+                                       headers=from_ip("203.0.113.7"))).status
+                    for _ in range(4)]
+        blocked = await client.post(CONTRIBUTIONS, json=order(amount=1),
+                                    headers=from_ip("203.0.113.7"))
+        # another address of the same IPv6 /64 is the same client
+        v6 = [(await client.post(CONTRIBUTIONS, json=order(),
+                                 headers=from_ip(f"2001:db8::{i}"))).status for i in (1, 2)]
+        overall = await client.post(CONTRIBUTIONS, json=order(), headers=from_ip("198.51.100.1"))
+        metrics = await (await client.get("/metrics")).text()
+        sent = created_sessions(fake)
+
+    assert statuses == [201, 201, 201, 429]
+    assert blocked.status == 429  # invalid or not, an attempt counts
+    assert v6 == [201, 201]
+    assert overall.status == 429
+    assert (await overall.json())["error"]["code"] == "rate_limited_overall"
+    for response in (blocked, overall):
+        assert 1 <= int(response.headers["Retry-After"]) <= 600
+    assert len(sent) == 5
+    assert 'donations_checkout_rate_limited_total{limit="ip"} 2' in metrics
+    assert 'donations_checkout_rate_limited_total{limit="overall"} 1' in metrics
+    buckets = {r["bucket"] for r in await pool.fetch("SELECT bucket FROM rate_limit_hits")}
+    assert buckets == {"all", "ip:203.0.113.7", "ip:2001:db8::/64", "ip:198.51.100.1"}
+
+
+async def test_options_give_the_form_currencies_amounts_and_the_offer(
+    pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
+) -> None:
+    async with checkout_service(aiohttp_client, dsn, founding_seats=1) as (client, _):
+        before = await (await client.get("/v1/checkout/options")).json()
+        await client.post(SUBSCRIPTIONS, json=subscription())
+        after = await (await client.get("/v1/checkout/options")).json()
+
+    assert [c["currency"] for c in before["currencies"]] == ["gbp", "usd", "eur", "jpy"]
+    gbp = before["currencies"][0]
+    assert gbp["one_off"]["minimum"] == {"amount": 100, "currency": "gbp"}
+    assert gbp["one_off"]["maximum"] == {"amount": 1_000_000, "currency": "gbp"}
+    assert gbp["month"]["minimum"] == {"amount": 300, "currency": "gbp"}
+    assert gbp["month"]["default"] == {"amount": 1000, "currency": "gbp"}
+    jpy = before["currencies"][3]
+    assert jpy["one_off"]["suggested"][0] == {"amount": 1000, "currency": "jpy"}
+    assert before["founding_offer"] == {"open": True, "percent_off": 50, "seats": 1,
+                                        "seats_left": 1}
+    assert after["founding_offer"]["open"] is False
+    assert after["founding_offer"]["seats_left"] == 0
+    assert before["checkout_available"] is True
+
+
+def _secret(value: str) -> object:
+    from donations.settings import Secret
+
+    return Secret(value)

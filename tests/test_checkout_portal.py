@@ -1,0 +1,56 @@
+"""POST /v1/portal-sessions: a customer portal link for a supporter, for the site's server."""
+
+from __future__ import annotations
+
+import asyncpg
+from pytest_aiohttp import AiohttpClient
+
+from tests.checkout_helpers import SITE, checkout_service, token
+from tests.fakestripe.world import World
+from tests.webhook_helpers import post_all
+
+PORTAL = "/v1/portal-sessions"
+
+
+async def test_the_site_opens_a_portal_session_by_email_or_customer(
+    pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
+) -> None:
+    world = World(seed=71)
+    started = world.subscribe(1000, "gbp", email="Jane.Doe@example.org")
+    site = {"Authorization": f"Bearer {await token(pool, 'site', 'portal')}"}
+    reader = {"Authorization": f"Bearer {await token(pool, 'finance', 'reports:read')}"}
+    admin = {"Authorization": f"Bearer {await token(pool, 'ops', 'admin')}"}
+    back = f"{SITE}/account"
+    async with checkout_service(aiohttp_client, dsn, world) as (client, fake):
+        await post_all(client, list(started))
+        by_email = await client.post(PORTAL, headers=site,
+                                     json={"email": "jane.doe@example.org", "return_url": back})
+        by_id = await client.post(PORTAL, headers=admin,
+                                  json={"customer": started.customer, "return_url": back})
+        sent = [r.form for r in fake.requests if r.path == "/v1/billing_portal/sessions"]
+        unknown_email = await client.post(PORTAL, headers=site,
+                                          json={"email": "nobody@example.org",
+                                                "return_url": back})
+        unknown_id = await client.post(PORTAL, headers=site,
+                                       json={"customer": "cus_NotAtStripe", "return_url": back})
+        off_site = await client.post(PORTAL, headers=site, json={
+            "customer": started.customer, "return_url": "https://evil.example.com/"})
+        both = await client.post(PORTAL, headers=site, json={
+            "customer": started.customer, "email": "x@example.org", "return_url": back})
+        forbidden = await client.post(PORTAL, headers=reader,
+                                      json={"customer": started.customer, "return_url": back})
+        anonymous = await client.post(PORTAL, json={"customer": started.customer,
+                                                     "return_url": back})
+
+    for response in (by_email, by_id):
+        assert response.status == 201
+        body = await response.json()
+        assert list(body) == ["url"]
+        assert body["url"].startswith("https://billing.stripe.com/p/session/")
+    assert sent == [{"customer": started.customer, "return_url": back}] * 2
+    expected = [(unknown_email, 404, "customer_not_found"), (unknown_id, 404,
+                "customer_not_found"), (off_site, 422, "url_not_allowed"),
+                (both, 400, "missing_field"), (forbidden, 403, "forbidden"),
+                (anonymous, 401, "unauthorized")]
+    for response, status, code in expected:
+        assert (response.status, (await response.json())["error"]["code"]) == (status, code)

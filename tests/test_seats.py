@@ -1,0 +1,148 @@
+"""Founding seats: held per checkout, consumed on completion, released on expiry, never oversold."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+from pytest_aiohttp import AiohttpClient
+
+from donations import db
+from donations.seats import FoundingSeats
+from tests.checkout_helpers import (
+    checkout_service,
+    created_sessions,
+    subscription,
+)
+from tests.conftest import Client
+from tests.fakestripe.world import World
+from tests.webhook_helpers import post_all
+
+SUBSCRIPTIONS = "/v1/checkout/subscriptions"
+
+
+async def _start(client: Client, **changes: Any) -> dict[str, Any]:
+    response = await client.post(SUBSCRIPTIONS, json=subscription(**changes))
+    body: dict[str, Any] = await response.json()
+    assert response.status == 201, body
+    return body
+
+
+async def _seats_left(client: Client) -> int:
+    options = await (await client.get("/v1/checkout/options")).json()
+    left: int = options["founding_offer"]["seats_left"]
+    return left
+
+
+async def test_concurrent_checkouts_never_oversell_the_last_seats(
+    pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
+) -> None:
+    world = World(seed=51)
+    # two seats already taken by founding subscriptions that came in before (no hold of ours)
+    earlier = [world.subscribe(1000, "gbp", founding=True) for _ in range(2)]
+    async with checkout_service(aiohttp_client, dsn, world, founding_seats=5) as (client, fake):
+        await post_all(client, [e for run in earlier for e in run])
+        assert await _seats_left(client) == 3
+        answers = await asyncio.gather(*(_start(client) for _ in range(40)))
+        sent = created_sessions(fake)
+        assert await _seats_left(client) == 0
+
+    founding = [a for a in answers if a["founding_discount"]]
+    assert len(founding) == 3
+    discounted = [r for r in sent if "discounts" in r.form]
+    assert len(discounted) == 3
+    for request in discounted:
+        assert request.form["discounts"] == [{"coupon": "founding-supporter"}]
+        assert request.form["subscription_data"]["metadata"] == {"founding_supporter": "true"}
+        assert request.form["metadata"] == {"founding_supporter": "true"}
+    holds = await pool.fetch("SELECT checkout_session FROM founding_holds")
+    assert sorted(h["checkout_session"] for h in holds) == sorted(a["id"] for a in founding)
+
+
+async def test_an_expired_session_gives_its_seat_back(
+    pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
+) -> None:
+    world = World(seed=52)
+    async with checkout_service(aiohttp_client, dsn, world, founding_seats=1) as (client, _):
+        first = await _start(client)
+        full_price = await _start(client)
+        assert (first["founding_discount"], full_price["founding_discount"]) == (True, False)
+        await post_all(client, list(world.expire_checkout(first["id"])))
+        assert await _seats_left(client) == 1
+        again = await _start(client)
+    assert again["founding_discount"] is True
+
+
+async def test_a_completed_session_takes_its_seat_for_good(
+    pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
+) -> None:
+    world = World(seed=53)
+    async with checkout_service(aiohttp_client, dsn, world, founding_seats=2) as (client, _):
+        taken = await _start(client)
+        assert taken["founding_discount"] is True
+        events = list(world.complete_checkout(taken["id"]))
+        # the session's completion may arrive before the subscription's own events
+        completed = [e for e in events if e["type"] == "checkout.session.completed"]
+        await post_all(client, completed)
+        # even long after its hold would have lapsed
+        await pool.execute("UPDATE founding_holds SET created_at = now() - interval '2 days',"
+                           " expires_at = now() - interval '1 day'")
+        assert await _seats_left(client) == 1
+        await post_all(client, [e for e in events if e not in completed])
+        assert await _seats_left(client) == 1
+        subscription_id = world.objects[taken["id"]]["subscription"]
+        world.cancel(subscription_id, at_period_end=False)
+        await post_all(client, world.events[-1:])
+        assert await _seats_left(client) == 1  # a seat is not given back when it ends
+        last = await _start(client)
+        after = await _start(client)
+    assert (last["founding_discount"], after["founding_discount"]) == (True, False)
+
+
+async def test_a_hold_that_lapsed_without_news_frees_its_seat(
+    pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
+) -> None:
+    async with checkout_service(aiohttp_client, dsn, founding_seats=1) as (client, _):
+        assert (await _start(client))["founding_discount"] is True
+        assert (await _start(client))["founding_discount"] is False
+        # the session's expiry and the grace for a late webhook have passed, no event came
+        await pool.execute("UPDATE founding_holds SET expires_at = now() - interval '1 second',"
+                           " created_at = now() - interval '2 hours'")
+        assert (await _start(client))["founding_discount"] is True
+
+
+async def test_with_every_seat_taken_no_checkout_waits_on_the_lock(
+    pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
+) -> None:
+    world = World(seed=54)
+    run = world.subscribe(1000, "gbp", founding=True)
+    async with checkout_service(aiohttp_client, dsn, world, founding_seats=1) as (client, _):
+        await post_all(client, list(run))
+        assert (await _start(client))["founding_discount"] is False
+        # held in another transaction: a checkout that needed the lock would wait here
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended('donations:founding_seats', 0))")
+            answer = await asyncio.wait_for(_start(client), timeout=5)
+    assert answer["founding_discount"] is False
+
+
+async def test_holds_taken_in_overlapping_transactions_never_exceed_the_seats(
+    pool: asyncpg.Pool,
+) -> None:
+    book = FoundingSeats(3)
+    until = datetime.now(UTC) + timedelta(hours=1)
+
+    async def checkout() -> int | None:
+        async with db.connection(pool) as conn, conn.transaction():
+            hold = await book.hold(conn, until)
+            # the Stripe call is outside the transaction, but keep this one open a while so
+            # that, without the lock, every transaction would count before any commits
+            await asyncio.sleep(0.05)
+            return hold
+
+    holds = await asyncio.gather(*(checkout() for _ in range(9)))
+    assert sum(h is not None for h in holds) == 3
+    assert await pool.fetchval("SELECT count(*) FROM founding_holds") == 3
