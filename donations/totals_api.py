@@ -1,0 +1,277 @@
+"""GET /v1/totals, a campaign's totals and progress bars: from memory, cacheable, CORS *."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import asyncpg
+import structlog
+from aiohttp import web
+
+from donations import campaigns, db, display, inputs, svg, totals
+from donations.appkeys import POOL, SETTINGS, TOTALS
+from donations.errors import NotFound
+from donations.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+routes = web.RouteTableDef()
+
+# How long a refresh that failed (the database away) may keep serving the figures it has.
+MAX_STALE_SECONDS = 600
+MAX_ENTRIES = 1000  # scopes held in memory; unknown slugs are remembered too, so bounded
+PUBLIC_PREFIXES = ("/v1/totals", "/embed")
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One scope's figures as last read, ready to send."""
+
+    totals: totals.Totals | None  # None: no such campaign
+    body: bytes
+    etag: str
+    as_of: datetime
+    fetched: float  # monotonic seconds
+
+
+def etag_of(*parts: str) -> str:
+    # Weak: the body's `as_of` moves with every refresh while the figures stay the same.
+    return 'W/"' + hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:24] + '"'
+
+
+def render(figures: totals.Totals, as_of: datetime) -> tuple[bytes, str]:
+    """The JSON body and its ETag (of the figures only)."""
+    document = figures.figures_json()
+    tag = etag_of(json.dumps(document, sort_keys=True))
+    document["display"] = _display(figures)
+    document["as_of"] = inputs.rfc3339(as_of.replace(microsecond=0))
+    return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode(), tag
+
+
+def _display(figures: totals.Totals) -> dict[str, object]:
+    """The same figures written for people, so that the widget formats nothing itself."""
+    return {
+        "heading": display.heading(figures),
+        "summary": display.summary(figures),
+        "raised": display.money(figures.raised.amount, figures.raised.currency),
+        "goal": display.money(figures.goal.amount, figures.goal.currency)
+        if figures.goal else None,
+        "percent_filled": display.percent_filled(figures),
+    }
+
+
+class TotalsCache:
+    """Each scope's figures, read at most once per TTL however many requests ask (single-flight).
+
+    A request that finds its scope older than the TTL waits for the one refresh in progress, so
+    a change committed to the ledger shows within the TTL. When the refresh fails the figures
+    held are served for up to MAX_STALE_SECONDS (then the error is raised: 503).
+    """
+
+    def __init__(
+        self, pool: asyncpg.Pool, settings: Settings,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._pool = pool
+        self._settings = settings
+        self._ttl = settings.totals_ttl
+        self._clock = clock
+        self._entries: OrderedDict[str, Entry] = OrderedDict()
+        self._refreshing: dict[str, asyncio.Task[Entry]] = {}
+
+    def clear(self) -> None:
+        """Forget every scope's figures: the next request reads them again."""
+        self._entries.clear()
+
+    async def get(self, scope: str) -> Entry:
+        entry = self._entries.get(scope)
+        if entry is not None and self._clock() - entry.fetched < self._ttl:
+            return entry
+        task = self._refreshing.get(scope)
+        if task is None:
+            task = asyncio.create_task(self._refresh(scope))
+            self._refreshing[scope] = task
+            task.add_done_callback(lambda _: self._refreshing.pop(scope, None))
+        try:
+            # shielded: one request going away must not cancel the refresh others wait for
+            return await asyncio.shield(task)
+        except db.DatabaseUnavailable:
+            if entry is not None and self._clock() - entry.fetched < MAX_STALE_SECONDS:
+                log.warning("totals_served_stale", scope=scope)
+                return entry
+            raise
+
+    async def _refresh(self, scope: str) -> Entry:
+        settings = self._settings
+        buckets: dict[tuple[str, str], totals.Bucket] = {}
+        founding = 0
+        async with db.connection(self._pool) as conn:
+            campaign = None
+            if scope != totals.GLOBAL:
+                campaign = await campaigns.get(conn, scope)
+            if scope == totals.GLOBAL or campaign is not None:
+                buckets, founding = await totals.read_scope(conn, scope)
+        as_of = datetime.now(UTC)
+        if scope != totals.GLOBAL and campaign is None:
+            entry = Entry(None, b"", "", as_of, self._clock())
+        else:
+            figures = totals.summarise(
+                buckets, founding_taken=founding, reporting_currency=settings.reporting_currency,
+                founding_seats=settings.founding_seats, campaign=campaign,
+            )
+            body, tag = render(figures, as_of)
+            entry = Entry(figures, body, tag, as_of, self._clock())
+        self._entries[scope] = entry
+        self._entries.move_to_end(scope)
+        while len(self._entries) > MAX_ENTRIES:
+            self._entries.popitem(last=False)
+        return entry
+
+
+# --- HTTP -----------------------------------------------------------------------------------
+
+
+def cache_headers(settings: Settings, etag: str) -> dict[str, str]:
+    ttl = settings.totals_ttl
+    return {
+        "Cache-Control": f"public, max-age={ttl}, stale-while-revalidate={max(60, 6 * ttl)}, "
+                         f"stale-if-error={MAX_STALE_SECONDS}",
+        "ETag": etag,
+    }
+
+
+def not_modified(request: web.Request, etag: str) -> bool:
+    """If-None-Match names this ETag (weak comparison, as RFC 9110 asks for GET) or is *."""
+    given = request.headers.get("If-None-Match")
+    if not given:
+        return False
+    if given.strip() == "*":
+        return True
+    mine = etag.removeprefix("W/")
+    return any(tag.strip().removeprefix("W/") == mine for tag in given.split(","))
+
+
+def respond(
+    request: web.Request, body: bytes, etag: str, content_type: str,
+    extra: dict[str, str] | None = None,
+) -> web.Response:
+    headers = cache_headers(request.app[SETTINGS], etag)
+    if extra:
+        headers.update(extra)
+    if not_modified(request, etag):
+        return web.Response(status=304, headers=headers)
+    headers["Content-Type"] = content_type
+    return web.Response(body=body, headers=headers)
+
+
+async def scope_totals(request: web.Request, scope: str) -> Entry:
+    """The scope's entry; 404 for a campaign that does not exist."""
+    if scope != totals.GLOBAL and not campaigns.SLUG.match(scope):
+        raise NotFound("campaign_not_found", "no campaign has that slug")
+    entry = await request.app[TOTALS].get(scope)
+    if entry.totals is None:
+        raise NotFound("campaign_not_found", "no campaign has that slug")
+    return entry
+
+
+JSON = "application/json; charset=utf-8"
+
+
+@routes.get("/v1/totals")
+async def all_totals(request: web.Request) -> web.Response:
+    entry = await scope_totals(request, totals.GLOBAL)
+    return respond(request, entry.body, entry.etag, JSON)
+
+
+@routes.get("/v1/campaigns/{slug}/totals")
+async def campaign_totals(request: web.Request) -> web.Response:
+    entry = await scope_totals(request, request.match_info["slug"])
+    return respond(request, entry.body, entry.etag, JSON)
+
+
+async def _progress(request: web.Request, scope: str) -> web.Response:
+    style = svg.parse_style(request.query)
+    entry = await scope_totals(request, scope)
+    assert entry.totals is not None
+    return respond(
+        request, svg.progress_svg(entry.totals, style).encode(),
+        etag_of(entry.etag, style.key()), "image/svg+xml; charset=utf-8",
+        # an SVG opened on its own is a document: nothing in it may run or load
+        {"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'"},
+    )
+
+
+@routes.get("/v1/totals/progress.svg")
+async def all_progress(request: web.Request) -> web.Response:
+    return await _progress(request, totals.GLOBAL)
+
+
+@routes.get("/v1/campaigns/{slug}/progress.svg")
+async def campaign_progress(request: web.Request) -> web.Response:
+    return await _progress(request, request.match_info["slug"])
+
+
+def is_public(path: str) -> bool:
+    """The paths any web page may read (the totals, their images, the widget)."""
+    return path.startswith(PUBLIC_PREFIXES) or (
+        path.startswith("/v1/campaigns/") and path.endswith(("/totals", "/progress.svg"))
+    )
+
+
+async def cors(request: web.Request, response: web.StreamResponse) -> None:
+    """CORS * on every answer of a public path, errors and 304s included (on_response_prepare)."""
+    if is_public(request.path):
+        response.headers["Access-Control-Allow-Origin"] = "*"
+        response.headers["Access-Control-Expose-Headers"] = "ETag"
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+
+
+async def preflight(request: web.Request) -> web.Response:
+    """The answer to a browser's CORS preflight for a public path."""
+    return web.Response(status=204, headers={
+        "Access-Control-Allow-Methods": "GET, HEAD, OPTIONS",
+        "Access-Control-Allow-Headers": "If-None-Match, Cache-Control",
+        "Access-Control-Max-Age": "86400",
+    })
+
+
+for _path in ("/v1/totals", "/v1/totals/progress.svg", "/v1/campaigns/{slug}/totals",
+              "/v1/campaigns/{slug}/progress.svg", "/embed/{slug}", "/embed.js"):
+    routes.options(_path)(preflight)
+
+
+# --- background -----------------------------------------------------------------------------
+
+
+async def compactor(pool: asyncpg.Pool, interval: float) -> None:
+    """Fold deltas into the totals until cancelled, so that reads sum only a few of them."""
+    while True:
+        try:
+            async with db.connection(pool) as conn:
+                while await totals.compact(conn) > 0:
+                    pass
+        except db.DatabaseUnavailable:
+            log.warning("totals_compaction_database_unavailable")
+        except Exception:
+            log.exception("totals_compaction_failed")
+        await asyncio.sleep(interval)
+
+
+async def totals_context(app: web.Application) -> AsyncIterator[None]:
+    """The in-memory cache and the compaction task (cleanup_ctx, after the pool)."""
+    app[TOTALS] = TotalsCache(app[POOL], app[SETTINGS])
+    task = asyncio.create_task(
+        compactor(app[POOL], app[SETTINGS].totals_compact_interval), name="totals-compactor"
+    )
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

@@ -1,0 +1,281 @@
+"""Public totals: the arithmetic from ledger states, fed through the real webhook, and verify."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+from pytest_aiohttp import AiohttpClient
+
+from donations import db, display, fees, totals
+from donations.app import create_app
+from donations.appkeys import TOTALS
+from donations.campaigns import Campaign
+from donations.money import Money
+from donations.totals import Bucket, PaymentFacts, Tally, Window
+from tests.conftest import Client, make_settings
+from tests.fakestripe.world import World
+from tests.test_cli import _env, _run
+from tests.test_staff import _bearer, _token
+from tests.webhook_helpers import post_all
+
+# --- pure arithmetic ------------------------------------------------------------------------
+
+
+def test_rounding_is_half_up_with_integers() -> None:
+    assert totals.muldiv(5, 1, 2) == 3
+    assert totals.muldiv(4999, 1, 10) == 500
+    assert totals.muldiv(10**15, 10**15, 3) == (10**30 + 1) // 3
+    assert totals.settled_share(None, 500, 1000) == 0
+    assert totals.settled_share(789, 500, 1000) == 395  # 394.5 rounds up
+    assert totals.settled_share(789, 0, 1000) == 0
+
+
+def test_subscription_prices_after_discounts_and_per_month() -> None:
+    assert totals.price_after_discounts(1000, Decimal(50), None) == 500
+    assert totals.price_after_discounts(999, Decimal(50), None) == 500  # 499.5 up
+    assert totals.price_after_discounts(1000, Decimal("33.3333"), None) == 667
+    assert totals.price_after_discounts(1000, None, 1500) == 0
+    assert totals.annualised(500, "month", 1) == 6000
+    assert totals.annualised(12000, "year", 1) == 12000
+    assert totals.annualised(1500, "month", 3) == 6000
+    assert totals.annualised(100, "week", 1) == 5200
+    # yearly ones count a twelfth, the sum rounded once
+    assert totals.monthly(5000 + 5000 + 5000) == 1250
+    assert [totals.monthly(totals.annualised(5000, "year", 1))] * 3 == [417] * 3
+
+
+def test_percent_of_goal_has_two_decimals_rounded_half_up() -> None:
+    assert totals.percent_of_goal(1_234_500, 5_000_000) == Decimal("24.69")
+    assert totals.percent_of_goal(1, 8) == Decimal("12.50")
+    assert totals.percent_of_goal(1, 200_000) == Decimal("0.00")
+    assert totals.percent_of_goal(3, 40_000) == Decimal("0.01")  # 0.0075 up
+    assert totals.percent_of_goal(7_000, 5_000) == Decimal("140.00")
+
+
+def test_money_for_people_in_zero_two_and_three_decimal_currencies() -> None:
+    assert display.money(1_234_500, "gbp") == "£12,345"
+    assert display.money(1_234_567, "gbp") == "£12,345.67"
+    assert display.money(1_234_505, "usd") == "$12,345.05"
+    assert display.money(1_000_000, "jpy") == "¥1,000,000"
+    assert display.money(1_234_500, "bhd") == "BHD\u00a01,234.5" + "00"
+    assert display.money(1_234_567, "kwd") == "KWD\u00a01,234.567"
+    assert display.money(50, "xof") == "XOF\u00a050"
+
+
+def _payment(key: str, amount: int, **changes: Any) -> PaymentFacts:
+    values: dict[str, Any] = {
+        "payment_key": key, "status": "succeeded", "currency": "gbp", "amount": amount,
+        "amount_refunded": 0, "amount_disputed": 0, "settlement_currency": None,
+        "settlement_amount": None, "customer": None, "email": f"{key}@example.org",
+        "campaign": None, "created_at": datetime(2026, 11, 1, tzinfo=UTC),
+    }
+    values.update(changes)
+    return PaymentFacts(**values)
+
+
+def test_summary_of_refunds_disputes_foreign_money_and_windows() -> None:
+    window = Window(datetime(2026, 10, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC))
+    tally = Tally({"winter": window})
+    for p in [
+        _payment("a", 2500, campaign="winter", customer="cus_1"),
+        _payment("b", 1000, campaign="winter", customer="cus_1"),  # same person
+        _payment("c", 4000, amount_refunded=4000),  # wholly refunded: not counted
+        _payment("d", 3000, amount_disputed=3000),  # held by a dispute: not counted
+        _payment("e", 4000, amount_refunded=1000, email="E@example.org"),
+        _payment("f", 9000, status="failed"),
+        _payment("g", 5000, campaign="winter", created_at=datetime(2026, 12, 1, tzinfo=UTC)),
+        _payment("h", 2000, currency="usd", campaign="winter"),  # not settled yet
+        _payment("i", 1000, currency="usd", settlement_currency="gbp", settlement_amount=789,
+                 amount_refunded=500, email="e@EXAMPLE.org"),  # the same person as e
+    ]:
+        tally.add_payment(p)
+    buckets = tally.finish()
+    everything = {k[1:]: b for k, b in buckets.items() if k[0] == totals.GLOBAL}
+    figures = totals.summarise(everything, founding_taken=3, reporting_currency="gbp",
+                               founding_seats=2)
+    assert figures.raised == Money(2500 + 1000 + 3000 + 5000 + 395, "gbp")
+    assert figures.contributions == 6
+    assert figures.supporters == 4  # cus_1 (twice), e (twice, any case), g, h
+    assert figures.founding_seats_left == 0
+    assert [(c.currency, c.raised, c.contributions) for c in figures.by_currency] == [
+        ("gbp", 11500, 4), ("usd", 2500, 2)]
+
+    goal = Money(10_000, "gbp")
+    campaign = Campaign("winter", "Winter appeal", goal, window.starts, window.ends,
+                        datetime(2026, 9, 1, tzinfo=UTC))
+    scoped = {k[1:]: b for k, b in buckets.items() if k[0] == "winter"}
+    winter = totals.summarise(scoped, founding_taken=0, reporting_currency="gbp",
+                              founding_seats=10, campaign=campaign)
+    assert (winter.raised.amount, winter.contributions, winter.supporters) == (3500, 3, 2)
+    assert winter.percent_of_goal == Decimal("35.00")
+    assert display.summary(winter) == "£35 raised of £100 · 2 supporters"
+
+
+# --- ledger states through the webhook --------------------------------------------------------
+
+
+async def _totals(client: Client, path: str = "/v1/totals") -> dict[str, Any]:
+    client.app[TOTALS].clear()
+    response = await client.get(path)
+    assert response.status == 200, await response.text()
+    body: dict[str, Any] = await response.json()
+    return body
+
+
+async def _create_campaign(client: Client, pool: asyncpg.Pool, **body: Any) -> None:
+    token = await _token(pool, f"admin-{body['slug']}", "admin")
+    response = await client.post("/v1/campaigns", headers=_bearer(token), json=body)
+    assert response.status == 201, await response.text()
+
+
+async def _verify_clean(pool: asyncpg.Pool) -> None:
+    async with db.connection(pool) as conn:
+        result = await totals.verify(conn)
+    assert result.differences == (), list(totals.describe(result))
+
+
+async def test_totals_follow_refunds_disputes_plans_and_the_founding_discount(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    world = World(seed=401)
+    world.one_off(2500, "gbp", email="ann@example.org")
+    refunded = world.one_off(1000, "gbp", email="bob@example.org")
+    world.refund(refunded.charge)
+    partly = world.one_off(4000, "gbp", email="cat@example.org")
+    world.refund(partly.charge, 1500)
+    lost = world.one_off(3000, "gbp", email="dan@example.org")
+    world.dispute(lost.charge, "lost")
+    won = world.one_off(2000, "gbp", email="eve@example.org")
+    world.dispute(won.charge, "won")
+    held = world.one_off(700, "gbp", email="fay@example.org")
+    world.dispute(held.charge)  # still under review: held
+    monthly = world.subscribe(1000, "gbp", founding=True, email="gus@example.org")
+    world.renew(monthly.subscription)
+    world.subscribe(6000, "gbp", interval="year", email="hal@example.org")
+    ended = world.subscribe(1000, "gbp", founding=True, email="ivy@example.org")
+    world.cancel(ended.subscription, at_period_end=False)
+    await post_all(client, world.events)
+
+    body = await _totals(client)
+    # 2500 + (4000 - 1500) + 2000 + 500 + 500 (founding 50% off, twice) + 6000 + 500
+    assert body["raised"] == {"amount": 2500 + 2500 + 2000 + 500 * 3 + 6000, "currency": "gbp"}
+    assert body["contributions"] == 1 + 1 + 1 + 2 + 1 + 1
+    assert body["supporters"] == 6  # ann, cat, eve, gus, hal, ivy
+    assert body["active_subscriptions"] == 2
+    assert body["monthly_recurring"] == {"amount": 500 + 500, "currency": "gbp"}
+    assert body["founding_seats_left"] == 1000 - 2  # ivy's seat stays taken
+    assert body["campaign"] is None and body["goal"] is None and body["percent_of_goal"] is None
+    assert body["by_currency"][0]["currency"] == "gbp"
+    assert body["as_of"].endswith("Z")
+    await _verify_clean(pool)
+
+
+async def test_a_foreign_payment_counts_once_settled_and_refunds_pro_rata(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    world = World(seed=402)
+    paid = world.one_off(10_000, "usd", email="sam@example.org")
+    world.refund(paid.charge, 2500)
+    await post_all(client, world.events)
+
+    body = await _totals(client)
+    assert body["raised"]["amount"] == 0  # the settled amount is not known yet
+    assert body["contributions"] == 1 and body["supporters"] == 1
+    assert body["by_currency"] == [{
+        "currency": "usd", "raised": {"amount": 7500, "currency": "usd"}, "contributions": 1,
+        "active_subscriptions": 0, "monthly_recurring": {"amount": 0, "currency": "usd"}}]
+
+    assert paid.balance_transaction is not None
+    settled = world.balance_transactions[paid.balance_transaction]
+    async with db.connection(pool) as conn:  # what the fee worker does once Stripe answers
+        await fees.store_balance_transaction(conn, settled)
+    body = await _totals(client)
+    assert body["raised"]["amount"] == totals.muldiv(settled["amount"], 7500, 10_000)
+    await _verify_clean(pool)
+
+
+async def test_campaign_totals_count_its_window_and_its_subscriptions(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    world = World(seed=403)
+    world.one_off(1000, "gbp", campaign="winter", email="early@example.org")
+    world.advance(3600)
+    opens = datetime.fromtimestamp(world.now, UTC)
+    world.one_off(2500, "gbp", campaign="winter", email="ann@example.org")
+    world.one_off(9999, "gbp", campaign="spring", email="bob@example.org")
+    world.one_off(4000, "gbp", email="cat@example.org")
+    monthly = world.subscribe(2000, "gbp", campaign="winter", founding=True,
+                              email="dan@example.org")
+    world.renew(monthly.subscription)
+    world.subscribe(24000, "gbp", interval="year", campaign="winter", email="eve@example.org")
+    await post_all(client, world.events[: len(world.events) // 2])
+    # created while its contributions arrive: its totals are rebuilt from the ledger
+    await _create_campaign(client, pool, slug="winter", title="Winter <appeal>",
+                           goal={"amount": 50_000, "currency": "gbp"},
+                           starts=opens.isoformat().replace("+00:00", "Z"))
+    await post_all(client, world.events[len(world.events) // 2:])
+
+    body = await _totals(client, "/v1/campaigns/winter/totals")
+    raised = 2500 + 1000 * 2 + 24000
+    assert body["campaign"] == "winter" and body["title"] == "Winter <appeal>"
+    assert body["raised"] == {"amount": raised, "currency": "gbp"}
+    assert body["goal"] == {"amount": 50_000, "currency": "gbp"}
+    assert body["percent_of_goal"] == float(totals.percent_of_goal(raised, 50_000))
+    assert (body["contributions"], body["supporters"]) == (4, 3)
+    assert body["active_subscriptions"] == 2
+    assert body["monthly_recurring"]["amount"] == 1000 + 2000
+    assert body["founding_seats_left"] == 999
+    assert body["display"]["summary"] == f"£{raised // 100:,} raised of £500 · 3 supporters"
+
+    everything = await _totals(client)
+    assert everything["contributions"] == 7
+    missing = await client.get("/v1/campaigns/spring/totals")
+    assert missing.status == 404
+    assert (await missing.json())["error"]["code"] == "campaign_not_found"
+    await _verify_clean(pool)
+
+
+async def test_verify_reports_a_tampered_total_and_the_cli_exits_1(
+    client: Client, pool: asyncpg.Pool, dsn: str
+) -> None:
+    world = World(seed=404)
+    world.one_off(2500, "gbp", email="ann@example.org")
+    await post_all(client, world.events)
+    env = _env(DATABASE_URL=dsn)
+    code, out, err = await _run("totals", "verify", env=env)
+    assert code == 0, err
+    assert "no differences" in out
+
+    async with db.connection(pool) as conn:
+        await totals.compact(conn)
+        assert await conn.fetchval("SELECT count(*) FROM totals_deltas") == 0
+        await conn.execute("UPDATE totals SET raised = raised + 1 WHERE currency = 'gbp'")
+    code, out, _ = await _run("totals", "verify", env=env)
+    assert code == 1
+    assert "difference: bucket */gbp/ raised: stored 2501, expected 2500" in out
+
+
+def test_buckets_add_up() -> None:
+    a, b = Bucket(raised=1, supporters=2), Bucket(raised=2, founding=1)
+    a.add(b)
+    assert a == Bucket(raised=3, supporters=2, founding=1)
+    assert Bucket().is_zero() and not a.is_zero()
+
+
+async def test_new_figures_show_within_the_ttl(
+    pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
+) -> None:
+    ttl = 1
+    client = await aiohttp_client(create_app(make_settings(dsn, totals_ttl=ttl)))
+    world = World(seed=405)
+    world.one_off(2500, "gbp", email="ann@example.org")
+    first = await client.get("/v1/totals")
+    assert (await first.json())["contributions"] == 0
+    await post_all(client, world.events)
+    await asyncio.sleep(ttl + 0.05)
+    later = await client.get("/v1/totals")
+    assert (await later.json())["contributions"] == 1

@@ -1,0 +1,131 @@
+"""The public totals over HTTP: caching headers, 304s, CORS, the SVG, the widget."""
+
+from __future__ import annotations
+
+import asyncpg
+
+from donations.embed import SCRIPT
+from tests.conftest import Client
+from tests.fakestripe.world import World
+from tests.test_staff import _bearer, _token
+from tests.webhook_helpers import post_all
+
+
+async def _campaign(client: Client, pool: asyncpg.Pool) -> None:
+    token = await _token(pool, "admin", "admin")
+    response = await client.post("/v1/campaigns", headers=_bearer(token), json={
+        "slug": "winter", "title": "Winter <b>appeal</b>",
+        "goal": {"amount": 10_000, "currency": "gbp"}})
+    assert response.status == 201
+    world = World(seed=410)
+    world.one_off(2_500, "gbp", campaign="winter", email="ann@example.org")
+    world.one_off(1_234_500, "jpy", campaign="winter", email="bob@example.org")
+    await post_all(client, world.events)
+
+
+async def test_totals_are_cacheable_with_etags_and_304s(client: Client, pool: asyncpg.Pool) -> None:
+    await _campaign(client, pool)
+    for path in ("/v1/totals", "/v1/campaigns/winter/totals"):
+        first = await client.get(path, headers={"Origin": "https://news.example"})
+        assert first.status == 200
+        assert first.headers["Content-Type"] == "application/json; charset=utf-8"
+        cache_control = first.headers["Cache-Control"]
+        assert "public" in cache_control and "max-age=5" in cache_control
+        assert "stale-while-revalidate=" in cache_control
+        assert first.headers["Access-Control-Allow-Origin"] == "*"
+        etag = first.headers["ETag"]
+        assert etag.startswith('W/"')
+
+        again = await client.get(path, headers={"If-None-Match": etag})
+        assert again.status == 304
+        assert again.headers["ETag"] == etag
+        assert again.headers["Access-Control-Allow-Origin"] == "*"
+        assert await again.read() == b""
+        other = await client.get(path, headers={"If-None-Match": '"something-else", ' + etag})
+        assert other.status == 304
+        stale = await client.get(path, headers={"If-None-Match": 'W/"older"'})
+        assert stale.status == 200
+
+        preflight = await client.options(path, headers={
+            "Origin": "https://news.example", "Access-Control-Request-Method": "GET"})
+        assert preflight.status == 204
+        assert preflight.headers["Access-Control-Allow-Origin"] == "*"
+        assert "GET" in preflight.headers["Access-Control-Allow-Methods"]
+
+    body = await (await client.get("/v1/campaigns/winter/totals")).json()
+    assert body["by_currency"][1]["raised"] == {"amount": 1_234_500, "currency": "jpy"}
+
+
+async def test_an_unknown_campaign_is_a_404_in_json(client: Client, pool: asyncpg.Pool) -> None:
+    for path in ("/v1/campaigns/nope/totals", "/v1/campaigns/nope/progress.svg",
+                 "/v1/campaigns/NOT%20A%20SLUG/totals", "/embed/nope"):
+        response = await client.get(path)
+        assert response.status == 404, path
+        assert (await response.json())["error"]["code"] == "campaign_not_found"
+        assert response.headers["Access-Control-Allow-Origin"] == "*"
+
+
+async def test_the_progress_bar_is_an_accessible_svg(client: Client, pool: asyncpg.Pool) -> None:
+    await _campaign(client, pool)
+    response = await client.get("/v1/campaigns/winter/progress.svg?width=600&bar=%23ff0000"
+                                "&track=eee&text=000000&background=FFFFFF")
+    assert response.status == 200
+    assert response.headers["Content-Type"] == "image/svg+xml; charset=utf-8"
+    assert response.headers["Access-Control-Allow-Origin"] == "*"
+    assert "default-src 'none'" in response.headers["Content-Security-Policy"]
+    image = await response.text()
+    assert image.startswith("<svg") and 'role="img"' in image
+    summary = "£25 raised of £100 · 2 supporters"
+    assert f"<title id=\"title\">Winter &lt;b&gt;appeal&lt;/b&gt;: {summary}</title>" in image
+    assert 'aria-label="Winter &lt;b&gt;appeal&lt;/b&gt;: ' in image
+    assert 'width="600"' in image and 'fill="#ff0000"' in image and 'fill="#eeeeee"' in image
+    assert 'width="146"' in image  # a quarter of the 584 pixels inside the padding
+    etag = response.headers["ETag"]
+    assert (await client.get("/v1/campaigns/winter/progress.svg?width=600&bar=%23ff0000"
+                             "&track=eee&text=000000&background=FFFFFF",
+                             headers={"If-None-Match": etag})).status == 304
+    plain = await client.get("/v1/campaigns/winter/progress.svg")
+    assert plain.headers["ETag"] != etag
+
+    everything = await (await client.get("/v1/totals/progress.svg")).text()
+    assert "Reader contributions: £25 raised · 2 supporters" in everything
+
+
+async def test_bad_svg_parameters_are_400_naming_the_field_and_never_echoed(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    await _campaign(client, pool)
+    cases = {
+        "width=99999": "width", "width=abc": "width", "width=-5": "width",
+        "bar=red": "bar", "track=%22%3E%3Cscript%3E": "track", "text=12345": "text",
+        "background=url(x)": "background",
+    }
+    for query, field in cases.items():
+        response = await client.get(f"/v1/campaigns/winter/progress.svg?{query}")
+        assert response.status == 400, query
+        body = await response.json()
+        assert body["error"]["field"] == field
+        assert "script" not in await response.text()
+
+
+async def test_the_widget_page_and_script(client: Client, pool: asyncpg.Pool) -> None:
+    await _campaign(client, pool)
+    page = await client.get("/embed/winter")
+    assert page.status == 200
+    assert page.headers["Content-Type"] == "text/html; charset=utf-8"
+    assert "default-src 'none'" in page.headers["Content-Security-Policy"]
+    html = await page.text()
+    assert "<h1>Winter &lt;b&gt;appeal&lt;/b&gt;</h1>" in html
+    assert "£25 raised of £100 · 2 supporters" in html
+    assert 'aria-valuenow="25"' in html
+    assert "<script" not in html
+
+    script = await client.get("/embed.js")
+    assert script.status == 200
+    assert script.headers["Content-Type"] == "text/javascript; charset=utf-8"
+    assert script.headers["Access-Control-Allow-Origin"] == "*"
+    body = await script.read()
+    assert len(body) < 5 * 1024
+    assert "innerHTML" not in SCRIPT and "textContent" in SCRIPT
+    assert (await client.get("/embed.js", headers={"If-None-Match": script.headers["ETag"]})
+            ).status == 304
