@@ -1,0 +1,327 @@
+"""Payouts tied to the bank: each payout's balance transactions fetched from Stripe, and reported.
+
+A background worker, like the fee worker: never on the webhook's path, leased rows so replicas
+share the work, retried with backoff while Stripe is slow or down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import asyncpg
+import stripe
+import structlog
+from aiohttp import web
+
+from donations import auth, db, fees, inputs
+from donations.appkeys import POOL
+from donations.errors import NotFound
+from donations.money import to_major
+from donations.reports import Window, neutralise, query_window
+from donations.stripe_api import plain
+
+log = structlog.get_logger(__name__)
+
+routes = web.RouteTableDef()
+
+LEASE_SECONDS = 300
+PAGE = 100  # Stripe's largest page
+
+
+async def enqueue(conn: asyncpg.Connection) -> int:
+    """Queue every paid or failed payout not yet fetched for the status it has now."""
+    result: str = await conn.execute(
+        """
+        INSERT INTO payout_fetches (payout, payout_status)
+        SELECT id, status FROM payouts WHERE status IN ('paid', 'failed')
+        ON CONFLICT (payout) DO UPDATE
+           SET payout_status = excluded.payout_status, attempts = 0, next_attempt_at = now(),
+               last_error = NULL, fetched_at = NULL, queued_at = now()
+         WHERE payout_fetches.payout_status IS DISTINCT FROM excluded.payout_status
+        """
+    )
+    return int(result.rsplit(maxsplit=1)[-1])
+
+
+async def claim(conn: asyncpg.Connection, batch: int) -> list[tuple[str, int]]:
+    """Lease due payouts so that several replicas never fetch the same one at once."""
+    rows = await conn.fetch(
+        """
+        UPDATE payout_fetches AS f
+           SET attempts = f.attempts + 1,
+               next_attempt_at = now() + make_interval(secs => $2)
+         WHERE f.payout IN (SELECT payout FROM payout_fetches
+                             WHERE fetched_at IS NULL AND next_attempt_at <= now()
+                             ORDER BY next_attempt_at
+                             LIMIT $1
+                             FOR UPDATE SKIP LOCKED)
+        RETURNING f.payout, f.attempts
+        """,
+        batch, LEASE_SECONDS,
+    )
+    return [(r["payout"], r["attempts"]) for r in rows]
+
+
+async def fetch_members(client: stripe.StripeClient, payout_id: str) -> list[dict[str, Any]]:
+    """Every balance transaction Stripe lists for the payout, all pages."""
+    first = await client.v1.balance_transactions.list_async(
+        params={"payout": payout_id, "limit": PAGE}
+    )
+    return [plain(bt) async for bt in first.auto_paging_iter()]
+
+
+async def store_members(
+    conn: asyncpg.Connection, payout_id: str, members: list[dict[str, Any]]
+) -> None:
+    """Keep the payout's transactions (filling fees of payments on the way) in one transaction."""
+    async with conn.transaction():
+        await conn.execute("DELETE FROM payout_balance_transactions WHERE payout = $1", payout_id)
+        for bt in members:
+            await fees.store_balance_transaction(conn, bt)
+        await conn.executemany(
+            "INSERT INTO payout_balance_transactions (payout, balance_transaction) "
+            "VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            [(payout_id, bt["id"]) for bt in members],
+        )
+        await conn.execute(
+            "UPDATE balance_transactions SET payout = $1 WHERE id = any($2::text[])",
+            payout_id, [bt["id"] for bt in members],
+        )
+        await conn.execute(
+            "UPDATE payout_fetches SET fetched_at = now(), last_error = NULL WHERE payout = $1",
+            payout_id,
+        )
+
+
+async def run_once(pool: asyncpg.Pool, client: stripe.StripeClient, batch: int = 5) -> int:
+    """Fetch the transactions of the payouts due; returns how many payouts were stored."""
+    async with db.connection(pool) as conn:
+        await enqueue(conn)
+        claimed = await claim(conn, batch)
+    stored = 0
+    for payout_id, attempts in claimed:
+        try:
+            members = await fetch_members(client, payout_id)
+        except stripe.StripeError as exc:
+            delay = fees.backoff(attempts)
+            log.warning("payout_transactions_fetch_failed", payout=payout_id,
+                        error=type(exc).__name__, http_status=exc.http_status,
+                        retry_in_seconds=delay)
+            async with db.connection(pool) as conn:
+                await conn.execute(
+                    """
+                    UPDATE payout_fetches
+                       SET last_error = $2, next_attempt_at = now() + make_interval(secs => $3)
+                     WHERE payout = $1
+                    """,
+                    payout_id, f"{type(exc).__name__}: {exc.user_message or exc}"[:500], delay,
+                )
+            continue
+        async with db.connection(pool) as conn:
+            await store_members(conn, payout_id, members)
+        log.info("payout_transactions_stored", payout=payout_id, transactions=len(members))
+        stored += 1
+    return stored
+
+
+async def worker(pool: asyncpg.Pool, client: stripe.StripeClient, interval: float) -> None:
+    """Run until cancelled; a database or Stripe outage only delays the work."""
+    while True:
+        try:
+            while await run_once(pool, client):
+                pass
+        except db.DatabaseUnavailable:
+            log.warning("payout_worker_database_unavailable")
+        except Exception:
+            log.exception("payout_worker_failed")
+        await asyncio.sleep(interval)
+
+
+# --- reports --------------------------------------------------------------------------------
+
+# A payout ties when its transactions other than its own (type payout) add up, net of fees, to
+# its amount, and its own transaction takes exactly that amount out of the balance.
+PAYOUTS = """
+SELECT p.id, p.status, p.amount, p.currency, p.arrival_date, p.created_at, p.automatic,
+       p.failure_code, p.balance_transaction,
+       f.fetched_at, f.last_error, f.attempts,
+       count(bt.id) FILTER (WHERE bt.type <> 'payout') AS transactions,
+       coalesce(sum(bt.net) FILTER (WHERE bt.type <> 'payout'), 0) AS members_net,
+       sum(bt.amount) FILTER (WHERE bt.type = 'payout') AS own_amount
+  FROM payouts p
+  LEFT JOIN payout_fetches f ON f.payout = p.id
+  LEFT JOIN payout_balance_transactions l ON l.payout = p.id
+  LEFT JOIN balance_transactions bt ON bt.id = l.balance_transaction
+ WHERE {where}
+ GROUP BY p.id, f.payout
+ ORDER BY coalesce(p.arrival_date, p.created_at), p.id
+"""
+
+MEMBERS = """
+SELECT l.payout, bt.id, bt.type, bt.reporting_category, bt.source, bt.amount, bt.fee, bt.net,
+       bt.currency, bt.created_at, bt.available_on,
+       coalesce(pc.payment_key, pr.payment_key, pd.payment_key) AS payment_key,
+       coalesce(pc.kind, pr.kind, pd.kind) AS kind,
+       coalesce(pc.currency, pr.currency, pd.currency) AS payment_currency,
+       coalesce(pc.amount, -r.amount,
+                CASE WHEN bt.amount < 0 THEN -d.amount ELSE d.amount END) AS payment_amount,
+       coalesce(pc.campaign, pr.campaign, pd.campaign) AS campaign,
+       coalesce(pc.payment_intent, pr.payment_intent, pd.payment_intent) AS payment_intent,
+       coalesce(pc.charge, r.charge, d.charge) AS charge,
+       coalesce(pc.invoice, pr.invoice, pd.invoice) AS invoice,
+       coalesce(pc.subscription, pr.subscription, pd.subscription) AS subscription,
+       r.id AS refund, d.id AS dispute
+  FROM payout_balance_transactions l
+  JOIN balance_transactions bt ON bt.id = l.balance_transaction
+  LEFT JOIN LATERAL (SELECT * FROM payments WHERE balance_transaction = bt.id
+                      OR (charge = bt.source AND bt.type IN ('charge', 'payment'))
+                      LIMIT 1) pc ON true
+  LEFT JOIN refunds r ON r.id = bt.source
+  LEFT JOIN payments pr ON pr.payment_key = r.payment_key
+  LEFT JOIN disputes d ON d.id = bt.source
+  LEFT JOIN payments pd ON pd.payment_key = d.payment_key
+ WHERE l.payout = any($1::text[])
+ ORDER BY l.payout, bt.created_at, bt.id
+"""
+
+
+def _money(amount: int | None, currency: str | None) -> dict[str, Any] | None:
+    return None if amount is None or currency is None else {"amount": amount,
+                                                            "currency": currency}
+
+
+def payout_json(row: asyncpg.Record) -> dict[str, Any]:
+    """A payout with whether its transactions sum exactly to it (null until they are fetched)."""
+    fetched = row["fetched_at"] is not None
+    members_net = int(row["members_net"])
+    own = row["own_amount"]
+    balanced: bool | None = None
+    if fetched:
+        balanced = members_net == row["amount"] and (own is None or -int(own) == row["amount"])
+    return {
+        "id": row["id"],
+        "status": row["status"],
+        "amount": _money(row["amount"], row["currency"]),
+        "arrival_date": inputs.rfc3339(row["arrival_date"]),
+        "created_at": inputs.rfc3339(row["created_at"]),
+        "automatic": row["automatic"],
+        "failure_code": row["failure_code"],
+        "transactions_fetched": fetched,
+        "transactions": int(row["transactions"]),
+        "transactions_net": _money(members_net, row["currency"]) if fetched else None,
+        "balanced": balanced,
+        "difference": _money(row["amount"] - members_net, row["currency"]) if fetched else None,
+        "fetch_error": row["last_error"] if not fetched else None,
+    }
+
+
+def member_json(row: asyncpg.Record) -> dict[str, Any]:
+    return {
+        "balance_transaction": row["id"],
+        "type": row["type"],
+        "reporting_category": row["reporting_category"],
+        "source": row["source"],
+        "amount": _money(row["amount"], row["currency"]),
+        "fee": _money(row["fee"], row["currency"]),
+        "net": _money(row["net"], row["currency"]),
+        "created_at": inputs.rfc3339(row["created_at"]),
+        "available_on": inputs.rfc3339(row["available_on"]),
+        "payment_key": row["payment_key"],
+        "kind": row["kind"],
+        "payment_amount": _money(row["payment_amount"], row["payment_currency"]),
+        "campaign": row["campaign"],
+        "payment_intent": row["payment_intent"],
+        "charge": row["charge"],
+        "invoice": row["invoice"],
+        "subscription": row["subscription"],
+        "refund": row["refund"],
+        "dispute": row["dispute"],
+    }
+
+
+async def list_payouts(conn: asyncpg.Connection, win: Window) -> list[dict[str, Any]]:
+    """Payouts arriving in the window (created, when Stripe gave no arrival date)."""
+    rows = await conn.fetch(
+        PAYOUTS.format(where="coalesce(p.arrival_date, p.created_at) >= $1 "
+                       "AND coalesce(p.arrival_date, p.created_at) < $2"),
+        win.start, win.end,
+    )
+    return [payout_json(r) for r in rows]
+
+
+async def payouts_with_members(
+    conn: asyncpg.Connection, win: Window | None = None, payout_id: str | None = None
+) -> list[dict[str, Any]]:
+    """Payouts (of the window, or the one named), each with its transactions joined to the
+    ledger, read in one consistent snapshot."""
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        if payout_id is not None:
+            rows = await conn.fetch(PAYOUTS.format(where="p.id = $1"), payout_id)
+            payouts = [payout_json(r) for r in rows]
+        else:
+            assert win is not None
+            payouts = await list_payouts(conn, win)
+        members = await conn.fetch(MEMBERS, [p["id"] for p in payouts])
+    by_payout: dict[str, list[dict[str, Any]]] = {p["id"]: [] for p in payouts}
+    for member in members:
+        by_payout[member["payout"]].append(member_json(member))
+    for payout in payouts:
+        payout["balance_transactions"] = by_payout[payout["id"]]
+    return payouts
+
+
+MEMBER_FIELDS = (
+    "balance_transaction", "type", "reporting_category", "source", "amount", "fee", "net",
+    "created_at", "available_on", "payment_key", "kind", "payment_amount", "campaign",
+    "payment_intent", "charge", "invoice", "subscription", "refund", "dispute",
+)
+CSV_COLUMNS = ("payout", "payout_status", "payout_arrival_date", "payout_amount",
+               "payout_balanced", *MEMBER_FIELDS)
+
+
+def csv_rows(payouts: list[dict[str, Any]]) -> list[list[str]]:
+    """One line per transaction beside its payout's figures: money in major units, text
+    neutralised against formulas, as in the contributions report."""
+    lines = []
+    for payout in payouts:
+        head = {"payout": payout["id"], "payout_status": payout["status"],
+                "payout_arrival_date": payout["arrival_date"],
+                "payout_amount": payout["amount"], "payout_balanced": payout["balanced"]}
+        for member in payout["balance_transactions"]:
+            line = {**head, **member}
+            cells = []
+            for name in CSV_COLUMNS:
+                value = line[name]
+                if isinstance(value, dict):
+                    cells.append(to_major(value["amount"], value["currency"]))
+                elif value is None:
+                    cells.append("")
+                elif isinstance(value, bool):
+                    cells.append("true" if value else "false")
+                else:
+                    cells.append(neutralise(str(value)))
+            lines.append(cells)
+    return lines
+
+
+@routes.get("/v1/reports/payouts")
+async def payouts_report(request: web.Request) -> web.Response:
+    await auth.require(request, "reports:read")
+    win = query_window(request)
+    async with db.connection(request.app[POOL]) as conn, \
+            conn.transaction(isolation="repeatable_read", readonly=True):
+        payouts = await list_payouts(conn, win)
+    return web.json_response({"window": win.as_json(), "data": payouts,
+                              "unbalanced": [p["id"] for p in payouts if p["balanced"] is False]},
+                             headers={"Cache-Control": "no-store"})
+
+
+@routes.get("/v1/reports/payouts/{id}")
+async def payout_report(request: web.Request) -> web.Response:
+    await auth.require(request, "reports:read")
+    async with db.connection(request.app[POOL]) as conn:
+        found = await payouts_with_members(conn, payout_id=request.match_info["id"])
+    if not found:
+        raise NotFound("payout_not_found", "no payout with that id", field="id")
+    return web.json_response(found[0], headers={"Cache-Control": "no-store"})

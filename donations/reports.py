@@ -1,0 +1,573 @@
+"""Finance reports: contribution movements streamed as CSV or JSON, and the summary of a window."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, time, timedelta
+from fractions import Fraction
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import asyncpg
+import structlog
+from aiohttp import web
+
+from donations import auth, db
+from donations.appkeys import POOL, SETTINGS
+from donations.errors import BadRequest, Unprocessable
+from donations.money import THREE_DECIMAL, ZERO_DECIMAL, apply_percent_off, exponent, to_major
+
+log = structlog.get_logger(__name__)
+
+routes = web.RouteTableDef()
+
+Write = Callable[[bytes], Awaitable[None]]
+
+# The contract's columns first, then the ids that let finance find each movement at Stripe.
+COLUMNS = (
+    "created_at", "type", "kind", "status", "currency", "amount", "fee", "net",
+    "settlement_currency", "settlement_amount", "campaign", "email", "name", "payment_intent",
+    "charge", "invoice", "subscription", "customer", "payout", "refund", "dispute",
+    "balance_transaction", "metadata",
+)
+# (column, the column holding its currency): written in major units, never neutralised
+MONEY_COLUMNS = {
+    "amount": "currency", "fee": "settlement_currency", "net": "settlement_currency",
+    "settlement_amount": "settlement_currency",
+}
+# What a spreadsheet takes for the start of a formula (OWASP's list). Such a text cell gets a
+# leading apostrophe: shown as text, never run. These cells come from the public (names,
+# e-mails, campaign and form metadata).
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+# The text cells whose values come from the public. The others are ours (type, kind, status,
+# currency codes), Stripe's ids (fixed letter prefixes) or JSON (starts with a brace), which can
+# never start with those characters: checking them would only slow every row.
+PUBLIC_TEXT = frozenset({"campaign", "email", "name"})
+BATCH = 5000  # rows per cursor fetch and per write: bounded memory, few round trips
+
+# Movements, one row each: a succeeded payment, a live refund (negative), and each balance
+# transaction a dispute embeds (Stripe's record of the funds withdrawn, and reinstated when the
+# dispute is won). A dispute seen without its balance transactions (an older API version) shows
+# one withdrawal while it holds funds, at the dispute's time, with the settlement unknown.
+MOVEMENTS = """
+SELECT p.created_at, 'payment' AS type, p.kind, p.status, p.currency, p.amount, p.fee, p.net,
+       p.settlement_currency, p.settlement_amount, p.campaign, p.email, c.name,
+       p.payment_intent, p.charge, p.invoice, p.subscription, p.customer, bt.payout,
+       NULL::text AS refund, NULL::text AS dispute, p.balance_transaction, p.metadata,
+       p.payment_key AS sort_key
+  FROM payments p
+  LEFT JOIN balance_transactions bt ON bt.id = p.balance_transaction
+  LEFT JOIN customers c ON c.id = p.customer
+ WHERE p.status = 'succeeded' AND p.created_at >= $1 AND p.created_at < $2
+UNION ALL
+SELECT r.created_at, 'refund', p.kind, r.status, r.currency, -r.amount, bt.fee, bt.net,
+       bt.currency, bt.amount, p.campaign, p.email, c.name,
+       coalesce(r.payment_intent, p.payment_intent), coalesce(r.charge, p.charge), p.invoice,
+       p.subscription, p.customer, bt.payout, r.id, NULL, r.balance_transaction, p.metadata, r.id
+  FROM refunds r
+  LEFT JOIN payments p ON p.payment_key = r.payment_key
+  LEFT JOIN balance_transactions bt ON bt.id = r.balance_transaction
+  LEFT JOIN customers c ON c.id = p.customer
+ WHERE r.status IN ('pending', 'requires_action', 'succeeded')
+   AND r.created_at >= $1 AND r.created_at < $2
+UNION ALL
+SELECT to_timestamp((m.b ->> 'created')::bigint),
+       'dispute', p.kind,
+       CASE WHEN (m.b ->> 'amount')::bigint < 0 THEN 'funds_withdrawn' ELSE 'funds_reinstated' END,
+       d.currency,
+       CASE WHEN (m.b ->> 'amount')::bigint < 0 THEN -d.amount ELSE d.amount END,
+       (m.b ->> 'fee')::bigint, (m.b ->> 'net')::bigint, m.b ->> 'currency',
+       (m.b ->> 'amount')::bigint, p.campaign, p.email, c.name,
+       coalesce(d.payment_intent, p.payment_intent), coalesce(d.charge, p.charge), p.invoice,
+       p.subscription, p.customer, bt.payout, NULL, d.id, m.b ->> 'id', p.metadata,
+       d.id || ':' || (m.b ->> 'id')
+  FROM disputes d
+  JOIN stripe_objects o ON o.id = d.id
+  CROSS JOIN LATERAL jsonb_array_elements(
+      CASE WHEN jsonb_typeof(o.data -> 'balance_transactions') = 'array'
+           THEN o.data -> 'balance_transactions' ELSE '[]'::jsonb END) AS m(b)
+  LEFT JOIN payments p ON p.payment_key = d.payment_key
+  LEFT JOIN balance_transactions bt ON bt.id = m.b ->> 'id'
+  LEFT JOIN customers c ON c.id = p.customer
+ WHERE to_timestamp((m.b ->> 'created')::bigint) >= $1
+   AND to_timestamp((m.b ->> 'created')::bigint) < $2
+UNION ALL
+SELECT d.created_at, 'dispute', p.kind, 'funds_withdrawn', d.currency, -d.amount, NULL, NULL,
+       NULL, NULL, p.campaign, p.email, c.name, coalesce(d.payment_intent, p.payment_intent),
+       coalesce(d.charge, p.charge), p.invoice, p.subscription, p.customer, NULL, NULL, d.id,
+       NULL, p.metadata, d.id
+  FROM disputes d
+  LEFT JOIN stripe_objects o ON o.id = d.id
+  LEFT JOIN payments p ON p.payment_key = d.payment_key
+  LEFT JOIN customers c ON c.id = p.customer
+ WHERE d.amount_held > 0
+   AND coalesce(jsonb_array_length(CASE WHEN jsonb_typeof(o.data -> 'balance_transactions')
+                = 'array' THEN o.data -> 'balance_transactions' END), 0) = 0
+   AND d.created_at >= $1 AND d.created_at < $2
+"""
+
+CONTRIBUTIONS = f"""
+SELECT created_at, type, kind, status, currency, amount, fee, net, settlement_currency,
+       settlement_amount, campaign, email, name, payment_intent, charge, invoice, subscription,
+       customer, payout, refund, dispute, balance_transaction, metadata::text AS metadata
+  FROM ({MOVEMENTS}) AS movements
+ ORDER BY created_at, type, sort_key
+"""  # noqa: S608 - composed of constants only; the window is passed as $1, $2
+
+
+# The same rows as CSV cells, formatted by PostgreSQL while Python streams the previous batch:
+# major units to each currency's exponent ($3: zero-decimal, $4: three-decimal currencies, from
+# donations/money.py), text neutralised ($5: FORMULA_START). `csv_cells` does the same in Python
+# and the tests hold the two equal.
+_MAJOR = """CASE WHEN {c} = any($3::text[]) THEN {a}::text
+          WHEN {c} = any($4::text[]) THEN round({a}::numeric / 1000, 3)::text
+          ELSE round({a}::numeric / 100, 2)::text END"""
+_TEXT = "CASE WHEN left({x}, 1) = any($5::text[]) THEN '''' || {x} ELSE {x} END"
+CONTRIBUTIONS_CSV = f"""
+SELECT to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'),
+       type, kind, status, currency, {_MAJOR.format(c="currency", a="amount")},
+       {_MAJOR.format(c="settlement_currency", a="fee")},
+       {_MAJOR.format(c="settlement_currency", a="net")},
+       settlement_currency,
+       {_MAJOR.format(c="settlement_currency", a="settlement_amount")},
+       {", ".join(_TEXT.format(x=name) if name in PUBLIC_TEXT else name
+                  for name in COLUMNS[10:-1])},
+       metadata::text
+  FROM ({MOVEMENTS}) AS movements
+ ORDER BY created_at, type, sort_key
+"""  # noqa: S608 - constants only
+
+
+def csv_arguments(win: Window) -> tuple[Any, ...]:
+    """The parameters of CONTRIBUTIONS_CSV."""
+    return (win.start, win.end, sorted(ZERO_DECIMAL), sorted(THREE_DECIMAL),
+            list(FORMULA_START))
+
+
+# --- the window -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """[start, end): `from` inclusive, `to` exclusive, as instants; labels name the file."""
+
+    start: datetime
+    end: datetime
+    tz: str
+    start_label: str
+    end_label: str
+
+    def as_json(self) -> dict[str, str]:
+        return {"from": _rfc3339(self.start), "to": _rfc3339(self.end), "tz": self.tz}
+
+    def filename(self, report: str, extension: str) -> str:
+        return f"{report}_{self.start_label}_{self.end_label}.{extension}"
+
+
+def zone(name: str | None) -> ZoneInfo:
+    """An IANA time zone (`Europe/London`); UTC when none is given."""
+    if not name:
+        return ZoneInfo("UTC")
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise BadRequest("invalid_tz", f"{name!r} is not an IANA time zone such as "
+                         "Europe/London", field="tz") from None
+
+
+def instant(value: str | None, name: str, tz: ZoneInfo) -> tuple[datetime, str]:
+    """An ISO date (midnight in `tz`) or timestamp (naive ones in `tz`), and a label for it."""
+    if not value:
+        raise BadRequest("missing_field", f"{name} is required (an ISO date or timestamp)",
+                         field=name)
+    try:
+        if len(value) == 10:
+            day = date.fromisoformat(value)
+            return datetime.combine(day, time(), tzinfo=tz).astimezone(UTC), value
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace(" ", "T"))
+    except ValueError:
+        raise BadRequest("invalid_timestamp", f"{name} must be an ISO date (2026-11-01) or "
+                         "timestamp (2026-11-01T09:00:00Z)", field=name) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=tz)
+    utc = parsed.astimezone(UTC)
+    return utc, utc.strftime("%Y-%m-%dT%H%M%SZ")
+
+
+def window(start: str | None, end: str | None, tz_name: str | None = None) -> Window:
+    """The report window from the query's `from`, `to` and optional `tz`."""
+    tz = zone(tz_name)
+    start_at, start_label = instant(start, "from", tz)
+    end_at, end_label = instant(end, "to", tz)
+    if end_at <= start_at:
+        raise Unprocessable("invalid_window", "to must be after from (from is inclusive, to "
+                            "exclusive)", field="to")
+    return Window(start_at, end_at, tz.key, start_label, end_label)
+
+
+def month_window(month: date, tz: ZoneInfo | None = None) -> Window:
+    """The calendar month that `month` falls in."""
+    tz = tz or ZoneInfo("UTC")
+    first = month.replace(day=1)
+    after = (first + timedelta(days=32)).replace(day=1)
+    return Window(datetime.combine(first, time(), tzinfo=tz).astimezone(UTC),
+                  datetime.combine(after, time(), tzinfo=tz).astimezone(UTC), tz.key,
+                  first.isoformat(), after.isoformat())
+
+
+def _rfc3339(value: datetime) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# --- rows -----------------------------------------------------------------------------------
+
+
+def neutralise(text: str) -> str:
+    """A text cell a spreadsheet will show and never run as a formula."""
+    return "'" + text if text.startswith(FORMULA_START) else text
+
+
+def csv_cells(row: asyncpg.Record | dict[str, Any]) -> list[str]:
+    """One movement as CSV cells: money in major units to its currency's exponent."""
+    currency = row["currency"]
+    settlement = row["settlement_currency"]
+    cells = [_rfc3339(row["created_at"])]
+    for name in COLUMNS[1:]:
+        value = row[name]
+        if value is None:
+            cells.append("")
+        elif name in MONEY_COLUMNS:
+            cells.append(to_major(value, currency if name == "amount" else settlement))
+        elif name in PUBLIC_TEXT:
+            cells.append(neutralise(str(value)))
+        else:
+            cells.append(str(value))
+    return cells
+
+
+def json_row(row: asyncpg.Record | dict[str, Any]) -> dict[str, Any]:
+    """One movement as JSON: the same columns, money as the contract's money objects."""
+    out: dict[str, Any] = {"created_at": _rfc3339(row["created_at"])}
+    for name in COLUMNS[1:]:
+        value = row[name]
+        if name in MONEY_COLUMNS:
+            currency = row["currency"] if name == "amount" else row["settlement_currency"]
+            out[name] = None if value is None or currency is None else {
+                "amount": value, "currency": currency}
+        elif name == "metadata":
+            out[name] = json.loads(value) if value else {}
+        else:
+            out[name] = value
+    return out
+
+
+def csv_header() -> bytes:
+    buffer = io.StringIO()
+    csv.writer(buffer).writerow(COLUMNS)  # RFC 4180: CRLF, quotes doubled
+    return buffer.getvalue().encode("utf-8")
+
+
+async def stream_contributions(
+    conn: asyncpg.Connection, win: Window, fmt: str, write: Write, batch: int = BATCH
+) -> int:
+    """Write the window's movements to `write` from a cursor; returns the number of rows.
+
+    A repeatable-read, read-only transaction gives one consistent snapshot of the ledger for the
+    whole export, however long it takes; only one batch of rows is in memory at a time.
+    """
+    rows = 0
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    if fmt == "csv":
+        await write(csv_header())
+    else:
+        head = json.dumps({"window": win.as_json()})[:-1]
+        await write(f'{head}, "data": ['.encode())
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        if fmt == "csv":
+            cursor = await conn.cursor(CONTRIBUTIONS_CSV, *csv_arguments(win))
+        else:
+            cursor = await conn.cursor(CONTRIBUTIONS, win.start, win.end)
+        while records := await cursor.fetch(batch):
+            if fmt == "csv":
+                writer.writerows(records)  # cells formatted by PostgreSQL; NULL is empty
+                chunk = buffer.getvalue()
+            else:
+                chunk = ",".join(json.dumps(json_row(r)) for r in records)
+                if rows:
+                    chunk = "," + chunk
+            buffer.seek(0)
+            buffer.truncate()
+            rows += len(records)
+            await write(chunk.encode("utf-8"))
+    if fmt == "json":
+        await write(f'], "rows": {rows}}}\n'.encode())
+    return rows
+
+
+# --- the summary ----------------------------------------------------------------------------
+
+SUMMARY_ROWS = f"""
+SELECT currency, type, status, kind, settlement_currency,
+       count(*) AS n, sum(amount) AS amount, sum(fee) AS fee, sum(net) AS net,
+       sum(settlement_amount) AS settled,
+       count(*) FILTER (WHERE settlement_amount IS NULL) AS unsettled,
+       sum(amount) FILTER (WHERE settlement_amount IS NULL) AS unsettled_amount
+  FROM ({MOVEMENTS}) AS movements
+ GROUP BY currency, type, status, kind, settlement_currency
+"""  # noqa: S608 - constants only
+
+SUBSCRIPTIONS = """
+SELECT currency,
+       count(*) FILTER (WHERE created_at >= $1 AND created_at < $2
+                        AND status NOT IN ('incomplete', 'incomplete_expired')) AS new,
+       count(*) FILTER (WHERE ended_at >= $1 AND ended_at < $2) AS ended
+  FROM subscriptions
+ GROUP BY currency
+"""
+
+# Active at the window's end: started before it and not ended by then. The ledger keeps only each
+# subscription's latest state, so one still running counts when its status is live now.
+ACTIVE_AT_END = """
+SELECT currency, amount, interval, interval_count, percent_off, amount_off
+  FROM subscriptions
+ WHERE created_at < $1
+   AND status NOT IN ('incomplete', 'incomplete_expired')
+   AND CASE WHEN ended_at IS NOT NULL THEN ended_at >= $1
+            ELSE status IN ('active', 'trialing', 'past_due') END
+"""
+
+# The rate of each payment currency to the settlement currency: the latest Stripe applied.
+RATES = """
+SELECT DISTINCT ON (p.currency) p.currency, bt.exchange_rate::text AS rate
+  FROM payments p JOIN balance_transactions bt ON bt.id = p.balance_transaction
+ WHERE bt.exchange_rate IS NOT NULL
+ ORDER BY p.currency, bt.created_at DESC
+"""
+
+
+def monthly(amount: int, interval: str, count: int, percent_off: Any, amount_off: int | None
+            ) -> Fraction:
+    """A subscription's price after discounts per month, exactly (yearly ones divided by 12)."""
+    if percent_off is not None:
+        amount = apply_percent_off(amount, percent_off)
+    elif amount_off is not None:
+        amount = max(0, amount - amount_off)
+    per_year = {"day": Fraction(365), "week": Fraction(52), "month": Fraction(12),
+                "year": Fraction(1)}[interval]
+    return Fraction(amount) * per_year / 12 / count
+
+
+def _round(value: Fraction) -> int:
+    """Half away from zero, as Stripe rounds."""
+    sign = -1 if value < 0 else 1
+    return sign * int(abs(value) + Fraction(1, 2))
+
+
+def convert(amount: int, currency: str, to: str, rate: Fraction) -> int:
+    """Minor units of `currency` in minor units of `to` at `rate` (major to major)."""
+    major = Fraction(amount, 10 ** exponent(currency))
+    return _round(major * rate * 10 ** exponent(to))
+
+
+def _money(amount: int, currency: str) -> dict[str, Any]:
+    return {"amount": amount, "currency": currency}
+
+
+@dataclass
+class _Figures:
+    gross: int = 0
+    refunds: int = 0
+    withdrawn: int = 0
+    reinstated: int = 0
+    fees: int = 0
+    net: int = 0
+    payments: int = 0
+    refund_count: int = 0
+    dispute_movements: int = 0
+    one_off: list[int] = field(default_factory=lambda: [0, 0])  # count, gross
+    recurring: list[int] = field(default_factory=lambda: [0, 0])
+    unsettled: int = 0
+
+    def add(self, row: asyncpg.Record, amount: int) -> None:
+        n = int(row["n"])
+        if row["type"] == "payment":
+            self.gross += amount
+            self.payments += n
+            split = self.recurring if row["kind"] == "recurring" else self.one_off
+            split[0] += n
+            split[1] += amount
+        elif row["type"] == "refund":
+            self.refunds += -amount
+            self.refund_count += n
+        elif row["status"] == "funds_withdrawn":
+            self.withdrawn += -amount
+            self.dispute_movements += n
+        else:
+            self.reinstated += amount
+            self.dispute_movements += n
+
+    def as_json(self, currency: str) -> dict[str, Any]:
+        return {
+            "gross": _money(self.gross, currency),
+            "refunds": _money(self.refunds, currency),
+            "disputes_withdrawn": _money(self.withdrawn, currency),
+            "disputes_reinstated": _money(self.reinstated, currency),
+            "payments": self.payments,
+            "refunds_count": self.refund_count,
+            "dispute_movements": self.dispute_movements,
+            "one_off": {"payments": self.one_off[0], "gross": _money(self.one_off[1], currency)},
+            "recurring": {"payments": self.recurring[0],
+                          "gross": _money(self.recurring[1], currency)},
+        }
+
+
+async def summary(conn: asyncpg.Connection, win: Window, reporting: str) -> dict[str, Any]:
+    """Gross, refunds, disputes, fees, net and counts per payment currency and as settled in the
+    reporting currency, with subscriptions started and ended and monthly recurring at the end.
+
+    The figures are sums of exactly the rows of the contributions report for the same window.
+    Per currency, `net` is in that currency (gross less refunds and disputes); `fees` and
+    `settled_net` are in the reporting currency. In the reporting block every figure is what
+    Stripe settled; a movement whose balance transaction is not fetched yet counts there only
+    when it is in the reporting currency (at its own amount; its fee and net not at all) and is
+    counted in `pending_settlement`.
+    """
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        rows = await conn.fetch(SUMMARY_ROWS, win.start, win.end)
+        subs = {r["currency"]: r for r in await conn.fetch(SUBSCRIPTIONS, win.start, win.end)}
+        active = await conn.fetch(ACTIVE_AT_END, win.end)
+        rates = {r["currency"]: Fraction(r["rate"]) for r in await conn.fetch(RATES)}
+
+    per: dict[str, _Figures] = {}
+    fees: dict[str, int] = {}
+    settled_net: dict[str, int] = {}
+    settled = _Figures()
+    for row in rows:
+        currency = row["currency"]
+        per.setdefault(currency, _Figures()).add(row, int(row["amount"]))
+        fees[currency] = fees.get(currency, 0) + int(row["fee"] or 0)
+        settled_net[currency] = settled_net.get(currency, 0) + int(row["net"] or 0)
+        # every movement is counted; its money only once known in the reporting currency
+        amount = 0
+        if row["settlement_currency"] == reporting:
+            amount = int(row["settled"] or 0)
+            settled.fees += int(row["fee"] or 0)
+            settled.net += int(row["net"] or 0)
+        elif row["settlement_currency"] is None and currency == reporting:
+            amount = int(row["unsettled_amount"] or 0)
+        settled.add(row, amount)
+        settled.unsettled += int(row["unsettled"])
+
+    mrr: dict[str, Fraction] = {}
+    for live in active:
+        value = monthly(live["amount"], live["interval"], live["interval_count"],
+                        live["percent_off"], live["amount_off"])
+        mrr[live["currency"]] = mrr.get(live["currency"], Fraction(0)) + value
+    mrr_reporting = 0
+    unconverted: list[dict[str, Any]] = []
+    for currency, value in sorted(mrr.items()):
+        if currency == reporting:
+            mrr_reporting += _round(value)
+        elif currency in rates:
+            mrr_reporting += convert(_round(value), currency, reporting, rates[currency])
+        else:
+            unconverted.append(_money(_round(value), currency))
+
+    currencies = sorted(set(per) | set(subs) | set(mrr))
+    by_currency = []
+    for currency in currencies:
+        figures = per.get(currency, _Figures())
+        sub = subs.get(currency)
+        by_currency.append({
+            "currency": currency,
+            **figures.as_json(currency),
+            "net": _money(figures.gross - figures.refunds - figures.withdrawn
+                          + figures.reinstated, currency),
+            "fees": _money(fees.get(currency, 0), reporting),
+            "settled_net": _money(settled_net.get(currency, 0), reporting),
+            "new_subscriptions": int(sub["new"]) if sub else 0,
+            "ended_subscriptions": int(sub["ended"]) if sub else 0,
+            "monthly_recurring": _money(_round(mrr.get(currency, Fraction(0))), currency),
+        })
+    return {
+        "window": win.as_json(),
+        "reporting_currency": reporting,
+        "reporting": {
+            "currency": reporting,
+            **settled.as_json(reporting),
+            "fees": _money(settled.fees, reporting),
+            "net": _money(settled.net, reporting),
+            "pending_settlement": settled.unsettled,
+            "new_subscriptions": sum(int(s["new"]) for s in subs.values()),
+            "ended_subscriptions": sum(int(s["ended"]) for s in subs.values()),
+            "monthly_recurring": _money(mrr_reporting, reporting),
+            "monthly_recurring_unconverted": unconverted,
+        },
+        "by_currency": by_currency,
+    }
+
+
+# --- HTTP -----------------------------------------------------------------------------------
+
+
+def _format(request: web.Request) -> str:
+    fmt = request.query.get("format", "csv").lower()
+    if fmt not in ("csv", "json"):
+        raise BadRequest("invalid_format", "format must be csv or json", field="format")
+    return fmt
+
+
+def query_window(request: web.Request) -> Window:
+    q = request.query
+    return window(q.get("from"), q.get("to"), q.get("tz"))
+
+
+async def stream_response(
+    request: web.Request, win: Window, fmt: str
+) -> web.StreamResponse:
+    """Stream the contributions of `win` to the caller; shared by the API and the staff page."""
+    response = web.StreamResponse(headers={
+        "Content-Type": "text/csv; charset=utf-8; header=present" if fmt == "csv"
+        else "application/json; charset=utf-8",
+        "Content-Disposition":
+            f'attachment; filename="{win.filename("contributions", fmt)}"',
+        "Cache-Control": "no-store",
+        "X-Content-Type-Options": "nosniff",
+    })
+    response.enable_chunked_encoding()
+    async with db.connection(request.app[POOL]) as conn:
+        # Only once the database answers are the headers sent: an outage before that is a 503.
+        await conn.execute("SELECT 1")
+        await response.prepare(request)
+        try:
+            rows = await stream_contributions(conn, win, fmt, response.write)
+        except Exception:
+            # The status is already sent: cut the connection so that a partial file can never
+            # look complete (no final chunk), rather than end it cleanly.
+            log.exception("report_stream_failed", report="contributions")
+            if request.transport is not None:
+                request.transport.close()
+            return response
+    await response.write_eof()
+    log.info("report_streamed", report="contributions", rows=rows, format=fmt)
+    return response
+
+
+@routes.get("/v1/reports/contributions")
+async def contributions_report(request: web.Request) -> web.StreamResponse:
+    await auth.require(request, "reports:read")
+    return await stream_response(request, query_window(request), _format(request))
+
+
+@routes.get("/v1/reports/summary")
+async def summary_report(request: web.Request) -> web.Response:
+    await auth.require(request, "reports:read")
+    win = query_window(request)
+    async with db.connection(request.app[POOL]) as conn:
+        body = await summary(conn, win, request.app[SETTINGS].reporting_currency)
+    return web.json_response(body, headers={"Cache-Control": "no-store"})

@@ -1,0 +1,190 @@
+"""Payouts: each payout's balance transactions fetched (paginated, through the stripe library)
+from the fake Stripe, stored, reported joined to the ledger, and flagged when they do not sum."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+
+import asyncpg
+from pytest_aiohttp import AiohttpClient
+
+from donations import auth, db, fees, payouts
+from donations.app import create_app
+from donations.settings import Secret
+from tests.conftest import Client, make_settings
+from tests.fakestripe.server import running_fake_stripe
+from tests.fakestripe.world import World
+from tests.test_fees import TEST_KEY, stripe_against
+from tests.webhook_helpers import post_all
+
+WIDE = {"from": "2026-11-01", "to": "2027-03-01"}
+
+
+async def _bearer(pool: asyncpg.Pool) -> dict[str, str]:
+    async with db.connection(pool) as conn:
+        return {"Authorization": "Bearer "
+                + await auth.create_token(conn, "finance", ["reports:read"])}
+
+
+def _world(seed: int) -> tuple[World, dict[str, str]]:
+    world = World(seed=seed)
+    paid = world.one_off(2500, "gbp", campaign="winter")
+    usd = world.one_off(4000, "usd")
+    refund = world.refund(usd.charge, 1000)
+    disputed = world.one_off(3000, "gbp")
+    dispute = world.dispute(disputed.charge, "lost")
+    world.subscribe(700, "eur")
+    return world, {"paid": paid.payment_intent, "charge": paid.charge, "refund": refund.refund,
+                   "dispute": dispute.dispute, "disputed": disputed.payment_intent}
+
+
+async def test_a_payout_whose_transactions_sum_to_it_is_balanced_and_joined_to_the_ledger(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    world, ids = _world(601)
+    paid_out = world.payout()
+    await post_all(client, world.events)
+    headers = await _bearer(pool)
+
+    before = await (await client.get("/v1/reports/payouts", headers=headers,
+                                     params=WIDE)).json()
+    assert [(p["id"], p["status"], p["transactions_fetched"], p["balanced"])
+            for p in before["data"]] == [(paid_out.payout, "paid", False, None)]
+
+    async with stripe_against(world) as (fake, stripe_client):
+        assert await payouts.run_once(pool, stripe_client) == 1
+        assert await payouts.run_once(pool, stripe_client) == 0  # done: not fetched again
+    listed = fake.requests_to("/v1/balance_transactions")
+    assert len(listed) == 1 and listed[0].query.get("payout") == paid_out.payout
+
+    body = await (await client.get("/v1/reports/payouts", headers=headers, params=WIDE)).json()
+    payout = body["data"][0]
+    po = world.get(paid_out.payout)
+    assert payout["amount"] == {"amount": po["amount"], "currency": "gbp"}
+    assert payout["arrival_date"] is not None
+    assert (payout["balanced"], payout["difference"]["amount"]) == (True, 0)
+    assert payout["transactions"] == len(paid_out.balance_transactions) - 1  # less its own
+    assert body["unbalanced"] == []
+
+    detail = await client.get(f"/v1/reports/payouts/{paid_out.payout}", headers=headers)
+    assert detail.status == 200
+    members = (await detail.json())["balance_transactions"]
+    assert sorted(m["balance_transaction"] for m in members) == sorted(
+        paid_out.balance_transactions)
+    by_type = {(m["type"], m["reporting_category"]) for m in members}
+    assert {("charge", "charge"), ("refund", "refund"), ("adjustment", "dispute"),
+            ("payout", "payout")} <= by_type
+    charge = next(m for m in members if m["source"] == ids["charge"])
+    assert (charge["payment_key"], charge["campaign"], charge["payment_amount"]) == (
+        ids["paid"], "winter", {"amount": 2500, "currency": "gbp"})
+    refund = next(m for m in members if m["type"] == "refund")
+    assert refund["refund"] == ids["refund"]
+    assert refund["payment_amount"] == {"amount": -1000, "currency": "usd"}
+    dispute = next(m for m in members if m["reporting_category"] == "dispute")
+    assert (dispute["dispute"], dispute["payment_key"]) == (ids["dispute"], ids["disputed"])
+    assert dispute["fee"] == {"amount": 2000, "currency": "gbp"}
+    assert sum(m["net"]["amount"] for m in members if m["type"] != "payout") == po["amount"]
+    # the listing also settled the payments whose fees were not fetched yet
+    assert await pool.fetchval("SELECT count(*) FROM payments WHERE fee IS NULL") == 0
+
+    missing = await client.get("/v1/reports/payouts/po_nope", headers=headers)
+    assert missing.status == 404
+
+
+async def test_a_payout_whose_transactions_do_not_sum_to_it_is_flagged(
+    client: Client, pool: asyncpg.Pool, dsn: str
+) -> None:
+    world, _ = _world(602)
+    paid_out = world.payout()
+    # Stripe lists one charge fewer than the payout holds: the parts no longer make the whole
+    dropped = next(t for t in world.payout_members[paid_out.payout]
+                   if world.balance_transactions[t]["type"] == "charge")
+    world.payout_members[paid_out.payout].remove(dropped)
+    await post_all(client, world.events)
+    async with stripe_against(world) as (_, stripe_client):
+        assert await payouts.run_once(pool, stripe_client) == 1
+    headers = await _bearer(pool)
+    body = await (await client.get("/v1/reports/payouts", headers=headers, params=WIDE)).json()
+    payout = body["data"][0]
+    assert payout["balanced"] is False
+    assert payout["difference"] == {"amount": world.balance_transactions[dropped]["net"],
+                                    "currency": "gbp"}
+    assert body["unbalanced"] == [paid_out.payout]
+
+    from tests.test_cli import _env, _run
+    code, out, err = await _run("report", "payouts", "--from", WIDE["from"], "--to", WIDE["to"],
+                                env=_env(DATABASE_URL=dsn))
+    assert code == 1 and paid_out.payout in err
+    rows = list(csv.DictReader(io.StringIO(out, newline="")))
+    assert {r["payout"] for r in rows} == {paid_out.payout}
+    assert {r["payout_balanced"] for r in rows} == {"false"}
+    assert len(rows) == len(world.payout_members[paid_out.payout])
+
+
+async def test_many_transactions_are_fetched_page_by_page(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    world = World(seed=603)
+    for i in range(130):
+        world.one_off(100 + i, "gbp")
+    paid_out = world.payout()
+    await post_all(client, [e for e in world.events if e["type"] == "payout.paid"])
+    async with stripe_against(world) as (fake, stripe_client):
+        assert await payouts.run_once(pool, stripe_client) == 1
+        pages = fake.requests_to("/v1/balance_transactions")
+    assert len(pages) == 2
+    assert pages[1].query.get("starting_after")
+    stored = await pool.fetchval(
+        "SELECT count(*) FROM payout_balance_transactions WHERE payout = $1", paid_out.payout)
+    assert stored == 131
+    headers = await _bearer(pool)
+    body = await (await client.get("/v1/reports/payouts", headers=headers, params=WIDE)).json()
+    # no payment is in the ledger (only the payout's event was sent), yet the sums still tie
+    assert body["data"][0]["balanced"] is True
+
+
+async def test_stripe_errors_leave_the_payout_queued_with_backoff(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    world, _ = _world(604)
+    paid_out = world.payout()
+    await post_all(client, world.events)
+    async with stripe_against(world) as (fake, stripe_client):
+        fake.fail_next(1, 500, path_prefix="/v1/balance_transactions", should_retry=False)
+        assert await payouts.run_once(pool, stripe_client) == 0
+        row = await pool.fetchrow("SELECT *, next_attempt_at - now() AS wait FROM payout_fetches")
+        assert row is not None
+        assert (row["payout"], row["attempts"], row["fetched_at"]) == (paid_out.payout, 1, None)
+        assert row["last_error"].startswith("APIError")
+        assert 5 < row["wait"].total_seconds() <= fees.backoff(1)
+        assert await payouts.run_once(pool, stripe_client) == 0  # not due yet
+        await pool.execute("UPDATE payout_fetches SET next_attempt_at = now()")
+        assert await payouts.run_once(pool, stripe_client) == 1
+    assert await pool.fetchval("SELECT fetched_at IS NOT NULL FROM payout_fetches")
+
+
+async def test_the_worker_in_the_app_ties_a_payout_soon_after_its_webhook(
+    pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
+) -> None:
+    world, _ = _world(605)
+    paid_out = world.payout()
+    async with running_fake_stripe(world) as fake:
+        settings = make_settings(dsn, stripe_secret_key=Secret(TEST_KEY),
+                                 stripe_api_base=fake.base_url, fee_worker_interval=0.05,
+                                 payout_worker_interval=0.05)
+        app_client = await aiohttp_client(create_app(settings))
+        await post_all(app_client, world.events)
+        for _ in range(100):  # the worker polls every 50 ms: give it up to 5 s
+            if await pool.fetchval("SELECT fetched_at IS NOT NULL FROM payout_fetches "
+                                   "WHERE payout = $1", paid_out.payout):
+                break
+            await asyncio.sleep(0.05)
+        headers = await _bearer(pool)
+        body = await (await app_client.get("/v1/reports/payouts", headers=headers,
+                                           params=WIDE)).json()
+        assert body["data"][0]["balanced"] is True
+        await app_client.close()
+    # the fee worker ran beside it: every payment settled
+    assert await pool.fetchval("SELECT count(*) FROM payments WHERE fee IS NULL") == 0

@@ -1,0 +1,426 @@
+"""The contributions and summary reports over a ledger built from signed webhooks, with the fees
+fetched from the fake Stripe: rows, sums, CSV rules, formula injection, window edges, auth."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import pytest
+
+from donations import auth, db, fees, payouts, reports
+from donations.errors import BadRequest, Unprocessable
+from donations.metrics import Metrics
+from tests.conftest import Client
+from tests.fakestripe.world import World
+from tests.test_cli import _env, _run
+from tests.test_fees import stripe_against
+from tests.webhook_helpers import post_all
+
+START = 1_795_000_000  # 2026-11-18T07:46:40Z, the World's clock at the start
+
+
+@dataclass
+class Ledger:
+    world: World
+    gbp: str
+    usd: str
+    jpy: str
+    eur: str
+    disputed: str
+    subscription: str
+    refund: str
+    dispute: str
+    payout: str
+
+
+async def _ledger(client: Client, pool: asyncpg.Pool) -> Ledger:
+    """Payments in four currencies (one JPY), a partial refund, a dispute won, a subscription;
+    text from the public that a spreadsheet would run as a formula."""
+    world = World(seed=501, start=START)
+    gbp = world.one_off(2500, "gbp", email="+attacker@example.org", campaign="=1+2",
+                        metadata={"note": "@SUM(A1)"})
+    usd = world.one_off(2500, "usd", campaign="-2+3")
+    jpy = world.one_off(1000, "jpy", email="\tjp@example.org")
+    eur = world.one_off(1234, "eur", campaign="winter")
+    refund = world.refund(eur.charge, 234)
+    disputed = world.one_off(5000, "gbp")
+    sub = world.subscribe(500, "gbp", email="reader@example.org")
+    dispute = world.dispute(disputed.charge, "won")
+    payout = world.payout()
+    await post_all(client, world.events)
+    # the fee worker settles the charges; the payout's listing every other movement
+    async with stripe_against(world) as (_, stripe_client):
+        while await fees.run_once(pool, stripe_client, Metrics()):
+            pass
+        assert await payouts.run_once(pool, stripe_client) == 1
+    return Ledger(world, gbp.payment_intent, usd.payment_intent, jpy.payment_intent,
+                  eur.payment_intent, disputed.payment_intent, sub.subscription, refund.refund,
+                  dispute.dispute, payout.payout)
+
+
+async def _bearer(pool: asyncpg.Pool, name: str = "finance", *scopes: str) -> dict[str, str]:
+    async with db.connection(pool) as conn:
+        token = await auth.create_token(conn, name, list(scopes or ("reports:read",)))
+    return {"Authorization": f"Bearer {token}"}
+
+
+def _parse(text: str) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(text, newline="")))
+
+
+WIDE = {"from": "2026-11-01", "to": "2027-02-01"}
+
+
+async def _csv(client: Client, headers: dict[str, str], **params: str) -> tuple[Any, str]:
+    response = await client.get("/v1/reports/contributions", headers=headers,
+                                params={**WIDE, **params})
+    assert response.status == 200, await response.text()
+    return response, (await response.read()).decode("utf-8")
+
+
+async def test_contributions_csv_has_a_row_per_movement_with_the_contracts_columns(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    ledger = await _ledger(client, pool)
+    headers = await _bearer(pool)
+    response, body = await _csv(client, headers)
+
+    assert response.headers["Content-Type"].startswith("text/csv")
+    assert response.headers["Content-Disposition"] == (
+        'attachment; filename="contributions_2026-11-01_2027-02-01.csv"')
+    assert body.endswith("\r\n") and "\r\n" in body.split("\n", 1)[0] + "\n"
+    rows = _parse(body)
+    contract = ["created_at", "type", "kind", "status", "currency", "amount", "fee", "net",
+                "settlement_currency", "settlement_amount", "campaign", "email",
+                "payment_intent", "charge", "invoice", "subscription", "customer", "payout"]
+    assert set(contract) <= set(rows[0])
+    assert [r["created_at"] for r in rows] == sorted(r["created_at"] for r in rows)
+    assert sorted((r["type"], r["status"]) for r in rows) == sorted(
+        [("payment", "succeeded")] * 6 + [("refund", "succeeded")]
+        + [("dispute", "funds_withdrawn"), ("dispute", "funds_reinstated")])
+
+    by_pi = {r["payment_intent"]: r for r in rows if r["type"] == "payment"}
+    bts = ledger.world.balance_transactions
+    usd = by_pi[ledger.usd]
+    # $25.00 settled as £20.00 less 1.5% + 20p: amounts in each currency's own major units
+    assert (usd["currency"], usd["amount"], usd["settlement_currency"],
+            usd["settlement_amount"], usd["fee"], usd["net"]) == (
+        "usd", "25.00", "gbp", "20.00", "0.50", "19.50")
+    jpy = by_pi[ledger.jpy]
+    assert (jpy["currency"], jpy["amount"], jpy["settlement_amount"], jpy["fee"]) == (
+        "jpy", "1000", "5.00", "0.28")
+    assert by_pi[ledger.gbp]["kind"] == "one_off"
+    recurring = [r for r in rows if r["kind"] == "recurring"]
+    assert [(r["amount"], r["subscription"]) for r in recurring] == [("5.00", ledger.subscription)]
+    assert recurring[0]["invoice"].startswith("in_") and recurring[0]["customer"]
+
+    refund = next(r for r in rows if r["type"] == "refund")
+    refund_bt = bts[refund["balance_transaction"]]
+    assert (refund["currency"], refund["amount"], refund["refund"], refund["payment_intent"],
+            refund["campaign"]) == ("eur", "-2.34", ledger.refund, ledger.eur, "winter")
+    assert refund["settlement_amount"] == f"-{-refund_bt['amount'] / 100:.2f}"
+
+    withdrawn, reinstated = (next(r for r in rows if r["status"] == s)
+                             for s in ("funds_withdrawn", "funds_reinstated"))
+    assert (withdrawn["amount"], withdrawn["fee"], withdrawn["net"], withdrawn["dispute"]) == (
+        "-50.00", "20.00", "-70.00", ledger.dispute)
+    assert (reinstated["amount"], reinstated["fee"], reinstated["net"]) == (
+        "50.00", "0.00", "50.00")
+    assert withdrawn["payment_intent"] == ledger.disputed
+    assert withdrawn["created_at"] < reinstated["created_at"]
+    assert {r["payout"] for r in rows} == {ledger.payout}
+
+
+async def test_text_cells_that_would_run_as_formulas_are_neutralised(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    ledger = await _ledger(client, pool)
+    _, body = await _csv(client, await _bearer(pool))
+    by_pi = {r["payment_intent"]: r for r in _parse(body) if r["type"] == "payment"}
+    gbp = by_pi[ledger.gbp]
+    assert gbp["campaign"] == "'=1+2"
+    assert gbp["email"] == "'+attacker@example.org"
+    assert by_pi[ledger.usd]["campaign"] == "'-2+3"
+    assert by_pi[ledger.jpy]["email"] == "'\tjp@example.org"
+    assert json.loads(gbp["metadata"]) == {"campaign": "=1+2", "note": "@SUM(A1)"}
+    # numbers stay numbers, negative ones included
+    assert all(not r["amount"].startswith("'") for r in _parse(body))
+    for cell in ("=cmd", "+1", "-1", "@x", "\tx", "\rx"):
+        assert reports.neutralise(cell) == "'" + cell
+    assert reports.neutralise("winter") == "winter"
+    assert reports.neutralise("") == ""
+
+
+async def test_postgresql_formats_the_csv_exactly_as_the_python_reference(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    await _ledger(client, pool)
+    win = reports.window(WIDE["from"], WIDE["to"])
+    raw = await pool.fetch(reports.CONTRIBUTIONS, win.start, win.end)
+    formatted = await pool.fetch(reports.CONTRIBUTIONS_CSV, *reports.csv_arguments(win))
+    assert len(raw) == len(formatted) == 9
+    for python, sql in zip(raw, formatted, strict=True):
+        assert reports.csv_cells(python) == [v if v is not None else "" for v in sql]
+    for amount, currency, major in ((-5, "bhd", "-0.005"), (1000, "jpy", "1000"),
+                                    (-5, "gbp", "-0.05"), (0, "usd", "0.00")):
+        row = {**dict(raw[0]), "amount": amount, "currency": currency}
+        assert reports.csv_cells(row)[5] == major
+
+
+async def test_json_gives_the_same_rows_with_money_objects(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    ledger = await _ledger(client, pool)
+    headers = await _bearer(pool)
+    _, body = await _csv(client, headers)
+    rows = _parse(body)
+    response = await client.get("/v1/reports/contributions", headers=headers,
+                                params={**WIDE, "format": "json"})
+    assert response.status == 200
+    assert response.headers["Content-Disposition"].endswith('2027-02-01.json"')
+    data = await response.json()
+    assert data["rows"] == len(data["data"]) == len(rows)
+    assert data["window"] == {"from": "2026-11-01T00:00:00Z", "to": "2027-02-01T00:00:00Z",
+                              "tz": "UTC"}
+    usd = next(r for r in data["data"] if r["payment_intent"] == ledger.usd)
+    assert usd["amount"] == {"amount": 2500, "currency": "usd"}
+    assert usd["settlement_amount"] == {"amount": 2000, "currency": "gbp"}
+    assert usd["fee"] == {"amount": 50, "currency": "gbp"}
+    gbp = next(r for r in data["data"] if r["payment_intent"] == ledger.gbp)
+    assert gbp["campaign"] == "=1+2"  # JSON is not a spreadsheet: the value as given
+    assert [r["type"] for r in data["data"]] == [r["type"] for r in rows]
+
+
+async def test_pandas_reads_the_csv_and_the_sums_tie(client: Client, pool: asyncpg.Pool) -> None:
+    pandas = pytest.importorskip("pandas", reason="pandas is not installed")
+    await _ledger(client, pool)
+    _, body = await _csv(client, await _bearer(pool))
+    frame = pandas.read_csv(io.StringIO(body), dtype=str, keep_default_na=False)
+    assert len(frame) == 9
+    gbp = frame[frame["settlement_currency"] == "gbp"]
+    # every movement settled in GBP: exact sums in pence, never floats
+    pence = sum(int(v.replace(".", "")) for v in gbp["net"])
+    assert pence == sum(int(v.replace(".", "")) for v in gbp["settlement_amount"]) - sum(
+        int(v.replace(".", "")) for v in gbp["fee"])
+    assert set(frame["type"]) == {"payment", "refund", "dispute"}
+
+
+async def test_window_from_is_inclusive_and_to_exclusive(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    ledger = await _ledger(client, pool)
+    headers = await _bearer(pool)
+    created = await pool.fetchval("SELECT created_at FROM payments WHERE payment_intent = $1",
+                                  ledger.usd)
+    stamp = created.strftime("%Y-%m-%dT%H:%M:%SZ")
+    _, starting = await _csv(client, headers, **{"from": stamp})
+    assert starting.count(ledger.usd) == 1
+    assert ledger.gbp not in starting  # made before
+    _, ending = await _csv(client, headers, to=stamp)
+    assert ledger.usd not in ending and ledger.gbp in ending
+    # a naive timestamp and a date are read in the given time zone
+    just_after = (created + timedelta(seconds=1)).astimezone(UTC).replace(tzinfo=None)
+    _, tokyo = await _csv(client, headers, to=(just_after + timedelta(hours=9)).isoformat(),
+                          tz="Asia/Tokyo")
+    assert ledger.usd in tokyo
+    response = await client.get("/v1/reports/contributions", headers=headers,
+                                params={"from": "2026-11-18", "to": "2026-11-19",
+                                        "tz": "Pacific/Kiritimati"})  # UTC+14
+    assert response.headers["Content-Disposition"] == (
+        'attachment; filename="contributions_2026-11-18_2026-11-19.csv"')
+    assert ledger.gbp not in (await response.text())  # 07:46 UTC is the 18th's evening there
+    _, nothing = await _csv(client, headers, **{"from": "2025-01-01", "to": "2025-02-01"})
+    assert _parse(nothing) == [] and nothing.startswith("created_at,type,")
+
+
+def test_window_parsing_refuses_what_it_cannot_read() -> None:
+    w = reports.window("2026-11-01", "2026-12-01", "Europe/London")
+    assert (w.start, w.end) == (datetime(2026, 11, 1, tzinfo=UTC),
+                                datetime(2026, 12, 1, tzinfo=UTC))
+    summer = reports.window("2026-07-01", "2026-07-02T00:00:00+00:00", "Europe/London")
+    assert summer.start == datetime(2026, 6, 30, 23, tzinfo=UTC)
+    cases: list[tuple[tuple[str | None, str | None, str | None], type[Exception], str]] = [
+        ((None, "2026-12-01", None), BadRequest, "from"),
+        (("2026-11-01", None, None), BadRequest, "to"),
+        (("yesterday", "2026-12-01", None), BadRequest, "from"),
+        (("2026-11-01", "2026-11-01", None), Unprocessable, "to"),
+        (("2026-12-01", "2026-11-01", None), Unprocessable, "to"),
+        (("2026-11-01", "2026-12-01", "Mars/Olympus"), BadRequest, "tz"),
+    ]
+    for args, error, name in cases:
+        with pytest.raises(error) as caught:
+            reports.window(*args)
+        assert getattr(caught.value, "field", None) == name, args
+
+
+async def test_bad_parameters_are_refused_naming_the_field(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    headers = await _bearer(pool)
+    cases = [
+        ({"to": "2026-12-01"}, 400, "from"),
+        ({**WIDE, "format": "xlsx"}, 400, "format"),
+        ({"from": "2026-12-01", "to": "2026-11-01"}, 422, "to"),
+        ({**WIDE, "tz": "Nowhere/Else"}, 400, "tz"),
+    ]
+    for params, status, name in cases:
+        response = await client.get("/v1/reports/contributions", headers=headers, params=params)
+        assert response.status == status, params
+        assert (await response.json())["error"]["field"] == name
+    summary = await client.get("/v1/reports/summary", headers=headers, params={"from": "x"})
+    assert summary.status == 400
+
+
+async def test_summary_ties_to_the_rows(client: Client, pool: asyncpg.Pool) -> None:
+    ledger = await _ledger(client, pool)
+    headers = await _bearer(pool)
+    response = await client.get("/v1/reports/summary", headers=headers, params=WIDE)
+    assert response.status == 200
+    body = await response.json()
+    by = {c["currency"]: c for c in body["by_currency"]}
+    assert set(by) == {"gbp", "usd", "eur", "jpy"}
+    gbp = by["gbp"]
+    assert gbp["gross"] == {"amount": 2500 + 5000 + 500, "currency": "gbp"}
+    assert gbp["disputes_withdrawn"]["amount"] == gbp["disputes_reinstated"]["amount"] == 5000
+    assert gbp["net"]["amount"] == 8000
+    assert (gbp["payments"], gbp["one_off"]["payments"], gbp["recurring"]["payments"]) == (3, 2, 1)
+    assert gbp["recurring"]["gross"]["amount"] == 500
+    assert (gbp["new_subscriptions"], gbp["ended_subscriptions"]) == (1, 0)
+    assert gbp["monthly_recurring"] == {"amount": 500, "currency": "gbp"}
+    eur = by["eur"]
+    assert (eur["gross"]["amount"], eur["refunds"]["amount"], eur["net"]["amount"]) == (
+        1234, 234, 1000)
+    assert by["jpy"]["gross"] == {"amount": 1000, "currency": "jpy"}
+
+    # the reporting block is the sum of the CSV's settled columns
+    _, csv_body = await _csv(client, headers)
+    rows = _parse(csv_body)
+
+    def pence(value: str) -> int:
+        return int(value.replace(".", "")) if value else 0
+
+    rep = body["reporting"]
+    assert rep["currency"] == "gbp" and rep["pending_settlement"] == 0
+    assert rep["gross"]["amount"] == sum(pence(r["settlement_amount"]) for r in rows
+                                         if r["type"] == "payment")
+    assert rep["refunds"]["amount"] == -sum(pence(r["settlement_amount"]) for r in rows
+                                            if r["type"] == "refund")
+    assert rep["fees"]["amount"] == sum(pence(r["fee"]) for r in rows)
+    assert rep["net"]["amount"] == sum(pence(r["net"]) for r in rows)
+    assert rep["net"]["amount"] == (rep["gross"]["amount"] - rep["refunds"]["amount"]
+                                    - rep["disputes_withdrawn"]["amount"]
+                                    + rep["disputes_reinstated"]["amount"] - rep["fees"]["amount"])
+    assert rep["payments"] == 6
+    assert rep["monthly_recurring"] == {"amount": 500, "currency": "gbp"}
+
+    # a window holding only the dispute's reinstatement
+    reinstated = next(r for r in rows if r["status"] == "funds_reinstated")["created_at"]
+    late = await (await client.get("/v1/reports/summary", headers=headers, params={
+        "from": reinstated, "to": "2027-02-01"})).json()
+    assert late["reporting"]["payments"] == 0
+    assert late["reporting"]["disputes_reinstated"]["amount"] == 5000
+    assert late["reporting"]["monthly_recurring"]["amount"] == 500
+    assert ledger.subscription  # still active at the window's end
+
+
+async def test_a_subscription_ended_in_the_window_is_not_recurring_at_its_end(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    world = World(seed=502, start=START)
+    monthly = world.subscribe(1000, "gbp")
+    world.subscribe(12000, "usd", interval="year")
+    await post_all(client, world.events)
+    world.advance(86400)
+    ended = world.cancel(monthly.subscription, at_period_end=False)
+    await post_all(client, ended.events)
+    headers = await _bearer(pool)
+    body = await (await client.get("/v1/reports/summary", headers=headers,
+                                   params=WIDE)).json()
+    rep = body["reporting"]
+    assert (rep["new_subscriptions"], rep["ended_subscriptions"]) == (2, 1)
+    by = {c["currency"]: c for c in body["by_currency"]}
+    assert by["usd"]["monthly_recurring"] == {"amount": 1000, "currency": "usd"}
+    assert by["gbp"]["monthly_recurring"]["amount"] == 0
+    # no fee fetched yet, so no USD rate known: said, not guessed
+    assert rep["monthly_recurring_unconverted"] == [{"amount": 1000, "currency": "usd"}]
+    assert rep["pending_settlement"] == 2
+    # at a window ending before the cancellation, the monthly one still counted
+    cancelled_at = await pool.fetchval("SELECT ended_at FROM subscriptions WHERE id = $1",
+                                       monthly.subscription)
+    before = await (await client.get("/v1/reports/summary", headers=headers, params={
+        "from": "2026-11-01", "to": cancelled_at.strftime("%Y-%m-%dT%H:%M:%SZ")})).json()
+    assert before["reporting"]["monthly_recurring"]["amount"] == 1000
+
+
+async def test_every_auth_case_on_the_report_endpoints(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    reader = await _bearer(pool, "finance", "reports:read")
+    admin = await _bearer(pool, "ops", "admin")
+    portal = await _bearer(pool, "portal", "portal")
+    revoked = await _bearer(pool, "old", "reports:read")
+    async with db.connection(pool) as conn:
+        await auth.revoke_token(conn, "old")
+    cases = {
+        "no token": ({}, 401),
+        "not bearer": ({"Authorization": "Basic " + reader["Authorization"][7:]}, 401),
+        "wrong token": ({"Authorization": "Bearer dnt_wrong"}, 401),
+        "revoked token": (revoked, 401),
+        "wrong scope": (portal, 403),
+        "reports:read": (reader, 200),
+        "admin": (admin, 200),
+    }
+    for path in ("/v1/reports/contributions", "/v1/reports/summary", "/v1/reports/payouts"):
+        for name, (headers, status) in cases.items():
+            response = await client.get(path, headers=headers, params=WIDE)
+            assert response.status == status, (path, name)
+            if status != 200:
+                error = (await response.json())["error"]
+                assert error["code"] == {401: "unauthorized", 403: "forbidden"}[status]
+
+
+async def test_failed_attempts_are_rate_limited_and_never_logged_with_the_token(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    from structlog.testing import capture_logs
+
+    good = await _bearer(pool)
+    limit = auth.FailedAttempts().limit
+    with capture_logs() as logs:
+        for i in range(limit):
+            response = await client.get("/v1/reports/summary", params=WIDE,
+                                        headers={"Authorization": f"Bearer dnt_guess{i}"})
+            assert response.status == 401
+        blocked = await client.get("/v1/reports/summary", params=WIDE, headers=good)
+    assert blocked.status == 429
+    assert int(blocked.headers["Retry-After"]) > 0
+    assert (await blocked.json())["error"]["code"] == "too_many_attempts"
+    failures = [e for e in logs if e["event"] == "auth_failed"]
+    assert len(failures) == limit
+    assert "dnt_guess" not in repr(logs)
+
+
+async def test_the_cli_writes_the_same_reports(
+    client: Client, pool: asyncpg.Pool, dsn: str, tmp_path: Any
+) -> None:
+    await _ledger(client, pool)
+    _, body = await _csv(client, await _bearer(pool))
+    env = _env(DATABASE_URL=dsn)
+    out = tmp_path / "november.csv"
+    code, _, err = await _run("report", "contributions", "--from", WIDE["from"], "--to",
+                              WIDE["to"], "--out", str(out), env=env)
+    assert code == 0, err
+    assert out.read_bytes().decode() == body
+    code, text, err = await _run("report", "summary", "--from", WIDE["from"], "--to", WIDE["to"],
+                                 env=env)
+    assert code == 0, err
+    assert json.loads(text)["reporting"]["payments"] == 6
+    code, _, err = await _run("report", "summary", "--from", "2026-12-01", "--to", "2026-11-01",
+                              env=env)
+    assert code == 1 and "to must be after from" in err
