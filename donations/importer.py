@@ -1,0 +1,189 @@
+"""`donations import --since`: history older than Stripe's 30 days of events, from its objects.
+
+Stripe lists events for 30 days only; a publisher moving an existing account onto the service has
+years of charges, subscriptions and refunds. Those are listed (newest first, through the stripe
+library) and each object is stored as a synthetic event, `evt_import_<object id>`, applied by
+`ingest` like any other, with source `import`.
+
+Why a synthetic event and not a snapshot written directly: the event store keeps what the ledger
+was derived from, `events retry` and every other tool work on it unchanged, and importing twice is
+a duplicate event (the id is fixed per object), so the import is idempotent by construction.
+
+How its snapshot ranks (events.snapshot_version: stage, progress, created, type, id): the stage
+and progress are the object's own, so a later state is never lost; `created` is the object's
+creation time less one second, before any real event about it can be stamped. So among snapshots
+at the same stage and progress, every real event outranks the imported one: the import only fills
+in what no event tells, and never overrides what an event says, whatever order they arrive in.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+import asyncpg
+import stripe
+import structlog
+
+from donations import db
+from donations.events import PINNED_API_VERSION
+from donations.ledger import FoundingOffer
+from donations.reconcile import pages, store_missing
+
+log = structlog.get_logger(__name__)
+
+PAGE_SIZE = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Resource:
+    """A Stripe list to import, and the event type its objects are wrapped as."""
+
+    name: str
+    event_type: str  # one the ledger handles for this object (events.HANDLED)
+    service: Callable[[stripe.StripeClient], Any]
+    params: tuple[tuple[str, Any], ...] = ()
+
+
+# Customers first, then payments, then what refers to them; the ledger does not depend on the
+# order, but a partial import is easier to read this way.
+RESOURCES: tuple[Resource, ...] = (
+    Resource("customers", "customer.updated", lambda c: c.v1.customers),
+    Resource("checkout_sessions", "checkout.session.completed", lambda c: c.v1.checkout.sessions),
+    Resource("payment_intents", "payment_intent.succeeded", lambda c: c.v1.payment_intents),
+    Resource("charges", "charge.updated", lambda c: c.v1.charges),
+    # canceled ones are left out unless asked for; discounts expanded to tell founding supporters
+    Resource("subscriptions", "customer.subscription.updated", lambda c: c.v1.subscriptions,
+             (("status", "all"), ("expand", ["data.discounts"]))),
+    Resource("invoices", "invoice.finalized", lambda c: c.v1.invoices),
+    Resource("invoice_payments", "invoice_payment.paid", lambda c: c.v1.invoice_payments),
+    Resource("refunds", "refund.updated", lambda c: c.v1.refunds),
+    Resource("disputes", "charge.dispute.updated", lambda c: c.v1.disputes),
+    Resource("payouts", "payout.updated", lambda c: c.v1.payouts),
+)
+
+
+def synthetic_event(obj: dict[str, Any], event_type: str) -> dict[str, Any]:
+    """An event-shaped envelope for an object fetched from Stripe (see the module docstring)."""
+    return {
+        "id": f"evt_import_{obj['id']}",
+        "object": "event",
+        "api_version": PINNED_API_VERSION,  # the client is pinned: objects come in this shape
+        "created": max(0, int(obj.get("created") or 0) - 1),
+        "data": {"object": obj},
+        "livemode": bool(obj.get("livemode")),
+        "pending_webhooks": 0,
+        "request": {"id": None, "idempotency_key": None},
+        "type": event_type,
+    }
+
+
+@dataclass
+class Progress:
+    """A line per resource on a terminal: a bar of the time span covered so far."""
+
+    out: TextIO | None
+    width: int = 30
+
+    def show(self, resource: str, since: int, until: int, reached: int, imported: int,
+             done: bool = False) -> None:
+        if self.out is None:
+            return
+        span = max(1, until - since)
+        share = 1.0 if done else min(1.0, max(0.0, (until - reached) / span))
+        filled = int(share * self.width)
+        bar = "#" * filled + "." * (self.width - filled)
+        end = "\n" if done else ""
+        self.out.write(f"\r{resource:<18} [{bar}] {share:4.0%} {imported:>9,} imported{end}")
+        self.out.flush()
+
+
+@dataclass
+class ImportResult:
+    imported: dict[str, int]
+    applied: int = 0
+    failed: int = 0
+    skipped: tuple[str, ...] = ()  # finished by an earlier import with the same --since
+
+
+async def run(
+    pool: asyncpg.Pool,
+    client: stripe.StripeClient,
+    offer: FoundingOffer,
+    since: int,
+    *,
+    progress: TextIO | None = None,
+    now: int | None = None,
+    resources: tuple[Resource, ...] = RESOURCES,
+    page_size: int = PAGE_SIZE,
+) -> ImportResult:
+    """Import every object created since `since`; resumes where an interrupted import stopped."""
+    until_default = int(time.time()) if now is None else now
+    bar = Progress(progress if progress is not None and progress.isatty() else None)
+    result = ImportResult(imported={})
+    skipped: list[str] = []
+    for resource in resources:
+        async with db.connection(pool) as conn:
+            row = await conn.fetchrow(
+                "SELECT * FROM import_progress WHERE resource = $1", resource.name
+            )
+            if row is not None and row["since"] == since and row["finished_at"] is not None:
+                skipped.append(resource.name)
+                result.imported[resource.name] = row["imported"]
+                continue
+            if row is None or row["since"] != since:
+                # a new --since starts the listing over; what is stored stays (it is idempotent)
+                row = await conn.fetchrow(
+                    """
+                    INSERT INTO import_progress (resource, since, until) VALUES ($1, $2, $3)
+                    ON CONFLICT (resource) DO UPDATE
+                       SET since = excluded.since, until = excluded.until, cursor = NULL,
+                           imported = 0, finished_at = NULL
+                    RETURNING *
+                    """,
+                    resource.name, since, max(since, until_default),
+                )
+        assert row is not None
+        await _import_one(pool, client, offer, resource, row, bar, result, page_size)
+    result.skipped = tuple(skipped)
+    return result
+
+
+async def _import_one(
+    pool: asyncpg.Pool, client: stripe.StripeClient, offer: FoundingOffer, resource: Resource,
+    row: asyncpg.Record, bar: Progress, result: ImportResult, page_size: int,
+) -> None:
+    since, until, imported = row["since"], row["until"], row["imported"]
+    params: Any = {"created": {"gte": since, "lte": until}, "limit": page_size,
+                   **dict(resource.params)}
+    if row["cursor"] is not None:
+        params["starting_after"] = row["cursor"]
+    service = resource.service(client)
+    reached = until
+    bar.show(resource.name, since, until, reached, imported)
+    async for items, _more in pages(lambda: service.list_async(params), f"{resource.name}.list"):
+        if not items:
+            continue
+        events = [synthetic_event(obj, resource.event_type) for obj in items]
+        applied, failed = await store_missing(pool, offer, events, "import")
+        result.applied += applied
+        result.failed += failed
+        imported += len(items)
+        reached = min(reached, *(int(o.get("created") or until) for o in items))
+        async with db.connection(pool) as conn:
+            # after the page is stored: an interrupted import resumes from the next one
+            await conn.execute(
+                "UPDATE import_progress SET cursor = $2, imported = $3 WHERE resource = $1",
+                resource.name, items[-1]["id"], imported,
+            )
+        bar.show(resource.name, since, until, reached, imported)
+    async with db.connection(pool) as conn:
+        await conn.execute(
+            "UPDATE import_progress SET finished_at = now() WHERE resource = $1", resource.name
+        )
+    bar.show(resource.name, since, until, since, imported, done=True)
+    result.imported[resource.name] = imported
+    log.info("import_finished", resource=resource.name, imported=imported)
+

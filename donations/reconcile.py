@@ -1,0 +1,792 @@
+"""Reconciliation: replay the Stripe events the webhook missed, then check the ledger against
+Stripe's balance transactions and record every difference.
+
+One run, under a PostgreSQL advisory lock so that only one replica reconciles at a time:
+
+1. Events. Stripe lists the last 30 days of events, newest first. A run reads the window from the
+   checkpoint to now page by page through the stripe library; any event not stored (or stored but
+   failed) goes through `ingest` exactly as a webhook delivery would. After each page is applied,
+   the window and the page's last event (Stripe's `starting_after` cursor) are saved; the
+   checkpoint itself moves to the window's end only when the whole window is read. A run stopped
+   half-way is resumed by the next one from the saved cursor, so there is never a gap.
+2. Balance transactions of the window against payments, refunds and disputes: missing on either
+   side, amounts, currencies or statuses that differ, fees not yet filled (filled now, the same
+   way the fee worker fills them). A ledger value that disagrees with Stripe is recorded, never
+   overwritten.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import stripe
+import structlog
+from aiohttp import web
+
+from donations import auth, db, fees
+from donations.appkeys import POOL
+from donations.errors import BadRequest
+from donations.events import NotAnEvent, parse_event, ref
+from donations.ingest import Outcome, ingest
+from donations.inputs import rfc3339
+from donations.ledger import FoundingOffer
+from donations.metrics import gauge
+
+log = structlog.get_logger(__name__)
+
+routes = web.RouteTableDef()
+
+LOCK_KEY = 0x7265636F6E63696C  # "reconcil": one reconciliation at a time across replicas
+RETENTION_SECONDS = 30 * 86400  # how far back Stripe lists events
+# Re-read this much before the checkpoint: an event can show up in Stripe's list a little after
+# the second it is stamped with. Re-reading is cheap (stored events are skipped in one query).
+OVERLAP_SECONDS = 300
+PAGE_SIZE = 100
+APPLY_CONCURRENCY = 4  # events of one page applied at once (ingest is safe in any order)
+# After the library's own retries: how often and how long a run waits out a rate limit (429)
+# or a connection failure before it gives up (the checkpoint keeps what was done).
+BUSY_ATTEMPTS = 6
+BUSY_FIRST_DELAY = 1.0
+BUSY_MAX_DELAY = 30.0
+
+_DONE = ("processed", "ignored", "needs_attention")
+_CHARGE_TYPES = ("charge", "payment")
+_REFUND_TYPES = ("refund", "refund_failure")
+_LIVE_REFUNDS = ("pending", "requires_action", "succeeded")
+
+
+class AlreadyRunning(Exception):
+    """Another replica (or command) holds the reconciliation lock."""
+
+
+@dataclass(frozen=True, slots=True)
+class Discrepancy:
+    """One difference between a balance transaction and the ledger."""
+
+    kind: str
+    object: str  # payment, refund, dispute
+    stripe_id: str  # the charge, refund or dispute
+    balance_transaction: str | None
+    ledger: dict[str, Any] | None
+    stripe: dict[str, Any] | None
+    repaired: bool = False
+
+    def describe(self) -> str:
+        state = "repaired" if self.repaired else "open"
+        return (f"{state}\t{self.kind}\t{self.object} {self.stripe_id}\t"
+                f"ledger={json.dumps(self.ledger, sort_keys=True)}\t"
+                f"stripe={json.dumps(self.stripe, sort_keys=True)}")
+
+
+@dataclass
+class RunResult:
+    """What one run did, as its row in reconciliation_runs says."""
+
+    run_id: int = 0
+    window_start: int = 0
+    window_end: int = 0
+    pages: int = 0
+    events_listed: int = 0
+    events_applied: int = 0
+    events_failed: int = 0
+    balance_transactions: int = 0
+    fees_filled: int = 0
+    discrepancies: list[Discrepancy] = field(default_factory=list)  # found by this run
+    discrepancies_new: int = 0
+    open: list[Discrepancy] = field(default_factory=list)  # every unresolved one, any run
+    gap_before: int | None = None  # events before this were no longer listed by Stripe
+
+    @property
+    def matches(self) -> bool:
+        return not self.open and not self.events_failed
+
+    def summary(self) -> str:
+        lines = [
+            f"reconciliation run {self.run_id}: {_iso(self.window_start)} to "
+            f"{_iso(self.window_end)}",
+            f"  events: {self.events_listed} listed in {self.pages} page(s), "
+            f"{self.events_applied} missing ones applied, {self.events_failed} failed",
+            f"  balance transactions: {self.balance_transactions} compared, "
+            f"{self.fees_filled} fee(s) filled",
+            f"  discrepancies: {len(self.discrepancies)} found ({self.discrepancies_new} new), "
+            f"{len(self.open)} unresolved in all",
+        ]
+        if self.gap_before is not None:
+            lines.append(f"  warning: Stripe no longer lists events before "
+                         f"{_iso(self.gap_before)}; run `donations import --since` for them")
+        lines += [f"  {d.describe()}" for d in self.discrepancies if d.repaired]
+        lines += [f"  {d.describe()}" for d in self.open]
+        lines.append("the ledger matches Stripe" if self.matches else
+                     f"{len(self.open)} unresolved discrepancies, "
+                     f"{self.events_failed} failed events")
+        return "\n".join(lines)
+
+
+def _iso(ts: int) -> str:
+    return rfc3339(datetime.fromtimestamp(ts, UTC)) or ""
+
+
+# --- talking to Stripe -----------------------------------------------------------------------
+
+
+async def call_stripe(make: Callable[[], Awaitable[Any]], what: str) -> Any:
+    """One Stripe call. The library has already retried 5xx/409/connection errors (and 429 when
+    Stripe says to); a rate limit or an outage still standing is waited out here, with
+    exponential backoff, so that a run slows down instead of hammering the API."""
+    for attempt in range(1, BUSY_ATTEMPTS + 1):
+        try:
+            return await make()
+        except (stripe.RateLimitError, stripe.APIConnectionError) as exc:
+            if attempt == BUSY_ATTEMPTS:
+                raise
+            delay = min(BUSY_MAX_DELAY, BUSY_FIRST_DELAY * 2 ** (attempt - 1))
+            delay *= random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not a secret
+            log.warning("stripe_busy_backing_off", call=what, error=type(exc).__name__,
+                        http_status=exc.http_status, retry_in_seconds=round(delay, 2))
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def items_of(page: Any) -> list[dict[str, Any]]:
+    """A list page's objects as the plain JSON Stripe sent."""
+    response = page.last_response
+    if response is not None and isinstance(response.data, dict):
+        return list(json.loads(json.dumps(response.data.get("data") or [])))
+    return [json.loads(str(item)) for item in page.data]
+
+
+async def pages(
+    first: Callable[[], Awaitable[Any]], what: str
+) -> AsyncIterator[tuple[list[dict[str, Any]], bool]]:
+    """The pages of a Stripe list, paginated by the library, the next one fetched while the
+    caller works on the current one: (items, whether more follow)."""
+    page = await call_stripe(first, what)
+    while True:
+        upcoming = (
+            asyncio.ensure_future(call_stripe(page.next_page_async, what))
+            if page.has_more and page.data else None
+        )
+        try:
+            yield items_of(page), upcoming is not None
+        except BaseException:
+            if upcoming is not None:
+                upcoming.cancel()
+                with contextlib.suppress(BaseException):
+                    await upcoming
+            raise
+        if upcoming is None:
+            return
+        page = await upcoming
+
+
+# --- one run ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    pool: asyncpg.Pool
+    client: stripe.StripeClient
+    offer: FoundingOffer
+    result: RunResult
+    page_size: int
+
+
+async def run(
+    pool: asyncpg.Pool,
+    client: stripe.StripeClient,
+    offer: FoundingOffer,
+    *,
+    trigger: str = "command",
+    since: int | None = None,
+    now: int | None = None,
+    page_size: int = PAGE_SIZE,
+) -> RunResult:
+    """One reconciliation run (raises AlreadyRunning when another holds the lock)."""
+    async with db.connection(pool) as lock:
+        if not await lock.fetchval("SELECT pg_try_advisory_lock($1)", LOCK_KEY):
+            raise AlreadyRunning("another reconciliation is running")
+        try:
+            return await _locked_run(pool, client, offer, trigger, since, now, page_size)
+        finally:
+            # (were the connection lost, its session and so the lock are gone with it)
+            with contextlib.suppress(*db.UNAVAILABLE_ERRORS, asyncpg.InterfaceError):
+                await lock.execute("SELECT pg_advisory_unlock($1)", LOCK_KEY)
+
+
+async def _locked_run(
+    pool: asyncpg.Pool, client: stripe.StripeClient, offer: FoundingOffer, trigger: str,
+    since: int | None, now: int | None, page_size: int,
+) -> RunResult:
+    end = int(time.time()) if now is None else now
+    oldest_listed = end - RETENTION_SECONDS
+    async with db.connection(pool) as conn:
+        checkpoint = await conn.fetchrow("SELECT * FROM reconciliation_checkpoint")
+    through = checkpoint["events_through"] if checkpoint else None
+    pending = (
+        (checkpoint["pending_start"], checkpoint["pending_end"], checkpoint["pending_cursor"])
+        if checkpoint and checkpoint["pending_start"] is not None else None
+    )
+    if since is not None:
+        start = since
+    elif through is not None:
+        start = through - OVERLAP_SECONDS
+    else:
+        start = oldest_listed
+    result = RunResult(gap_before=oldest_listed if start < oldest_listed else None)
+    if since is None:
+        start = max(start, oldest_listed)
+    start = min(start, end)
+    window_start = min(start, pending[0]) if pending else start
+    result.window_start, result.window_end = window_start, end
+    async with db.connection(pool) as conn:
+        result.run_id = await conn.fetchval(
+            """
+            INSERT INTO reconciliation_runs (trigger, window_start, window_end)
+            VALUES ($1, to_timestamp($2), to_timestamp($3)) RETURNING id
+            """,
+            trigger, window_start, end,
+        )
+    log.info("reconciliation_started", run_id=result.run_id, window_start=_iso(window_start),
+             window_end=_iso(end), resuming=pending is not None)
+    state = _Run(pool, client, offer, result, page_size)
+    try:
+        if pending is not None:
+            await _read_events(state, pending[0], pending[1], pending[2])
+        await _read_events(state, start, end, None)
+        await _compare(state, window_start, end)
+    except BaseException as exc:
+        await _finish(pool, result, f"{type(exc).__name__}: {exc}"[:2000])
+        log.warning("reconciliation_failed", run_id=result.run_id, error=type(exc).__name__)
+        raise
+    await _finish(pool, result, None)
+    log.info("reconciliation_finished", run_id=result.run_id, events_applied=result.events_applied,
+             events_failed=result.events_failed, discrepancies_new=result.discrepancies_new,
+             discrepancies_open=len(result.open))
+    return result
+
+
+async def _finish(pool: asyncpg.Pool, result: RunResult, error: str | None) -> None:
+    with contextlib.suppress(db.DatabaseUnavailable, *db.UNAVAILABLE_ERRORS):
+        async with db.connection(pool) as conn:
+            result.open = [_discrepancy(r) for r in await conn.fetch(
+                "SELECT * FROM reconciliation_discrepancies WHERE resolved_at IS NULL ORDER BY id"
+            )]
+            await conn.execute(
+                """
+                UPDATE reconciliation_runs
+                   SET status = $2, finished_at = clock_timestamp(), error = $3, pages = $4,
+                       events_listed = $5, events_applied = $6, events_failed = $7,
+                       balance_transactions = $8, fees_filled = $9, discrepancies_new = $10,
+                       discrepancies_open = $11
+                 WHERE id = $1
+                """,
+                result.run_id, "failed" if error else "succeeded", error, result.pages,
+                result.events_listed, result.events_applied, result.events_failed,
+                result.balance_transactions, result.fees_filled, result.discrepancies_new,
+                len(result.open),
+            )
+
+
+# --- 1. events -------------------------------------------------------------------------------
+
+
+async def _read_events(state: _Run, start: int, end: int, cursor: str | None) -> None:
+    # Any: the library types its params as TypedDicts per endpoint
+    params: Any = {"created": {"gte": start, "lte": end}, "limit": state.page_size}
+    if cursor is not None:
+        params["starting_after"] = cursor
+    try:
+        await _read_pages(state, start, end, params)
+    except stripe.InvalidRequestError as exc:
+        if cursor is None or exc.param != "starting_after":
+            raise
+        # the saved cursor's event has aged out of Stripe's list: read the window whole again
+        log.warning("reconciliation_cursor_expired", cursor=cursor)
+        del params["starting_after"]
+        await _read_pages(state, start, end, params)
+    async with db.connection(state.pool) as conn:
+        # only forward: an explicit --since far back must not pull the checkpoint back
+        await conn.execute(
+            """
+            INSERT INTO reconciliation_checkpoint AS c (events_through) VALUES ($1)
+            ON CONFLICT (id) DO UPDATE
+               SET events_through = greatest(c.events_through, excluded.events_through),
+                   pending_start = NULL, pending_end = NULL, pending_cursor = NULL,
+                   updated_at = now()
+            """,
+            end,
+        )
+
+
+async def _read_pages(state: _Run, start: int, end: int, params: Any) -> None:
+    result = state.result
+    events = state.client.v1.events
+    async for items, _more in pages(lambda: events.list_async(params), "events.list"):
+        if not items:
+            continue
+        await _apply_page(state, items)
+        result.pages += 1
+        result.events_listed += len(items)
+        async with db.connection(state.pool) as conn, conn.transaction():
+            await conn.execute(
+                """
+                INSERT INTO reconciliation_checkpoint AS c (pending_start, pending_end,
+                                                            pending_cursor)
+                VALUES ($1, $2, $3)
+                ON CONFLICT (id) DO UPDATE
+                   SET pending_start = excluded.pending_start, pending_end = excluded.pending_end,
+                       pending_cursor = excluded.pending_cursor, updated_at = now()
+                """,
+                start, end, items[-1]["id"],
+            )
+            await conn.execute(
+                """
+                UPDATE reconciliation_runs
+                   SET pages = $2, events_listed = $3, events_applied = $4, events_failed = $5
+                 WHERE id = $1
+                """,
+                result.run_id, result.pages, result.events_listed, result.events_applied,
+                result.events_failed,
+            )
+
+
+async def _apply_page(state: _Run, items: list[dict[str, Any]]) -> None:
+    applied, failed = await store_missing(state.pool, state.offer, items, "reconcile")
+    state.result.events_applied += applied
+    state.result.events_failed += failed
+
+
+async def store_missing(
+    pool: asyncpg.Pool, offer: FoundingOffer, items: list[dict[str, Any]], source: str
+) -> tuple[int, int]:
+    """Store and apply, through `ingest` as a webhook delivery would, the events of a page that
+    are not stored or stored but not applied; (applied, failed)."""
+    async with db.connection(pool) as conn:
+        done = {r["id"] for r in await conn.fetch(
+            "SELECT id FROM stripe_events WHERE id = any($1::text[]) AND status = any($2::text[])",
+            [str(e.get("id")) for e in items], list(_DONE),
+        )}
+    todo = [e for e in items if e.get("id") not in done]
+    if not todo:
+        return 0, 0
+    gate = asyncio.Semaphore(APPLY_CONCURRENCY)
+
+    async def apply(body: dict[str, Any]) -> Outcome:
+        async with gate:
+            try:
+                event = parse_event(body)
+            except NotAnEvent:
+                log.warning("reconciliation_not_an_event", event_id=str(body.get("id"))[:80])
+                return Outcome.FAILED
+            with structlog.contextvars.bound_contextvars(event_id=event.id,
+                                                         event_type=event.type):
+                return await ingest(pool, event, json.dumps(body), offer, source=source)
+
+    # every one finishes (or fails) before the page counts as applied or the error is raised
+    outcomes = await asyncio.gather(*(apply(e) for e in todo), return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
+    failed = sum(1 for o in outcomes if o is Outcome.FAILED)
+    return len(outcomes) - failed, failed
+
+
+# --- 2. balance transactions against the ledger ----------------------------------------------
+
+
+def _stripe_side(bt: dict[str, Any]) -> dict[str, Any]:
+    return {"id": bt["id"], "type": bt.get("type"), "amount": bt.get("amount"),
+            "currency": bt.get("currency"), "fee": bt.get("fee"), "net": bt.get("net"),
+            "reporting_category": bt.get("reporting_category")}
+
+
+def _record(row: asyncpg.Record | None, *names: str) -> dict[str, Any] | None:
+    return None if row is None else {n: row[n] for n in names}
+
+
+_PAYMENT_FIELDS = ("payment_key", "status", "amount", "currency", "balance_transaction", "fee",
+                   "net", "settlement_currency", "settlement_amount")
+_REFUND_FIELDS = ("id", "status", "amount", "currency", "balance_transaction")
+_DISPUTE_FIELDS = ("id", "status", "amount", "currency", "amount_held")
+
+
+def compare_payment(charge: str, bt: dict[str, Any], row: asyncpg.Record | None
+                    ) -> list[Discrepancy]:
+    """A charge's balance transaction against its payment row (pure: no repair here)."""
+    stripe_side, ledger = _stripe_side(bt), _record(row, *_PAYMENT_FIELDS)
+
+    def found(kind: str) -> Discrepancy:
+        return Discrepancy(kind, "payment", charge, bt["id"], ledger, stripe_side)
+
+    if row is None:
+        return [found("missing_in_ledger")]
+    out: list[Discrepancy] = []
+    if row["status"] != "succeeded":
+        out.append(found("status_mismatch"))
+    settled_currency = row["settlement_currency"] or row["currency"]
+    if row["settlement_currency"] is None and row["currency"] != bt.get("currency"):
+        pass  # settled in another currency, not known yet: the fee fill below brings it
+    elif settled_currency != bt.get("currency"):
+        out.append(found("currency_mismatch"))
+    elif (row["settlement_amount"] if row["settlement_amount"] is not None
+          else row["amount"]) != bt.get("amount"):
+        out.append(found("amount_mismatch"))
+    if row["fee"] is not None and (row["fee"], row["net"]) != (bt.get("fee"), bt.get("net")):
+        out.append(found("fee_mismatch"))
+    return out
+
+
+def compare_refund(refund: str, bt: dict[str, Any], row: asyncpg.Record | None
+                   ) -> list[Discrepancy]:
+    stripe_side, ledger = _stripe_side(bt), _record(row, *_REFUND_FIELDS)
+
+    def found(kind: str) -> Discrepancy:
+        return Discrepancy(kind, "refund", refund, bt["id"], ledger, stripe_side)
+
+    if row is None:
+        return [found("missing_in_ledger")]
+    if bt.get("type") == "refund_failure":
+        return [] if row["status"] in ("failed", "canceled") else [found("status_mismatch")]
+    if row["currency"] == bt.get("currency") and row["amount"] != -int(bt.get("amount") or 0):
+        return [found("amount_mismatch")]
+    return []
+
+
+def compare_dispute(dispute: str, bt: dict[str, Any], row: asyncpg.Record | None
+                    ) -> list[Discrepancy]:
+    stripe_side, ledger = _stripe_side(bt), _record(row, *_DISPUTE_FIELDS)
+
+    def found(kind: str) -> Discrepancy:
+        return Discrepancy(kind, "dispute", dispute, bt["id"], ledger, stripe_side)
+
+    if row is None:
+        return [found("missing_in_ledger")]
+    if bt.get("reporting_category") == "dispute_reversal":
+        return [] if row["status"] == "won" else [found("status_mismatch")]
+    if row["currency"] == bt.get("currency") and row["amount"] != -int(bt.get("amount") or 0):
+        return [found("amount_mismatch")]
+    return []
+
+
+def _object_of(bt: dict[str, Any]) -> str | None:
+    source = ref(bt.get("source")) or ""
+    kind = bt.get("type")
+    if kind in _CHARGE_TYPES:
+        return "payment"
+    if kind in _REFUND_TYPES:
+        return "refund"
+    if kind == "adjustment" and (source.startswith("dp_") or str(
+            bt.get("reporting_category", "")).startswith("dispute")):
+        return "dispute"
+    return None
+
+
+async def _compare(state: _Run, start: int, end: int) -> None:
+    client, result = state.client, state.result
+    by_object: dict[str, dict[str, list[dict[str, Any]]]] = {
+        "payment": {}, "refund": {}, "dispute": {}}
+    params: Any = {"created": {"gte": start, "lte": end}, "limit": 100}
+    txns = client.v1.balance_transactions
+    async for items, _more in pages(lambda: txns.list_async(params),
+                                    "balance_transactions.list"):
+        for bt in items:
+            kind = _object_of(bt)
+            source = ref(bt.get("source"))
+            if kind is not None and source:
+                by_object[kind].setdefault(source, []).append(bt)
+                result.balance_transactions += 1
+
+    async with db.connection(state.pool) as conn:
+        # The ledger's side of the window with no balance transaction listed: confirm with
+        # Stripe one by one (its transaction may be just outside the window).
+        unlisted = await conn.fetch(
+            """
+            SELECT 'payment' AS object, charge AS id FROM payments
+             WHERE status = 'succeeded' AND charge IS NOT NULL AND amount > 0
+               AND created_at BETWEEN to_timestamp($1) AND to_timestamp($2)
+               AND charge <> all($3::text[])
+            UNION ALL
+            SELECT 'refund', id FROM refunds
+             WHERE status = any($6::text[]) AND amount > 0
+               AND created_at BETWEEN to_timestamp($1) AND to_timestamp($2)
+               AND id <> all($4::text[])
+            UNION ALL
+            SELECT 'dispute', id FROM disputes
+             WHERE status NOT LIKE 'warning%' AND amount > 0
+               AND created_at BETWEEN to_timestamp($1) AND to_timestamp($2)
+               AND id <> all($5::text[])
+            """,
+            start, end, list(by_object["payment"]), list(by_object["refund"]),
+            list(by_object["dispute"]), list(_LIVE_REFUNDS),
+        )
+    missing_at_stripe: list[tuple[str, str]] = []
+    for row in unlisted:
+        theirs = [bt for bt in await _balance_transactions_of(client, row["id"])
+                  if _object_of(bt) == row["object"]]
+        if theirs:
+            by_object[row["object"]].setdefault(row["id"], []).extend(theirs)
+            result.balance_transactions += len(theirs)
+        else:
+            missing_at_stripe.append((row["object"], row["id"]))
+
+    discrepancies: list[Discrepancy] = []
+    async with db.connection(state.pool) as conn:
+        payments = {r["charge"]: r for r in await conn.fetch(
+            f"SELECT charge, {', '.join(_PAYMENT_FIELDS)} FROM payments "  # noqa: S608
+            "WHERE charge = any($1::text[])", list(by_object["payment"]))}
+        refunds = {r["id"]: r for r in await conn.fetch(
+            f"SELECT {', '.join(_REFUND_FIELDS)} FROM refunds "  # noqa: S608
+            "WHERE id = any($1::text[])", list(by_object["refund"]) + [
+                i for o, i in missing_at_stripe if o == "refund"])}
+        disputes = {r["id"]: r for r in await conn.fetch(
+            f"SELECT {', '.join(_DISPUTE_FIELDS)} FROM disputes "  # noqa: S608
+            "WHERE id = any($1::text[])", list(by_object["dispute"]) + [
+                i for o, i in missing_at_stripe if o == "dispute"])}
+        if missing := [i for o, i in missing_at_stripe if o == "payment"]:
+            payments.update({r["charge"]: r for r in await conn.fetch(
+                f"SELECT charge, {', '.join(_PAYMENT_FIELDS)} FROM payments "  # noqa: S608
+                "WHERE charge = any($1::text[])", missing)})
+
+        for charge, bts in by_object["payment"].items():
+            for bt in bts:
+                found = compare_payment(charge, bt, payments.get(charge))
+                discrepancies += found
+                discrepancies += await _fill_fee(conn, charge, bt, payments.get(charge), found)
+        for refund, bts in by_object["refund"].items():
+            for bt in bts:
+                found = compare_refund(refund, bt, refunds.get(refund))
+                discrepancies += found
+                if not found:
+                    await _keep(conn, bt)
+        for dispute, bts in by_object["dispute"].items():
+            for bt in bts:
+                found = compare_dispute(dispute, bt, disputes.get(dispute))
+                discrepancies += found
+                if not found:
+                    await _keep(conn, bt)
+        tables = {"payment": payments, "refund": refunds, "dispute": disputes}
+        for obj, stripe_id in missing_at_stripe:
+            fields = {"payment": _PAYMENT_FIELDS, "refund": _REFUND_FIELDS,
+                      "dispute": _DISPUTE_FIELDS}[obj]
+            ledger_row = tables[obj].get(stripe_id)
+            discrepancies.append(Discrepancy(
+                "missing_at_stripe", obj, stripe_id,
+                ledger_row["balance_transaction"] if ledger_row is not None
+                and "balance_transaction" in fields else None,
+                _record(ledger_row, *fields), None))
+
+        examined = (list(by_object["payment"]) + list(by_object["refund"])
+                    + list(by_object["dispute"]) + [i for _, i in missing_at_stripe])
+        result.discrepancies = discrepancies
+        result.discrepancies_new = await _store_discrepancies(
+            conn, result.run_id, discrepancies, examined)
+    result.fees_filled = sum(1 for d in discrepancies if d.kind == "fee_missing" and d.repaired)
+
+
+async def _balance_transactions_of(client: stripe.StripeClient, source: str
+                                   ) -> list[dict[str, Any]]:
+    txns = client.v1.balance_transactions
+    found: list[dict[str, Any]] = []
+    async for items, _more in pages(
+            lambda: txns.list_async({"source": source, "limit": 100}),
+            "balance_transactions.list"):
+        found += items
+    return found
+
+
+async def _fill_fee(conn: asyncpg.Connection, charge: str, bt: dict[str, Any],
+                    row: asyncpg.Record | None, found: list[Discrepancy]) -> list[Discrepancy]:
+    """Fill fee, net and settlement when the ledger has none yet and nothing disagrees."""
+    if row is None or row["fee"] is not None or found:
+        if not found:
+            await _keep(conn, bt)
+        return []
+    repaired = row["balance_transaction"] == bt["id"]
+    if repaired:
+        await fees.store_balance_transaction(conn, bt)
+    after = dict(_record(row, *_PAYMENT_FIELDS) or {})
+    if repaired:
+        after.update(fee=bt.get("fee"), net=bt.get("net"), settlement_currency=bt.get("currency"),
+                     settlement_amount=bt.get("amount"))
+    return [Discrepancy("fee_missing", "payment", charge, bt["id"], after,
+                        _stripe_side(bt), repaired=repaired)]
+
+
+async def _keep(conn: asyncpg.Connection, bt: dict[str, Any]) -> None:
+    """Store an agreeing balance transaction not stored yet (reports read them)."""
+    exists = await conn.fetchval("SELECT true FROM balance_transactions WHERE id = $1", bt["id"])
+    if not exists:
+        await fees.store_balance_transaction(conn, bt)
+
+
+async def _store_discrepancies(
+    conn: asyncpg.Connection, run_id: int, found: list[Discrepancy], examined: list[str]
+) -> int:
+    """Record what this run found (once per open difference); close the open ones it examined
+    and found agreeing. Returns how many are new."""
+    new = 0
+    async with conn.transaction():
+        for d in found:
+            inserted = await conn.fetchval(
+                """
+                INSERT INTO reconciliation_discrepancies AS d (run_id, last_run_id, kind, object,
+                    stripe_id, balance_transaction, ledger, stripe, repaired, resolved_at)
+                VALUES ($1, $1, $2, $3, $4, $5, $6, $7, $8, CASE WHEN $8 THEN now() END)
+                ON CONFLICT (kind, stripe_id) WHERE resolved_at IS NULL DO UPDATE
+                   SET last_run_id = excluded.last_run_id, ledger = excluded.ledger,
+                       stripe = excluded.stripe
+                RETURNING xmax = 0
+                """,
+                run_id, d.kind, d.object, d.stripe_id, d.balance_transaction,
+                _jsonable(d.ledger), _jsonable(d.stripe), d.repaired,
+            )
+            new += 1 if inserted else 0
+        await conn.execute(
+            """
+            UPDATE reconciliation_discrepancies SET resolved_at = now()
+             WHERE resolved_at IS NULL AND last_run_id <> $1 AND stripe_id = any($2::text[])
+            """,
+            run_id, examined,
+        )
+    return new
+
+
+def _jsonable(values: dict[str, Any] | None) -> dict[str, Any] | None:
+    if values is None:
+        return None
+    return {k: (rfc3339(v) if isinstance(v, datetime) else v) for k, v in values.items()}
+
+
+def _discrepancy(row: asyncpg.Record) -> Discrepancy:
+    return Discrepancy(row["kind"], row["object"], row["stripe_id"], row["balance_transaction"],
+                       row["ledger"], row["stripe"], row["repaired"])
+
+
+# --- in `serve`: now and then ----------------------------------------------------------------
+
+
+async def periodic(
+    pool: asyncpg.Pool, client: stripe.StripeClient, offer: FoundingOffer, interval: float
+) -> None:
+    """Run until cancelled: a run whenever the last one (by any replica) is `interval` old.
+
+    Every replica checks; the advisory lock and the check of the last run's start mean that one
+    of them runs at a time and runs are about `interval` apart whatever the number of replicas.
+    """
+    await asyncio.sleep(min(interval, 60.0) * random.uniform(0.5, 1.0))  # noqa: S311
+    while True:
+        try:
+            async with db.connection(pool) as conn:
+                age = await conn.fetchval(
+                    "SELECT extract(epoch FROM now() - max(started_at))::float8 "
+                    "FROM reconciliation_runs"
+                )
+            if age is None or age >= interval * 0.95:
+                await run(pool, client, offer, trigger="schedule")
+        except AlreadyRunning:
+            log.info("reconciliation_skipped", reason="another replica is running it")
+        except db.DatabaseUnavailable:
+            log.warning("reconciliation_database_unavailable")
+        except stripe.StripeError as exc:
+            log.warning("reconciliation_stripe_failed", error=type(exc).__name__,
+                        http_status=exc.http_status)
+        except Exception:
+            log.exception("reconciliation_crashed")
+        await asyncio.sleep(interval * random.uniform(0.9, 1.1))  # noqa: S311
+
+
+# --- what operations and finance see ----------------------------------------------------------
+
+
+async def metrics_lines(conn: asyncpg.Connection) -> list[str]:
+    """Gauges for /metrics: time since the last successful run, open discrepancies by kind."""
+    age = await conn.fetchval(
+        "SELECT extract(epoch FROM now() - max(finished_at))::float8 FROM reconciliation_runs "
+        "WHERE status = 'succeeded'"
+    )
+    open_rows = await conn.fetch(
+        "SELECT kind, count(*) AS n FROM reconciliation_discrepancies WHERE resolved_at IS NULL "
+        "GROUP BY kind ORDER BY kind"
+    )
+    lines = gauge(
+        "donations_reconciliation_last_success_age_seconds",
+        "Seconds since the last reconciliation run that finished (absent: none yet).",
+        [] if age is None else [((), round(age, 3))],
+    )
+    lines += gauge(
+        "donations_reconciliation_open_discrepancies",
+        "Differences between Stripe's balance transactions and the ledger not yet resolved.",
+        [((), sum(r["n"] for r in open_rows))]
+        + [((("kind", r["kind"]),), r["n"]) for r in open_rows],
+    )
+    return lines
+
+
+def _run_json(row: asyncpg.Record, found: list[asyncpg.Record]) -> dict[str, Any]:
+    duration = (row["finished_at"] - row["started_at"]).total_seconds() \
+        if row["finished_at"] else None
+    return {
+        "id": row["id"],
+        "trigger": row["trigger"],
+        "status": row["status"],
+        "window": {"start": rfc3339(row["window_start"]), "end": rfc3339(row["window_end"])},
+        "started_at": rfc3339(row["started_at"]),
+        "finished_at": rfc3339(row["finished_at"]),
+        "duration_seconds": None if duration is None else round(duration, 3),
+        "counts": {
+            "pages": row["pages"], "events_listed": row["events_listed"],
+            "events_applied": row["events_applied"], "events_failed": row["events_failed"],
+            "balance_transactions": row["balance_transactions"],
+            "fees_filled": row["fees_filled"], "discrepancies_new": row["discrepancies_new"],
+            "discrepancies_open": row["discrepancies_open"],
+        },
+        "error": row["error"],
+        "discrepancies": [{
+            "id": d["id"], "kind": d["kind"], "object": d["object"], "stripe_id": d["stripe_id"],
+            "balance_transaction": d["balance_transaction"], "ledger": d["ledger"],
+            "stripe": d["stripe"], "repaired": d["repaired"],
+            "found_at": rfc3339(d["found_at"]), "resolved_at": rfc3339(d["resolved_at"]),
+        } for d in found],
+    }
+
+
+@routes.get("/v1/reconciliation/runs")
+async def list_runs(request: web.Request) -> web.Response:
+    """Recent runs, newest first, each with the discrepancies it found or found again."""
+    await auth.require(request, "reports:read")
+    raw = request.query.get("limit", "20")
+    if not raw.isdigit() or not 1 <= int(raw) <= 100:
+        raise BadRequest("invalid_limit", "limit must be a whole number from 1 to 100",
+                            field="limit")
+    async with db.connection(request.app[POOL]) as conn, conn.transaction(readonly=True):
+        runs = await conn.fetch(
+            "SELECT * FROM reconciliation_runs ORDER BY started_at DESC, id DESC LIMIT $1",
+            int(raw),
+        )
+        found = await conn.fetch(
+            """
+            SELECT * FROM reconciliation_discrepancies
+             WHERE run_id = any($1::bigint[]) OR last_run_id = any($1::bigint[])
+             ORDER BY id
+            """,
+            [r["id"] for r in runs],
+        )
+        open_count = await conn.fetchval(
+            "SELECT count(*) FROM reconciliation_discrepancies WHERE resolved_at IS NULL")
+    by_run: dict[int, list[asyncpg.Record]] = {}
+    for d in found:
+        for run_id in {d["run_id"], d["last_run_id"]}:
+            by_run.setdefault(run_id, []).append(d)
+    return web.json_response({
+        "runs": [_run_json(r, by_run.get(r["id"], [])) for r in runs],
+        "open_discrepancies": open_count,
+    })

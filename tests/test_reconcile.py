@@ -1,0 +1,367 @@
+"""Reconciliation against the fake Stripe: missed webhooks replayed to the ledger full delivery
+gives, resumable runs, balance transactions compared and differences recorded, not overwritten."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
+
+import asyncpg
+import pytest
+import stripe
+from pytest_aiohttp import AiohttpClient
+
+from donations import auth, reconcile
+from donations.app import create_app
+from donations.ledger import BalanceTransaction, FoundingOffer
+from donations.settings import Secret
+from tests.conftest import Client, make_settings
+from tests.fakestripe.world import World
+from tests.ledger_check import dump, reference
+from tests.test_fees import TEST_KEY, stripe_against
+from tests.webhook_helpers import post_all
+
+OFFER = FoundingOffer()
+
+
+def scenario(seed: int, steps: int = 110) -> World:
+    """A few hundred payments' worth of events: one-offs in four currencies, subscriptions with
+    renewals and cancellations, refunds (some failing), disputes won and lost, declines."""
+    world = World(seed=seed)
+    rng = random.Random(seed)
+    charges: list[str] = []
+    subscriptions: list[str] = []
+    for _ in range(steps):
+        currency = rng.choice(["gbp", "gbp", "usd", "eur", "jpy"])
+        amount = rng.randint(100, 50_000) if currency != "jpy" else rng.randint(100, 20_000)
+        roll = rng.random()
+        if roll < 0.35 or not charges:
+            paid = world.one_off(amount, currency, via=rng.choice(["checkout", "payment_intent"]),
+                                 campaign=rng.choice([None, "winter"]))
+            charges.append(paid.charge)
+        elif roll < 0.50:
+            started = world.subscribe(amount, currency, founding=rng.random() < 0.3,
+                                      interval=rng.choice(["month", "year"]))
+            subscriptions.append(started.subscription)
+            if started.charge:
+                charges.append(started.charge)
+        elif roll < 0.58 and subscriptions:
+            sub = rng.choice(subscriptions)
+            if world.objects[sub]["status"] == "active":
+                run = world.renew(sub)
+                if run.charge:
+                    charges.append(run.charge)
+        elif roll < 0.62 and subscriptions:
+            sub = rng.choice(subscriptions)
+            if world.objects[sub]["status"] == "active":
+                world.cancel(sub, at_period_end=rng.random() < 0.5)
+        elif roll < 0.78:
+            charge = world.objects[rng.choice(charges)]
+            left = int(charge["amount"]) - int(charge["amount_refunded"])
+            if left > 0 and not charge["disputed"]:
+                refunded = world.refund(charge["id"], rng.choice([None, max(1, left // 2)]))
+                if rng.random() < 0.15:
+                    world.fail_refund(refunded.refund)
+        elif roll < 0.88:
+            charge = world.objects[rng.choice(charges)]
+            if not charge["disputed"] and int(charge["amount_refunded"]) == 0:
+                world.dispute(charge["id"], rng.choice(["won", "lost", None]))
+        else:
+            world.failed_payment(amount, currency)
+    return world
+
+
+def charge_bts(world: World) -> dict[str, BalanceTransaction]:
+    """The balance transactions the ledger's payments settle through, as the reference takes
+    them (reconciliation fills every payment's fee)."""
+    return {
+        i: BalanceTransaction(i, bt["amount"], bt["currency"], bt["fee"], bt["net"])
+        for i, bt in world.balance_transactions.items() if bt["type"] == "charge"
+    }
+
+
+async def discrepancy_rows(pool: asyncpg.Pool) -> list[dict[str, Any]]:
+    return [dict(r) for r in await pool.fetch(
+        "SELECT * FROM reconciliation_discrepancies ORDER BY id")]
+
+
+async def reconcile_world(
+    pool: asyncpg.Pool, client: stripe.StripeClient, world: World, page_size: int = 100
+) -> reconcile.RunResult:
+    """A run as of the World's clock, which runs ahead of the real one (renewals jump months),
+    its first window starting with the World's history."""
+    return await reconcile.run(pool, client, OFFER, since=1_795_000_000, now=world.now + 60,
+                               page_size=page_size)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], within: float = 10) -> None:
+    for _ in range(int(within / 0.02)):
+        if await check():
+            return
+        await asyncio.sleep(0.02)
+
+
+async def test_reconcile_after_losing_30_percent_of_webhooks_gives_the_full_ledger(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    world = scenario(seed=601, steps=160)
+    assert len(world.events) > 600
+    rng = random.Random(6)
+    delivered = [e for e in world.events if rng.random() < 0.7]
+    await post_all(client, delivered)
+    assert await dump(pool) != reference(world.events, OFFER)
+
+    async with stripe_against(world) as (fake, stripe_client):
+        first = await reconcile_world(pool, stripe_client, world)
+        assert first.events_listed == len(world.events)
+        assert first.events_applied == len(world.events) - len(delivered)
+        assert first.events_failed == 0
+        full = reference(world.events, OFFER, charge_bts(world))
+        assert await dump(pool) == full
+        # what was missing was fees only: filled, recorded as repaired, nothing left open
+        assert first.open == []
+        assert first.matches
+        assert {d.kind for d in first.discrepancies} == {"fee_missing"}
+        assert all(d.repaired for d in first.discrepancies)
+        assert first.fees_filled == len(charge_bts(world))
+        sources = await pool.fetch(
+            "SELECT source, count(*) AS n FROM stripe_events GROUP BY source")
+        assert {r["source"]: r["n"] for r in sources} == {
+            "webhook": len(delivered), "reconcile": len(world.events) - len(delivered)}
+
+        recorded = await discrepancy_rows(pool)
+        second = await reconcile_world(pool, stripe_client, world)
+        assert (second.events_applied, second.discrepancies, second.open) == (0, [], [])
+        assert await dump(pool) == full
+        assert await discrepancy_rows(pool) == recorded
+        # every page was a list call through the library, newest first, 100 at a time
+        listed = fake.requests_to("/v1/events")
+        assert all(r.query["limit"] == "100" for r in listed)
+
+
+async def test_a_run_stopped_half_way_is_completed_by_the_next(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    world = scenario(seed=602, steps=40)
+    total = len(world.events)
+    async with stripe_against(world) as (fake, stripe_client):
+        # Stripe answers the third page of events with a 500 it says not to retry
+        fake.fail_next(1, 500, "/v1/events", should_retry=False, after=2)
+        with pytest.raises(stripe.APIError):
+            await reconcile_world(pool, stripe_client, world, 50)
+        run = await pool.fetchrow("SELECT * FROM reconciliation_runs")
+        assert run is not None
+        assert (run["status"], run["pages"], run["events_listed"]) == ("failed", 2, 100)
+        assert run["error"].startswith("APIError")
+        checkpoint = await pool.fetchrow("SELECT * FROM reconciliation_checkpoint")
+        assert checkpoint is not None
+        assert checkpoint["events_through"] is None
+        cursor = checkpoint["pending_cursor"]
+        assert cursor == fake.requests_to("/v1/events")[-1].query["starting_after"]
+        assert await pool.fetchval("SELECT count(*) FROM stripe_events") == 100
+
+        fake.requests.clear()
+        second = await reconcile.run(pool, stripe_client, OFFER, page_size=50,
+                                     now=world.now + 60)
+        # resumed from the saved page, not from the top
+        assert fake.requests_to("/v1/events")[0].query["starting_after"] == cursor
+        assert second.events_applied == total - 100
+        assert await dump(pool) == reference(world.events, OFFER, charge_bts(world))
+        checkpoint = await pool.fetchrow("SELECT * FROM reconciliation_checkpoint")
+        assert checkpoint is not None
+        assert checkpoint["events_through"] == world.now + 60
+        assert checkpoint["pending_cursor"] is None
+
+
+async def test_a_cancelled_run_keeps_its_pages_and_the_next_completes_it(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    world = scenario(seed=603, steps=40)
+    async with stripe_against(world) as (_, stripe_client):
+        task = asyncio.create_task(
+            reconcile_world(pool, stripe_client, world, 20))
+        await eventually(lambda: pool.fetchval(
+            "SELECT pending_cursor IS NOT NULL FROM reconciliation_checkpoint"))
+        task.cancel()  # a deploy stops the replica mid-run
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await pool.fetchval("SELECT status FROM reconciliation_runs") == "failed"
+        await reconcile.run(pool, stripe_client, OFFER, page_size=20, now=world.now + 60)
+        assert await dump(pool) == reference(world.events, OFFER, charge_bts(world))
+
+
+async def test_rate_limits_are_waited_out_and_the_run_completes(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    world = World(seed=604)
+    paid = world.one_off(2500, "gbp")
+    async with stripe_against(world) as (fake, stripe_client):
+        # a 429 the library itself retries (Stripe-Should-Retry), then two it leaves to us
+        fake.fail_next(1, 429, "/v1/events", should_retry=True)
+        fake.fail_next(2, 429, "/v1/balance_transactions")
+        started = time.monotonic()
+        result = await reconcile_world(pool, stripe_client, world)
+        waited = time.monotonic() - started
+    assert result.matches
+    assert len(fake.requests_to("/v1/events")) == 2
+    assert len(fake.requests_to("/v1/balance_transactions")) == 3
+    assert waited >= reconcile.BUSY_FIRST_DELAY * 0.5 * 1.5  # backed off, not hammered
+    row = await pool.fetchrow("SELECT fee FROM payments WHERE payment_key = $1",
+                              paid.payment_intent)
+    assert row is not None and row["fee"] is not None
+
+
+async def test_a_disagreeing_balance_transaction_is_reported_not_overwritten(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    world = World(seed=605)
+    paid = world.one_off(5000, "usd")
+    refunded = world.refund(world.one_off(3000, "gbp").charge, 1000)
+    await post_all(client, world.events)
+    async with stripe_against(world) as (_, stripe_client):
+        await reconcile_world(pool, stripe_client, world)
+        before = await dump(pool)
+        fee = before["payments"][paid.payment_intent]["fee"]
+        assert fee is not None
+
+        # Stripe now says another fee, and another amount for the refund
+        bt = world.balance_transactions[str(paid.balance_transaction)]
+        bt["fee"] += 7
+        bt["net"] -= 7
+        world.balance_transactions[str(refunded.balance_transaction)]["amount"] -= 100
+        result = await reconcile_world(pool, stripe_client, world)
+        assert not result.matches
+        kinds = sorted((d.kind, d.stripe_id) for d in result.open)
+        assert kinds == [("amount_mismatch", refunded.refund), ("fee_mismatch", paid.charge)]
+        assert await dump(pool) == before  # recorded, never overwritten
+        stored = await pool.fetchval("SELECT fee FROM balance_transactions WHERE id = $1",
+                                     bt["id"])
+        assert stored == fee
+        mismatch = next(d for d in result.open if d.kind == "fee_mismatch")
+        assert (mismatch.ledger or {})["fee"] == fee
+        assert (mismatch.stripe or {})["fee"] == fee + 7
+        assert mismatch.balance_transaction == bt["id"]
+
+        # found again: still one open row each, noted as seen by the later run
+        again = await reconcile_world(pool, stripe_client, world)
+        assert again.discrepancies_new == 0
+        rows = await discrepancy_rows(pool)
+        open_rows = [r for r in rows if r["resolved_at"] is None]
+        assert len(open_rows) == 2
+        assert {r["last_run_id"] for r in open_rows} == {again.run_id}
+
+        # once Stripe and the ledger agree again, the next run closes them
+        bt["fee"] -= 7
+        bt["net"] += 7
+        world.balance_transactions[str(refunded.balance_transaction)]["amount"] += 100
+        healed = await reconcile_world(pool, stripe_client, world)
+        assert healed.matches
+        assert all(r["resolved_at"] is not None for r in await discrepancy_rows(pool))
+
+
+async def test_payments_missing_on_either_side_are_reported(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    world = World(seed=606)
+    old = world.one_off(1500, "gbp")
+    kept = world.one_off(2500, "gbp")
+    lost_at_stripe = world.one_off(3500, "gbp")
+    await post_all(client, kept.events + lost_at_stripe.events)
+    # `old`'s events are beyond Stripe's 30 days; `lost_at_stripe`'s money never settled
+    world.events[:] = [e for e in world.events if e not in old.events]
+    gone = str(lost_at_stripe.balance_transaction)
+    del world.balance_transactions[gone]
+    del world.objects[gone]
+    async with stripe_against(world) as (_, stripe_client):
+        result = await reconcile_world(pool, stripe_client, world)
+    found = sorted((d.kind, d.object, d.stripe_id, d.repaired) for d in result.open)
+    assert found == [
+        ("missing_at_stripe", "payment", lost_at_stripe.charge, False),
+        ("missing_in_ledger", "payment", old.charge, False),
+    ]
+    missing = next(d for d in result.open if d.kind == "missing_in_ledger")
+    assert missing.ledger is None
+    assert (missing.stripe or {})["amount"] == 1500
+    assert "unresolved" in result.summary()
+
+
+async def test_only_one_run_at_a_time(client: Client, pool: asyncpg.Pool) -> None:
+    world = World(seed=607)
+    world.one_off(1000, "gbp")
+    async with stripe_against(world) as (fake, stripe_client), pool.acquire() as other:
+        await other.execute("SELECT pg_advisory_lock($1)", reconcile.LOCK_KEY)
+        with pytest.raises(reconcile.AlreadyRunning):
+            await reconcile_world(pool, stripe_client, world)
+        await other.execute("SELECT pg_advisory_unlock($1)", reconcile.LOCK_KEY)
+        assert fake.requests == []
+        assert (await reconcile_world(pool, stripe_client, world)).matches
+
+
+async def test_runs_are_listed_for_reports_read_and_counted_in_metrics(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    world = World(seed=608)
+    paid = world.one_off(4000, "gbp")
+    await post_all(client, paid.events[:1])
+    world.balance_transactions[str(paid.balance_transaction)]["amount"] += 1
+    async with stripe_against(world) as (_, stripe_client):
+        await reconcile_world(pool, stripe_client, world)
+    async with pool.acquire() as conn:
+        reader = await auth.create_token(cast(asyncpg.Connection, conn), "finance",
+                                         ["reports:read"])
+        other = await auth.create_token(cast(asyncpg.Connection, conn), "portal", ["portal"])
+
+    assert (await client.get("/v1/reconciliation/runs")).status == 401
+    forbidden = await client.get("/v1/reconciliation/runs",
+                                 headers={"Authorization": f"Bearer {other}"})
+    assert forbidden.status == 403
+    response = await client.get("/v1/reconciliation/runs",
+                                headers={"Authorization": f"Bearer {reader}"})
+    assert response.status == 200
+    body = await response.json()
+    assert body["open_discrepancies"] == 1
+    [run] = body["runs"]
+    assert run["status"] == "succeeded"
+    assert run["trigger"] == "command"
+    assert run["window"]["start"] == "2026-11-18T11:06:40Z"
+    assert run["counts"]["events_applied"] == len(paid.events) - 1
+    assert run["counts"]["discrepancies_open"] == 1
+    assert run["duration_seconds"] >= 0
+    [found] = run["discrepancies"]
+    assert (found["kind"], found["stripe_id"], found["repaired"]) == (
+        "amount_mismatch", paid.charge, False)
+    assert (found["ledger"]["amount"], found["stripe"]["amount"]) == (4000, 4001)
+    bad = await client.get("/v1/reconciliation/runs?limit=0",
+                           headers={"Authorization": f"Bearer {reader}"})
+    assert bad.status == 400
+
+    metrics = await (await client.get("/metrics")).text()
+    assert "donations_reconciliation_open_discrepancies 1" in metrics
+    assert 'donations_reconciliation_open_discrepancies{kind="amount_mismatch"} 1' in metrics
+    age = next(line for line in metrics.splitlines()
+               if line.startswith("donations_reconciliation_last_success_age_seconds "))
+    assert 0 <= float(age.split()[1]) < 60
+
+
+async def test_serve_reconciles_periodically(
+    pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
+) -> None:
+    world = World(seed=609, start=int(time.time()) - 3600)
+    paid = world.one_off(1200, "gbp")
+    async with stripe_against(world) as (fake, _):
+        settings = make_settings(dsn, stripe_secret_key=Secret(TEST_KEY),
+                                 stripe_api_base=fake.base_url, reconcile_interval=0.3,
+                                 fee_worker_interval=3600.0)
+        app_client = await aiohttp_client(create_app(settings))
+        await eventually(lambda: pool.fetchval(
+            "SELECT count(*) >= 2 FROM reconciliation_runs WHERE status = 'succeeded'"))
+        runs = await pool.fetch("SELECT * FROM reconciliation_runs ORDER BY id")
+        assert len(runs) >= 2
+        assert {r["trigger"] for r in runs} == {"schedule"}
+        row = await pool.fetchrow("SELECT status FROM payments WHERE payment_key = $1",
+                                  paid.payment_intent)
+        assert row is not None and row["status"] == "succeeded"
+        await app_client.close()
