@@ -13,11 +13,27 @@ import stripe
 import structlog
 from aiohttp import web
 
-from donations import campaigns, db, fees, openapi, webhooks
-from donations.appkeys import METRICS, MIGRATIONS, OFFER, POOL, SETTINGS, STRIPE
+from donations import (
+    auth,
+    campaigns,
+    checkout,
+    db,
+    fees,
+    openapi,
+    payouts,
+    portal,
+    reconcile,
+    reports,
+    staff_page,
+    totals_api,
+    webhooks,
+)
+from donations import embed as embed_widget
+from donations.appkeys import METRICS, MIGRATIONS, OFFER, POOL, SEATS, SETTINGS, STRIPE
 from donations.errors import ApiError
 from donations.ledger import FoundingOffer
 from donations.metrics import Metrics, gauge
+from donations.seats import FoundingSeats
 from donations.settings import Settings
 from donations.stripe_api import make_client
 
@@ -31,17 +47,32 @@ routes = web.RouteTableDef()
 
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(
-        middlewares=[request_context],
+        middlewares=[checkout.cors, request_context],
         client_max_size=webhooks.MAX_BODY,
     )
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[OFFER] = FoundingOffer(settings.founding_coupon_id, settings.founding_percent_off)
+    app[SEATS] = FoundingSeats(settings.founding_seats)
     app[MIGRATIONS] = db.load_migrations()
+    app[auth.FAILED_ATTEMPTS] = auth.FailedAttempts()
     app.cleanup_ctx.extend([database, stripe_client, balance_transaction_worker])
+    app.cleanup_ctx.append(payout_worker)
+    app.cleanup_ctx.append(reconciliation_schedule)
     app.add_routes(routes)
     app.add_routes(webhooks.routes)
     app.add_routes(campaigns.routes)
+    app.add_routes(checkout.routes)
+    app.add_routes(portal.routes)
+    app.cleanup_ctx.append(checkout.maintenance)
+    app.add_routes(reports.routes)
+    app.add_routes(payouts.routes)
+    app.add_routes(reconcile.routes)
+    app.add_routes(staff_page.routes)
+    app.cleanup_ctx.append(totals_api.totals_context)
+    app.add_routes(totals_api.routes)
+    app.add_routes(embed_widget.routes)
+    app.on_response_prepare.append(totals_api.cors)
     return app
 
 
@@ -96,6 +127,37 @@ async def balance_transaction_worker(app: web.Application) -> AsyncIterator[None
         await task
 
 
+async def payout_worker(app: web.Application) -> AsyncIterator[None]:
+    """Fetches each paid or failed payout's balance transactions (see donations/payouts.py)."""
+    client = app[STRIPE]
+    if client is None:  # without a key, payouts are listed but not yet tied to their parts
+        yield
+        return
+    task = asyncio.create_task(
+        payouts.worker(app[POOL], client, app[SETTINGS].payout_worker_interval),
+        name="payout-worker",
+    )
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def reconciliation_schedule(app: web.Application) -> AsyncIterator[None]:
+    """Reconciles with Stripe every RECONCILE_INTERVAL, one replica at a time."""
+    client, interval = app[STRIPE], app[SETTINGS].reconcile_interval
+    if client is None or interval <= 0:
+        yield
+        return
+    task = asyncio.create_task(
+        reconcile.periodic(app[POOL], client, app[OFFER], interval), name="reconciliation",
+    )
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 # --- middleware -----------------------------------------------------------------------------
 
 
@@ -110,7 +172,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     try:
         response = await handler(request)
     except ApiError as exc:
-        response = web.json_response(exc.body(), status=exc.status)
+        response = web.json_response(exc.body(), status=exc.status, headers=exc.headers)
         if exc.status >= 500:
             log.warning("request_failed", code=exc.code)
     except web.HTTPException as exc:
@@ -127,6 +189,13 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
             {"error": {"code": "database_unavailable",
                        "message": "the database is unavailable; try again shortly"}},
             status=503, headers={"Retry-After": "5"},
+        )
+    except db.DatabaseBusy as exc:
+        log.warning("database_busy", error=str(exc))
+        response = web.json_response(
+            {"error": {"code": "database_busy",
+                       "message": "the database is too busy right now; try again shortly"}},
+            status=503, headers={"Retry-After": "2"},
         )
     except Exception:
         log.exception("request_crashed", method=request.method, path=request.path)
@@ -190,9 +259,10 @@ async def metrics(request: web.Request) -> web.Response:
                 """
             )
             queued = await conn.fetchval("SELECT count(*) FROM balance_transaction_fetches")
+            reconciliation = await reconcile.metrics_lines(conn)
         up = 1
     except db.DatabaseUnavailable:
-        events, ledger, queued, up = [], [], 0, 0
+        events, ledger, queued, up, reconciliation = [], [], 0, 0, []
     lines += gauge("donations_database_up", "1 when PostgreSQL answered this scrape.", [((), up)])
     lines += gauge(
         "donations_stored_events", "Stored Stripe events by type and status "
@@ -210,6 +280,7 @@ async def metrics(request: web.Request) -> web.Response:
     )
     lines += gauge("donations_balance_transactions_queued",
                    "Balance transactions waiting to be fetched from Stripe.", [((), queued)])
+    lines += reconciliation
     return web.Response(
         body=("\n".join(lines) + "\n").encode(),
         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8",

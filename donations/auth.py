@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -14,13 +15,60 @@ from aiohttp import web
 
 from donations import db
 from donations.appkeys import POOL
-from donations.errors import Conflict, Forbidden, NotFound, Unauthorized, Unprocessable
+from donations.errors import (
+    Conflict,
+    Forbidden,
+    NotFound,
+    TooManyRequests,
+    Unauthorized,
+    Unprocessable,
+)
 
 log = structlog.get_logger(__name__)
 
 SCOPES = ("admin", "reports:read", "portal")
 ISSUED_PREFIX = "dnt_"  # recognisable in a leaked-secret scan
 _TOUCH_EVERY = timedelta(minutes=1)
+
+
+@dataclass
+class FailedAttempts:
+    """Failed token checks per client address in a sliding window, kept in this process.
+
+    Guessing a 256-bit token is hopeless anyway; this keeps a scanner from filling the logs and
+    the database with lookups. Kept in memory: each replica limits on its own, which is enough
+    for that. Only failures count, so staff using a good token are never slowed.
+    """
+
+    limit: int = 20
+    window: float = 300.0
+    _seen: dict[str, list[float]] = field(default_factory=dict)
+
+    def _recent(self, client: str, now: float) -> list[float]:
+        times = [t for t in self._seen.get(client, []) if now - t < self.window]
+        if times:
+            self._seen[client] = times
+        else:
+            self._seen.pop(client, None)
+        return times
+
+    def blocked_for(self, client: str) -> int:
+        """Seconds until `client` may try again; 0 when it may now."""
+        now = time.monotonic()
+        times = self._recent(client, now)
+        if len(times) < self.limit:
+            return 0
+        return max(1, int(times[-self.limit] + self.window - now) + 1)
+
+    def failed(self, client: str) -> None:
+        if len(self._seen) > 10_000:  # bounded memory under a scan from many addresses
+            now = time.monotonic()
+            for key in list(self._seen):
+                self._recent(key, now)
+        self._seen.setdefault(client, []).append(time.monotonic())
+
+
+FAILED_ATTEMPTS = web.AppKey("failed_auth_attempts", FailedAttempts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,14 +136,29 @@ async def require(request: web.Request, scope: str) -> Token:
     scheme, _, value = header.partition(" ")
     if scheme.lower() != "bearer" or not value.strip():
         raise Unauthorized("unauthorized", "send Authorization: Bearer <token>")
-    presented = token_hash(value.strip())
+    return await check(request, value.strip(), scope)
+
+
+async def check(request: web.Request, value: str, scope: str) -> Token:
+    """The token `value` if it is live and carries `scope`; else 401, 403, or 429 after too
+    many failures from the same client. The token itself is never logged."""
+    attempts = request.app.get(FAILED_ATTEMPTS)
+    client = request.remote or "unknown"
+    if attempts is not None and (wait := attempts.blocked_for(client)):
+        log.warning("auth_rate_limited", client=client, path=request.path)
+        raise TooManyRequests("too_many_attempts", "too many failed attempts; try again later",
+                              headers={"Retry-After": str(wait)})
+    presented = token_hash(value)
     async with db.connection(request.app[POOL]) as conn:
         row = await conn.fetchrow(
             "SELECT * FROM api_tokens WHERE token_hash = $1 AND revoked_at IS NULL", presented
         )
         # compare the digests in constant time as well: the index lookup is not the check
         if row is None or not hmac.compare_digest(bytes(row["token_hash"]), presented):
-            log.warning("auth_failed", reason="unknown_or_revoked_token", path=request.path)
+            log.warning("auth_failed", reason="unknown_or_revoked_token", path=request.path,
+                        client=client)
+            if attempts is not None:
+                attempts.failed(client)
             raise Unauthorized("unauthorized", "the token is unknown or revoked")
         token = _token(row)
         # at most one write a minute per token, not one per request

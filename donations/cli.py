@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
+import io
 import json
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -12,7 +14,7 @@ import asyncpg
 import structlog
 from aiohttp import web
 
-from donations import __version__, auth, campaigns, db, ingest, inputs
+from donations import __version__, auth, campaigns, db, ingest, inputs, totals
 from donations import logging as donations_logging
 from donations.errors import ApiError, Unprocessable
 from donations.ledger import FoundingOffer
@@ -54,6 +56,38 @@ def build_parser() -> argparse.ArgumentParser:
     new.add_argument("--starts", help="RFC 3339 timestamp or ISO date (UTC)")
     new.add_argument("--ends", help="RFC 3339 timestamp or ISO date (UTC)")
     campaigns_commands.add_parser("list", help="list campaigns")
+    totals_parser = commands.add_parser("totals", help="the public totals")
+    totals_commands = totals_parser.add_subparsers(dest="totals_command", required=True)
+    totals_commands.add_parser("verify", help="recompute every total from the ledger and list "
+                               "any difference from those kept (exit 1 if there is one)")
+    commands.add_parser("stripe-setup", help="create or find, idempotently, the coupon and "
+                        "products checkout needs in the Stripe account")
+
+    reconcile_parser = commands.add_parser(
+        "reconcile", help="replay missed Stripe events, compare balance transactions, repair; "
+        "exit 1 while unresolved discrepancies remain")
+    reconcile_parser.add_argument(
+        "--since", help="read Stripe's events from this ISO date or RFC 3339 time (UTC) instead "
+        "of from the checkpoint; Stripe keeps 30 days")
+    import_parser = commands.add_parser(
+        "import", help="bring in Stripe history older than its 30 days of events, from its "
+        "objects; idempotent and resumable")
+    import_parser.add_argument("--since", required=True,
+                               help="objects created from this ISO date or RFC 3339 time (UTC)")
+
+    report = commands.add_parser("report", help="finance reports (as GET /v1/reports/…)")
+    report_commands = report.add_subparsers(dest="report_command", required=True)
+    for name, text in (("contributions", "payments, refunds and dispute movements"),
+                       ("summary", "gross, refunds, disputes, fees, net, counts (JSON)"),
+                       ("payouts", "payouts with the balance transactions that make them up")):
+        sub = report_commands.add_parser(name, help=text)
+        sub.add_argument("--from", dest="start", required=True,
+                         help="inclusive: ISO date or timestamp")
+        sub.add_argument("--to", dest="end", required=True, help="exclusive: ISO date or timestamp")
+        sub.add_argument("--tz", help="IANA time zone for dates and naive times (default UTC)")
+        if name != "summary":
+            sub.add_argument("--format", choices=("csv", "json"), default="csv")
+            sub.add_argument("--out", help="write to this file instead of standard output")
     return parser
 
 
@@ -75,6 +109,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                                        if args.events_command == "retry" else False))
         if args.command == "tokens":
             return asyncio.run(_in_transaction(settings, lambda conn: _tokens(conn, args)))
+        if args.command in ("reconcile", "import"):
+            return asyncio.run(_with_stripe(settings, args))
+        if args.command == "report":
+            return asyncio.run(_report(settings, args))
+        if args.command == "stripe-setup":
+            return asyncio.run(_stripe_setup(settings))
+        if args.command == "totals":
+            return asyncio.run(_totals_verify(settings))
         if args.command == "campaigns":
             return asyncio.run(
                 _in_transaction(settings, lambda conn: _campaigns(conn, args, settings))
@@ -170,6 +212,23 @@ async def _in_transaction(
             embedded.stop()
 
 
+async def _totals_verify(settings: Settings) -> int:
+    dsn, embedded = await _with_database(settings)
+    try:
+        await db.migrate(dsn)
+        conn = await asyncpg.connect(dsn)
+        try:
+            result = await totals.verify(conn)  # its own REPEATABLE READ transaction
+        finally:
+            await conn.close()
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    for line in totals.describe(result):
+        print(line)
+    return 1 if result.differences else 0
+
+
 async def _tokens(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
     if args.tokens_command == "create":
         value = await auth.create_token(conn, args.name, args.scope)
@@ -207,3 +266,125 @@ async def _campaigns(conn: asyncpg.Connection, args: argparse.Namespace, setting
         for campaign in await campaigns.list_all(conn):
             print(json.dumps(campaign.as_json()))
     return 0
+
+
+async def _report(settings: Settings, args: argparse.Namespace) -> int:
+    """A report to standard output or --out; the same rows and rules as the HTTP endpoints."""
+    from donations import payouts, reports  # noqa: PLC0415 - keeps `--help` fast
+
+    win = reports.window(args.start, args.end, args.tz)
+    dsn, embedded = await _with_database(settings)
+    out = open(args.out, "wb") if getattr(args, "out", None) else sys.stdout.buffer  # noqa: SIM115, ASYNC230
+    try:
+        await db.migrate(dsn)
+        conn = await asyncpg.connect(dsn)
+        try:
+            if args.report_command == "contributions":
+                async def write(chunk: bytes) -> None:
+                    out.write(chunk)
+
+                rows = await reports.stream_contributions(conn, win, args.format, write)
+                print(f"{rows} row(s)", file=sys.stderr)
+            elif args.report_command == "summary":
+                body = await reports.summary(conn, win, settings.reporting_currency)
+                out.write((json.dumps(body, indent=2) + "\n").encode())
+            else:
+                found = await payouts.payouts_with_members(conn, win)
+                if args.format == "json":
+                    out.write((json.dumps({"window": win.as_json(), "data": found}, indent=2)
+                               + "\n").encode())
+                else:
+                    buffer = io.StringIO()
+                    writer = csv.writer(buffer)
+                    writer.writerow(payouts.CSV_COLUMNS)
+                    writer.writerows(payouts.csv_rows(found))
+                    out.write(buffer.getvalue().encode())
+                unbalanced = [p["id"] for p in found if p["balanced"] is False]
+                if unbalanced:
+                    print("payouts whose transactions do not sum to them: "
+                          + ", ".join(unbalanced), file=sys.stderr)
+                    return 1
+            return 0
+        finally:
+            await conn.close()
+    finally:
+        out.flush()
+        if out is not sys.stdout.buffer:
+            out.close()
+        if embedded is not None:
+            embedded.stop()
+
+
+async def _with_stripe(settings: Settings, args: argparse.Namespace) -> int:
+    """`reconcile` and `import`: a migrated database, a Stripe client, one run."""
+    import stripe  # noqa: PLC0415 - keeps `--help` fast
+
+    from donations import importer, reconcile  # noqa: PLC0415
+    from donations.stripe_api import make_client  # noqa: PLC0415
+
+    since = int(inputs.timestamp(args.since, "since").timestamp()) if args.since else None
+    http_client = stripe.AIOHTTPClient(timeout=30)
+    client = make_client(settings, http_client)
+    if client is None:
+        print("donations: STRIPE_SECRET_KEY is not set", file=sys.stderr)
+        return 2
+    offer = FoundingOffer(settings.founding_coupon_id, settings.founding_percent_off)
+    dsn, embedded = await _with_database(settings)
+    try:
+        await db.migrate(dsn)
+        pool = await db.create_pool(dsn, min_size=1, max_size=reconcile.APPLY_CONCURRENCY + 2)
+        try:
+            if args.command == "import":
+                assert since is not None  # --since is required
+                done = await importer.run(pool, client, offer, since, progress=sys.stderr)
+                for name, count in done.imported.items():
+                    note = " (finished before)" if name in done.skipped else ""
+                    print(f"{name}\t{count}{note}")
+                print(f"applied {done.applied}, failed {done.failed}")
+                return 1 if done.failed else 0
+            try:
+                result = await reconcile.run(pool, client, offer, since=since)
+            except reconcile.AlreadyRunning as exc:
+                print(f"donations: {exc}", file=sys.stderr)
+                return 1
+            except stripe.StripeError as exc:
+                print(f"donations: Stripe failed: {type(exc).__name__}: "
+                      f"{exc.user_message or exc}; the next run resumes where this one stopped",
+                      file=sys.stderr)
+                return 1
+            print(result.summary())
+            return 0 if result.matches else 1
+        finally:
+            await pool.close()
+    finally:
+        await http_client.close_async()  # type: ignore[no-untyped-call]  # unannotated upstream
+        if embedded is not None:
+            embedded.stop()
+
+
+async def _stripe_setup(settings: Settings) -> int:
+    """Exit 0 when the account has what checkout needs, 1 when a person must step in."""
+    import stripe  # noqa: PLC0415 - keeps `--help` fast
+
+    from donations import stripe_api, stripe_setup  # noqa: PLC0415
+
+    http_client = stripe.AIOHTTPClient(timeout=20)
+    client = stripe_api.make_client(settings, http_client)
+    if client is None:
+        print("donations: stripe-setup needs STRIPE_SECRET_KEY", file=sys.stderr)
+        await http_client.close_async()  # type: ignore[no-untyped-call]  # unannotated upstream
+        return 2
+    try:
+        outcome = await stripe_setup.run(client, settings)
+    except stripe.StripeError as exc:
+        error = stripe_api.failure(exc)
+        print(f"donations: stripe-setup failed: {error.message} ({error.code}; Stripe said: "
+              f"{exc.user_message or type(exc).__name__})", file=sys.stderr)
+        return 1
+    finally:
+        await http_client.close_async()  # type: ignore[no-untyped-call]
+    for line in outcome.lines:
+        print(line)
+    for problem in outcome.problems:
+        print(f"problem: {problem}", file=sys.stderr)
+    return 1 if outcome.problems else 0

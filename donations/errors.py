@@ -8,6 +8,8 @@
      ├── Conflict                  409
      ├── PayloadTooLarge           413
      ├── Unprocessable             422  well-formed but out of range
+     ├── TooManyRequests           429  over a rate limit: retry after `Retry-After` seconds
+     ├── BadGateway                502  a dependency (Stripe) refused or garbled our request
      └── ServiceUnavailable        503  a dependency (database, Stripe) is not there: retry later
 """
 
@@ -21,11 +23,15 @@ class ApiError(Exception):
 
     status: ClassVar[int] = 500
 
-    def __init__(self, code: str, message: str, *, field: str | None = None) -> None:
+    def __init__(
+        self, code: str, message: str, *, field: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.field = field
+        self.headers = dict(headers or {})  # e.g. Retry-After, sent with the error
 
     def body(self) -> dict[str, Any]:
         error: dict[str, Any] = {"code": self.code, "message": self.message}
@@ -74,6 +80,18 @@ class Unprocessable(ApiError):
     """Well-formed input whose values are out of range."""
 
     status = 422
+
+
+class TooManyRequests(ApiError):
+    """Over a rate limit; `Retry-After` says when to try again."""
+
+    status = 429
+
+
+class BadGateway(ApiError):
+    """A dependency answered, but not with something we can use (e.g. Stripe refused a call)."""
+
+    status = 502
 
 
 class ServiceUnavailable(ApiError):

@@ -78,11 +78,21 @@ class Metrics:
     balance_fetches: Counter = field(default_factory=lambda: Counter(
         "donations_balance_transaction_fetches_total",
         "Balance transaction look-ups at Stripe by outcome."))
+    checkout_sessions: Counter = field(default_factory=lambda: Counter(
+        "donations_checkout_sessions_total",
+        "Checkout sessions created at Stripe by mode and founding discount."))
+    checkout_rate_limited: Counter = field(default_factory=lambda: Counter(
+        "donations_checkout_rate_limited_total",
+        "Checkout attempts refused with 429, by the limit hit (ip or overall)."))
+    stripe_errors: Counter = field(default_factory=lambda: Counter(
+        "donations_stripe_errors_total",
+        "Failed Stripe calls on a request's path, by operation and the code answered."))
 
     def render(self) -> list[str]:
         lines: list[str] = []
         for instrument in (self.requests, self.request_seconds, self.webhook_events,
-                           self.balance_fetches):
+                           self.balance_fetches, self.checkout_sessions,
+                           self.checkout_rate_limited, self.stripe_errors):
             lines += instrument.render()
         return lines
 

@@ -17,6 +17,15 @@ def _error(description: str) -> dict[str, Any]:
     return _json(_ERROR, description)
 
 
+_REPORT_WINDOW: list[dict[str, Any]] = [
+    {"name": "from", "in": "query", "required": True, "description": "inclusive: an ISO date "
+     "(midnight in tz) or timestamp", "schema": {"type": "string"}},
+    {"name": "to", "in": "query", "required": True, "description": "exclusive",
+     "schema": {"type": "string"}},
+    {"name": "tz", "in": "query", "description": "IANA time zone for dates and naive "
+     "timestamps; UTC when absent", "schema": {"type": "string"}},
+]
+
 SPEC: dict[str, Any] = {
     "openapi": "3.1.0",
     "info": {
@@ -56,6 +65,80 @@ SPEC: dict[str, Any] = {
         "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {
             "200": {"description": "Prometheus text exposition format",
                     "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+        "/v1/reconciliation/runs": {"get": {
+            "summary": "Recent reconciliation runs and their discrepancies (reports:read)",
+            "description": "Newest first: each run's window, counts, duration and the "
+            "discrepancies it found or found again; open_discrepancies counts all unresolved.",
+            "security": [{"bearer": []}],
+            "parameters": [{"name": "limit", "in": "query", "required": False,
+                            "schema": {"type": "integer", "minimum": 1, "maximum": 100,
+                                       "default": 20}}],
+            "responses": {
+                "200": _json({"type": "object", "required": ["runs", "open_discrepancies"],
+                              "properties": {
+                                  "runs": {"type": "array", "items": {"type": "object"}},
+                                  "open_discrepancies": {"type": "integer"}}},
+                             "Recent runs"),
+                "400": _error("limit is not a whole number from 1 to 100"),
+                "401": _error("No or unknown token"),
+                "403": _error("The token lacks reports:read"),
+            }}},
+        "/v1/reports/contributions": {"get": {
+            "summary": "Payments, refunds and dispute movements in a window (reports:read)",
+            "description": "One row per movement, streamed. CSV (RFC 4180, amounts in major "
+            "units, text that a spreadsheet would run neutralised with a leading apostrophe) or "
+            "JSON (the same rows, money objects). Content-Disposition names the file after the "
+            "window.",
+            "security": [{"bearer": []}],
+            "parameters": [*_REPORT_WINDOW, {"name": "format", "in": "query",
+                                             "schema": {"type": "string",
+                                                        "enum": ["csv", "json"],
+                                                        "default": "csv"}}],
+            "responses": {
+                "200": {"description": "The rows", "content": {
+                    "text/csv": {"schema": {"type": "string"}},
+                    "application/json": {"schema": {"type": "object"}}}},
+                "400": _error("A missing or unreadable from, to, tz or format"),
+                "401": _error("No, unknown or revoked token"),
+                "403": _error("The token lacks reports:read"),
+                "422": _error("to is not after from"),
+                "429": _error("Too many failed token attempts from this client"),
+            }}},
+        "/v1/reports/summary": {"get": {
+            "summary": "Gross, refunds, disputes, fees, net, counts and monthly recurring "
+            "(reports:read)",
+            "security": [{"bearer": []}],
+            "parameters": _REPORT_WINDOW,
+            "responses": {"200": _json({"type": "object"}, "By payment currency and as "
+                                       "settled in the reporting currency"),
+                          "400": _error("Bad window"), "401": _error("No or unknown token"),
+                          "403": _error("The token lacks reports:read")}}},
+        "/v1/reports/payouts": {"get": {
+            "summary": "Payouts arriving in the window, and whether their balance transactions "
+            "sum to them (reports:read)",
+            "security": [{"bearer": []}],
+            "parameters": _REPORT_WINDOW,
+            "responses": {"200": _json({"type": "object"}, "data: payouts; unbalanced: ids of "
+                                       "those whose parts do not sum to them"),
+                          "401": _error("No or unknown token"),
+                          "403": _error("The token lacks reports:read")}}},
+        "/v1/reports/payouts/{id}": {"get": {
+            "summary": "One payout with its balance transactions joined to the ledger "
+            "(reports:read)",
+            "security": [{"bearer": []}],
+            "parameters": [{"name": "id", "in": "path", "required": True,
+                            "schema": {"type": "string"}}],
+            "responses": {"200": _json({"type": "object"}, "The payout and its transactions"),
+                          "404": _error("No such payout"),
+                          "401": _error("No or unknown token"),
+                          "403": _error("The token lacks reports:read")}}},
+        "/staff/": {"get": {
+            "summary": "Finance staff page: token login (cookie), a month's summary, a 12-month "
+            "chart, CSV downloads",
+            "parameters": [{"name": "month", "in": "query", "schema": {
+                "type": "string", "pattern": "^[0-9]{4}-[0-9]{2}$"}}],
+            "responses": {"200": {"description": "HTML",
+                                  "content": {"text/html": {"schema": {"type": "string"}}}}}}},
         "/openapi.json": {"get": {"summary": "This document", "responses": {
             "200": _json({"type": "object"}, "OpenAPI 3 description")}}},
     },
@@ -86,3 +169,159 @@ SPEC: dict[str, Any] = {
         "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
     },
 }
+
+
+# --- checkout (donations/checkout.py, donations/portal.py) ----------------------------------
+
+_MONEY = {"$ref": "#/components/schemas/Money"}
+_CHECKOUT_ERRORS = {
+    "400": _error("Malformed body or field (the field is named), or a bad Idempotency-Key"),
+    "403": _error("A browser Origin not on SITE_ORIGINS"),
+    "409": _error("Idempotency-Key reused with another body, or its first request still "
+                  "running"),
+    "413": _error("Body over 64 KiB"),
+    "422": _error("A field out of range: currency, amount limits, e-mail, URL not on "
+                  "SITE_ORIGINS, unknown campaign, metadata over Stripe's limits"),
+    "429": _error("Over a checkout rate limit (per client network or overall); see "
+                  "Retry-After"),
+    "502": _error("Stripe refused the request (stripe_rejected_request, "
+                  "stripe_authentication_failed, stripe_idempotency_conflict)"),
+    "503": _error("stripe_not_configured, stripe_not_set_up, stripe_unavailable, "
+                  "stripe_rate_limited or database_unavailable; see Retry-After"),
+}
+
+
+def _checkout(summary: str, recurring: bool) -> dict[str, Any]:
+    properties: dict[str, Any] = {
+        "amount": {"type": "integer", "description": "minor units (1000 is £10.00, ¥1,000)"},
+        "currency": {"type": "string", "pattern": "^[a-z]{3}$"},
+        "email": {"type": "string", "description": "pre-fills Checkout"},
+        "campaign": {"type": "string", "description": "a campaign slug"},
+        "success_url": {"type": "string", "description": "on SITE_ORIGINS; may contain "
+                        "{CHECKOUT_SESSION_ID}"},
+        "cancel_url": {"type": "string", "description": "on SITE_ORIGINS"},
+        "metadata": {"type": "object", "additionalProperties": {"type": "string"},
+                     "description": "the form's own (referrer, variant…): up to 48 keys"},
+    }
+    answer: dict[str, Any] = {
+        "id": {"type": "string"}, "url": {"type": "string"},
+        "expires_at": {"type": "string", "format": "date-time"},
+        "amount": _MONEY, "campaign": {"type": ["string", "null"]},
+    }
+    required = ["amount", "currency", "success_url", "cancel_url"]
+    if recurring:
+        properties["interval"] = {"type": "string", "enum": ["month", "year"]}
+        answer["interval"] = {"type": "string", "enum": ["month", "year"]}
+        answer["founding_discount"] = {"type": "boolean"}
+        required.append("interval")
+    return {"post": {
+        "summary": summary,
+        "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
+                        "schema": {"type": "string", "maxLength": 200}}],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {
+            "type": "object", "required": required, "properties": properties,
+            "additionalProperties": False}}}},
+        "responses": {
+            "201": _json({"type": "object", "properties": answer},
+                         "A Stripe Checkout Session: send the reader to `url`"),
+            **_CHECKOUT_ERRORS,
+        },
+    }}
+
+
+SPEC["paths"].update({
+    "/v1/checkout/contributions": _checkout("Start a one-off contribution", recurring=False),
+    "/v1/checkout/subscriptions": _checkout(
+        "Start a monthly or yearly subscription (founding discount while seats remain)",
+        recurring=True),
+    "/v1/checkout/options": {"get": {
+        "summary": "Currencies, suggested amounts and limits, and the founding offer",
+        "responses": {"200": _json({"type": "object"}, "What the forms offer")},
+    }},
+    "/v1/portal-sessions": {"post": {
+        "summary": "A Stripe customer portal link for a supporter",
+        "security": [{"bearer": []}],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {
+            "type": "object", "required": ["return_url"], "properties": {
+                "customer": {"type": "string"}, "email": {"type": "string"},
+                "return_url": {"type": "string"}}}}}},
+        "responses": {
+            "201": _json({"type": "object", "properties": {"url": {"type": "string"}}},
+                         "Send the supporter to `url`"),
+            "401": _error("No or unknown token"),
+            "403": _error("A token without the portal or admin scope"),
+            "404": _error("No such supporter (by e-mail in the ledger, or at Stripe)"),
+            "422": _error("return_url not on SITE_ORIGINS"),
+            "502": _error("Stripe refused the request"),
+            "503": _error("Stripe not configured or unavailable"),
+        },
+    }},
+})
+
+
+# --- public totals (donations/totals_api.py, donations/embed.py) -----------------------------
+
+_TOTALS_MONEY = {"$ref": "#/components/schemas/Money"}
+_TOTALS_SCHEMA: dict[str, Any] = {"type": "object", "properties": {
+    "campaign": {"type": ["string", "null"], "description": "the slug; null for everything"},
+    "title": {"type": ["string", "null"]},
+    "currency": {"type": "string", "description": "the reporting currency"},
+    "raised": _TOTALS_MONEY,
+    "goal": {"oneOf": [_TOTALS_MONEY, {"type": "null"}]},
+    "percent_of_goal": {"type": ["number", "null"], "description": "two decimals"},
+    "supporters": {"type": "integer"}, "contributions": {"type": "integer"},
+    "active_subscriptions": {"type": "integer"}, "monthly_recurring": _TOTALS_MONEY,
+    "founding_seats_left": {"type": "integer"},
+    "by_currency": {"type": "array", "items": {"type": "object", "properties": {
+        "currency": {"type": "string"}, "raised": _TOTALS_MONEY,
+        "contributions": {"type": "integer"}, "active_subscriptions": {"type": "integer"},
+        "monthly_recurring": _TOTALS_MONEY}}},
+    "display": {"type": "object", "description": "the same figures written for people "
+                "(heading, summary, raised, goal, percent_filled)"},
+    "as_of": {"type": "string", "format": "date-time"},
+}}
+_CACHED = ("Public and cacheable: Cache-Control (public, max-age=TOTALS_TTL, "
+           "stale-while-revalidate), a weak ETag answered 304 on If-None-Match, and "
+           "Access-Control-Allow-Origin: *.")
+_SLUG = [{"name": "slug", "in": "path", "required": True, "schema": {"type": "string"}}]
+_SVG_QUERY: list[dict[str, Any]] = [
+    {"name": "width", "in": "query", "schema": {"type": "integer", "minimum": 200,
+                                                 "maximum": 1200, "default": 480}},
+    *({"name": n, "in": "query", "schema": {"type": "string", "pattern": "^#?[0-9a-fA-F]{3,6}$"},
+       "description": f"{n} colour, hex"} for n in ("bar", "track", "text", "background")),
+]
+
+
+def _public(summary: str, media: str, schema: dict[str, Any], campaign: bool,
+            query: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    responses: dict[str, Any] = {
+        "200": {"description": _CACHED, "content": {media: {"schema": schema}}},
+        "304": {"description": "Not modified (If-None-Match)"},
+        "503": _error("The database is unavailable and no recent figures are held"),
+    }
+    if campaign:
+        responses["404"] = _error("No campaign has that slug (campaign_not_found)")
+    if query:
+        responses["400"] = _error("A bad width or colour (the field is named)")
+    return {"get": {"summary": summary, "parameters": (_SLUG if campaign else []) + (query or []),
+                    "responses": responses}}
+
+
+SPEC["paths"].update({
+    "/v1/totals": _public("Totals over everything", "application/json", _TOTALS_SCHEMA,
+                          campaign=False),
+    "/v1/campaigns/{slug}/totals": _public("A campaign's totals (its window)", "application/json",
+                                           _TOTALS_SCHEMA, campaign=True),
+    "/v1/totals/progress.svg": _public("The totals as an accessible SVG progress bar",
+                                       "image/svg+xml", {"type": "string"}, campaign=False,
+                                       query=_SVG_QUERY),
+    "/v1/campaigns/{slug}/progress.svg": _public(
+        "A campaign's progress bar (SVG)", "image/svg+xml", {"type": "string"}, campaign=True,
+        query=_SVG_QUERY),
+    "/embed/{slug}": _public("The widget as a self-contained page for an iframe", "text/html",
+                             {"type": "string"}, campaign=True),
+    "/embed.js": {"get": {"summary": "The script that fills <div data-donations-campaign> "
+                          "elements (under 5 KB)", "responses": {"200": {
+                              "description": "JavaScript", "content": {"text/javascript": {
+                                  "schema": {"type": "string"}}}}}}},
+})

@@ -11,6 +11,15 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from donations.money import is_currency_code
+from donations.offer import (
+    DEFAULT_CURRENCIES,
+    AmountTable,
+    OfferError,
+    build_table,
+    parse_overrides,
+)
+
+DEFAULT_TABLE = build_table()
 
 
 class ConfigError(Exception):
@@ -57,6 +66,22 @@ class Settings:
     log_format: Literal["json", "console"] = "json"
     log_level: str = "info"
     fee_worker_interval: float = 5.0
+    # public totals (donations/totals_api.py): seconds they are served from memory and may be
+    # cached by browsers and CDNs; seconds between compactions of the totals' deltas
+    totals_ttl: int = 5
+    totals_compact_interval: float = 1.0
+    # seconds between reconciliation runs inside `serve` (donations/reconcile.py); 0: none
+    reconcile_interval: float = 3600.0
+    payout_worker_interval: float = 60.0
+    # checkout (donations/checkout.py): what the forms may ask for, the Stripe products the
+    # sessions sell (made by `donations stripe-setup`), and the card-testing rate limits
+    checkout_amounts: AmountTable = DEFAULT_TABLE
+    stripe_one_off_product: str = "donations-one-off"
+    stripe_recurring_product: str = "donations-recurring"
+    checkout_rate_per_ip: int = 10
+    checkout_rate_overall: int = 600
+    checkout_rate_window: int = 600
+    proxy_hops: int = 0
 
     @property
     def stripe_mode(self) -> Literal["live", "test"] | None:
@@ -92,7 +117,34 @@ class Settings:
             fee_worker_interval=float(
                 get.integer("FEE_WORKER_INTERVAL", 5, low=1, high=3600)
             ),
+            totals_ttl=get.integer("TOTALS_TTL", 5, low=1, high=300),
+            reconcile_interval=float(_reconcile_interval(
+                get.integer("RECONCILE_INTERVAL", 3600, low=0, high=7 * 86400)
+            )),
+            payout_worker_interval=float(
+                get.integer("PAYOUT_WORKER_INTERVAL", 60, low=1, high=86400)
+            ),
+            checkout_amounts=get.amounts(
+                "CHECKOUT_CURRENCIES", "CHECKOUT_AMOUNTS",
+                get.integer("FOUNDING_PERCENT_OFF", 50, low=1, high=100),
+            ),
+            stripe_one_off_product=get.text("STRIPE_ONE_OFF_PRODUCT") or "donations-one-off",
+            stripe_recurring_product=(
+                get.text("STRIPE_RECURRING_PRODUCT") or "donations-recurring"
+            ),
+            checkout_rate_per_ip=get.integer("CHECKOUT_RATE_PER_IP", 10, low=1, high=10**6),
+            checkout_rate_overall=get.integer("CHECKOUT_RATE_OVERALL", 600, low=1, high=10**8),
+            checkout_rate_window=get.integer("CHECKOUT_RATE_WINDOW", 600, low=1, high=86400),
+            proxy_hops=get.integer("PROXY_HOPS", 0, low=0, high=10),
         )
+
+
+def _reconcile_interval(seconds: int) -> int:
+    # a run lists Stripe's events and balance transactions: more often than a minute would
+    # only spend the API's rate limit
+    if 0 < seconds < 60:
+        raise ConfigError(f"RECONCILE_INTERVAL must be 0 (off) or at least 60, got {seconds}")
+    return seconds
 
 
 def _check_database_url(value: str) -> str | None:
@@ -164,6 +216,22 @@ class _Reader:
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ConfigError(f"{name} must be an http(s) URL, got {raw!r}")
         return raw.rstrip("/")
+
+    def amounts(self, currencies_name: str, amounts_name: str, percent_off: int) -> AmountTable:
+        codes = tuple(
+            c.strip().lower() for c in (self.text(currencies_name) or "").split(",") if c.strip()
+        ) or DEFAULT_CURRENCIES
+        if len(set(codes)) != len(codes):
+            raise ConfigError(f"{currencies_name} names a currency twice")
+        try:
+            overrides = parse_overrides(self.text(amounts_name))
+        except OfferError as exc:
+            raise ConfigError(f"{amounts_name} {exc}") from None
+        try:
+            return build_table(codes, overrides, founding_percent_off=percent_off)
+        except OfferError as exc:
+            name = currencies_name if "no known Stripe minimum" in str(exc) else amounts_name
+            raise ConfigError(f"{name}: {exc}") from None
 
     def origins(self, name: str) -> tuple[str, ...]:
         result = []

@@ -7,6 +7,7 @@ from typing import Any
 
 import stripe
 
+from donations.errors import ApiError, BadGateway, ServiceUnavailable
 from donations.events import PINNED_API_VERSION
 from donations.settings import Settings
 
@@ -35,3 +36,31 @@ def plain(obj: Any) -> dict[str, Any]:
     if response is not None and isinstance(response.data, dict):
         return dict(json.loads(json.dumps(response.data)))
     return dict(json.loads(str(obj)))
+
+
+def failure(exc: stripe.StripeError) -> ApiError:
+    """What to answer when a Stripe call on a request's path failed: 503 when trying again later
+    may work (Stripe unreachable, slow, rate limiting, failing), 502 when Stripe refused what we
+    sent (a bug or a misconfigured account; logged with Stripe's request id), never Stripe's
+    message or a stack trace. The library has already retried what is safe to retry."""
+    if isinstance(exc, stripe.APIConnectionError):
+        return ServiceUnavailable("stripe_unavailable", "Stripe could not be reached; try again "
+                                  "shortly", headers={"Retry-After": "5"})
+    if isinstance(exc, stripe.RateLimitError):
+        return ServiceUnavailable("stripe_rate_limited", "Stripe is limiting our requests; try "
+                                  "again shortly", headers={"Retry-After": "5"})
+    if isinstance(exc, stripe.APIError) or (exc.http_status or 0) >= 500:
+        return ServiceUnavailable("stripe_unavailable", "Stripe is failing; try again shortly",
+                                  headers={"Retry-After": "5"})
+    if isinstance(exc, stripe.AuthenticationError | stripe.PermissionError):
+        return BadGateway("stripe_authentication_failed",
+                          "Stripe refused the service's API key; the operators have been told")
+    if isinstance(exc, stripe.InvalidRequestError) and exc.code == "resource_missing" and (
+        exc.param or ""
+    ).startswith(("line_items", "discounts")):
+        return ServiceUnavailable("stripe_not_set_up", "the Stripe account lacks the products or "
+                                  "coupon checkout uses (run `donations stripe-setup`)")
+    if isinstance(exc, stripe.IdempotencyError):
+        return BadGateway("stripe_idempotency_conflict",
+                          "Stripe saw this idempotency key with other parameters")
+    return BadGateway("stripe_rejected_request", "Stripe refused the request")

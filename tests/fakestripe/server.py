@@ -12,6 +12,7 @@ from urllib.parse import parse_qsl
 
 from aiohttp import web
 
+from . import writes
 from .objects import API_VERSION, IdGenerator, Obj
 from .world import World
 
@@ -97,6 +98,7 @@ class _Failure:
     status: int
     path_prefix: str | None
     should_retry: bool | None
+    after: int = 0  # matching requests to let through first
 
 
 # Retrievable resources: URL collection -> the `object` value its items have.
@@ -204,6 +206,7 @@ class FakeStripe:
         self._events: list[Obj] = world.events if world else []
         self.requests: list[RecordedRequest] = []
         self._failures: list[_Failure] = []
+        self._list_cache: dict[tuple[str, int, int], tuple[list[Obj], dict[str, int]]] = {}
         self._ids = IdGenerator(4242)
         self.base_url = ""
         self._runner: web.AppRunner | None = None
@@ -212,6 +215,7 @@ class FakeStripe:
         self.app.router.add_get("/v1/{collection:checkout/sessions}", self._list)
         self.app.router.add_get("/v1/{collection}/{id}", self._retrieve)
         self.app.router.add_get("/v1/{collection}", self._list)
+        writes.install(self)  # POST: checkout and portal sessions, coupons, products, prices
 
     # -- control -------------------------------------------------------------------------------
 
@@ -234,11 +238,13 @@ class FakeStripe:
         path_prefix: str | None = None,
         *,
         should_retry: bool | None = None,
+        after: int = 0,
     ) -> None:
         """Answer the next `n` requests (whose path starts with `path_prefix`, if given) with
         `status` (500 api_error or 429 rate_limit). `should_retry` sets Stripe-Should-Retry,
-        which the library obeys over its own rules (it retries 5xx, not 429, by default)."""
-        self._failures.append(_Failure(n, status, path_prefix, should_retry))
+        which the library obeys over its own rules (it retries 5xx, not 429, by default).
+        `after` lets that many matching requests through first (fail from the third page)."""
+        self._failures.append(_Failure(n, status, path_prefix, should_retry, after))
 
     def requests_to(self, path_prefix: str) -> list[RecordedRequest]:
         return [r for r in self.requests if r.path.startswith(path_prefix)]
@@ -296,6 +302,9 @@ class FakeStripe:
             if failure.remaining <= 0:
                 continue
             if failure.path_prefix is not None and not path.startswith(failure.path_prefix):
+                continue
+            if failure.after > 0:
+                failure.after -= 1
                 continue
             failure.remaining -= 1
             headers = {}
@@ -398,26 +407,39 @@ class FakeStripe:
         limit = _int_param(params, "limit") or 10
         if not 1 <= limit <= 100:
             raise StripeError(400, "Invalid limit: must be between 1 and 100", param="limit")
+        # Events only grow at the end: the filtered, sorted list is kept between the pages of
+        # one listing, so paging through 100,000 events costs a page, not a sort, per request.
+        cache_key: tuple[str, int, int] | None = None
         if kind == "event":
-            pool: list[Obj] = list(self._events)
+            filters = {k: v for k, v in params.items()
+                       if k not in ("limit", "starting_after", "ending_before")}
+            cache_key = (repr(sorted(filters.items())), len(self._events),
+                         id(self._events[-1]) if self._events else 0)
+        if cache_key is not None and cache_key in self._list_cache:
+            items, ids = self._list_cache[cache_key]
         else:
-            pool = [o for o in self._objects.values() if o.get("object") == kind]
-        items = [o for o in pool if self._matches(collection, o, params)]
-        # Newest first; among equal `created`, the later-made object first, as Stripe lists.
-        order = {id(o): i for i, o in enumerate(pool)}
-        items.sort(key=lambda o: (int(o.get("created", 0)), order[id(o)]), reverse=True)
+            if kind == "event":
+                pool: list[Obj] = list(self._events)
+            else:
+                pool = [o for o in self._objects.values() if o.get("object") == kind]
+            items = [o for o in pool if self._matches(collection, o, params)]
+            # Newest first; among equal `created`, the later-made object first, as Stripe lists.
+            order = {id(o): i for i, o in enumerate(pool)}
+            items.sort(key=lambda o: (int(o.get("created", 0)), order[id(o)]), reverse=True)
+            ids = {o["id"]: i for i, o in enumerate(items)}
+            if cache_key is not None:
+                self._list_cache = {cache_key: (items, ids)}
         after, before = params.get("starting_after"), params.get("ending_before")
-        ids = [o["id"] for o in items]
         for cursor, name in ((after, "starting_after"), (before, "ending_before")):
             if cursor is not None and cursor not in ids:
                 raise StripeError(
                     400, f"No such object: '{cursor}'", code="resource_missing", param=name
                 )
         if after is not None:
-            window = items[ids.index(after) + 1 :]
+            window = items[ids[after] + 1 :]
             page, has_more = window[:limit], len(window) > limit
         elif before is not None:
-            window = items[: ids.index(before)]
+            window = items[: ids[before]]
             page, has_more = window[-limit:], len(window) > limit
         else:
             page, has_more = items[:limit], len(items) > limit

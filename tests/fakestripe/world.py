@@ -174,6 +174,8 @@ class World:
         self._invoice_seq: dict[str, int] = {}
         self._products: dict[str, str] = {}
         self._failed_runs: dict[str, InvoiceRun] = {}  # subscription id -> unpaid renewal
+        # sessions created through the API (tests/fakestripe/writes.py) -> what they sell
+        self.checkout_orders: dict[str, CheckoutOrder] = {}
 
     # -- clock, storage, emission --------------------------------------------------------------
 
@@ -281,16 +283,17 @@ class World:
             self._products[kind] = self._put(p)["id"]
         return self._products[kind]
 
-    def _coupon(self) -> Obj:
-        if "founding-supporter" not in self.objects:
+    def _coupon(self, coupon_id: str = "founding-supporter") -> Obj:
+        if coupon_id not in self.objects:
             self._put(
                 o.coupon(
+                    id=coupon_id,
                     created=self.now,
                     percent_off=self.founding_percent_off,
                     livemode=self.livemode,
                 )
             )
-        return self.objects["founding-supporter"]
+        return self.objects[coupon_id]
 
     def _pi(self, amount: int, currency: str, **kwargs: Any) -> Obj:
         return self._put(
@@ -406,6 +409,7 @@ class World:
         campaign: str | None = None,
         metadata: Mapping[str, str] | None = None,
         via: Literal["checkout", "payment_intent"] = "checkout",
+        checkout_session: str | None = None,
     ) -> Payment:
         """A successful one-off card payment.
 
@@ -418,7 +422,10 @@ class World:
         req = self._new_request()
         self.advance(1)
         cs: Obj | None = None
-        if via == "checkout":
+        if checkout_session is not None:  # a session made through the API, paid now
+            cs = self._open_session(checkout_session)
+            self.advance(30)
+        elif via == "checkout":
             cs = self._put(
                 o.checkout_session(
                     ids=self.ids,
@@ -472,6 +479,8 @@ class World:
             email=email,
             metadata=cs["metadata"],
             payment_method_types=cs["payment_method_types"],
+            success_url=cs["success_url"],
+            cancel_url=cs["cancel_url"],
             livemode=self.livemode,
         )
         done["expires_at"] = cs["expires_at"]
@@ -808,6 +817,8 @@ class World:
         email: str | None = None,
         customer: str | None = None,
         metadata: Mapping[str, str] | None = None,
+        coupon: str = "founding-supporter",
+        checkout_session: str | None = None,
     ) -> Subscribed:
         """A subscription started through Checkout (mode subscription), first invoice paid.
 
@@ -823,21 +834,24 @@ class World:
         md = self._metadata(metadata, campaign)
         req = self._new_request()
         self.advance(1)
-        cs = self._put(
-            o.checkout_session(
-                ids=self.ids,
-                amount_total=None,
-                currency=currency,
-                created=self.now,
-                mode="subscription",
-                status="open",
-                payment_status="unpaid",
-                customer=customer,
-                customer_email=email,
-                metadata=md,
-                livemode=self.livemode,
+        if checkout_session is not None:  # a session made through the API, paid now
+            cs = self._open_session(checkout_session)
+        else:
+            cs = self._put(
+                o.checkout_session(
+                    ids=self.ids,
+                    amount_total=None,
+                    currency=currency,
+                    created=self.now,
+                    mode="subscription",
+                    status="open",
+                    payment_status="unpaid",
+                    customer=customer,
+                    customer_email=email,
+                    metadata=md,
+                    livemode=self.livemode,
+                )
             )
-        )
         self.advance(40)
         if customer is None:
             cus = self._put(
@@ -871,7 +885,7 @@ class World:
         discounts: list[str] = []
         di: Obj | None = None
         if founding:
-            cp = self._coupon()
+            cp = self._coupon(coupon)
             cp["times_redeemed"] += 1
             di = self._put(
                 o.discount(
@@ -1397,3 +1411,57 @@ class World:
         self._emit(out, "payout.paid", po)
         out.payout, out.balance_transactions = po_id, ids
         return out
+
+    # -- sessions made through the API ---------------------------------------------------------
+
+    def sync_clock(self, now: int) -> int:
+        """Bring the clock up to `now` (real time, for objects the service creates with real
+        expiry times); it never goes back."""
+        self.now = max(self.now, now)
+        return self.now
+
+    def _open_session(self, session_id: str) -> Obj:
+        cs = self.objects.get(session_id)
+        if cs is None or cs.get("object") != "checkout.session":
+            raise KeyError(f"no checkout session {session_id!r}")
+        if cs["status"] != "open":
+            raise ValueError(f"{session_id} is {cs['status']}, not open")
+        return cs
+
+    def complete_checkout(self, session_id: str, *, email: str | None = None) -> Emitted:
+        """The payer completes a session created through POST /v1/checkout/sessions: the events
+        of `one_off` (payment mode) or `subscribe` (subscription mode) for that session, with
+        the metadata it was given for its payment intent or subscription and its coupon."""
+        cs = self._open_session(session_id)
+        order = self.checkout_orders[session_id]
+        email = email or cs["customer_email"] or "supporter@example.org"
+        if cs["mode"] == "payment":
+            return self.one_off(order.amount, order.currency, email=email,
+                                metadata=order.object_metadata, checkout_session=session_id)
+        return self.subscribe(order.amount, order.currency, order.interval or "month",
+                              founding=order.coupon is not None,
+                              coupon=order.coupon or "founding-supporter", email=email,
+                              metadata=order.object_metadata, checkout_session=session_id)
+
+    def expire_checkout(self, session_id: str, *, at_expiry: bool = True) -> Emitted:
+        """The session reaches its expiry unpaid (the clock moves on to it), or, without
+        `at_expiry`, is expired now through the API: checkout.session.expired."""
+        cs = self._open_session(session_id)
+        out = Emitted()
+        self.advance(1)
+        if at_expiry and cs["expires_at"]:
+            self.now = max(self.now, int(cs["expires_at"]))
+        cs.update(status="expired", url=None)
+        self._emit(out, "checkout.session.expired", cs)
+        return out
+
+
+@dataclass(frozen=True)
+class CheckoutOrder:
+    """What a session made through the API sells, and what it gives its payment or subscription."""
+
+    amount: int
+    currency: str
+    interval: str | None  # None: a one-off payment
+    object_metadata: dict[str, str]
+    coupon: str | None = None
