@@ -7,7 +7,9 @@ check), the read of a scope's buckets, their compaction, and `verify`, which rec
 bucket and every supporter's count from the ledger tables and lists the differences.
 
 Rules where the contract leaves a choice (README, "Totals"):
-- A contribution counts while some of it is neither refunded nor held or lost in a dispute.
+- A contribution counts unless it is wholly refunded or wholly lost in a dispute (the contract's
+  rule); while a dispute is open its amount is held out of `raised`, but the contribution and
+  its supporter still count.
 - A payment in another currency counts in `raised` at its settled amount once its balance
   transaction is known, less refunds and disputes pro rata of it (rounded half up per payment);
   `by_currency` has it at once, in its own currency.
@@ -43,6 +45,13 @@ _PER_YEAR = {"day": 365, "week": 52, "month": 12, "year": 1}
 def muldiv(a: int, b: int, c: int) -> int:
     """a * b / c rounded half up, for a, b >= 0 and c > 0, with integers only."""
     return (2 * a * b + c) // (2 * c)
+
+
+def counts(amount: int, refunded: int, disputed: int, dispute_lost: bool) -> bool:
+    """Whether a successful payment is a contribution in the counts: not wholly refunded, not
+    wholly lost in a dispute (an open dispute does not stop it counting)."""
+    left = amount - refunded
+    return left > 0 and not (dispute_lost and disputed >= left)
 
 
 def net_of(amount: int, refunded: int, disputed: int) -> int:
@@ -110,6 +119,7 @@ class PaymentFacts:
     email: str | None
     campaign: str | None
     created_at: datetime
+    dispute_lost: bool = False
 
     @property
     def supporter(self) -> str:
@@ -188,14 +198,15 @@ class Tally:
         if p.status != "succeeded":
             return
         net = net_of(p.amount, p.amount_refunded, p.amount_disputed)
+        counted = counts(p.amount, p.amount_refunded, p.amount_disputed, p.dispute_lost)
         figures = Bucket(
             raised=net,
             settled=settled_share(p.settlement_amount, net, p.amount),
-            contributions=1 if net > 0 else 0,
+            contributions=1 if counted else 0,
         )
         for scope in scopes(p.campaign, p.created_at, self.windows):
             self._bucket((scope, p.currency, p.settlement_currency or "")).add(figures)
-            if net > 0:
+            if counted:
                 person = (scope, p.supporter)
                 self.supporters[person] = self.supporters.get(person, 0) + 1
 

@@ -97,14 +97,19 @@ CREATE FUNCTION totals_payment_figures(p payments)
 RETURNS TABLE (scope text, currency text, settlement_currency text, raised bigint,
                settled bigint, contributions bigint, supporter text)
 LANGUAGE sql STABLE AS $$
-    WITH f AS (SELECT greatest(0, p.amount - p.amount_refunded - p.amount_disputed) AS net)
+    -- counts: not wholly refunded, nor wholly lost in a dispute (one still open counts; its
+    -- amount is held out of `raised` meanwhile)
+    WITH f AS (SELECT greatest(0, p.amount - p.amount_refunded - p.amount_disputed) AS net,
+                      p.amount - p.amount_refunded > 0
+                      AND NOT (p.dispute_lost
+                               AND p.amount_disputed >= p.amount - p.amount_refunded) AS counts)
     SELECT s.scope, p.currency, coalesce(p.settlement_currency, ''), f.net,
            CASE WHEN p.settlement_amount IS NULL OR p.amount = 0 THEN 0
                 ELSE totals_muldiv(p.settlement_amount, f.net, p.amount) END,
-           (f.net > 0)::int::bigint,
+           f.counts::int::bigint,
            -- a person: the Stripe customer, else the e-mail, else (neither known) the payment
-           CASE WHEN f.net > 0 THEN coalesce(p.customer, 'email:' || lower(p.email),
-                                             'payment:' || p.payment_key) END
+           CASE WHEN f.counts THEN coalesce(p.customer, 'email:' || lower(p.email),
+                                            'payment:' || p.payment_key) END
       FROM f, (SELECT '*' UNION ALL SELECT totals_campaign_scope(p.campaign, p.created_at)) AS s(scope)
      WHERE p.status = 'succeeded'
 $$;
@@ -255,11 +260,13 @@ CREATE TRIGGER totals_payments_insert_delete AFTER INSERT OR DELETE ON payments
     FOR EACH ROW EXECUTE FUNCTION totals_on_payment();
 CREATE TRIGGER totals_payments_update AFTER UPDATE ON payments
     FOR EACH ROW WHEN ((OLD.status, OLD.currency, OLD.amount, OLD.amount_refunded,
-                        OLD.amount_disputed, OLD.settlement_currency, OLD.settlement_amount,
+                        OLD.amount_disputed, OLD.dispute_lost, OLD.settlement_currency,
+                        OLD.settlement_amount,
                         OLD.customer, OLD.email, OLD.campaign, OLD.created_at)
                        IS DISTINCT FROM
                        (NEW.status, NEW.currency, NEW.amount, NEW.amount_refunded,
-                        NEW.amount_disputed, NEW.settlement_currency, NEW.settlement_amount,
+                        NEW.amount_disputed, NEW.dispute_lost, NEW.settlement_currency,
+                        NEW.settlement_amount,
                         NEW.customer, NEW.email, NEW.campaign, NEW.created_at))
     EXECUTE FUNCTION totals_on_payment();
 CREATE TRIGGER totals_subscriptions_insert_delete AFTER INSERT OR DELETE ON subscriptions

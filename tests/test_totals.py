@@ -84,7 +84,8 @@ def test_summary_of_refunds_disputes_foreign_money_and_windows() -> None:
         _payment("a", 2500, campaign="winter", customer="cus_1"),
         _payment("b", 1000, campaign="winter", customer="cus_1"),  # same person
         _payment("c", 4000, amount_refunded=4000),  # wholly refunded: not counted
-        _payment("d", 3000, amount_disputed=3000),  # held by a dispute: not counted
+        _payment("d", 3000, amount_disputed=3000),  # held by an open dispute: counted, not raised
+        _payment("l", 3000, amount_disputed=3000, dispute_lost=True),  # lost: not counted
         _payment("e", 4000, amount_refunded=1000, email="E@example.org"),
         _payment("f", 9000, status="failed"),
         _payment("g", 5000, campaign="winter", created_at=datetime(2026, 12, 1, tzinfo=UTC)),
@@ -98,11 +99,11 @@ def test_summary_of_refunds_disputes_foreign_money_and_windows() -> None:
     figures = totals.summarise(everything, founding_taken=3, reporting_currency="gbp",
                                founding_seats=2)
     assert figures.raised == Money(2500 + 1000 + 3000 + 5000 + 395, "gbp")
-    assert figures.contributions == 6
-    assert figures.supporters == 4  # cus_1 (twice), e (twice, any case), g, h
+    assert figures.contributions == 7
+    assert figures.supporters == 5  # cus_1 (twice), d, e (twice, any case), g, h
     assert figures.founding_seats_left == 0
     assert [(c.currency, c.raised, c.contributions) for c in figures.by_currency] == [
-        ("gbp", 11500, 4), ("usd", 2500, 2)]
+        ("gbp", 11500, 5), ("usd", 2500, 2)]
 
     goal = Money(10_000, "gbp")
     campaign = Campaign("winter", "Winter appeal", goal, window.starts, window.ends,
@@ -163,8 +164,9 @@ async def test_totals_follow_refunds_disputes_plans_and_the_founding_discount(
     body = await _totals(client)
     # 2500 + (4000 - 1500) + 2000 + 500 + 500 (founding 50% off, twice) + 6000 + 500
     assert body["raised"] == {"amount": 2500 + 2500 + 2000 + 500 * 3 + 6000, "currency": "gbp"}
-    assert body["contributions"] == 1 + 1 + 1 + 2 + 1 + 1
-    assert body["supporters"] == 6  # ann, cat, eve, gus, hal, ivy
+    # the open dispute (fay) still counts; the lost one (dan) and the refunded one (bob) do not
+    assert body["contributions"] == 1 + 1 + 1 + 1 + 2 + 1 + 1
+    assert body["supporters"] == 7  # ann, cat, eve, fay, gus, hal, ivy
     assert body["active_subscriptions"] == 2
     assert body["monthly_recurring"] == {"amount": 500 + 500, "currency": "gbp"}
     assert body["founding_seats_left"] == 1000 - 2  # ivy's seat stays taken
