@@ -13,6 +13,7 @@ from __future__ import annotations
 import enum
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import asyncpg
 import structlog
@@ -75,17 +76,24 @@ async def ingest(
         log.warning("event_api_version_not_understood", api_version=event.api_version)
 
     async def work(conn: asyncpg.Connection) -> Outcome:
-        if not await store.insert_event(conn, event, raw, source, outcome.value):
-            status = await store.event_status(conn, event.id)
-            if status in FINAL:
-                return Outcome.DUPLICATE
-            # stored before but failed: apply it now and say so
-            if snapshot is not None:
-                await apply_snapshot(conn, event.id, snapshot, offer)
-            await store.finish_event(conn, event.id, outcome.value)
-            return outcome
+        if snapshot is None:  # stored, nothing to apply
+            if await store.insert_event(conn, event, raw, source, outcome.value):
+                return outcome
+        else:
+            plan = Plan.of(snapshot)
+            stored, kept = await store.insert_event_and_snapshot(
+                conn, event, raw, source, outcome.value, plan.first_locks(), snapshot
+            )
+            if stored:
+                if kept:
+                    await apply_snapshot(conn, snapshot, offer, plan)
+                return outcome
+        # stored before: a duplicate, or one that failed and is applied now
+        if await store.event_status(conn, event.id) in FINAL:
+            return Outcome.DUPLICATE
         if snapshot is not None:
-            await apply_snapshot(conn, event.id, snapshot, offer)
+            await apply_stored(conn, event.id, snapshot, offer)
+        await store.finish_event(conn, event.id, outcome.value)
         return outcome
 
     try:
@@ -103,27 +111,58 @@ async def ingest(
         return Outcome.FAILED
 
 
-async def apply_snapshot(
+@dataclass(slots=True)
+class Plan:
+    """What one snapshot can change, in lock order: its subscription, invoices, payments."""
+
+    subscriptions: list[str]
+    invoices: list[str]
+    payments: set[str]
+
+    @classmethod
+    def of(cls, snapshot: Snapshot) -> Plan:
+        own = snapshot.links
+        return cls(
+            subscriptions=[own.subscription_id] if own.subscription_id else [],
+            invoices=[own.invoice_id] if own.invoice_id else [],
+            payments={own.payment_key} if own.payment_key else set(),
+        )
+
+    def first_locks(self) -> list[str]:
+        """The locks known from the snapshot alone, in order: subscription, invoice, payment."""
+        return [*self.subscriptions, *sorted(set(self.invoices)),
+                *sorted(self.payments - set(self.invoices))]
+
+
+async def apply_stored(
     conn: asyncpg.Connection, event_id: str, snapshot: Snapshot, offer: FoundingOffer
 ) -> None:
-    """The ledger changes one snapshot makes; idempotent, and the same in any order."""
-    kind, own = snapshot.kind, snapshot.links
-    subscriptions = [own.subscription_id] if own.subscription_id else []
-    invoices = [own.invoice_id] if own.invoice_id else []
-    payments = {own.payment_key} if own.payment_key else set()
+    """Apply an event stored earlier (a retry of one that failed)."""
+    plan = Plan.of(snapshot)
+    await db.lock(conn, plan.first_locks())
+    if await store.put_snapshot(conn, snapshot, event_id):
+        await apply_snapshot(conn, snapshot, offer, plan)
 
-    # Locks in the fixed order subscription → invoices → payments; what a subscription or an
-    # invoice touches further down is read only once the lock above it is held.
-    await db.lock(conn, subscriptions)
+
+async def apply_snapshot(
+    conn: asyncpg.Connection, snapshot: Snapshot, offer: FoundingOffer, plan: Plan
+) -> None:
+    """The ledger changes a snapshot that was just kept makes; the same in any order.
+
+    Called with the plan's first locks held. What a subscription or an invoice touches further
+    down is read only once the lock above it is held, then locked in turn.
+    """
+    kind = snapshot.kind
+    invoices, payments = list(plan.invoices), set(plan.payments)
+    more_invoices: list[str] = []
     if kind == "subscription":
-        invoices += await store.invoices_of_subscription(conn, snapshot.id)
+        more_invoices = await store.invoices_of_subscription(conn, snapshot.id)
+        await db.lock(conn, sorted(set(more_invoices) - set(invoices)))
+        invoices += more_invoices
     if invoices:
-        await db.lock(conn, sorted(set(invoices)))
-        payments |= set(await store.payment_keys_of_invoices(conn, invoices))
-    await db.lock(conn, sorted(payments - set(invoices)))
-
-    if not await store.put_snapshot(conn, snapshot, event_id):
-        return  # an older or equal snapshot: the ledger already reflects a later state
+        found = set(await store.payment_keys_of_invoices(conn, invoices))
+        await db.lock(conn, sorted(found - payments - set(invoices)))
+        payments |= found
 
     match kind:
         case "refund":
@@ -134,12 +173,13 @@ async def apply_snapshot(
         case "dispute":
             await store.put_dispute(conn, derive_dispute(snapshot))
         case "subscription" | "discount":
-            subscription, discounts = await store.load_subscription(conn, subscriptions[0]) \
-                if subscriptions else (None, [])
-            if subscription is not None:
-                await store.put_subscription(
-                    conn, derive_subscription(subscription, discounts, offer)
-                )
+            if plan.subscriptions:
+                subscription, discounts = await store.load_subscription(
+                    conn, plan.subscriptions[0])
+                if subscription is not None:
+                    await store.put_subscription(
+                        conn, derive_subscription(subscription, discounts, offer)
+                    )
             if kind == "discount":
                 return
         case "customer":
@@ -179,7 +219,7 @@ async def _reapply_attention(pool: asyncpg.Pool, event: Event, offer: FoundingOf
         if await store.event_status(conn, event.id) != Outcome.NEEDS_ATTENTION:
             return Outcome.DUPLICATE
         if snapshot is not None:
-            await apply_snapshot(conn, event.id, snapshot, offer)
+            await apply_stored(conn, event.id, snapshot, offer)
         await store.finish_event(conn, event.id, outcome.value)
         return outcome
 

@@ -42,6 +42,57 @@ async def insert_event(
     return bool(inserted)
 
 
+async def insert_event_and_snapshot(
+    conn: asyncpg.Connection, event: Event, raw: str, source: str, status: str,
+    locks: list[str], snapshot: Snapshot,
+) -> tuple[bool, bool]:
+    """In one round trip: take `locks` (in order), store the event, keep its snapshot if it
+    outranks the stored one. Returns (event stored now, snapshot kept).
+
+    The insert of the event reads the locks' row and the snapshot's insert reads the event's, so
+    PostgreSQL takes the locks first whatever order it runs the parts of the statement in.
+    """
+    version, links = snapshot.version, snapshot.links
+    row = await conn.fetchrow(
+        """
+        WITH locks AS MATERIALIZED (
+            SELECT count(pg_advisory_xact_lock(hashtextextended(k, 0))) AS n
+              FROM unnest($9::text[]) WITH ORDINALITY AS t(k, i)
+        ), event AS (
+            INSERT INTO stripe_events (id, type, api_version, livemode, created, payload,
+                                       source, status, attempts, processed_at)
+            SELECT $1, $2, $3, $4, to_timestamp($5), $6::json, $7, $8, 1, now() FROM locks
+            ON CONFLICT (id) DO NOTHING
+            RETURNING payload
+        ), snapshot AS (
+            INSERT INTO stripe_objects AS o (id, object, rank, progress, event_created,
+                                             type_rank, event_id, payment_key, invoice_id,
+                                             subscription_id, data)
+            SELECT $10, $11, $12, $13, $14, $15, $1, $16, $17, $18,
+                   payload::jsonb -> 'data' -> 'object'
+              FROM event
+            ON CONFLICT (id) DO UPDATE
+               SET rank = excluded.rank, progress = excluded.progress,
+                   event_created = excluded.event_created, type_rank = excluded.type_rank,
+                   event_id = excluded.event_id, payment_key = excluded.payment_key,
+                   invoice_id = excluded.invoice_id, subscription_id = excluded.subscription_id,
+                   data = excluded.data
+             WHERE (excluded.rank, excluded.progress, excluded.event_created,
+                    excluded.type_rank, excluded.event_id)
+                 > (o.rank, o.progress, o.event_created, o.type_rank, o.event_id)
+            RETURNING true
+        )
+        SELECT (SELECT count(*) FROM event) AS stored, (SELECT count(*) FROM snapshot) AS kept
+        """,
+        event.id, event.type, event.api_version, event.livemode, event.created, raw, source,
+        status, locks, snapshot.id, snapshot.kind, version.stage, version.progress,
+        version.created, version.type_rank, links.payment_key, links.invoice_id,
+        links.subscription_id,
+    )
+    assert row is not None
+    return bool(row["stored"]), bool(row["kept"])
+
+
 async def record_failure(
     conn: asyncpg.Connection, event: Event, raw: str, source: str, error: str
 ) -> None:
