@@ -175,6 +175,9 @@ async def pages(
             asyncio.ensure_future(call_stripe(page.next_page_async, what))
             if page.has_more and page.data else None
         )
+        if upcoming is not None:
+            # when the caller stops on an error of its own, this fetch's outcome is moot
+            upcoming.add_done_callback(lambda t: t.cancelled() or t.exception())
         try:
             yield items_of(page), upcoming is not None
         except BaseException:
