@@ -73,19 +73,23 @@ async def dsn(server_dsn: str) -> AsyncIterator[str]:
         await admin.close()
 
 
+async def empty_tables(pool: asyncpg.Pool) -> None:
+    """Empty every table the tests write to, before the test's app starts its background work."""
+    for attempt in range(10):
+        try:
+            await pool.execute(f"TRUNCATE {', '.join(TABLES)}")
+            return
+        except asyncpg.DeadlockDetectedError:
+            # a previous test's app may still be compacting totals as it shuts down
+            if attempt == 9:
+                raise
+            await asyncio.sleep(0.1)
+
+
 @pytest.fixture
 async def pool(dsn: str) -> AsyncIterator[asyncpg.Pool]:
     pool = await db.create_pool(dsn, min_size=1, max_size=10)
-    for attempt in range(5):
-        try:
-            async with pool.acquire() as conn:
-                await conn.execute(f"TRUNCATE {', '.join(TABLES)}")
-            break
-        except asyncpg.DeadlockDetectedError:
-            # a previous test's app may still be compacting totals as it shuts down
-            if attempt == 4:
-                raise
-            await asyncio.sleep(0.1)
+    await empty_tables(pool)
     yield pool
     await pool.close()
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from donations.events import parse_event
 from donations.ingest import ingest
 from donations.ledger import FoundingOffer
-from tests.conftest import TABLES
+from tests.conftest import empty_tables
 from tests.ledger_check import dump, reference
 from tests.scenarios import History, deliveries, histories
 
@@ -62,8 +62,7 @@ def test_the_ledger_agrees_with_stripes_final_objects(history: History) -> None:
 
 
 async def _reset(pool: asyncpg.Pool) -> None:
-    async with pool.acquire() as conn:
-        await conn.execute(f"TRUNCATE {', '.join(TABLES)}")
+    await empty_tables(pool)
 
 
 async def _deliver(pool: asyncpg.Pool, events: list[dict[str, Any]], at_once: int) -> None:
