@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import time
 import uuid
@@ -25,6 +24,7 @@ from donations import (
     reconcile,
     reports,
     staff_page,
+    tasks,
     totals_api,
     webhooks,
 )
@@ -117,14 +117,11 @@ async def balance_transaction_worker(app: web.Application) -> AsyncIterator[None
     if client is None:  # without a key, fees stay unknown; the rest of the service works
         yield
         return
-    task = asyncio.create_task(
+    async with tasks.running(
         fees.worker(app[POOL], client, app[METRICS], app[SETTINGS].fee_worker_interval),
-        name="balance-transaction-worker",
-    )
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+        "balance-transaction-worker",
+    ):
+        yield
 
 
 async def payout_worker(app: web.Application) -> AsyncIterator[None]:
@@ -133,14 +130,10 @@ async def payout_worker(app: web.Application) -> AsyncIterator[None]:
     if client is None:  # without a key, payouts are listed but not yet tied to their parts
         yield
         return
-    task = asyncio.create_task(
-        payouts.worker(app[POOL], client, app[SETTINGS].payout_worker_interval),
-        name="payout-worker",
-    )
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    async with tasks.running(
+        payouts.worker(app[POOL], client, app[SETTINGS].payout_worker_interval), "payout-worker"
+    ):
+        yield
 
 
 async def reconciliation_schedule(app: web.Application) -> AsyncIterator[None]:
@@ -149,13 +142,10 @@ async def reconciliation_schedule(app: web.Application) -> AsyncIterator[None]:
     if client is None or interval <= 0:
         yield
         return
-    task = asyncio.create_task(
-        reconcile.periodic(app[POOL], client, app[OFFER], interval), name="reconciliation",
-    )
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    async with tasks.running(
+        reconcile.periodic(app[POOL], client, app[OFFER], interval), "reconciliation"
+    ):
+        yield
 
 
 # --- middleware -----------------------------------------------------------------------------

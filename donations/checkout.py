@@ -10,7 +10,6 @@ the hold tied to its session, or, if Stripe failed, the hold released and the ke
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,7 +24,7 @@ import structlog
 from aiohttp import web
 from stripe.params.checkout import SessionCreateParams
 
-from donations import campaigns, db, idempotency, inputs, ratelimit, seats, stripe_api
+from donations import campaigns, db, idempotency, inputs, ratelimit, seats, stripe_api, tasks
 from donations.appkeys import METRICS, POOL, SEATS, SETTINGS, STRIPE
 from donations.errors import BadRequest, Forbidden, ServiceUnavailable, Unprocessable
 from donations.money import Money, to_major
@@ -456,11 +455,8 @@ async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
 async def maintenance(app: web.Application) -> AsyncIterator[None]:
     """Cleanup context: every minute, forget old idempotency keys, lapsed holds and ended
     rate-limit windows (each replica does it; the deletes are idempotent)."""
-    task = asyncio.create_task(_housekeep(app), name="checkout-housekeeping")
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    async with tasks.running(_housekeep(app), "checkout-housekeeping"):
+        yield
 
 
 async def _housekeep(app: web.Application) -> None:

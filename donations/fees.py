@@ -7,6 +7,7 @@ Stripe is slow or down, and stays unknown (NULL) without a Stripe key.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -85,6 +86,26 @@ async def store_balance_transaction(conn: asyncpg.Connection, bt: dict[str, Any]
         await conn.execute("DELETE FROM balance_transaction_fetches WHERE id = $1", bt["id"])
 
 
+async def postpone(
+    pool: asyncpg.Pool, queue: str, key_column: str, key: str, attempts: int,
+    error: stripe.StripeError,
+) -> int:
+    """Record a failed Stripe look-up in its queue and push its next try back; returns seconds.
+
+    Shared by the queues of look-ups at Stripe (balance transactions, payouts' members)."""
+    delay = backoff(attempts)
+    async with db.connection(pool) as conn:
+        await conn.execute(
+            f"""
+            UPDATE {queue}
+               SET last_error = $2, next_attempt_at = now() + make_interval(secs => $3)
+             WHERE {key_column} = $1
+            """,  # noqa: S608 - the table and column are constants of the callers
+            key, f"{type(error).__name__}: {error.user_message or error}"[:500], delay,
+        )
+    return delay
+
+
 async def run_once(
     pool: asyncpg.Pool, client: stripe.StripeClient, metrics: Metrics, batch: int = 25
 ) -> int:
@@ -97,19 +118,10 @@ async def run_once(
             bt = plain(await client.v1.balance_transactions.retrieve_async(bt_id))
         except stripe.StripeError as exc:
             metrics.balance_fetches.inc(outcome="error")
-            delay = backoff(attempts)
+            delay = await postpone(pool, "balance_transaction_fetches", "id", bt_id, attempts, exc)
             log.warning("balance_transaction_fetch_failed", balance_transaction=bt_id,
                         error=type(exc).__name__, http_status=exc.http_status,
                         retry_in_seconds=delay)
-            async with db.connection(pool) as conn:
-                await conn.execute(
-                    """
-                    UPDATE balance_transaction_fetches
-                       SET last_error = $2, next_attempt_at = now() + make_interval(secs => $3)
-                     WHERE id = $1
-                    """,
-                    bt_id, f"{type(exc).__name__}: {exc.user_message or exc}"[:500], delay,
-                )
             continue
         async with db.connection(pool) as conn:
             await store_balance_transaction(conn, bt)
@@ -118,16 +130,26 @@ async def run_once(
     return stored
 
 
+async def keep_running(
+    name: str, once: Callable[[], Awaitable[int]], interval: float
+) -> None:
+    """Run `once` until it finds nothing to do, sleep, again, until cancelled; a database or
+    Stripe outage only delays the work."""
+    while True:
+        try:
+            while await once():
+                pass
+        except db.DatabaseUnavailable:
+            log.warning(f"{name}_database_unavailable")
+        except Exception:
+            log.exception(f"{name}_failed")
+        await asyncio.sleep(interval)
+
+
 async def worker(
     pool: asyncpg.Pool, client: stripe.StripeClient, metrics: Metrics, interval: float
 ) -> None:
-    """Run until cancelled; a database or Stripe outage only delays the work."""
-    while True:
-        try:
-            while await run_once(pool, client, metrics):
-                pass
-        except db.DatabaseUnavailable:
-            log.warning("balance_transaction_worker_database_unavailable")
-        except Exception:
-            log.exception("balance_transaction_worker_failed")
-        await asyncio.sleep(interval)
+    """The balance-transaction worker, until cancelled."""
+    await keep_running(
+        "balance_transaction_worker", lambda: run_once(pool, client, metrics), interval
+    )

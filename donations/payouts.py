@@ -6,7 +6,6 @@ share the work, retried with backoff while Stripe is slow or down.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import asyncpg
@@ -104,19 +103,10 @@ async def run_once(pool: asyncpg.Pool, client: stripe.StripeClient, batch: int =
         try:
             members = await fetch_members(client, payout_id)
         except stripe.StripeError as exc:
-            delay = fees.backoff(attempts)
+            delay = await fees.postpone(pool, "payout_fetches", "payout", payout_id, attempts, exc)
             log.warning("payout_transactions_fetch_failed", payout=payout_id,
                         error=type(exc).__name__, http_status=exc.http_status,
                         retry_in_seconds=delay)
-            async with db.connection(pool) as conn:
-                await conn.execute(
-                    """
-                    UPDATE payout_fetches
-                       SET last_error = $2, next_attempt_at = now() + make_interval(secs => $3)
-                     WHERE payout = $1
-                    """,
-                    payout_id, f"{type(exc).__name__}: {exc.user_message or exc}"[:500], delay,
-                )
             continue
         async with db.connection(pool) as conn:
             await store_members(conn, payout_id, members)
@@ -126,16 +116,8 @@ async def run_once(pool: asyncpg.Pool, client: stripe.StripeClient, batch: int =
 
 
 async def worker(pool: asyncpg.Pool, client: stripe.StripeClient, interval: float) -> None:
-    """Run until cancelled; a database or Stripe outage only delays the work."""
-    while True:
-        try:
-            while await run_once(pool, client):
-                pass
-        except db.DatabaseUnavailable:
-            log.warning("payout_worker_database_unavailable")
-        except Exception:
-            log.exception("payout_worker_failed")
-        await asyncio.sleep(interval)
+    """The payout worker, until cancelled."""
+    await fees.keep_running("payout_worker", lambda: run_once(pool, client), interval)
 
 
 # --- reports --------------------------------------------------------------------------------

@@ -87,16 +87,6 @@ class FoundingSeats:
         return max(0, self.seats - int(row["taken"]) - int(row["held"]))
 
 
-async def attach(
-    conn: asyncpg.Connection, hold_id: int, session_id: str, session_expires_at: datetime
-) -> None:
-    """The hold now belongs to that session: it lasts until the session ends (plus the grace)."""
-    await conn.execute(
-        "UPDATE founding_holds SET checkout_session = $2, expires_at = $3 WHERE id = $1",
-        hold_id, session_id, session_expires_at + HOLD_GRACE,
-    )
-
-
 async def release(conn: asyncpg.Connection, hold_id: int) -> None:
     """Give the seat back at once: no session was made for it."""
     await conn.execute("DELETE FROM founding_holds WHERE id = $1", hold_id)

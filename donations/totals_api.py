@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import time
@@ -16,7 +15,7 @@ import asyncpg
 import structlog
 from aiohttp import web
 
-from donations import campaigns, db, display, inputs, svg, totals
+from donations import campaigns, db, display, inputs, svg, tasks, totals
 from donations.appkeys import POOL, SETTINGS, TOTALS
 from donations.errors import NotFound
 from donations.settings import Settings
@@ -268,10 +267,7 @@ async def compactor(pool: asyncpg.Pool, interval: float) -> None:
 async def totals_context(app: web.Application) -> AsyncIterator[None]:
     """The in-memory cache and the compaction task (cleanup_ctx, after the pool)."""
     app[TOTALS] = TotalsCache(app[POOL], app[SETTINGS])
-    task = asyncio.create_task(
-        compactor(app[POOL], app[SETTINGS].totals_compact_interval), name="totals-compactor"
-    )
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    async with tasks.running(
+        compactor(app[POOL], app[SETTINGS].totals_compact_interval), "totals-compactor"
+    ):
+        yield
