@@ -56,7 +56,8 @@ def create_app(settings: Settings) -> web.Application:
     app[SEATS] = FoundingSeats(settings.founding_seats)
     app[MIGRATIONS] = db.load_migrations()
     app[auth.FAILED_ATTEMPTS] = auth.FailedAttempts()
-    app.cleanup_ctx.extend([database, stripe_client, balance_transaction_worker])
+    app.cleanup_ctx.extend([database, webhooks.event_groups, stripe_client,
+                            balance_transaction_worker])
     app.cleanup_ctx.append(payout_worker)
     app.cleanup_ctx.append(reconciliation_schedule)
     app.add_routes(routes)

@@ -15,6 +15,7 @@ from donations.seats import FoundingSeats
 from donations.settings import Settings
 
 if TYPE_CHECKING:
+    from donations.batcher import Batcher
     from donations.totals_api import TotalsCache
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -26,3 +27,5 @@ SEATS = web.AppKey("founding_seats", FoundingSeats)
 MIGRATIONS = web.AppKey("migrations", list[Migration])
 # the public totals held in memory; named, not imported, as totals_api imports this module
 TOTALS: web.AppKey[TotalsCache] = web.AppKey("totals")
+# the webhooks' group commit (see donations/batcher.py)
+BATCHER: web.AppKey[Batcher] = web.AppKey("batcher")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict
-from typing import Any
 
 import asyncpg
 
@@ -23,54 +23,49 @@ from donations.ledger import (
 # --- events ---------------------------------------------------------------------------------
 
 
-async def insert_event(
-    conn: asyncpg.Connection, event: Event, raw: str, source: str, status: str
-) -> bool:
-    """Store the event with the status it will have once this transaction commits; False when
-    it was stored before (a duplicate, or a racing delivery that committed first)."""
-    inserted = await conn.fetchval(
-        """
-        INSERT INTO stripe_events (id, type, api_version, livemode, created, payload, source,
-                                   status, attempts, processed_at)
-        VALUES ($1, $2, $3, $4, to_timestamp($5), $6::json, $7, $8, 1, now())
-        ON CONFLICT (id) DO NOTHING
-        RETURNING true
-        """,
-        event.id, event.type, event.api_version, event.livemode, event.created, raw, source,
-        status,
-    )
-    return bool(inserted)
+async def store_events(
+    conn: asyncpg.Connection, locks: list[str], events: list[tuple[Event, str, str]],
+    snapshots: list[Snapshot], source: str,
+) -> tuple[set[str], dict[str, str]]:
+    """In one round trip: take `locks` (in order), store the events (event, raw body, status) that
+    are not stored yet, and keep, for each object, the greatest of the new events' snapshots if it
+    outranks the stored one. Returns the ids of the events stored now, and the objects whose
+    snapshot was kept with the id of the event that carried it.
 
-
-async def insert_event_and_snapshot(
-    conn: asyncpg.Connection, event: Event, raw: str, source: str, status: str,
-    locks: list[str], snapshot: Snapshot,
-) -> tuple[bool, bool]:
-    """In one round trip: take `locks` (in order), store the event, keep its snapshot if it
-    outranks the stored one. Returns (event stored now, snapshot kept).
-
-    The insert of the event reads the locks' row and the snapshot's insert reads the event's, so
+    The events' insert reads the locks' row and the snapshots' insert reads the events', so
     PostgreSQL takes the locks first whatever order it runs the parts of the statement in.
     """
-    version, links = snapshot.version, snapshot.links
     row = await conn.fetchrow(
         """
         WITH locks AS MATERIALIZED (
             SELECT count(pg_advisory_xact_lock(hashtextextended(k, 0))) AS n
-              FROM unnest($9::text[]) WITH ORDINALITY AS t(k, i)
+              FROM unnest($1::text[]) WITH ORDINALITY AS t(k, i)
         ), event AS (
             INSERT INTO stripe_events (id, type, api_version, livemode, created, payload,
                                        source, status, attempts, processed_at)
-            SELECT $1, $2, $3, $4, to_timestamp($5), $6::json, $7, $8, 1, now() FROM locks
+            SELECT e.id, e.type, e.api_version, e.livemode, to_timestamp(e.created),
+                   e.payload::json, $8, e.status, 1, now()
+              FROM locks, unnest($2::text[], $3::text[], $4::text[], $5::boolean[],
+                                 $6::bigint[], $7::text[], $9::text[])
+                          AS e(id, type, api_version, livemode, created, payload, status)
             ON CONFLICT (id) DO NOTHING
-            RETURNING payload
+            RETURNING id, payload
         ), snapshot AS (
             INSERT INTO stripe_objects AS o (id, object, rank, progress, event_created,
                                              type_rank, event_id, payment_key, invoice_id,
                                              subscription_id, data)
-            SELECT $10, $11, $12, $13, $14, $15, $1, $16, $17, $18,
-                   payload::jsonb -> 'data' -> 'object'
-              FROM event
+            SELECT DISTINCT ON (s.id)
+                   s.id, s.object, s.rank, s.progress, s.event_created, s.type_rank,
+                   s.event_id, s.payment_key, s.invoice_id, s.subscription_id,
+                   event.payload::jsonb -> 'data' -> 'object'
+              FROM unnest($10::text[], $11::text[], $12::integer[], $13::bigint[],
+                          $14::bigint[], $15::integer[], $16::text[], $17::text[],
+                          $18::text[], $19::text[])
+                   AS s(id, object, rank, progress, event_created, type_rank, event_id,
+                        payment_key, invoice_id, subscription_id)
+              JOIN event ON event.id = s.event_id
+             ORDER BY s.id, s.rank DESC, s.progress DESC, s.event_created DESC,
+                      s.type_rank DESC, s.event_id DESC
             ON CONFLICT (id) DO UPDATE
                SET rank = excluded.rank, progress = excluded.progress,
                    event_created = excluded.event_created, type_rank = excluded.type_rank,
@@ -80,17 +75,34 @@ async def insert_event_and_snapshot(
              WHERE (excluded.rank, excluded.progress, excluded.event_created,
                     excluded.type_rank, excluded.event_id)
                  > (o.rank, o.progress, o.event_created, o.type_rank, o.event_id)
-            RETURNING true
+            RETURNING o.id, o.event_id
         )
-        SELECT (SELECT count(*) FROM event) AS stored, (SELECT count(*) FROM snapshot) AS kept
+        SELECT ARRAY(SELECT id FROM event) AS stored,
+               ARRAY(SELECT id FROM snapshot) AS kept_ids,
+               ARRAY(SELECT event_id FROM snapshot) AS kept_events
         """,
-        event.id, event.type, event.api_version, event.livemode, event.created, raw, source,
-        status, locks, snapshot.id, snapshot.kind, version.stage, version.progress,
-        version.created, version.type_rank, links.payment_key, links.invoice_id,
-        links.subscription_id,
+        locks,
+        [e.id for e, _, _ in events], [e.type for e, _, _ in events],
+        [e.api_version for e, _, _ in events], [e.livemode for e, _, _ in events],
+        [e.created for e, _, _ in events], [raw for _, raw, _ in events], source,
+        [status for _, _, status in events],
+        [s.id for s in snapshots], [s.kind for s in snapshots],
+        [s.version.stage for s in snapshots], [s.version.progress for s in snapshots],
+        [s.version.created for s in snapshots], [s.version.type_rank for s in snapshots],
+        [s.version.event_id for s in snapshots], [s.links.payment_key for s in snapshots],
+        [s.links.invoice_id for s in snapshots], [s.links.subscription_id for s in snapshots],
     )
     assert row is not None
-    return bool(row["stored"]), bool(row["kept"])
+    return set(row["stored"]), dict(zip(row["kept_ids"], row["kept_events"], strict=True))
+
+
+async def event_statuses(conn: asyncpg.Connection, event_ids: list[str]) -> dict[str, str]:
+    """The stored events' statuses, their rows locked until the end of the transaction."""
+    rows = await conn.fetch(
+        "SELECT id, status FROM stripe_events WHERE id = any($1::text[]) ORDER BY id FOR UPDATE",
+        event_ids,
+    )
+    return {r["id"]: r["status"] for r in rows}
 
 
 async def record_failure(
@@ -110,13 +122,6 @@ async def record_failure(
         event.id, event.type, event.api_version, event.livemode, event.created, raw, source,
         error[:2000],
     )
-
-
-async def event_status(conn: asyncpg.Connection, event_id: str) -> str | None:
-    status: str | None = await conn.fetchval(
-        "SELECT status FROM stripe_events WHERE id = $1 FOR UPDATE", event_id
-    )
-    return status
 
 
 async def finish_event(conn: asyncpg.Connection, event_id: str, status: str) -> None:
@@ -180,8 +185,8 @@ async def put_snapshot(conn: asyncpg.Connection, snapshot: Snapshot, event_id: s
 
 
 _SNAPSHOT_COLUMNS = (
-    "id, object, rank, progress, event_created, type_rank, event_id, invoice_id, subscription_id,"
-    " data"
+    "id, object, rank, progress, event_created, type_rank, event_id, payment_key, invoice_id,"
+    " subscription_id, data"
 )
 
 
@@ -195,149 +200,193 @@ def _snapshot(row: asyncpg.Record) -> Snapshot:
     )
 
 
-async def load_cluster(conn: asyncpg.Connection, payment_key: str) -> Cluster:
-    """The payment's own snapshots, its invoices' (and their sessions'), their subscriptions'.
-
-    Separate index look-ups rather than one query with IN (subquery): the planner would turn
-    those into sequential scans of stripe_objects on a young table.
-    """
-    rows = list(await conn.fetch(
-        f"SELECT {_SNAPSHOT_COLUMNS} FROM stripe_objects WHERE payment_key = $1",  # noqa: S608
-        payment_key,
-    ))
-    invoices = {r["invoice_id"] for r in rows if r["invoice_id"]}
-    if payment_key.startswith("in_"):
-        invoices.add(payment_key)
-    if invoices:
-        rows += await conn.fetch(
-            f"SELECT {_SNAPSHOT_COLUMNS} FROM stripe_objects"  # noqa: S608
-            " WHERE invoice_id = any($1::text[])",
-            sorted(invoices),
+async def discover(
+    conn: asyncpg.Connection, subscriptions: list[str], invoices: list[str]
+) -> tuple[set[str], set[str]]:
+    """What a change to these subscriptions and invoices reaches: the subscriptions' invoices,
+    and the payments of those and of the given invoices (through their invoice payments)."""
+    if not subscriptions and not invoices:
+        return set(), set()
+    rows = await conn.fetch(
+        """
+        WITH invoice AS (
+            SELECT id FROM stripe_objects
+             WHERE object = 'invoice' AND subscription_id = any($1::text[])
         )
-    subscriptions = {r["subscription_id"] for r in rows if r["subscription_id"]}
-    if subscriptions:
-        rows += await conn.fetch(
-            f"SELECT {_SNAPSHOT_COLUMNS} FROM stripe_objects"  # noqa: S608
-            " WHERE id = any($1::text[]) AND object = 'subscription'",
-            sorted(subscriptions),
-        )
-    seen: dict[str, Snapshot] = {}
+        SELECT 'invoice' AS kind, id FROM invoice
+        UNION ALL
+        SELECT DISTINCT 'payment', payment_key FROM stripe_objects
+         WHERE object = 'invoice_payment' AND payment_key IS NOT NULL
+           AND invoice_id = any(ARRAY(SELECT id FROM invoice) || $2::text[])
+        """,
+        subscriptions, invoices,
+    )
+    found: dict[str, set[str]] = {"invoice": set(), "payment": set()}
     for row in rows:
-        seen.setdefault(row["id"], _snapshot(row))
-    cluster = Cluster(snapshots=list(seen.values()))
+        found[row["kind"]].add(row["id"])
+    return found["invoice"], found["payment"]
+
+
+async def load_clusters(conn: asyncpg.Connection, keys: list[str]) -> dict[str, Cluster]:
+    """For each payment key, what its row is derived from: the payment's own snapshots, its
+    invoices' (and their sessions'), their subscriptions', and its charges' balance transactions.
+
+    Read in one statement for all the keys (and one more for the balance transactions); each
+    part is an index look-up by an array of ids, never a scan, whatever the planner's estimates.
+    """
+    invoice_keys = [k for k in keys if k.startswith("in_")]  # invoice-keyed payments
+    rows = await conn.fetch(
+        f"""
+        WITH own AS MATERIALIZED (
+            SELECT {_SNAPSHOT_COLUMNS} FROM stripe_objects WHERE payment_key = any($1::text[])
+        ), invoiced AS MATERIALIZED (
+            SELECT {_SNAPSHOT_COLUMNS} FROM stripe_objects
+             WHERE invoice_id = any(ARRAY(SELECT invoice_id FROM own
+                                           WHERE invoice_id IS NOT NULL) || $2::text[])
+               AND (payment_key IS NULL OR NOT payment_key = any($1::text[]))
+        )
+        SELECT * FROM own
+        UNION ALL
+        SELECT * FROM invoiced
+        UNION ALL
+        SELECT {_SNAPSHOT_COLUMNS} FROM stripe_objects
+         WHERE object = 'subscription'
+           AND id = any(ARRAY(SELECT subscription_id FROM own WHERE subscription_id IS NOT NULL
+                              UNION
+                              SELECT subscription_id FROM invoiced
+                               WHERE subscription_id IS NOT NULL))
+        """,  # noqa: S608 - the interpolated text is a constant column list
+        keys, invoice_keys,
+    )
+    snapshots = {row["id"]: _snapshot(row) for row in rows}
+    links = {row["id"]: (row["invoice_id"], row["subscription_id"]) for row in rows}
+    by_payment: dict[str, list[str]] = {}
+    by_invoice: dict[str, list[str]] = {}
+    for row in rows:
+        if row["payment_key"]:
+            by_payment.setdefault(row["payment_key"], []).append(row["id"])
+        if row["invoice_id"]:
+            by_invoice.setdefault(row["invoice_id"], []).append(row["id"])
+
+    clusters: dict[str, Cluster] = {}
+    for key in keys:
+        ids = list(by_payment.get(key, []))
+        invoices = {links[i][0] for i in ids if links[i][0]}
+        if key.startswith("in_"):
+            invoices.add(key)
+        for invoice in sorted(invoices):
+            ids += by_invoice.get(invoice, [])
+        subscriptions = {links[i][1] for i in ids if links[i][1]}
+        ids += [s for s in sorted(subscriptions)
+                if s in snapshots and snapshots[s].kind == "subscription"]
+        clusters[key] = Cluster(snapshots=[snapshots[i] for i in dict.fromkeys(ids)])
+
     bt_ids = sorted({
-        s.data["balance_transaction"] for s in cluster.snapshots
+        s.data["balance_transaction"] for s in snapshots.values()
         if s.kind == "charge" and isinstance(s.data.get("balance_transaction"), str)
     })
     if bt_ids:
-        for row in await conn.fetch(
-            "SELECT id, amount, currency, fee, net FROM balance_transactions WHERE id = any($1)",
-            bt_ids,
-        ):
-            cluster.balance_transactions[row["id"]] = BalanceTransaction(**dict(row))
-    return cluster
+        found = {
+            row["id"]: BalanceTransaction(**dict(row)) for row in await conn.fetch(
+                "SELECT id, amount, currency, fee, net FROM balance_transactions"
+                " WHERE id = any($1::text[])",
+                bt_ids,
+            )
+        }
+        for cluster in clusters.values():
+            for charge in cluster.of("charge"):
+                bt = charge.data.get("balance_transaction")
+                if isinstance(bt, str) and bt in found:
+                    cluster.balance_transactions[bt] = found[bt]
+    return clusters
 
 
-async def load_subscription(
-    conn: asyncpg.Connection, subscription_id: str
-) -> tuple[Snapshot | None, list[Snapshot]]:
-    """The subscription's snapshot and those of the discounts applied to it."""
+async def load_subscriptions(
+    conn: asyncpg.Connection, subscription_ids: list[str]
+) -> dict[str, tuple[Snapshot | None, list[Snapshot]]]:
+    """Each subscription's snapshot and those of the discounts applied to it."""
     rows = await conn.fetch(
         f"""
         SELECT {_SNAPSHOT_COLUMNS} FROM stripe_objects
-         WHERE subscription_id = $1 AND object IN ('subscription', 'discount')
+         WHERE subscription_id = any($1::text[]) AND object IN ('subscription', 'discount')
         """,  # noqa: S608 - the interpolated text is a constant column list
-        subscription_id,
+        subscription_ids,
     )
-    snapshots = [_snapshot(r) for r in rows]
-    own = next((s for s in snapshots if s.kind == "subscription"), None)
-    return own, [s for s in snapshots if s.kind == "discount"]
-
-
-async def payment_keys_of_invoices(conn: asyncpg.Connection, invoice_ids: list[str]) -> list[str]:
-    rows = await conn.fetch(
-        """
-        SELECT DISTINCT payment_key FROM stripe_objects
-         WHERE object = 'invoice_payment' AND invoice_id = any($1) AND payment_key IS NOT NULL
-        """,
-        invoice_ids,
-    )
-    return [r["payment_key"] for r in rows]
-
-
-async def invoices_of_subscription(conn: asyncpg.Connection, subscription_id: str) -> list[str]:
-    rows = await conn.fetch(
-        "SELECT id FROM stripe_objects WHERE object = 'invoice' AND subscription_id = $1",
-        subscription_id,
-    )
-    return [r["id"] for r in rows]
+    found: dict[str, tuple[Snapshot | None, list[Snapshot]]] = {
+        s: (None, []) for s in subscription_ids
+    }
+    for row in rows:
+        snapshot = _snapshot(row)
+        if snapshot.kind == "subscription":
+            found[row["subscription_id"]] = (snapshot, found[row["subscription_id"]][1])
+        else:
+            found[row["subscription_id"]][1].append(snapshot)
+    return found
 
 
 # --- the ledger -----------------------------------------------------------------------------
 
 
-def _upsert(table: str, row: dict[str, Any], key: str) -> tuple[str, list[Any]]:
-    columns = list(row)
+def _upsert(table: str, columns: list[str], key: str) -> str:
+    """Insert or update a row; a row derived again unchanged is left alone (no new row version,
+    no trigger: most events about a payment do not change it)."""
     placeholders = ", ".join(f"${i}" for i in range(1, len(columns) + 1))
-    updates = ", ".join(f"{c} = excluded.{c}" for c in columns if c != key)
-    sql = (
-        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({placeholders}) "  # noqa: S608
-        f"ON CONFLICT ({key}) DO UPDATE SET {updates}"
+    others = [c for c in columns if c != key]
+    return (
+        f"INSERT INTO {table} AS t ({', '.join(columns)}) VALUES ({placeholders})"  # noqa: S608
+        f" ON CONFLICT ({key}) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in others)}"
+        f" WHERE ({', '.join(f't.{c}' for c in others)})"
+        f" IS DISTINCT FROM ({', '.join(f'excluded.{c}' for c in others)})"
     )
-    return sql, list(row.values())
 
 
-async def _put(conn: asyncpg.Connection, table: str, row: object, key: str = "id") -> None:
-    sql, args = _upsert(table, asdict(row), key)  # type: ignore[call-overload]
-    await conn.execute(sql, *args)
+LedgerRow = RefundRow | DisputeRow | SubscriptionRow | CustomerRow | PayoutRow
 
 
-async def put_payment(conn: asyncpg.Connection, key: str, row: PaymentRow | None) -> None:
-    if row is None:
-        await conn.execute("DELETE FROM payments WHERE payment_key = $1", key)
+async def put_rows(
+    conn: asyncpg.Connection, table: str, rows: Sequence[LedgerRow], key: str = "id"
+) -> None:
+    """Upsert ledger rows (dataclasses of one type) into `table`, in one round trip."""
+    if rows:
+        values = [asdict(row) for row in rows]
+        sql = _upsert(table, list(values[0]), key)
+        await conn.executemany(sql, [list(v.values()) for v in values])
+
+
+async def put_payments(conn: asyncpg.Connection, derived: dict[str, PaymentRow | None]) -> None:
+    """Write the payments derived for these keys (None: no payment stands, the row goes), and
+    queue the look-up of each new settlement's fee (fees come later, from the worker)."""
+    gone = [key for key, row in derived.items() if row is None]
+    if gone:
+        await conn.execute("DELETE FROM payments WHERE payment_key = any($1::text[])", gone)
+    rows = [asdict(row) for row in derived.values() if row is not None]
+    if not rows:
         return
-    sql, args = _upsert("payments", asdict(row), "payment_key")
-    if row.balance_transaction and row.fee is None:
-        # fees come later from the worker; queue the look-up in the same round trip
-        sql = (
-            f"WITH upsert AS ({sql} RETURNING balance_transaction) "  # noqa: S608
-            "INSERT INTO balance_transaction_fetches (id) SELECT balance_transaction FROM upsert"
-            " WHERE NOT EXISTS (SELECT 1 FROM balance_transactions b"
-            "                    WHERE b.id = upsert.balance_transaction)"
-            " ON CONFLICT (id) DO NOTHING"
-        )
-    await conn.execute(sql, *args)
-
-
-async def put_refund(conn: asyncpg.Connection, row: RefundRow) -> None:
-    await _put(conn, "refunds", row)
-
-
-async def put_dispute(conn: asyncpg.Connection, row: DisputeRow) -> None:
-    await _put(conn, "disputes", row)
-
-
-async def put_subscription(conn: asyncpg.Connection, row: SubscriptionRow) -> None:
-    await _put(conn, "subscriptions", row)
-
-
-async def put_customer(conn: asyncpg.Connection, row: CustomerRow) -> None:
-    await _put(conn, "customers", row)
-
-
-async def put_payout(conn: asyncpg.Connection, row: PayoutRow) -> None:
-    await _put(conn, "payouts", row)
+    sql = _upsert("payments", list(rows[0]), "payment_key")
+    await conn.executemany(
+        f"WITH upsert AS ({sql} RETURNING balance_transaction, fee) "  # noqa: S608
+        "INSERT INTO balance_transaction_fetches (id)"
+        " SELECT balance_transaction FROM upsert"
+        "  WHERE balance_transaction IS NOT NULL AND fee IS NULL"
+        "    AND NOT EXISTS (SELECT 1 FROM balance_transactions b"
+        "                     WHERE b.id = upsert.balance_transaction)"
+        " ON CONFLICT (id) DO NOTHING",
+        [list(row.values()) for row in rows],
+    )
 
 
 # --- balance transactions -------------------------------------------------------------------
 
 
-async def queue_balance_transaction(conn: asyncpg.Connection, bt_id: str) -> None:
-    await conn.execute(
-        """
-        INSERT INTO balance_transaction_fetches (id)
-        SELECT $1 WHERE NOT EXISTS (SELECT 1 FROM balance_transactions WHERE id = $1)
-        ON CONFLICT (id) DO NOTHING
-        """,
-        bt_id,
-    )
+async def queue_balance_transactions(conn: asyncpg.Connection, bt_ids: list[str]) -> None:
+    """Queue the look-up of balance transactions not fetched yet (the fee worker takes them)."""
+    if bt_ids:
+        await conn.execute(
+            """
+            INSERT INTO balance_transaction_fetches (id)
+            SELECT id FROM unnest($1::text[]) AS t(id)
+             WHERE NOT EXISTS (SELECT 1 FROM balance_transactions b WHERE b.id = t.id)
+            ON CONFLICT (id) DO NOTHING
+            """,
+            bt_ids,
+        )

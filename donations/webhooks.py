@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 
 import stripe
 import structlog
 from aiohttp import web
 
-from donations.appkeys import METRICS, OFFER, POOL, SETTINGS
+from donations.appkeys import BATCHER, METRICS, OFFER, POOL, SETTINGS
+from donations.batcher import Batcher
 from donations.errors import ApiError, BadRequest, PayloadTooLarge, ServiceUnavailable
 from donations.events import NotAnEvent, parse_event
-from donations.ingest import Outcome, ingest
+from donations.ingest import Outcome
 
 log = structlog.get_logger(__name__)
 
@@ -19,6 +21,13 @@ MAX_BODY = 1024 * 1024  # Stripe's events are a few KiB; anything over 1 MiB is 
 TOLERANCE_SECONDS = 300
 
 routes = web.RouteTableDef()
+
+
+async def event_groups(app: web.Application) -> AsyncIterator[None]:
+    """Cleanup context: the workers that apply deliveries in groups (after the pool is made)."""
+    app[BATCHER] = Batcher(app[POOL], app[OFFER])
+    async with app[BATCHER].running():
+        yield
 
 
 class EventFailed(ApiError):
@@ -87,7 +96,7 @@ async def stripe_webhook(request: web.Request) -> web.Response:
             f"a {'live' if event.livemode else 'test'} event sent to a service with a {mode} key",
         )
 
-    outcome = await ingest(request.app[POOL], event, text, request.app[OFFER])
+    outcome = await request.app[BATCHER].ingest(event, text)
     request.app[METRICS].webhook_events.inc(type=event.type, outcome=outcome.value)
     log.info("webhook_event", outcome=outcome.value)
     if outcome is Outcome.FAILED:

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from donations.events import parse_event
-from donations.ingest import ingest
+from donations.ingest import ingest, ingest_many
 from donations.ledger import FoundingOffer
 from tests.conftest import empty_tables
 from tests.ledger_check import dump, reference
@@ -85,4 +85,36 @@ async def test_the_database_ledger_equals_the_reference_in_any_order(
     at_once = data.draw(st.sampled_from([1, 4, 8]))
     await _reset(pool)
     await _deliver(pool, shuffled, at_once)
+    assert await dump(pool) == reference(history.events, OFFER)
+
+
+async def _deliver_in_groups(
+    pool: asyncpg.Pool, events: list[dict[str, Any]], sizes: list[int], racing: int
+) -> None:
+    """Deliver in order of the list, cut into groups of the given sizes (cycled), each group
+    applied in one transaction (as the webhooks' group commit does), `racing` groups at once."""
+    groups, start, n = [], 0, 0
+    while start < len(events):
+        size = sizes[n % len(sizes)]
+        groups.append(events[start:start + size])
+        start, n = start + size, n + 1
+    for first in range(0, len(groups), racing):
+        await asyncio.gather(*(
+            ingest_many(pool, [(parse_event(e), json.dumps(e)) for e in group], OFFER)
+            for group in groups[first:first + racing]
+        ))
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+async def test_groups_of_events_give_the_same_ledger_as_one_at_a_time(
+    pool: asyncpg.Pool, data: st.DataObject
+) -> None:
+    history = data.draw(histories(max_steps=6))
+    shuffled = data.draw(deliveries(history.events))
+    sizes = data.draw(st.lists(st.integers(1, 12), min_size=1, max_size=4))
+    racing = data.draw(st.sampled_from([1, 2, 3]))
+    await _reset(pool)
+    await _deliver_in_groups(pool, shuffled, sizes, racing)
     assert await dump(pool) == reference(history.events, OFFER)
