@@ -12,6 +12,9 @@ import asyncpg
 from pytest_aiohttp import AiohttpClient
 
 from donations.app import create_app
+from donations.events import parse_event
+from donations.ingest import Outcome, ingest_many, retry_unfinished
+from donations.ledger import FoundingOffer
 from donations.settings import Secret
 from tests.conftest import WEBHOOK_SECRET, Client, make_settings
 from tests.fakestripe.signing import sign, signed_request
@@ -247,6 +250,38 @@ async def test_a_failing_event_is_kept_and_applied_on_redelivery(
         "SELECT status, attempts, last_error FROM stripe_events WHERE id = $1", events[1]["id"])
     assert stored is not None
     assert dict(stored) == {"status": "processed", "attempts": 2, "last_error": None}
+
+
+async def test_a_failing_event_in_a_group_fails_alone(pool: asyncpg.Pool) -> None:
+    world = World(seed=12)
+    fine = world.one_off(1200, "gbp").events
+    refused = world.one_off(150_000, "jpy").events
+    async with pool.acquire() as conn:
+        await conn.execute("""
+            CREATE FUNCTION refuse_yen() RETURNS trigger LANGUAGE plpgsql AS
+            $$ BEGIN RAISE EXCEPTION 'yen payments are refused for this test'; END $$;
+            CREATE TRIGGER refuse BEFORE INSERT OR UPDATE ON payments
+                FOR EACH ROW WHEN (NEW.currency = 'jpy') EXECUTE FUNCTION refuse_yen();
+        """)
+    group = [(parse_event(e), json.dumps(e)) for e in fine + refused]
+    try:
+        outcomes = await ingest_many(pool, group, FoundingOffer())
+    finally:
+        async with pool.acquire() as conn:
+            await conn.execute("DROP TRIGGER refuse ON payments; DROP FUNCTION refuse_yen()")
+
+    by_id = {event.id: outcome for (event, _), outcome in zip(group, outcomes, strict=True)}
+    failed = {i for i, o in by_id.items() if o is Outcome.FAILED}
+    assert failed, "the yen payment's events must fail"
+    assert failed <= {e["id"] for e in refused}
+    assert all(by_id[e["id"]] in (Outcome.PROCESSED, Outcome.IGNORED) for e in fine)
+    assert await dump(pool) == reference(fine)  # the rest of the group is in the ledger
+    stored = await pool.fetch("SELECT id, last_error FROM stripe_events WHERE status = 'failed'")
+    assert {r["id"] for r in stored} == failed
+    assert all("yen payments are refused" in r["last_error"] for r in stored)
+
+    assert await retry_unfinished(pool, FoundingOffer()) == {"processed": len(failed)}
+    assert await dump(pool) == reference(fine + refused)
 
 
 async def test_webhook_without_a_secret_is_503(
