@@ -332,7 +332,7 @@ async def _with_stripe(settings: Settings, args: argparse.Namespace) -> int:
     dsn, embedded = await _with_database(settings)
     try:
         await db.migrate(dsn)
-        pool = await db.create_pool(dsn, min_size=1, max_size=reconcile.APPLY_CONCURRENCY + 2)
+        pool = await db.create_pool(dsn, min_size=1, max_size=4)
         try:
             if args.command == "import":
                 assert since is not None  # --since is required

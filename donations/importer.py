@@ -19,7 +19,6 @@ in what no event tells, and never overrides what an event says, whatever order t
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -43,25 +42,25 @@ class Resource:
 
     name: str
     event_type: str  # one the ledger handles for this object (events.HANDLED)
-    service: Callable[[stripe.StripeClient], Any]
+    path: str  # of its list in Stripe's API
     params: tuple[tuple[str, Any], ...] = ()
 
 
 # Customers first, then payments, then what refers to them; the ledger does not depend on the
 # order, but a partial import is easier to read this way.
 RESOURCES: tuple[Resource, ...] = (
-    Resource("customers", "customer.updated", lambda c: c.v1.customers),
-    Resource("checkout_sessions", "checkout.session.completed", lambda c: c.v1.checkout.sessions),
-    Resource("payment_intents", "payment_intent.succeeded", lambda c: c.v1.payment_intents),
-    Resource("charges", "charge.updated", lambda c: c.v1.charges),
+    Resource("customers", "customer.updated", "/v1/customers"),
+    Resource("checkout_sessions", "checkout.session.completed", "/v1/checkout/sessions"),
+    Resource("payment_intents", "payment_intent.succeeded", "/v1/payment_intents"),
+    Resource("charges", "charge.updated", "/v1/charges"),
     # canceled ones are left out unless asked for; discounts expanded to tell founding supporters
-    Resource("subscriptions", "customer.subscription.updated", lambda c: c.v1.subscriptions,
+    Resource("subscriptions", "customer.subscription.updated", "/v1/subscriptions",
              (("status", "all"), ("expand", ["data.discounts"]))),
-    Resource("invoices", "invoice.finalized", lambda c: c.v1.invoices),
-    Resource("invoice_payments", "invoice_payment.paid", lambda c: c.v1.invoice_payments),
-    Resource("refunds", "refund.updated", lambda c: c.v1.refunds),
-    Resource("disputes", "charge.dispute.updated", lambda c: c.v1.disputes),
-    Resource("payouts", "payout.updated", lambda c: c.v1.payouts),
+    Resource("invoices", "invoice.finalized", "/v1/invoices"),
+    Resource("invoice_payments", "invoice_payment.paid", "/v1/invoice_payments"),
+    Resource("refunds", "refund.updated", "/v1/refunds"),
+    Resource("disputes", "charge.dispute.updated", "/v1/disputes"),
+    Resource("payouts", "payout.updated", "/v1/payouts"),
 )
 
 
@@ -160,10 +159,9 @@ async def _import_one(
                    **dict(resource.params)}
     if row["cursor"] is not None:
         params["starting_after"] = row["cursor"]
-    service = resource.service(client)
     reached = until
     bar.show(resource.name, since, until, reached, imported)
-    async for items, _more in pages(lambda: service.list_async(params), f"{resource.name}.list"):
+    async for items, _more in pages(client, resource.path, params, f"{resource.name}.list"):
         if not items:
             continue
         events = [synthetic_event(obj, resource.event_type) for obj in items]

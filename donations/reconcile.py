@@ -5,7 +5,7 @@ One run, under a PostgreSQL advisory lock so that only one replica reconciles at
 
 1. Events. Stripe lists the last 30 days of events, newest first. A run reads the window from the
    checkpoint to now page by page through the stripe library; any event not stored (or stored but
-   failed) goes through `ingest` exactly as a webhook delivery would. After each page is applied,
+   failed) goes through `ingest_many` exactly as webhook deliveries do. After each page is applied,
    the window and the page's last event (Stripe's `starting_after` cursor) are saved; the
    checkpoint itself moves to the window's end only when the whole window is read. A run stopped
    half-way is resumed by the next one from the saved cursor, so there is never a gap.
@@ -35,8 +35,8 @@ from aiohttp import web
 from donations import auth, db, fees
 from donations.appkeys import POOL
 from donations.errors import BadRequest
-from donations.events import NotAnEvent, parse_event, ref
-from donations.ingest import Outcome, ingest
+from donations.events import Event, NotAnEvent, parse_event, ref
+from donations.ingest import Outcome, ingest_many
 from donations.inputs import rfc3339
 from donations.ledger import FoundingOffer
 from donations.metrics import gauge
@@ -51,7 +51,6 @@ RETENTION_SECONDS = 30 * 86400  # how far back Stripe lists events
 # the second it is stamped with. Re-reading is cheap (stored events are skipped in one query).
 OVERLAP_SECONDS = 300
 PAGE_SIZE = 100
-APPLY_CONCURRENCY = 4  # events of one page applied at once (ingest is safe in any order)
 # After the library's own retries: how often and how long a run waits out a rate limit (429)
 # or a connection failure before it gives up (the checkpoint keeps what was done).
 BUSY_ATTEMPTS = 6
@@ -156,30 +155,34 @@ async def call_stripe(make: Callable[[], Awaitable[Any]], what: str) -> Any:
     raise AssertionError("unreachable")
 
 
-def items_of(page: Any) -> list[dict[str, Any]]:
-    """A list page's objects as the plain JSON Stripe sent."""
-    response = page.last_response
-    if response is not None and isinstance(response.data, dict):
-        return list(json.loads(json.dumps(response.data.get("data") or [])))
-    return [json.loads(str(item)) for item in page.data]
-
-
 async def pages(
-    first: Callable[[], Awaitable[Any]], what: str
+    client: stripe.StripeClient, path: str, params: dict[str, Any], what: str
 ) -> AsyncIterator[tuple[list[dict[str, Any]], bool]]:
-    """The pages of a Stripe list, paginated by the library, the next one fetched while the
-    caller works on the current one: (items, whether more follow)."""
-    page = await call_stripe(first, what)
+    """The pages of a Stripe list, the next one fetched while the caller works on the current
+    one: (items, whether more follow). Each item is the plain JSON Stripe sent.
+
+    Read with the client's `raw_request_async`: the same authentication, API version, retries
+    and errors as its `list_async`, without turning every object of every page into a
+    StripeObject first (that took six times as long as fetching the page, and reconciliation
+    wants the JSON as sent anyway, to store it). Pages follow Stripe's `starting_after` cursor.
+    """
+
+    async def fetch(cursor: str | None) -> tuple[list[dict[str, Any]], bool]:
+        query = dict(params, starting_after=cursor) if cursor else dict(params)
+        response = await call_stripe(
+            lambda: client.raw_request_async("get", path, **query), what)
+        body = response.data if isinstance(response.data, dict) else {}
+        items = [i for i in body.get("data") or [] if isinstance(i, dict)]
+        return items, bool(body.get("has_more")) and bool(items)
+
+    items, more = await fetch(None)
     while True:
-        upcoming = (
-            asyncio.ensure_future(call_stripe(page.next_page_async, what))
-            if page.has_more and page.data else None
-        )
+        upcoming = asyncio.ensure_future(fetch(str(items[-1]["id"]))) if more else None
         if upcoming is not None:
             # when the caller stops on an error of its own, this fetch's outcome is moot
             upcoming.add_done_callback(lambda t: t.cancelled() or t.exception())
         try:
-            yield items_of(page), upcoming is not None
+            yield items, more
         except BaseException:
             if upcoming is not None:
                 upcoming.cancel()
@@ -188,7 +191,7 @@ async def pages(
             raise
         if upcoming is None:
             return
-        page = await upcoming
+        items, more = await upcoming
 
 
 # --- one run ---------------------------------------------------------------------------------
@@ -332,8 +335,7 @@ async def _read_events(state: _Run, start: int, end: int, cursor: str | None) ->
 
 async def _read_pages(state: _Run, start: int, end: int, params: Any) -> None:
     result = state.result
-    events = state.client.v1.events
-    async for items, _more in pages(lambda: events.list_async(params), "events.list"):
+    async for items, _more in pages(state.client, "/v1/events", params, "events.list"):
         if not items:
             continue
         await _apply_page(state, items)
@@ -371,36 +373,26 @@ async def _apply_page(state: _Run, items: list[dict[str, Any]]) -> None:
 async def store_missing(
     pool: asyncpg.Pool, offer: FoundingOffer, items: list[dict[str, Any]], source: str
 ) -> tuple[int, int]:
-    """Store and apply, through `ingest` as a webhook delivery would, the events of a page that
-    are not stored or stored but not applied; (applied, failed)."""
+    """Store and apply, as webhook deliveries would be, the events of a page that are not
+    stored or stored but not applied; (applied, failed)."""
     async with db.connection(pool) as conn:
         done = {r["id"] for r in await conn.fetch(
             "SELECT id FROM stripe_events WHERE id = any($1::text[]) AND status = any($2::text[])",
             [str(e.get("id")) for e in items], list(_DONE),
         )}
     todo = [e for e in items if e.get("id") not in done]
-    if not todo:
-        return 0, 0
-    gate = asyncio.Semaphore(APPLY_CONCURRENCY)
-
-    async def apply(body: dict[str, Any]) -> Outcome:
-        async with gate:
-            try:
-                event = parse_event(body)
-            except NotAnEvent:
-                log.warning("reconciliation_not_an_event", event_id=str(body.get("id"))[:80])
-                return Outcome.FAILED
-            with structlog.contextvars.bound_contextvars(event_id=event.id,
-                                                         event_type=event.type):
-                return await ingest(pool, event, json.dumps(body), offer, source=source)
-
-    # every one finishes (or fails) before the page counts as applied or the error is raised
-    outcomes = await asyncio.gather(*(apply(e) for e in todo), return_exceptions=True)
-    for outcome in outcomes:
-        if isinstance(outcome, BaseException):
-            raise outcome
-    failed = sum(1 for o in outcomes if o is Outcome.FAILED)
-    return len(outcomes) - failed, failed
+    group: list[tuple[Event, str]] = []
+    failed = 0
+    for body in todo:
+        try:
+            group.append((parse_event(body), json.dumps(body)))
+        except NotAnEvent:
+            log.warning("reconciliation_not_an_event", event_id=str(body.get("id"))[:80])
+            failed += 1
+    # the page's events in one transaction, as the webhooks' group commit applies a group
+    outcomes = await ingest_many(pool, group, offer, source=source) if group else []
+    failed += sum(1 for o in outcomes if o is Outcome.FAILED)
+    return len(todo) - failed, failed
 
 
 # --- 2. balance transactions against the ledger ----------------------------------------------
@@ -498,8 +490,7 @@ async def _compare(state: _Run, start: int, end: int) -> None:
     by_object: dict[str, dict[str, list[dict[str, Any]]]] = {
         "payment": {}, "refund": {}, "dispute": {}}
     params: Any = {"created": {"gte": start, "lte": end}, "limit": 100}
-    txns = client.v1.balance_transactions
-    async for items, _more in pages(lambda: txns.list_async(params),
+    async for items, _more in pages(client, "/v1/balance_transactions", params,
                                     "balance_transactions.list"):
         for bt in items:
             kind = _object_of(bt)
@@ -597,11 +588,10 @@ async def _compare(state: _Run, start: int, end: int) -> None:
 
 async def _balance_transactions_of(client: stripe.StripeClient, source: str
                                    ) -> list[dict[str, Any]]:
-    txns = client.v1.balance_transactions
     found: list[dict[str, Any]] = []
-    async for items, _more in pages(
-            lambda: txns.list_async({"source": source, "limit": 100}),
-            "balance_transactions.list"):
+    async for items, _more in pages(client, "/v1/balance_transactions",
+                                    {"source": source, "limit": 100},
+                                    "balance_transactions.list"):
         found += items
     return found
 
