@@ -20,7 +20,7 @@ from donations.ingest import Outcome, ingest_many
 from donations.ledger import FoundingOffer
 
 MAX_GROUP = 64
-WORKERS = 1
+WORKERS = 2
 
 _Waiting = tuple[Event, str, asyncio.Future[Outcome]]
 
