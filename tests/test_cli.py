@@ -18,11 +18,13 @@ import asyncpg
 
 from donations.events import parse_event
 from donations.ingest import ingest
-from donations.ledger import FoundingOffer
+from donations.ledger import BalanceTransaction, FoundingOffer
 from tests.conftest import WEBHOOK_SECRET
+from tests.fakestripe import running_fake_stripe
 from tests.fakestripe.signing import signed_request
 from tests.fakestripe.world import World
 from tests.ledger_check import dump, reference
+from tests.test_fees import TEST_KEY
 
 
 def _free_port() -> int:
@@ -156,3 +158,37 @@ async def test_events_retry_applies_what_failed(pool: asyncpg.Pool, dsn: str) ->
     assert await dump(pool) == reference(events)
     code, out, _ = await _run("events", "list", env=_env(DATABASE_URL=dsn))
     assert "failed" not in out
+
+
+async def test_reconcile_and_import_commands_exit_by_what_they_found(
+    pool: asyncpg.Pool, dsn: str
+) -> None:
+    """`donations reconcile` prints its summary and exits 0 when the ledger matches Stripe, 1
+    while a difference is unresolved; `donations import` brings older history in, exits 0."""
+    world = World(seed=24)  # its clock starts a week before today: within Stripe's 30 days
+    paid = world.one_off(4200, "gbp")
+    world.one_off(1500, "usd")
+    async with running_fake_stripe(world) as fake:
+        env = _env(DATABASE_URL=dsn, STRIPE_SECRET_KEY=TEST_KEY,
+                   STRIPE_API_BASE=fake.base_url, LOG_LEVEL="warning")
+        code, out, err = await _run("reconcile", "--since", "2026-11-01", env=env)
+        assert code == 0, err
+        assert "the ledger matches Stripe" in out
+        assert f"events: {len(world.events)} listed" in out
+        assert await dump(pool) == reference(world.events, balance_transactions={
+            i: BalanceTransaction(i, bt["amount"], bt["currency"], bt["fee"], bt["net"])
+            for i, bt in world.balance_transactions.items()})
+
+        world.balance_transactions[str(paid.balance_transaction)]["fee"] += 5
+        world.balance_transactions[str(paid.balance_transaction)]["net"] -= 5
+        # a later run compares its own window (from the checkpoint); --since looks again further
+        code, out, err = await _run("reconcile", env=env)
+        assert code == 0, err
+        code, out, err = await _run("reconcile", "--since", "2026-11-01", env=env)
+        assert code == 1, err
+        assert "fee_mismatch" in out and paid.charge in out
+        assert "1 unresolved discrepancies" in out
+
+        code, out, err = await _run("import", "--since", "2026-11-01", env=env)
+        assert code == 0, err
+        assert "applied" in out
