@@ -10,8 +10,18 @@ and an Idempotency-Key: the full path (rate limits, idempotency, campaign check,
 Stripe call through the stripe library, answer stored).
 
 The fake Stripe alone, in the same run: the same number of session creations at the same
-concurrency posted straight to it, form-encoded as the stripe library sends them. The
-service's own overhead per checkout is the difference; the target is under 5 ms at p99.
+concurrency posted straight to it, form-encoded as the stripe library sends them.
+
+The service's own overhead per checkout is taken request by request: the checkout's latency at
+the client less the fake Stripe's own time for that checkout's session creation (measured inside
+the fake, from its outermost middleware to its answer, summed over the stripe library's tries;
+matched through the Idempotency-Key the service passes on). The target is p99 of that under
+5 ms. This is strict: the Stripe call's HTTP round trip (the library's encoding, loopback, the
+fake's HTTP parsing) counts as the service's. The difference of the two sides' percentiles
+(p99(service) - p99(fake alone)), which earlier versions reported, is printed for comparison;
+it is not a percentile of anything and flatters the service (the fake's own tail is subtracted
+although it rarely coincides with the service's, and at concurrency > 1 the fake alone queues
+more than it does behind the service).
 
 Exit status: 0 when every request got its 201 (this is a measurement, not a test), 1 otherwise.
 """
@@ -20,6 +30,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
+import math
 import os
 import platform
 import sys
@@ -31,6 +43,7 @@ from urllib.parse import urlencode
 
 import aiohttp
 import asyncpg
+from aiohttp import web
 
 from benchmarks._common import (
     Measurement,
@@ -43,10 +56,11 @@ from benchmarks._common import (
     server_version,
 )
 from tests.checkout_helpers import SITE, TEST_KEY, stock
-from tests.fakestripe.server import running_fake_stripe
+from tests.fakestripe.server import FakeStripe, running_fake_stripe
 from tests.fakestripe.world import World
 
 TARGET_MS = 5.0
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 CAMPAIGN = "benchmark"
 
 
@@ -88,8 +102,30 @@ def stripe_form(i: int) -> bytes:
     return urlencode(pairs).encode()
 
 
+class FakeTimes:
+    """The fake Stripe's own time per Idempotency-Key (the service's `checkout:<key>[:<try>]`
+    counted as `<key>`), from its outermost middleware to its answer, retries summed."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def install(self, fake: FakeStripe) -> None:
+        @web.middleware
+        async def timed(request: web.Request, handler: Handler) -> web.StreamResponse:
+            started = time.perf_counter()
+            try:
+                return await handler(request)
+            finally:
+                key = request.headers.get("Idempotency-Key", "")
+                key = key.removeprefix("checkout:").split(":", 1)[0]
+                self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - started
+
+        fake.app.middlewares.insert(0, timed)
+
+
 async def measure(
-    name: str, count: int, concurrency: int, send: Callable[[int], Awaitable[int]]
+    name: str, count: int, concurrency: int, send: Callable[[int], Awaitable[int]],
+    latencies: dict[int, float] | None = None,
 ) -> Measurement:
     result = Measurement(name)
     queue = iter(range(count))
@@ -99,7 +135,10 @@ async def measure(
         for i in queue:
             started = time.perf_counter()
             status = await send(i)
-            result.latencies.append(time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            result.latencies.append(elapsed)
+            if latencies is not None:
+                latencies[i] = elapsed
             if status not in (200, 201):
                 result.failures += 1
                 errors.append(status)
@@ -112,14 +151,30 @@ async def measure(
     return result
 
 
+def harness_gc_settled() -> None:
+    """Collect and freeze this process's objects (the fake's world, the recorded requests), so
+    that a full collection in the measuring process, not the service, does not land in the
+    measured phase (it would be charged to whichever side it hit)."""
+    gc.collect()
+    gc.freeze()
+
+
+def key(side: str, i: int) -> str:
+    """The Idempotency-Key of the i-th request of a side (one per request, as a form sends)."""
+    return f"bench-{side}-{i}-{uuid.uuid4().hex[:8]}"
+
+
 async def run(args: argparse.Namespace) -> int:
     world = World(seed=2026)
     stock(world, seats=args.founding_seats)
+    times = FakeTimes()
     async with postgres_server(database_url_from(args.database_url)) as admin_dsn, \
-            scratch_database(admin_dsn) as dsn, running_fake_stripe(world) as fake:
+            scratch_database(admin_dsn) as dsn, \
+            running_fake_stripe(world, configure=times.install) as fake:
         print(f"PostgreSQL {await server_version(admin_dsn)} ({describe_server(admin_dsn)});"
               f" Python {platform.python_version()}; {os.cpu_count()} cores;"
-              f" concurrency {args.concurrency}; fake Stripe at {fake.base_url}")
+              f" concurrency {args.concurrency}; load average {os.getloadavg()[0]:.2f};"
+              f" fake Stripe at {fake.base_url}")
         env = {
             "STRIPE_SECRET_KEY": TEST_KEY, "STRIPE_API_BASE": fake.base_url,
             "SITE_ORIGINS": SITE, "FOUNDING_SEATS": str(args.founding_seats),
@@ -133,10 +188,12 @@ async def run(args: argparse.Namespace) -> int:
             finally:
                 await conn.close()
             connector = aiohttp.TCPConnector(limit=args.concurrency * 2)
+            keys: dict[tuple[str, int], str] = {}
             async with aiohttp.ClientSession(connector=connector) as session:
                 async def via_service(i: int) -> int:
                     path, payload = body(i)
-                    headers = {"Idempotency-Key": str(uuid.uuid4())}
+                    headers = {"Idempotency-Key": keys.setdefault(("service", i),
+                                                                  key("service", i))}
                     async with session.post(service.base_url + path, json=payload,
                                             headers=headers) as response:
                         await response.read()
@@ -145,7 +202,7 @@ async def run(args: argparse.Namespace) -> int:
                 async def stripe_alone(i: int) -> int:
                     headers = {"Authorization": f"Bearer {TEST_KEY}",
                                "Content-Type": "application/x-www-form-urlencoded",
-                               "Idempotency-Key": str(uuid.uuid4())}
+                               "Idempotency-Key": keys.setdefault(("alone", i), key("alone", i))}
                     async with session.post(f"{fake.base_url}/v1/checkout/sessions",
                                             data=stripe_form(i), headers=headers) as response:
                         await response.read()
@@ -155,25 +212,49 @@ async def run(args: argparse.Namespace) -> int:
                 await measure("warm-up", warm, args.concurrency, via_service)
                 await measure("warm-up", warm, args.concurrency, stripe_alone)
                 # the fake keeps every session it made: measure both sides at the same size
+                harness_gc_settled()
+                alone_latency: dict[int, float] = {}
                 fake_alone = await measure("fake Stripe alone", args.requests,
                                            args.concurrency,
-                                           lambda i: stripe_alone(i + warm))
+                                           lambda i: stripe_alone(i + warm), alone_latency)
+                served_latency: dict[int, float] = {}
+                harness_gc_settled()
                 served = await measure("service -> fake Stripe", args.requests,
-                                       args.concurrency, lambda i: via_service(i + warm))
+                                       args.concurrency, lambda i: via_service(i + warm),
+                                       served_latency)
             log_tail = service.log_tail(10)
 
+    def inside_fake(side: str, latency: dict[int, float]) -> Measurement:
+        """Per request: the fake's own time for it (0 when it never reached the fake)."""
+        m = Measurement(f"{side}: inside the fake")
+        m.latencies = [times.seconds.get(keys[(side, i + args.warmup)], 0.0) for i in latency]
+        return m
+
+    def overhead(side: str, latency: dict[int, float]) -> Measurement:
+        """Per request: its latency less the fake's own time for it."""
+        m = Measurement(f"{side}: latency - fake's time")
+        m.latencies = [t - times.seconds.get(keys[(side, i + args.warmup)], 0.0)
+                       for i, t in latency.items()]
+        return m
+
+    service_overhead = overhead("service", served_latency)
+    rows = [served, inside_fake("service", served_latency), service_overhead,
+            fake_alone, inside_fake("alone", alone_latency), overhead("alone", alone_latency)]
     print()
     print_table(
         ["", "requests", "seconds", "req/s", "mean ms", "p50 ms", "p99 ms", "max ms", "failed"],
-        [[m.name, m.count, m.seconds, m.rate, m.mean_ms, m.ms(50), m.ms(99), m.ms(100),
-          m.failures] for m in (served, fake_alone)],
+        [[m.name, m.count, m.seconds or math.nan, m.rate, m.mean_ms, m.ms(50), m.ms(99),
+          m.ms(100), m.failures if m.seconds else math.nan] for m in rows],
     )
-    overhead = {p: served.ms(p) - fake_alone.ms(p) for p in (50, 99)}
-    verdict = "PASS" if overhead[99] < TARGET_MS else "FAIL"
+    p99 = service_overhead.ms(99)
+    verdict = "PASS" if p99 < TARGET_MS else "FAIL"
     print()
-    print(f"service overhead per checkout: mean {served.mean_ms - fake_alone.mean_ms:.2f} ms,"
-          f" p50 {overhead[50]:.2f} ms, p99 {overhead[99]:.2f} ms"
-          f" (target p99 < {TARGET_MS:.0f} ms: {verdict})")
+    print(f"service overhead per checkout (latency - the fake's own time, per request):"
+          f" mean {service_overhead.mean_ms:.2f} ms, p50 {service_overhead.ms(50):.2f} ms,"
+          f" p99 {p99:.2f} ms (target p99 < {TARGET_MS:.0f} ms: {verdict})")
+    print(f"for comparison, difference of the sides' percentiles:"
+          f" p50 {served.ms(50) - fake_alone.ms(50):.2f} ms,"
+          f" p99 {served.ms(99) - fake_alone.ms(99):.2f} ms")
     if served.failures or fake_alone.failures:
         print("FAILED REQUESTS; service log (last lines):\n" + log_tail, file=sys.stderr)
         return 1
