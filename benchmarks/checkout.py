@@ -38,6 +38,7 @@ import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -159,6 +160,15 @@ def harness_gc_settled() -> None:
     gc.freeze()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used, from /proc (nan where there is none)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return math.nan
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def key(side: str, i: int) -> str:
     """The Idempotency-Key of the i-th request of a side (one per request, as a form sends)."""
     return f"bench-{side}-{i}-{uuid.uuid4().hex[:8]}"
@@ -219,9 +229,11 @@ async def run(args: argparse.Namespace) -> int:
                                            lambda i: stripe_alone(i + warm), alone_latency)
                 served_latency: dict[int, float] = {}
                 harness_gc_settled()
+                cpu_before = cpu_seconds(service.process.pid)
                 served = await measure("service -> fake Stripe", args.requests,
                                        args.concurrency, lambda i: via_service(i + warm),
                                        served_latency)
+                service_cpu = cpu_seconds(service.process.pid) - cpu_before
             log_tail = service.log_tail(10)
 
     def inside_fake(side: str, latency: dict[int, float]) -> Measurement:
@@ -255,6 +267,8 @@ async def run(args: argparse.Namespace) -> int:
     print(f"for comparison, difference of the sides' percentiles:"
           f" p50 {served.ms(50) - fake_alone.ms(50):.2f} ms,"
           f" p99 {served.ms(99) - fake_alone.ms(99):.2f} ms")
+    print(f"the service process's CPU per checkout: {service_cpu / served.count * 1000:.2f} ms;"
+          f" load average at the end {os.getloadavg()[0]:.2f}")
     if served.failures or fake_alone.failures:
         print("FAILED REQUESTS; service log (last lines):\n" + log_tail, file=sys.stderr)
         return 1
