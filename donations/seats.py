@@ -7,7 +7,9 @@ seat is *held* by a hold whose session is open, or not yet known to us, until th
 expiry plus a grace for a late `checkout.session.expired`. Seats left = seats - taken - held.
 
 Holds are taken one at a time under a transaction-scoped advisory lock, counting after the lock
-is granted, so concurrent checkouts cannot each see the same last seat.
+is granted, so concurrent checkouts cannot each see the same last seat. The counts are the view
+`founding_seat_counts` and the hold is the function `founding_seat_hold` (sql/007): one round trip,
+the lock held only inside PostgreSQL.
 """
 
 from __future__ import annotations
@@ -19,23 +21,7 @@ import asyncpg
 # A session that expired without our hearing of it (a lost or late webhook) keeps its seat this
 # much longer; a seat held a little too long costs nothing, one sold twice costs a promise.
 HOLD_GRACE = timedelta(hours=1)
-LOCK_KEY = "donations:founding_seats"
-
-_COUNTS = """
-taken AS (
-    SELECT id FROM subscriptions WHERE founding
-    UNION
-    SELECT o.subscription_id
-      FROM founding_holds h JOIN stripe_objects o ON o.id = h.checkout_session
-     WHERE o.object = 'checkout.session' AND o.data->>'status' = 'complete'
-       AND o.subscription_id IS NOT NULL
-), held AS (
-    SELECT h.id
-      FROM founding_holds h LEFT JOIN stripe_objects o ON o.id = h.checkout_session
-     WHERE h.expires_at > now() AND (o.id IS NULL OR o.data->>'status' = 'open')
-)
-"""
-
+LOCK_KEY = "donations:founding_seats"  # the advisory lock founding_seat_hold takes
 
 class FoundingSeats:
     """The offer's seats for one process: `seats` from FOUNDING_SEATS."""
@@ -47,40 +33,24 @@ class FoundingSeats:
         self._sold_out = seats <= 0
 
     async def hold(self, conn: asyncpg.Connection, until: datetime) -> int | None:
-        """Hold a seat until `until` (in the caller's transaction); None when none is left."""
+        """Hold a seat until `until`; None when none is left. In the caller's transaction, or
+        outside one as a statement of its own: then the hold is committed (waiting for its WAL
+        flush: a hold lost in a crash could sell its seat twice) when this returns."""
         if self._sold_out:
             return None
-        await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", LOCK_KEY)
-        # A new statement after the lock: its snapshot sees every hold committed before it.
-        row = await conn.fetchrow(
-            f"""
-            WITH {_COUNTS},
-            counts AS (SELECT (SELECT count(*) FROM taken) AS taken,
-                              (SELECT count(*) FROM held) AS held),
-            inserted AS (
-                INSERT INTO founding_holds (expires_at)
-                SELECT $2::timestamptz FROM counts WHERE counts.taken + counts.held < $1::bigint
-                RETURNING id)
-            SELECT (SELECT id FROM inserted) AS id, counts.taken FROM counts
-            """,  # noqa: S608 - a constant, not input
-            self.seats, until,
-        )
+        row = await conn.fetchrow("SELECT hold_id, taken FROM founding_seat_hold($1, $2)",
+                                  self.seats, until)
         assert row is not None
         if row["taken"] >= self.seats:
             self._sold_out = True
-        hold_id: int | None = row["id"]
+        hold_id: int | None = row["hold_id"]
         return hold_id
 
     async def left(self, conn: asyncpg.Connection) -> int:
         """Seats neither taken nor held now (for display: a checkout decides under the lock)."""
         if self._sold_out:
             return 0
-        row = await conn.fetchrow(
-            f"""
-            WITH {_COUNTS}
-            SELECT (SELECT count(*) FROM taken) AS taken, (SELECT count(*) FROM held) AS held
-            """  # noqa: S608 - a constant, not input
-        )
+        row = await conn.fetchrow("SELECT taken, held FROM founding_seat_counts")
         assert row is not None
         if row["taken"] >= self.seats:
             self._sold_out = True
