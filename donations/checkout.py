@@ -1,10 +1,11 @@
 """Checkout for the site's forms: Stripe Checkout Sessions for one-off and recurring support.
 
 A request is refused as early and as cheaply as possible (no Stripe key, a foreign Origin, the
-rate limits, the body's rules), then in one transaction its Idempotency-Key is claimed, its
-campaign checked and, for a subscription while the founding offer is open, a seat held; only
-then is Stripe asked, outside any transaction. Afterwards the answer is stored with its key and
-the hold tied to its session, or, if Stripe failed, the hold released and the key freed.
+body's rules), then one statement counts it against the rate limits, checks its campaign and
+claims its Idempotency-Key; for a subscription while the founding offer is open, a second one
+holds a seat. Only then is Stripe asked, outside any transaction. Afterwards one statement stores
+the answer with its key and ties the hold to its session, or, if Stripe failed, the hold is
+released and the key freed. A request the rules refuse is counted against the rate limits too.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-import asyncpg
 import stripe
 import structlog
 from aiohttp import web
@@ -26,7 +26,13 @@ from stripe.params.checkout import SessionCreateParams
 
 from donations import campaigns, db, idempotency, inputs, ratelimit, seats, stripe_api, tasks
 from donations.appkeys import METRICS, POOL, SEATS, SETTINGS, STRIPE
-from donations.errors import BadRequest, Forbidden, ServiceUnavailable, Unprocessable
+from donations.errors import (
+    ApiError,
+    BadRequest,
+    Forbidden,
+    ServiceUnavailable,
+    Unprocessable,
+)
 from donations.money import Money, to_major
 from donations.offer import Interval
 from donations.settings import Settings
@@ -292,6 +298,48 @@ async def create_subscription(request: web.Request) -> web.Response:
     return await _create(request, "subscription")
 
 
+# Admission, in one statement (its own transaction, not waiting for its WAL flush: a count or a
+# claimed key lost in a crash costs at most a second session): count the attempt against the rate
+# limits ($1 to $4: ratelimit.COUNT_CTES) and, when they let it through ($5 the overall limit)
+# and its campaign ($8) exists, claim its Idempotency-Key ($6, with the body's digest $7): a new
+# key, or one whose request failed, or was left pending longer than $9 by a process that died,
+# with the same body. When the key could not be claimed, the request holding it comes back (as
+# it was when the statement began) to say what to answer.
+_ADMIT = f"""
+WITH {ratelimit.COUNT_CTES},
+campaign AS (
+    SELECT $8::text IS NULL OR EXISTS (SELECT FROM campaigns WHERE slug = $8::text) AS known
+), claim AS (
+    INSERT INTO checkout_requests AS r (idempotency_key, request_hash)
+    SELECT $6::text, $7::bytea FROM ip, overall, campaign
+     WHERE $6::text IS NOT NULL AND ip.hits <= $4 AND overall.hits <= $5 AND campaign.known
+    ON CONFLICT (idempotency_key) DO UPDATE
+       SET state = 'pending', attempts = r.attempts + 1, claimed_at = now()
+     WHERE r.request_hash = excluded.request_hash
+       AND (r.state = 'failed' OR (r.state = 'pending' AND r.claimed_at < now() - $9::interval))
+    RETURNING attempts
+)
+SELECT set_config('synchronous_commit', 'off', true) AS async_commit, {ratelimit.COUNT_COLUMNS},
+       (SELECT known FROM campaign) AS campaign_known,
+       (SELECT attempts FROM claim) AS attempt,
+       e.request_hash, e.state, e.response
+  FROM (SELECT) AS one LEFT JOIN checkout_requests e ON e.idempotency_key = $6::text
+"""  # noqa: S608 - constants, not input
+
+# The answer stored with its key, and the hold tied to its session, in one statement. Not waiting
+# for the WAL flush is safe here: lost in a crash, the hold still lasts until the session's
+# expiry plus the grace, and the key is taken over once stale.
+_DONE = """
+WITH async_commit AS (SELECT set_config('synchronous_commit', 'off', true)),
+held AS (
+    UPDATE founding_holds SET checkout_session = $2, expires_at = $3
+     WHERE id = $1 AND EXISTS (SELECT FROM async_commit) RETURNING 1)
+UPDATE checkout_requests
+   SET state = 'done', response = $5, checkout_session = $2
+ WHERE idempotency_key = $4 AND EXISTS (SELECT FROM async_commit)
+"""
+
+
 async def _create(request: web.Request, kind: Kind) -> web.Response:
     app = request.app
     settings, pool, metrics = app[SETTINGS], app[POOL], app[METRICS]
@@ -299,25 +347,45 @@ async def _create(request: web.Request, kind: Kind) -> web.Response:
     _check_origin(request, settings)
     # read (at most 64 KiB) before taking a pooled connection: a slow sender must not hold one
     raw = await inputs.read_json(request)
+    bucket = ratelimit.client_network(request, settings.proxy_hops)
+    try:
+        key = idempotency.key_of(request)
+        order = parse_order(raw, kind, settings)
+    except ApiError:
+        # every attempt counts, valid or not: card testers probe with both
+        async with db.connection(pool) as conn:
+            await ratelimit.hit(conn, settings, metrics, bucket)
+        raise
 
     expires_at = int(time.time() + SESSION_LIFETIME.total_seconds())
     session_end = datetime.fromtimestamp(expires_at, UTC)
-    attempt = 1
-    hold_id: int | None = None
+    digest = idempotency.request_hash(request.path, raw) if key is not None else None
     async with db.connection(pool) as conn:
-        # every attempt counts, valid or not: card testers probe with both
-        await ratelimit.hit(conn, settings, metrics,
-                            ratelimit.client_network(request, settings.proxy_hops))
-        key = idempotency.key_of(request)
-        order = parse_order(raw, kind, settings)
-        async with conn.transaction():
-            hold_id, attempt, replay = await _reserve(
-                conn, request, kind, order, key, raw, session_end)
-            if replay is not None:
-                return web.json_response(replay, status=201,
+        row = await conn.fetchrow(
+            _ADMIT, *ratelimit.arguments(settings, bucket), settings.checkout_rate_overall,
+            key, digest, order.campaign, idempotency.STALE)
+        assert row is not None
+        ratelimit.enforce(row, settings, metrics)
+        if not row["campaign_known"]:
+            raise Unprocessable("unknown_campaign", f"there is no campaign {order.campaign!r}",
+                                field="campaign")
+        attempt = 1
+        if key is not None:
+            if row["attempt"] is None:
+                assert digest is not None
+                # held by another request; one that came after this statement began is read now
+                earlier = row if row["request_hash"] is not None else (
+                    await idempotency.earlier(conn, key))
+                assert earlier is not None  # the claim conflicted with it; kept 24 hours
+                replay = idempotency.refusal(earlier, digest)  # or 409
+                return web.json_response(replay.response, status=201,
                                          headers={"Idempotent-Replayed": "true"})
+            attempt = row["attempt"]
+        hold_id: int | None = None
+        if kind == "subscription":
+            # its own statement and transaction, committed (and flushed) before Stripe is asked
+            hold_id = await app[SEATS].hold(conn, session_end + seats.HOLD_GRACE)
     founding = hold_id is not None
-
 
     params = session_params(order, settings, founding=founding, expires_at=expires_at)
     options: stripe.RequestOptions = {}
@@ -342,21 +410,9 @@ async def _create(request: web.Request, kind: Kind) -> web.Response:
 
     response = answer(order, session, founding=founding)
     if hold_id is not None or key is not None:
-        # One statement: the hold follows its session, and the key remembers the answer. Not
-        # waiting for the WAL flush is safe here: lost in a crash, the hold still lasts until
-        # the session's expiry plus the grace, and the key is taken over once stale.
         async with db.connection(pool) as conn:
             await conn.execute(
-                """
-                WITH async_commit AS (SELECT set_config('synchronous_commit', 'off', true)),
-                held AS (
-                    UPDATE founding_holds SET checkout_session = $2, expires_at = $3
-                     WHERE id = $1 AND EXISTS (SELECT FROM async_commit) RETURNING 1)
-                UPDATE checkout_requests
-                   SET state = 'done', response = $5, checkout_session = $2
-                 WHERE idempotency_key = $4 AND EXISTS (SELECT FROM async_commit)
-                """,
-                hold_id, session.id,
+                _DONE, hold_id, session.id,
                 datetime.fromtimestamp(int(session.expires_at), UTC) + seats.HOLD_GRACE,
                 key, response,
             )
@@ -365,31 +421,6 @@ async def _create(request: web.Request, kind: Kind) -> web.Response:
              amount=order.amount, currency=order.currency, interval=order.interval,
              campaign=order.campaign, founding=founding)
     return web.json_response(response, status=201)
-
-
-async def _reserve(
-    conn: asyncpg.Connection, request: web.Request, kind: Kind, order: Order, key: str | None,
-    body: dict[str, Any], session_end: datetime,
-) -> tuple[int | None, int, dict[str, Any] | None]:
-    """In the caller's transaction: claim the key, check the campaign, hold a seat. Returns
-    (the hold, the try, the stored answer to replay instead)."""
-    attempt = 1
-    if key is not None:
-        claimed = await idempotency.claim(conn, key, idempotency.request_hash(request.path, body))
-        if isinstance(claimed, idempotency.Replay):
-            return None, attempt, claimed.response
-        attempt = claimed.attempt
-    if order.campaign is not None and await campaigns.get(conn, order.campaign) is None:
-        raise Unprocessable("unknown_campaign", f"there is no campaign {order.campaign!r}",
-                            field="campaign")
-    hold_id: int | None = None
-    if kind == "subscription":
-        hold_id = await request.app[SEATS].hold(conn, session_end + seats.HOLD_GRACE)
-    if hold_id is None:
-        # Only a held seat must survive a crash (else it could be sold twice); a claimed key
-        # lost in one costs at most a second session, so its WAL flush is not awaited.
-        await conn.execute("SET LOCAL synchronous_commit TO OFF")
-    return hold_id, attempt, None
 
 
 @routes.get("/v1/checkout/options")

@@ -1,4 +1,10 @@
-"""Idempotency-Key for checkout: the same key and body give the same answer, another body 409."""
+"""Idempotency-Key for checkout: the same key and body give the same answer, another body 409.
+
+A request claims its key in table checkout_requests in the statement that also counts it against
+the rate limits (donations/checkout.py: `_ADMIT`): a new key, or one whose request failed, or was
+left pending by a process that died (for longer than STALE), with the same body. A key it could
+not claim belongs to another request: `refusal` says what to answer.
+"""
 
 from __future__ import annotations
 
@@ -55,32 +61,23 @@ class Replay:
     response: dict[str, Any]
 
 
-async def claim(conn: asyncpg.Connection, key: str, digest: bytes) -> Claimed | Replay:
-    """Take the key for this request, or say what to answer instead (409 as an error)."""
-    attempt = await conn.fetchval(
-        """
-        INSERT INTO checkout_requests AS r (idempotency_key, request_hash)
-        VALUES ($1, $2)
-        ON CONFLICT (idempotency_key) DO UPDATE
-           SET state = 'pending', attempts = r.attempts + 1, claimed_at = now()
-         WHERE r.request_hash = excluded.request_hash
-           AND (r.state = 'failed' OR (r.state = 'pending' AND r.claimed_at < now() - $3::interval))
-        RETURNING attempts
-        """,
-        key, digest, STALE,
-    )
-    if attempt is not None:
-        return Claimed(int(attempt))
-    row = await conn.fetchrow(
+async def earlier(conn: asyncpg.Connection, key: str) -> asyncpg.Record | None:
+    """The request that holds `key`: its request_hash, state and response."""
+    return await conn.fetchrow(
         "SELECT request_hash, state, response FROM checkout_requests WHERE idempotency_key = $1",
         key,
     )
-    assert row is not None  # the insert conflicted with it, and nothing deletes it so soon
-    if bytes(row["request_hash"]) != digest:
+
+
+def refusal(earlier: asyncpg.Record, digest: bytes) -> Replay:
+    """What to answer a request whose key another request holds (`earlier`: its request_hash,
+    state and response): the stored answer again when it was served, else 409 (another body,
+    or still being served)."""
+    if bytes(earlier["request_hash"]) != digest:
         raise Conflict("idempotency_key_reused", f"this {HEADER} was used with another request "
                        "body; use a new key for a new request", field=HEADER)
-    if row["state"] == "done":
-        return Replay(row["response"])
+    if earlier["state"] == "done":
+        return Replay(earlier["response"])
     raise Conflict("request_in_progress", f"a request with this {HEADER} is being served; "
                    "retry in a moment", field=HEADER, headers={"Retry-After": "1"})
 

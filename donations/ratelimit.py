@@ -2,7 +2,8 @@
 
 The counters live in PostgreSQL (table rate_limit_hits), so every replica sees the same counts: N
 replicas enforce the configured limits, not N times them. Fixed windows of CHECKOUT_RATE_WINDOW
-seconds; one upsert statement per attempt.
+seconds; one upsert statement per attempt (for a valid checkout, the same statement claims its
+Idempotency-Key: donations/checkout.py).
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ OVERALL_BUCKET = "all"
 
 # The overall counter only counts attempts the caller's own limit let through: one abusive
 # network must not use up everyone's allowance. Both counts and the window's end come from the
-# database clock, the one clock all replicas share. The statement is its own transaction, and
-# does not wait for its WAL flush (synchronous_commit off until it ends): a count lost in a crash
-# costs nothing, a flush waited for costs every checkout.
-_HIT = """
-WITH w AS (
+# database clock, the one clock all replicas share. Parameters: $1 the caller's bucket, $2 the
+# overall bucket, $3 the window in seconds, $4 the per-client limit (`arguments`). Checkout puts
+# these CTEs and columns in the statement that also claims its Idempotency-Key.
+COUNT_CTES = """
+w AS (
     SELECT to_timestamp(floor(extract(epoch FROM clock_timestamp()) / $3) * $3) AS start
 ), ip AS (
     INSERT INTO rate_limit_hits AS h (bucket, window_start, hits)
@@ -36,12 +37,19 @@ WITH w AS (
     SELECT $2, w.start, 1 FROM w, ip WHERE ip.hits <= $4
     ON CONFLICT (bucket, window_start) DO UPDATE SET hits = h.hits + 1
     RETURNING h.hits
-)
-SELECT set_config('synchronous_commit', 'off', true) AS async_commit,
-       (SELECT hits FROM ip) AS ip_hits,
-       (SELECT hits FROM overall) AS overall_hits,
-       ceil(extract(epoch FROM (SELECT start FROM w) + make_interval(secs => $3)
-                               - clock_timestamp()))::integer AS retry_after
+)"""
+COUNT_COLUMNS = """
+(SELECT hits FROM ip) AS ip_hits,
+(SELECT hits FROM overall) AS overall_hits,
+ceil(extract(epoch FROM (SELECT start FROM w) + make_interval(secs => $3)
+                        - clock_timestamp()))::integer AS retry_after"""
+
+# The statement is its own transaction, and does not wait for its WAL flush (synchronous_commit
+# off until it ends): a count lost in a crash costs nothing, a flush waited for costs every
+# checkout.
+_HIT = f"""
+WITH {COUNT_CTES}
+SELECT set_config('synchronous_commit', 'off', true) AS async_commit, {COUNT_COLUMNS}
 """
 
 
@@ -73,16 +81,23 @@ def client_network(request: web.Request, proxy_hops: int) -> str:
     return f"ip:{ip}"
 
 
+def arguments(settings: Settings, bucket: str) -> tuple[str, str, int, int]:
+    """$1 to $4 of COUNT_CTES for an attempt from `bucket`."""
+    return bucket, OVERALL_BUCKET, settings.checkout_rate_window, settings.checkout_rate_per_ip
+
+
 async def hit(
     conn: asyncpg.Connection, settings: Settings, metrics: Metrics, bucket: str
 ) -> None:
     """Count one checkout attempt from `bucket` (a statement of its own: call it outside a
     transaction); 429 with Retry-After when over a limit."""
-    row = await conn.fetchrow(
-        _HIT, bucket, OVERALL_BUCKET, settings.checkout_rate_window,
-        settings.checkout_rate_per_ip,
-    )
+    row = await conn.fetchrow(_HIT, *arguments(settings, bucket))
     assert row is not None
+    enforce(row, settings, metrics)
+
+
+def enforce(row: asyncpg.Record, settings: Settings, metrics: Metrics) -> None:
+    """429 with Retry-After when the counts of COUNT_COLUMNS in `row` are over a limit."""
     retry_after = str(max(1, int(row["retry_after"])))
     if row["ip_hits"] > settings.checkout_rate_per_ip:
         metrics.checkout_rate_limited.inc(limit="ip")

@@ -8,6 +8,7 @@ import time
 import asyncpg
 from pytest_aiohttp import AiohttpClient
 
+from donations.events import PINNED_API_VERSION
 from tests.checkout_helpers import (
     SESSIONS,
     SITE,
@@ -62,6 +63,10 @@ async def test_a_contribution_is_a_payment_session_carrying_campaign_and_metadat
     # Stripe's own floor is 30 minutes after it creates the session
     assert before + 1800 < int(form["expires_at"]) <= int(time.time()) + 31 * 60
     assert sent.headers["Authorization"] == "Bearer sk_test_donations_checkout"
+    # through the StripeClient: the pinned API version, and a key of its own for a request
+    # without one so that the library's retries cannot make two sessions
+    assert sent.headers["Stripe-Version"] == PINNED_API_VERSION
+    assert sent.headers["Idempotency-Key"]
 
 
 async def test_a_subscription_is_monthly_or_yearly_and_carries_metadata_on_the_subscription(
@@ -154,6 +159,46 @@ async def test_the_same_idempotency_key_gives_the_same_answer_and_one_session(
     assert bad_key.status == 400
     # the replay holds no second seat
     assert await pool.fetchval("SELECT count(*) FROM founding_holds") == 1
+
+
+async def test_a_key_being_served_is_409_until_stale_and_refused_requests_claim_no_key(
+    pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
+) -> None:
+    await add_campaign(pool, "spring")
+    async with checkout_service(aiohttp_client, dsn, checkout_rate_per_ip=5) as (client, fake):
+        # a request with an unknown campaign, or one over the rate limit, claims no key: the
+        # same key then serves the corrected request
+        unknown = await client.post(CONTRIBUTIONS, json=order(campaign="nowhere"),
+                                    headers={"Idempotency-Key": "k-campaign"})
+        corrected = await client.post(CONTRIBUTIONS, json=order(campaign="spring"),
+                                      headers={"Idempotency-Key": "k-campaign"})
+        first = await client.post(CONTRIBUTIONS, json=order(), headers={"Idempotency-Key": "k1"})
+        # as if the process serving k1 were still at it, then as if it had died 3 minutes ago
+        await pool.execute("UPDATE checkout_requests SET state = 'pending', response = NULL,"
+                           " checkout_session = NULL WHERE idempotency_key = 'k1'")
+        busy = await client.post(CONTRIBUTIONS, json=order(), headers={"Idempotency-Key": "k1"})
+        await pool.execute("UPDATE checkout_requests SET claimed_at = now() - interval '3 min'"
+                           " WHERE idempotency_key = 'k1'")
+        taken_over = await client.post(CONTRIBUTIONS, json=order(),
+                                       headers={"Idempotency-Key": "k1"})
+        limited = await client.post(CONTRIBUTIONS, json=order(),
+                                    headers={"Idempotency-Key": "k-limited"})
+        keys = [r.headers["Idempotency-Key"] for r in created_sessions(fake)]
+
+    assert unknown.status == 422
+    assert (await unknown.json())["error"]["code"] == "unknown_campaign"
+    assert (corrected.status, (await corrected.json())["campaign"]) == (201, "spring")
+    assert first.status == 201
+    assert busy.status == 409
+    assert (await busy.json())["error"]["code"] == "request_in_progress"
+    assert busy.headers["Retry-After"] == "1"
+    assert taken_over.status == 201
+    assert (await taken_over.json())["id"] != (await first.json())["id"]
+    assert limited.status == 429
+    assert keys == ["checkout:k-campaign", "checkout:k1", "checkout:k1:2"]
+    rows = await pool.fetch("SELECT idempotency_key, state, attempts FROM checkout_requests"
+                            " ORDER BY idempotency_key")
+    assert [tuple(r) for r in rows] == [("k-campaign", "done", 1), ("k1", "done", 2)]
 
 
 async def test_a_failed_stripe_call_frees_the_seat_and_the_key_for_a_retry(
@@ -369,6 +414,23 @@ async def test_rate_limits_per_client_and_overall_answer_429_and_are_counted(
     assert 'donations_checkout_rate_limited_total{limit="overall"} 1' in metrics
     buckets = {r["bucket"] for r in await pool.fetch("SELECT bucket FROM rate_limit_hits")}
     assert buckets == {"all", "ip:203.0.113.7", "ip:2001:db8::/64", "ip:198.51.100.1"}
+
+
+async def test_refused_attempts_count_against_the_rate_limit_too(
+    pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
+) -> None:
+    async with checkout_service(aiohttp_client, dsn, checkout_rate_per_ip=3) as (client, fake):
+        statuses = [(await client.post(CONTRIBUTIONS, json=body, headers=headers)).status
+                    for body, headers in [
+                        (order(amount=1), {}),  # out of range
+                        (order(), {"Idempotency-Key": "has spaces"}),  # a bad key
+                        (order(campaign="nowhere"), {}),  # a campaign the database lacks
+                        (order(), {}),
+                    ]]
+        sent = created_sessions(fake)
+    assert statuses == [422, 400, 422, 429]
+    assert sent == []
+    assert await pool.fetchval("SELECT hits FROM rate_limit_hits WHERE bucket <> 'all'") == 4
 
 
 async def test_options_give_the_form_currencies_amounts_and_the_offer(
