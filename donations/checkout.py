@@ -248,12 +248,12 @@ def session_params(
     return params
 
 
-def answer(order: Order, session: Any, *, founding: bool) -> dict[str, Any]:
+def answer(order: Order, session: dict[str, Any], *, founding: bool) -> dict[str, Any]:
     """The 201 body: the contract's fields and, for the form's convenience, what was asked."""
-    expires = datetime.fromtimestamp(int(session.expires_at), UTC)
+    expires = datetime.fromtimestamp(int(session["expires_at"]), UTC)
     body: dict[str, Any] = {
-        "id": session.id,
-        "url": session.url,
+        "id": session["id"],
+        "url": session["url"],
         "expires_at": inputs.rfc3339(expires),
         "amount": order.money.as_json(),
         "campaign": order.campaign,
@@ -392,7 +392,7 @@ async def _create(request: web.Request, kind: Kind) -> web.Response:
     if key is not None:
         options["idempotency_key"] = idempotency.stripe_key(key, attempt)
     try:
-        session = await client.v1.checkout.sessions.create_async(params, options)
+        session = await stripe_api.create_checkout_session(client, params, options)
     except stripe.StripeError as exc:
         error = stripe_api.failure(exc)
         metrics.stripe_errors.inc(operation="checkout_session_create", code=error.code)
@@ -412,12 +412,12 @@ async def _create(request: web.Request, kind: Kind) -> web.Response:
     if hold_id is not None or key is not None:
         async with db.connection(pool) as conn:
             await conn.execute(
-                _DONE, hold_id, session.id,
-                datetime.fromtimestamp(int(session.expires_at), UTC) + seats.HOLD_GRACE,
+                _DONE, hold_id, session["id"],
+                datetime.fromtimestamp(int(session["expires_at"]), UTC) + seats.HOLD_GRACE,
                 key, response,
             )
     metrics.checkout_sessions.inc(mode=str(params["mode"]), founding=str(founding).lower())
-    log.info("checkout_session_created", session=session.id, mode=params["mode"],
+    log.info("checkout_session_created", session=session["id"], mode=params["mode"],
              amount=order.amount, currency=order.currency, interval=order.interval,
              campaign=order.campaign, founding=founding)
     return web.json_response(response, status=201)

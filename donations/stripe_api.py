@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import stripe
+from stripe.params.checkout import SessionCreateParams
 
 from donations.errors import ApiError, BadGateway, ServiceUnavailable
 from donations.events import PINNED_API_VERSION
@@ -28,6 +29,20 @@ def make_client(
         http_client=http_client or stripe.AIOHTTPClient(timeout=20),
         base_addresses={"api": base, "files": base, "connect": base} if base else None,
     )
+
+
+async def create_checkout_session(
+    client: stripe.StripeClient, params: SessionCreateParams, options: stripe.RequestOptions
+) -> dict[str, Any]:
+    """POST /v1/checkout/sessions through `client` (its key, pinned API version and retries,
+    the idempotency key in `options`; Stripe's errors raised as the library's StripeErrors),
+    answered as the JSON Stripe sent. `sessions.create_async` would also build the library's
+    Session object from it, a third of the library's CPU time per checkout, for the three
+    fields checkout reads."""
+    arguments: dict[str, Any] = {**params, **options}
+    response = await client.raw_request_async("post", "/v1/checkout/sessions", **arguments)
+    data: dict[str, Any] = response.data
+    return data
 
 
 def plain(obj: Any) -> dict[str, Any]:
