@@ -11,6 +11,7 @@ released and the key freed. A request the rules refuse is counted against the ra
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -172,8 +173,7 @@ def site_url(body: dict[str, Any], name: str, origins: tuple[str, ...]) -> str:
     if _UNSAFE_URL.search(url) or parts.username is not None or origin_of(url) is None:
         raise Unprocessable("invalid_url", f"{name} must be an absolute http(s) URL",
                             field=name)
-    allowed = {origin_of(o) for o in origins}
-    if origin_of(url) not in allowed:
+    if origin_of(url) not in _site_origins(origins):
         raise Unprocessable("url_not_allowed", f"{name} must be on the site "
                             "(one of SITE_ORIGINS)", field=name)
     return url
@@ -283,9 +283,20 @@ def _check_origin(request: web.Request, settings: Settings) -> None:
         raise Forbidden("origin_not_allowed", "this origin may not start a checkout")
 
 
-def _allowed_origins(settings: Settings) -> set[str]:
-    return {o for o in (origin_of(s) for s in settings.site_origins) if o} | set(
-        settings.site_origins)
+def _allowed_origins(settings: Settings) -> frozenset[str]:
+    return _browser_origins(settings.site_origins)
+
+
+@functools.cache
+def _site_origins(origins: tuple[str, ...]) -> frozenset[str]:
+    """SITE_ORIGINS as `origin_of` writes them (worked out once: they are settings)."""
+    return frozenset(o for o in (origin_of(s) for s in origins) if o)
+
+
+@functools.cache
+def _browser_origins(origins: tuple[str, ...]) -> frozenset[str]:
+    """The Origin headers allowed: SITE_ORIGINS normalised, and as written."""
+    return _site_origins(origins) | frozenset(origins)
 
 
 @routes.post("/v1/checkout/contributions")
