@@ -11,6 +11,7 @@ released and the key freed. A request the rules refuse is counted against the ra
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import re
 import time
@@ -394,8 +395,14 @@ async def _create(request: web.Request, kind: Kind) -> web.Response:
             attempt = row["attempt"]
         hold_id: int | None = None
         if kind == "subscription":
-            # its own statement and transaction, committed (and flushed) before Stripe is asked
-            hold_id = await app[SEATS].hold(conn, session_end + seats.HOLD_GRACE)
+            try:
+                # its own statement and transaction, committed (flushed) before Stripe is asked
+                hold_id = await app[SEATS].hold(conn, session_end + seats.HOLD_GRACE)
+            except Exception:
+                if key is not None:  # free the key for a retry at once, if the database lets us
+                    with contextlib.suppress(Exception):
+                        await idempotency.fail(conn, key)
+                raise
     founding = hold_id is not None
 
     params = session_params(order, settings, founding=founding, expires_at=expires_at)

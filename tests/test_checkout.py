@@ -224,6 +224,27 @@ async def test_a_failed_stripe_call_frees_the_seat_and_the_key_for_a_retry(
     assert await pool.fetchval("SELECT count(*) FROM founding_holds") == 1
 
 
+async def test_a_failed_seat_hold_frees_the_key_for_a_retry(
+    pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
+) -> None:
+    headers = {"Idempotency-Key": "hold-failed"}
+    async with checkout_service(aiohttp_client, dsn, founding_seats=1) as (client, fake):
+        await pool.execute("ALTER FUNCTION founding_seat_hold RENAME TO founding_seat_hold_away")
+        try:
+            failed = await client.post(SUBSCRIPTIONS, json=subscription(), headers=headers)
+        finally:
+            await pool.execute("ALTER FUNCTION founding_seat_hold_away RENAME TO"
+                               " founding_seat_hold")
+        state = await pool.fetchval("SELECT state FROM checkout_requests")
+        retried = await client.post(SUBSCRIPTIONS, json=subscription(), headers=headers)
+        keys = [r.headers["Idempotency-Key"] for r in created_sessions(fake)]
+    assert failed.status == 500
+    assert state == "failed"
+    assert retried.status == 201
+    assert (await retried.json())["founding_discount"] is True
+    assert keys == ["checkout:hold-failed:2"]
+
+
 async def test_stripe_failures_are_clear_502_and_503_answers(
     pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
 ) -> None:
