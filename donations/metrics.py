@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -28,7 +29,11 @@ class Counter:
     values: dict[Labels, float] = field(default_factory=lambda: defaultdict(float))
 
     def inc(self, amount: float = 1.0, **labels: str) -> None:
-        self.values[tuple(sorted(labels.items()))] += amount
+        self.add(tuple(sorted(labels.items())), amount)
+
+    def add(self, key: Labels, amount: float = 1.0) -> None:
+        """`inc` with the labels already in their key's form (sorted by name)."""
+        self.values[key] += amount
 
     def render(self) -> list[str]:
         lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter"]
@@ -40,28 +45,35 @@ class Counter:
 class Histogram:
     name: str
     help: str
+    # per label set, how many observations fell in each bucket alone (the last: above every
+    # bound); rendered cumulative, as Prometheus has them
     counts: dict[Labels, list[int]] = field(default_factory=dict)
     sums: dict[Labels, float] = field(default_factory=lambda: defaultdict(float))
 
     def observe(self, value: float, **labels: str) -> None:
-        key = tuple(sorted(labels.items()))
-        buckets = self.counts.setdefault(key, [0] * (len(_BUCKETS) + 1))
-        for i, bound in enumerate(_BUCKETS):
-            if value <= bound:
-                buckets[i] += 1
-        buckets[-1] += 1
+        self.observe_at(tuple(sorted(labels.items())), value)
+
+    def observe_at(self, key: Labels, value: float) -> None:
+        """`observe` with the labels already in their key's form (sorted by name)."""
+        buckets = self.counts.get(key)
+        if buckets is None:
+            buckets = self.counts[key] = [0] * (len(_BUCKETS) + 1)
+        buckets[bisect_left(_BUCKETS, value)] += 1  # the first bound >= value
         self.sums[key] += value
 
     def render(self) -> list[str]:
         lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
         for key, buckets in sorted(self.counts.items()):
+            cumulative = 0
             for bound, count in zip(_BUCKETS, buckets, strict=False):
+                cumulative += count
                 le = f'le="{bound}"'
-                lines.append(f"{self.name}_bucket{_labels(key, le)} {count}")
+                lines.append(f"{self.name}_bucket{_labels(key, le)} {cumulative}")
+            total = cumulative + buckets[-1]
             inf = 'le="+Inf"'
-            lines.append(f"{self.name}_bucket{_labels(key, inf)} {buckets[-1]}")
+            lines.append(f"{self.name}_bucket{_labels(key, inf)} {total}")
             lines.append(f"{self.name}_sum{_labels(key)} {self.sums[key]:.6f}")
-            lines.append(f"{self.name}_count{_labels(key)} {buckets[-1]}")
+            lines.append(f"{self.name}_count{_labels(key)} {total}")
         return lines
 
 
@@ -87,6 +99,20 @@ class Metrics:
     stripe_errors: Counter = field(default_factory=lambda: Counter(
         "donations_stripe_errors_total",
         "Failed Stripe calls on a request's path, by operation and the code answered."))
+    # (route, method, status) -> the label keys of `requests` and `request_seconds`
+    _request_keys: dict[tuple[str, str, int], tuple[Labels, Labels]] = field(
+        default_factory=dict, repr=False)
+
+    def request(self, route: str, method: str, status: int, seconds: float) -> None:
+        """One HTTP request answered: counted by route, method and status, timed by route."""
+        keys = self._request_keys.get((route, method, status))
+        if keys is None:
+            keys = self._request_keys[(route, method, status)] = (
+                (("method", method), ("route", route), ("status", str(status))),
+                (("route", route),),
+            )
+        self.requests.add(keys[0])
+        self.request_seconds.observe_at(keys[1], seconds)
 
     def render(self) -> list[str]:
         lines: list[str] = []

@@ -1,0 +1,60 @@
+"""The service's own instruments: Prometheus text, cumulative buckets, the per-request metrics."""
+
+from __future__ import annotations
+
+import re
+
+from donations.metrics import _BUCKETS, Histogram, Metrics
+from tests.conftest import Client
+
+
+def _samples(lines: list[str], name: str) -> dict[str, float]:
+    return {line.split(" ")[0]: float(line.split(" ")[1]) for line in lines
+            if line.startswith(name)}
+
+
+def test_histogram_buckets_are_cumulative_and_an_observation_on_a_bound_is_in_it() -> None:
+    histogram = Histogram("h", "help")
+    for value in (0.001, 0.005, 0.007, 0.3, 20.0):
+        histogram.observe(value, route="/a")
+    histogram.observe(0.02, route="/b")
+    samples = _samples(histogram.render(), "h_")
+    assert samples['h_bucket{route="/a",le="0.005"}'] == 2  # 0.005 itself is <= 0.005
+    assert samples['h_bucket{route="/a",le="0.01"}'] == 3
+    assert samples['h_bucket{route="/a",le="0.25"}'] == 3
+    assert samples['h_bucket{route="/a",le="0.5"}'] == 4
+    assert samples['h_bucket{route="/a",le="10.0"}'] == 4
+    assert samples['h_bucket{route="/a",le="+Inf"}'] == 5
+    assert samples['h_count{route="/a"}'] == 5
+    assert samples['h_sum{route="/a"}'] == round(0.001 + 0.005 + 0.007 + 0.3 + 20.0, 6)
+    assert samples['h_bucket{route="/b",le="0.01"}'] == 0
+    assert samples['h_bucket{route="/b",le="0.025"}'] == 1
+    counts = [samples[f'h_bucket{{route="/a",le="{b}"}}'] for b in _BUCKETS]
+    assert counts == sorted(counts)
+
+
+def test_a_request_is_counted_and_timed_with_the_same_labels_as_inc_and_observe() -> None:
+    metrics, by_keywords = Metrics(), Metrics()
+    for _ in range(3):
+        metrics.request("/v1/totals", "GET", 200, 0.002)
+        by_keywords.requests.inc(route="/v1/totals", method="GET", status="200")
+        by_keywords.request_seconds.observe(0.002, route="/v1/totals")
+    metrics.request("/v1/totals", "GET", 304, 0.2)
+    by_keywords.requests.inc(route="/v1/totals", method="GET", status="304")
+    by_keywords.request_seconds.observe(0.2, route="/v1/totals")
+    assert metrics.render() == by_keywords.render()
+    samples = _samples(metrics.render(), "donations_http_requests_total")
+    assert samples['donations_http_requests_total{method="GET",route="/v1/totals",status="200"}'] \
+        == 3
+
+
+async def test_requests_show_in_the_metrics_by_route_method_and_status(client: Client) -> None:
+    assert (await client.get("/healthz")).status == 200
+    assert (await client.get("/healthz")).status == 200
+    assert (await client.get("/no/such/path")).status == 404
+    text = await (await client.get("/metrics")).text()
+    assert 'donations_http_requests_total{method="GET",route="/healthz",status="200"} 2' in text
+    assert 'donations_http_requests_total{method="GET",route="unmatched",status="404"} 1' in text
+    count = re.search(r'donations_http_request_duration_seconds_count\{route="/healthz"\} (\d+)',
+                      text)
+    assert count is not None and int(count.group(1)) == 2
