@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import random
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import stripe
@@ -38,6 +40,7 @@ from donations.settings import Settings
 from donations.stripe_api import make_client
 
 log = structlog.get_logger(__name__)
+_log_requests = logging.getLogger(__name__)  # the standard logger `log` writes through
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -47,7 +50,7 @@ routes = web.RouteTableDef()
 
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(
-        middlewares=[checkout.cors, request_context],
+        middlewares=[request_context],
         client_max_size=webhooks.MAX_BODY,
     )
     app[SETTINGS] = settings
@@ -73,7 +76,6 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(totals_api.totals_context)
     app.add_routes(totals_api.routes)
     app.add_routes(embed_widget.routes)
-    app.on_response_prepare.append(totals_api.cors)
     return app
 
 
@@ -154,12 +156,18 @@ async def reconciliation_schedule(app: web.Application) -> AsyncIterator[None]:
 
 @web.middleware
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Request id, one log line per request, metrics, and every error in the contract's shape."""
-    given = request.headers.get("X-Request-ID", "")
-    request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+    """Request id, one log line per request, metrics, every error in the contract's shape, and
+    the CORS headers of the public paths and of checkout (errors included).
+
+    The one middleware every request passes through, so kept cheap: see benchmarks/README.md.
+    """
+    given = request.headers.get("X-Request-ID")
+    request_id = given if given and _REQUEST_ID.fullmatch(given) else new_request_id()
     started = time.perf_counter()
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)
+    # No clearing at the end: aiohttp runs each request in a task of its own, and what the
+    # request bound goes with that task's copy of the context.
     try:
         response = await handler(request)
     except ApiError as exc:
@@ -195,16 +203,30 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
             status=500,
         )
     response.headers["X-Request-ID"] = request_id
+    path = request.path
+    totals_api.add_cors(path, response)
+    checkout.add_cors(request, path, response)
     elapsed = time.perf_counter() - started
-    route = request.match_info.route.resource.canonical if request.match_info.route.resource \
-        else "unmatched"
-    metrics = request.app[METRICS]
-    metrics.requests.inc(route=route, method=request.method, status=str(response.status))
-    metrics.request_seconds.observe(elapsed, route=route)
-    log.info("request", method=request.method, path=request.path, status=response.status,
-             duration_ms=round(elapsed * 1000, 2))
-    structlog.contextvars.clear_contextvars()
+    resource = request.match_info.route.resource
+    request.app[METRICS].request(
+        resource.canonical if resource else "unmatched", request.method, response.status, elapsed
+    )
+    # the arguments are not even built when the line would not be written (LOG_LEVEL=warning)
+    if _log_requests.isEnabledFor(logging.INFO):
+        log.info("request", method=request.method, path=path, status=response.status,
+                 duration_ms=round(elapsed * 1000, 2))
     return response
+
+
+# Request ids made here: 128 random bits from a generator seeded from os.urandom at start and
+# in a forked child (an id needs to be unique, not secret; uuid4 reads os.urandom per call,
+# which showed in profiles).
+_request_ids = random.Random()  # noqa: S311 - an id, not a secret
+os.register_at_fork(after_in_child=_request_ids.seed)
+
+
+def new_request_id() -> str:
+    return f"{_request_ids.getrandbits(128):032x}"
 
 
 # --- operational endpoints ------------------------------------------------------------------

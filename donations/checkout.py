@@ -483,19 +483,16 @@ for _path in ("/v1/checkout/contributions", "/v1/checkout/subscriptions",
     routes.options(_path)(_preflight)
 
 
-@web.middleware
-async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """CORS headers for the site's origins on checkout answers, errors included (outermost, so
-    it sees the error answers the request middleware makes)."""
-    response = await handler(request)
-    if request.path.startswith(_CORS_PATHS):
+def add_cors(request: web.Request, path: str, response: web.StreamResponse) -> None:
+    """CORS headers for the site's origins on checkout answers, errors included (called by the
+    request middleware, donations/app.py, once the answer, or the error's, is made)."""
+    if path.startswith(_CORS_PATHS):
         response.headers.add("Vary", "Origin")
         origin = request.headers.get("Origin")
         if origin is not None and origin in _allowed_origins(request.app[SETTINGS]):
             response.headers["Access-Control-Allow-Origin"] = origin
             response.headers["Access-Control-Expose-Headers"] = (
                 "Retry-After, X-Request-ID, Idempotent-Replayed")
-    return response
 
 
 # --- housekeeping -------------------------------------------------------------------------------

@@ -225,9 +225,10 @@ def is_public(path: str) -> bool:
     )
 
 
-async def cors(request: web.Request, response: web.StreamResponse) -> None:
-    """CORS * on every answer of a public path, errors and 304s included (on_response_prepare)."""
-    if is_public(request.path):
+def add_cors(path: str, response: web.StreamResponse) -> None:
+    """CORS * on every answer of a public path, errors and 304s included (called by the request
+    middleware, donations/app.py, once the answer, or the error's, is made)."""
+    if is_public(path):
         response.headers["Access-Control-Allow-Origin"] = "*"
         response.headers["Access-Control-Expose-Headers"] = "ETag"
         response.headers.setdefault("X-Content-Type-Options", "nosniff")

@@ -42,11 +42,11 @@ class Output:
         return [line for line in self.lines() if line["event"] == name]
 
 
-def _pipeline(log_format: str) -> Iterator[Output]:
+def _pipeline(log_format: str, log_level: str = "debug") -> Iterator[Output]:
     root = logging.getLogger()
     level = root.level
     quiet = {name: logging.getLogger(name).level for name in ("aiohttp.access", "stripe")}
-    configure(log_format, "debug")
+    configure(log_format, log_level)
     # Loggers cached on first use would keep this pipeline after the test, where other tests
     # capture logs with structlog.testing; everything else stays as configure() set it.
     structlog.configure(cache_logger_on_first_use=False)
@@ -72,6 +72,16 @@ def json_logs() -> Iterator[Output]:
 @pytest.fixture
 def console_logs() -> Iterator[Output]:
     yield from _pipeline("console")
+
+
+@pytest.fixture
+def info_logs() -> Iterator[Output]:
+    yield from _pipeline("json", "info")
+
+
+@pytest.fixture
+def warning_logs() -> Iterator[Output]:
+    yield from _pipeline("json", "warning")
 
 
 def test_mask_email_keeps_the_first_letter_and_the_domain() -> None:
@@ -206,6 +216,26 @@ async def test_a_webhook_request_logs_one_request_line_and_binds_the_event(
     (health,) = [r for r in json_logs.events("request") if r["path"] == "/healthz"]
     assert "event_id" not in health
     assert health["request_id"] != "req-test-301"
+
+
+async def test_at_info_every_request_has_its_line_with_id_status_and_duration(
+    info_logs: Output, client: Client
+) -> None:
+    for path in ("/healthz", "/v1/totals", "/no/such/path"):
+        response = await client.get(path)
+        (line,) = [r for r in info_logs.events("request") if r["path"] == path]
+        assert line["request_id"] == response.headers["X-Request-ID"]
+        assert (line["method"], line["status"], line["level"]) == ("GET", response.status, "info")
+        assert line["duration_ms"] >= 0
+
+
+async def test_at_warning_the_request_line_is_not_written_but_warnings_are(
+    warning_logs: Output, client: Client
+) -> None:
+    assert (await client.get("/healthz", headers={"X-Request-ID": "req-quiet"})).status == 200
+    structlog.get_logger("donations.test").warning("still_written", request_id="req-quiet")
+    assert warning_logs.events("request") == []
+    assert [e["request_id"] for e in warning_logs.events("still_written")] == ["req-quiet"]
 
 
 async def test_a_supporters_email_is_never_logged_in_full(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import asyncpg
 
 from donations.embed import SCRIPT
@@ -129,3 +131,29 @@ async def test_the_widget_page_and_script(client: Client, pool: asyncpg.Pool) ->
     assert "innerHTML" not in SCRIPT and "textContent" in SCRIPT
     assert (await client.get("/embed.js", headers={"If-None-Match": script.headers["ETag"]})
             ).status == 304
+
+
+async def test_every_answer_of_a_public_path_has_cors_and_a_request_id(client: Client) -> None:
+    cases = (("GET", "/v1/totals", 200), ("HEAD", "/v1/totals", 200),
+             ("GET", "/v1/totals/no-such-thing", 404), ("POST", "/v1/totals", 405),
+             ("GET", "/embed.js", 200))
+    for method, path, status in cases:
+        response = await client.request(method, path)
+        assert response.status == status, (method, path)
+        assert response.headers["Access-Control-Allow-Origin"] == "*"
+        assert response.headers["Access-Control-Expose-Headers"] == "ETag"
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+        assert re.fullmatch(r"[0-9a-f]{32}", response.headers["X-Request-ID"])
+        if status >= 400:
+            assert (await response.json())["error"]["code"]
+    assert (await client.post("/v1/totals")).headers["Allow"]
+
+    totals = await client.get("/v1/totals")
+    again = await client.get("/v1/totals", headers={"If-None-Match": totals.headers["ETag"]})
+    assert again.status == 304
+    assert again.headers["Cache-Control"] == totals.headers["Cache-Control"]
+
+    private = await client.get("/healthz")
+    assert "Access-Control-Allow-Origin" not in private.headers
+    made = {(await client.get("/healthz")).headers["X-Request-ID"] for _ in range(20)}
+    assert len(made) == 20
