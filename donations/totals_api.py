@@ -8,12 +8,13 @@ import json
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import asyncpg
 import structlog
 from aiohttp import web
+from multidict import CIMultiDict
 
 from donations import campaigns, db, display, inputs, svg, tasks, totals
 from donations.appkeys import POOL, SETTINGS, TOTALS
@@ -28,17 +29,21 @@ routes = web.RouteTableDef()
 MAX_STALE_SECONDS = 600
 MAX_ENTRIES = 1000  # scopes held in memory; unknown slugs are remembered too, so bounded
 PUBLIC_PREFIXES = ("/v1/totals", "/embed")
+JSON = "application/json; charset=utf-8"
 
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """One scope's figures as last read, ready to send."""
+    """One scope's figures as last read, ready to send: the JSON body and its headers."""
 
     totals: totals.Totals | None  # None: no such campaign
     body: bytes
     etag: str
     as_of: datetime
     fetched: float  # monotonic seconds
+    # made once per refresh, not per request (a CIMultiDict is the quickest for aiohttp to copy)
+    headers: CIMultiDict[str] = field(default_factory=CIMultiDict)  # a 304's: caching, ETag
+    json_headers: CIMultiDict[str] = field(default_factory=CIMultiDict)  # the 200's: and type
 
 
 def etag_of(*parts: str) -> str:
@@ -90,10 +95,17 @@ class TotalsCache:
         """Forget every scope's figures: the next request reads them again."""
         self._entries.clear()
 
-    async def get(self, scope: str) -> Entry:
+    def fresh(self, scope: str) -> Entry | None:
+        """The scope's entry if it was read within the TTL (nearly always): nothing to await."""
         entry = self._entries.get(scope)
         if entry is not None and self._clock() - entry.fetched < self._ttl:
             return entry
+        return None
+
+    async def get(self, scope: str) -> Entry:
+        if (entry := self.fresh(scope)) is not None:
+            return entry
+        entry = self._entries.get(scope)  # too old, but served if the refresh fails
         task = self._refreshing.get(scope)
         if task is None:
             task = asyncio.create_task(self._refresh(scope))
@@ -127,7 +139,9 @@ class TotalsCache:
                 founding_seats=settings.founding_seats, campaign=campaign,
             )
             body, tag = render(figures, as_of)
-            entry = Entry(figures, body, tag, as_of, self._clock())
+            headers = cache_headers(settings, tag)
+            entry = Entry(figures, body, tag, as_of, self._clock(), CIMultiDict(headers),
+                          CIMultiDict(headers, **{"Content-Type": JSON}))
         self._entries[scope] = entry
         self._entries.move_to_end(scope)
         while len(self._entries) > MAX_ENTRIES:
@@ -175,25 +189,28 @@ async def scope_totals(request: web.Request, scope: str) -> Entry:
     """The scope's entry; 404 for a campaign that does not exist."""
     if scope != totals.GLOBAL and not campaigns.SLUG.match(scope):
         raise NotFound("campaign_not_found", "no campaign has that slug")
-    entry = await request.app[TOTALS].get(scope)
+    cache = request.app[TOTALS]
+    entry = cache.fresh(scope) or await cache.get(scope)
     if entry.totals is None:
         raise NotFound("campaign_not_found", "no campaign has that slug")
     return entry
 
 
-JSON = "application/json; charset=utf-8"
+def respond_json(request: web.Request, entry: Entry) -> web.Response:
+    """A scope's JSON: `respond` with the headers made once per refresh, not per request."""
+    if not_modified(request, entry.etag):
+        return web.Response(status=304, headers=entry.headers)
+    return web.Response(body=entry.body, headers=entry.json_headers)
 
 
 @routes.get("/v1/totals")
 async def all_totals(request: web.Request) -> web.Response:
-    entry = await scope_totals(request, totals.GLOBAL)
-    return respond(request, entry.body, entry.etag, JSON)
+    return respond_json(request, await scope_totals(request, totals.GLOBAL))
 
 
 @routes.get("/v1/campaigns/{slug}/totals")
 async def campaign_totals(request: web.Request) -> web.Response:
-    entry = await scope_totals(request, request.match_info["slug"])
-    return respond(request, entry.body, entry.etag, JSON)
+    return respond_json(request, await scope_totals(request, request.match_info["slug"]))
 
 
 async def _progress(request: web.Request, scope: str) -> web.Response:
