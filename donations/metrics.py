@@ -51,10 +51,7 @@ class Histogram:
     sums: dict[Labels, float] = field(default_factory=lambda: defaultdict(float))
 
     def observe(self, value: float, **labels: str) -> None:
-        self.observe_at(tuple(sorted(labels.items())), value)
-
-    def observe_at(self, key: Labels, value: float) -> None:
-        """`observe` with the labels already in their key's form (sorted by name)."""
+        key = tuple(sorted(labels.items()))
         buckets = self.counts.get(key)
         if buckets is None:
             buckets = self.counts[key] = [0] * (len(_BUCKETS) + 1)
@@ -77,14 +74,20 @@ class Histogram:
         return lines
 
 
+@dataclass(slots=True)
+class RequestCell:
+    """The requests of one (route, method, status): how many, their seconds, and how many fell in
+    each latency bucket alone (the last: above every bound)."""
+
+    count: int = 0
+    seconds: float = 0.0
+    buckets: list[int] = field(default_factory=lambda: [0] * (len(_BUCKETS) + 1))
+
+
 @dataclass
 class Metrics:
     """The service's own instruments; the ledger's figures are read from PostgreSQL per scrape."""
 
-    requests: Counter = field(default_factory=lambda: Counter(
-        "donations_http_requests_total", "HTTP requests by route, method and status."))
-    request_seconds: Histogram = field(default_factory=lambda: Histogram(
-        "donations_http_request_duration_seconds", "HTTP request latency by route."))
     webhook_events: Counter = field(default_factory=lambda: Counter(
         "donations_webhook_events_total", "Stripe webhook deliveries by event type and outcome."))
     balance_fetches: Counter = field(default_factory=lambda: Counter(
@@ -99,26 +102,40 @@ class Metrics:
     stripe_errors: Counter = field(default_factory=lambda: Counter(
         "donations_stripe_errors_total",
         "Failed Stripe calls on a request's path, by operation and the code answered."))
-    # (route, method, status) -> the label keys of `requests` and `request_seconds`
-    _request_keys: dict[tuple[str, str, int], tuple[Labels, Labels]] = field(
-        default_factory=dict, repr=False)
+    # Every HTTP request lands here, so it costs one look-up; rendered as the counter
+    # donations_http_requests_total and the histogram donations_http_request_duration_seconds.
+    requests: dict[tuple[str, str, int], RequestCell] = field(default_factory=dict)
 
     def request(self, route: str, method: str, status: int, seconds: float) -> None:
         """One HTTP request answered: counted by route, method and status, timed by route."""
-        keys = self._request_keys.get((route, method, status))
-        if keys is None:
-            keys = self._request_keys[(route, method, status)] = (
-                (("method", method), ("route", route), ("status", str(status))),
-                (("route", route),),
-            )
-        self.requests.add(keys[0])
-        self.request_seconds.observe_at(keys[1], seconds)
+        cell = self.requests.get((route, method, status))
+        if cell is None:
+            cell = self.requests[(route, method, status)] = RequestCell()
+        cell.count += 1
+        cell.seconds += seconds
+        cell.buckets[bisect_left(_BUCKETS, seconds)] += 1  # the first bound >= seconds
+
+    def http_instruments(self) -> tuple[Counter, Histogram]:
+        """The HTTP requests as Prometheus instruments."""
+        requests = Counter("donations_http_requests_total",
+                           "HTTP requests by route, method and status.")
+        latency = Histogram("donations_http_request_duration_seconds",
+                            "HTTP request latency by route.")
+        for (route, method, status), cell in self.requests.items():
+            requests.add((("method", method), ("route", route), ("status", str(status))),
+                         cell.count)
+            key = (("route", route),)
+            buckets = latency.counts.setdefault(key, [0] * (len(_BUCKETS) + 1))
+            for i, count in enumerate(cell.buckets):
+                buckets[i] += count
+            latency.sums[key] += cell.seconds
+        return requests, latency
 
     def render(self) -> list[str]:
         lines: list[str] = []
-        for instrument in (self.requests, self.request_seconds, self.webhook_events,
-                           self.balance_fetches, self.checkout_sessions,
-                           self.checkout_rate_limited, self.stripe_errors):
+        for instrument in (*self.http_instruments(), self.webhook_events, self.balance_fetches,
+                           self.checkout_sessions, self.checkout_rate_limited,
+                           self.stripe_errors):
             lines += instrument.render()
         return lines
 

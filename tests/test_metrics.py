@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from donations.metrics import _BUCKETS, Histogram, Metrics
+from donations.metrics import _BUCKETS, Counter, Histogram, Metrics
 from tests.conftest import Client
 
 
@@ -33,19 +33,27 @@ def test_histogram_buckets_are_cumulative_and_an_observation_on_a_bound_is_in_it
     assert counts == sorted(counts)
 
 
-def test_a_request_is_counted_and_timed_with_the_same_labels_as_inc_and_observe() -> None:
-    metrics, by_keywords = Metrics(), Metrics()
-    for _ in range(3):
-        metrics.request("/v1/totals", "GET", 200, 0.002)
-        by_keywords.requests.inc(route="/v1/totals", method="GET", status="200")
-        by_keywords.request_seconds.observe(0.002, route="/v1/totals")
-    metrics.request("/v1/totals", "GET", 304, 0.2)
-    by_keywords.requests.inc(route="/v1/totals", method="GET", status="304")
-    by_keywords.request_seconds.observe(0.2, route="/v1/totals")
-    assert metrics.render() == by_keywords.render()
-    samples = _samples(metrics.render(), "donations_http_requests_total")
+def test_a_request_is_counted_by_route_method_and_status_and_timed_by_route() -> None:
+    metrics = Metrics()
+    counter = Counter("donations_http_requests_total",
+                      "HTTP requests by route, method and status.")
+    histogram = Histogram("donations_http_request_duration_seconds",
+                          "HTTP request latency by route.")
+    answered = [("/v1/totals", "GET", 200, 0.001953125), ("/v1/totals", "GET", 304, 0.25),
+                ("/v1/totals", "HEAD", 200, 0.005), ("/healthz", "GET", 200, 0.5),
+                ("unmatched", "GET", 404, 12.0), ("/v1/totals", "GET", 200, 0.0078125)]
+    for route, method, status, seconds in answered * 3:
+        metrics.request(route, method, status, seconds)
+        counter.inc(route=route, method=method, status=str(status))
+        histogram.observe(seconds, route=route)
+    requests, latency = metrics.http_instruments()
+    assert requests.render() == counter.render()
+    assert latency.render() == histogram.render()
+    lines = metrics.render()
+    assert lines[:len(requests.render())] == requests.render()
+    samples = _samples(lines, "donations_http_requests_total")
     assert samples['donations_http_requests_total{method="GET",route="/v1/totals",status="200"}'] \
-        == 3
+        == 6
 
 
 async def test_requests_show_in_the_metrics_by_route_method_and_status(client: Client) -> None:
