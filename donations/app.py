@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import stripe
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from donations import (
     auth,
@@ -34,6 +35,7 @@ from donations import embed as embed_widget
 from donations.appkeys import METRICS, MIGRATIONS, OFFER, POOL, SEATS, SETTINGS, STRIPE
 from donations.errors import ApiError
 from donations.ledger import FoundingOffer
+from donations.logging import REQUEST_ID
 from donations.metrics import Metrics, gauge
 from donations.seats import FoundingSeats
 from donations.settings import Settings
@@ -44,17 +46,22 @@ _log_requests = logging.getLogger(__name__)  # the standard logger `log` writes 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# The request ids made here come from a generator seeded from os.urandom at start and in a
+# forked child: an id has to be unique, not secret (uuid4 reads os.urandom for each one).
+_request_ids = random.Random()  # noqa: S311 - an id, not a secret
+os.register_at_fork(after_in_child=_request_ids.seed)
 
 routes = web.RouteTableDef()
 
 
 def create_app(settings: Settings) -> web.Application:
+    metrics = Metrics()
     app = web.Application(
-        middlewares=[request_context],
+        middlewares=[request_context(metrics)],
         client_max_size=webhooks.MAX_BODY,
     )
     app[SETTINGS] = settings
-    app[METRICS] = Metrics()
+    app[METRICS] = metrics
     app[OFFER] = FoundingOffer(settings.founding_coupon_id, settings.founding_percent_off)
     app[SEATS] = FoundingSeats(settings.founding_seats)
     app[MIGRATIONS] = db.load_migrations()
@@ -154,79 +161,79 @@ async def reconciliation_schedule(app: web.Application) -> AsyncIterator[None]:
 # --- middleware -----------------------------------------------------------------------------
 
 
-@web.middleware
-async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Request id, one log line per request, metrics, every error in the contract's shape, and
-    the CORS headers of the public paths and of checkout (errors included).
+def request_context(metrics: Metrics) -> Middleware:
+    """The one middleware every request passes through, so kept cheap (benchmarks/README.md):
+    request id, one log line per request, metrics, every error in the contract's shape, and the
+    CORS headers of the public paths and of checkout (errors included)."""
 
-    The one middleware every request passes through, so kept cheap: see benchmarks/README.md.
-    """
-    given = request.headers.get("X-Request-ID")
-    request_id = given if given and _REQUEST_ID.fullmatch(given) else new_request_id()
-    started = time.perf_counter()
-    structlog.contextvars.clear_contextvars()
-    structlog.contextvars.bind_contextvars(request_id=request_id)
-    # No clearing at the end: aiohttp runs each request in a task of its own, and what the
-    # request bound goes with that task's copy of the context.
-    try:
-        response = await handler(request)
-    except ApiError as exc:
-        response = web.json_response(exc.body(), status=exc.status, headers=exc.headers)
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        given = request.headers.get("X-Request-ID")
+        if given and _REQUEST_ID.fullmatch(given):
+            request_id = given
+        else:  # 128 random bits (see _request_ids)
+            request_id = _request_ids.randbytes(16).hex()
+        started = time.perf_counter()
+        # in every line logged while the request runs (donations/logging.py); nothing to clear
+        # at the end: the request's task, and its copy of the context, end with it
+        REQUEST_ID.set(request_id)
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise  # a redirect goes out as it is
+            response = error_answer(request, exc)
+        except Exception as exc:
+            response = error_answer(request, exc)
+        headers = response.headers
+        headers["X-Request-ID"] = request_id
+        path = request.path
+        totals_api.add_cors(path, headers)
+        checkout.add_cors(request, path, response)
+        elapsed = time.perf_counter() - started
+        resource = request.match_info.route.resource
+        metrics.request(resource.canonical if resource else "unmatched", request.method,
+                        response.status, elapsed)
+        # the line's arguments are not even made when it would not be written (LOG_LEVEL=warning)
+        if _log_requests.isEnabledFor(logging.INFO):
+            log.info("request", method=request.method, path=path, status=response.status,
+                     duration_ms=round(elapsed * 1000, 2))
+        return response
+
+    return middleware
+
+
+def error_answer(request: web.Request, exc: Exception) -> web.Response:
+    """An error in the contract's shape (called while it is being handled, for log.exception)."""
+    if isinstance(exc, ApiError):
         if exc.status >= 500:
             log.warning("request_failed", code=exc.code)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
+        return web.json_response(exc.body(), status=exc.status, headers=exc.headers)
+    if isinstance(exc, web.HTTPException):
         code = re.sub(r"[^a-z]+", "_", (exc.reason or "error").lower()).strip("_")
-        response = web.json_response(
+        return web.json_response(
             {"error": {"code": code, "message": exc.reason}}, status=exc.status,
             headers={k: v for k, v in exc.headers.items() if k.lower() == "allow"},
         )
-    except db.DatabaseUnavailable as exc:
+    if isinstance(exc, db.DatabaseUnavailable):
         log.warning("database_unavailable", error=str(exc))
-        response = web.json_response(
+        return web.json_response(
             {"error": {"code": "database_unavailable",
                        "message": "the database is unavailable; try again shortly"}},
             status=503, headers={"Retry-After": "5"},
         )
-    except db.DatabaseBusy as exc:
+    if isinstance(exc, db.DatabaseBusy):
         log.warning("database_busy", error=str(exc))
-        response = web.json_response(
+        return web.json_response(
             {"error": {"code": "database_busy",
                        "message": "the database is too busy right now; try again shortly"}},
             status=503, headers={"Retry-After": "2"},
         )
-    except Exception:
-        log.exception("request_crashed", method=request.method, path=request.path)
-        response = web.json_response(
-            {"error": {"code": "internal_error", "message": "something went wrong on our side"}},
-            status=500,
-        )
-    response.headers["X-Request-ID"] = request_id
-    path = request.path
-    totals_api.add_cors(path, response)
-    checkout.add_cors(request, path, response)
-    elapsed = time.perf_counter() - started
-    resource = request.match_info.route.resource
-    request.app[METRICS].request(
-        resource.canonical if resource else "unmatched", request.method, response.status, elapsed
+    log.exception("request_crashed", method=request.method, path=request.path)
+    return web.json_response(
+        {"error": {"code": "internal_error", "message": "something went wrong on our side"}},
+        status=500,
     )
-    # the arguments are not even built when the line would not be written (LOG_LEVEL=warning)
-    if _log_requests.isEnabledFor(logging.INFO):
-        log.info("request", method=request.method, path=path, status=response.status,
-                 duration_ms=round(elapsed * 1000, 2))
-    return response
-
-
-# Request ids made here: 128 random bits from a generator seeded from os.urandom at start and
-# in a forked child (an id needs to be unique, not secret; uuid4 reads os.urandom per call,
-# which showed in profiles).
-_request_ids = random.Random()  # noqa: S311 - an id, not a secret
-os.register_at_fork(after_in_child=_request_ids.seed)
-
-
-def new_request_id() -> str:
-    return f"{_request_ids.getrandbits(128):032x}"
 
 
 # --- operational endpoints ------------------------------------------------------------------

@@ -7,7 +7,7 @@ import hashlib
 import json
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, MutableMapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -139,8 +139,8 @@ class TotalsCache:
                 founding_seats=settings.founding_seats, campaign=campaign,
             )
             body, tag = render(figures, as_of)
-            headers = cache_headers(settings, tag)
-            entry = Entry(figures, body, tag, as_of, self._clock(), CIMultiDict(headers),
+            headers = CIMultiDict(cache_headers(settings, tag), **PUBLIC_HEADERS)
+            entry = Entry(figures, body, tag, as_of, self._clock(), headers,
                           CIMultiDict(headers, **{"Content-Type": JSON}))
         self._entries[scope] = entry
         self._entries.move_to_end(scope)
@@ -189,8 +189,7 @@ async def scope_totals(request: web.Request, scope: str) -> Entry:
     """The scope's entry; 404 for a campaign that does not exist."""
     if scope != totals.GLOBAL and not campaigns.SLUG.match(scope):
         raise NotFound("campaign_not_found", "no campaign has that slug")
-    cache = request.app[TOTALS]
-    entry = cache.fresh(scope) or await cache.get(scope)
+    entry = await request.app[TOTALS].get(scope)
     if entry.totals is None:
         raise NotFound("campaign_not_found", "no campaign has that slug")
     return entry
@@ -198,19 +197,30 @@ async def scope_totals(request: web.Request, scope: str) -> Entry:
 
 def respond_json(request: web.Request, entry: Entry) -> web.Response:
     """A scope's JSON: `respond` with the headers made once per refresh, not per request."""
-    if not_modified(request, entry.etag):
+    if "If-None-Match" in request.headers and not_modified(request, entry.etag):
         return web.Response(status=304, headers=entry.headers)
     return web.Response(body=entry.body, headers=entry.json_headers)
 
 
+# The two JSON answers take fresh figures (nearly always) without awaiting anything; else, or for
+# a campaign that does not exist, scope_totals reads them or answers 404.
+
+
 @routes.get("/v1/totals")
 async def all_totals(request: web.Request) -> web.Response:
-    return respond_json(request, await scope_totals(request, totals.GLOBAL))
+    entry = request.app[TOTALS].fresh(totals.GLOBAL)
+    if entry is None:
+        entry = await scope_totals(request, totals.GLOBAL)
+    return respond_json(request, entry)
 
 
 @routes.get("/v1/campaigns/{slug}/totals")
 async def campaign_totals(request: web.Request) -> web.Response:
-    return respond_json(request, await scope_totals(request, request.match_info["slug"]))
+    slug = request.match_info["slug"]
+    entry = request.app[TOTALS].fresh(slug)
+    if entry is None or entry.totals is None:
+        entry = await scope_totals(request, slug)
+    return respond_json(request, entry)
 
 
 async def _progress(request: web.Request, scope: str) -> web.Response:
@@ -242,13 +252,22 @@ def is_public(path: str) -> bool:
     )
 
 
-def add_cors(path: str, response: web.StreamResponse) -> None:
-    """CORS * on every answer of a public path, errors and 304s included (called by the request
-    middleware, donations/app.py, once the answer, or the error's, is made)."""
-    if is_public(path):
-        response.headers["Access-Control-Allow-Origin"] = "*"
-        response.headers["Access-Control-Expose-Headers"] = "ETag"
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+# What every answer of a public path carries, errors and 304s included.
+PUBLIC_HEADERS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Expose-Headers": "ETag",
+    "X-Content-Type-Options": "nosniff",
+}
+
+
+def add_cors(path: str, headers: MutableMapping[str, str]) -> None:
+    """PUBLIC_HEADERS on an answer of a public path that lacks them (called by the request
+    middleware, donations/app.py, once the answer, or the error's, is made). The totals' JSON
+    answers have them already, among the headers made once per refresh."""
+    if "Access-Control-Allow-Origin" not in headers and is_public(path):
+        headers["Access-Control-Allow-Origin"] = "*"
+        headers["Access-Control-Expose-Headers"] = "ETag"
+        headers.setdefault("X-Content-Type-Options", "nosniff")
 
 
 async def preflight(request: web.Request) -> web.Response:

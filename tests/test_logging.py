@@ -12,8 +12,14 @@ from typing import Any
 import asyncpg
 import pytest
 import structlog
+from aiohttp import web
+from pytest_aiohttp import AiohttpClient
 
+from donations import db
+from donations.app import request_context
+from donations.errors import BadRequest
 from donations.logging import configure, mask_email, redact
+from donations.metrics import Metrics
 from tests.conftest import WEBHOOK_SECRET, Client
 from tests.fakestripe.signing import signed_request
 from tests.fakestripe.world import World
@@ -274,3 +280,46 @@ def test_redact_leaves_other_values_alone() -> None:
     event = {"event": "x", "amount": 2500, "currency": "gbp", "ok": True, "n": None}
     assert redact(None, "info", dict(event)) == event
 
+
+
+async def test_every_failure_is_answered_in_the_contracts_shape_and_a_crash_is_logged(
+    json_logs: Output, aiohttp_client: AiohttpClient
+) -> None:
+    async def crash(request: web.Request) -> web.Response:
+        raise RuntimeError("boom at sk_test_abcdef123")
+
+    async def refused(request: web.Request) -> web.Response:
+        raise BadRequest("bad_thing", "that is not acceptable", field="amount")
+
+    async def away(request: web.Request) -> web.Response:
+        raise db.DatabaseUnavailable("connection refused")
+
+    async def moved(request: web.Request) -> web.Response:
+        raise web.HTTPFound("/elsewhere")
+
+    app = web.Application(middlewares=[request_context(Metrics())])
+    for path, handler in (("/crash", crash), ("/refused", refused), ("/away", away),
+                          ("/moved", moved)):
+        app.router.add_get(path, handler)
+    client = await aiohttp_client(app)
+
+    crashed = await client.get("/crash", headers={"X-Request-ID": "req-crash"})
+    assert crashed.status == 500
+    assert (await crashed.json())["error"]["code"] == "internal_error"
+    assert crashed.headers["X-Request-ID"] == "req-crash"
+    (logged,) = json_logs.events("request_crashed")
+    assert logged["request_id"] == "req-crash" and logged["path"] == "/crash"
+    assert "RuntimeError: boom at sk_test_[redacted]" in logged["exception"]
+
+    bad = await client.get("/refused")
+    assert bad.status == 400
+    assert (await bad.json())["error"] == {
+        "code": "bad_thing", "message": "that is not acceptable", "field": "amount"}
+    unavailable = await client.get("/away")
+    assert unavailable.status == 503 and unavailable.headers["Retry-After"] == "5"
+    assert (await unavailable.json())["error"]["code"] == "database_unavailable"
+    redirect = await client.get("/moved", allow_redirects=False)
+    assert redirect.status == 302 and redirect.headers["Location"] == "/elsewhere"
+
+    statuses = {(r["path"], r["status"]) for r in json_logs.events("request")}
+    assert {("/crash", 500), ("/refused", 400), ("/away", 503)} <= statuses
