@@ -11,8 +11,9 @@ campaign's creation runs) and checked by `totals.verify`; then one `donations se
 started on it and `GET /v1/totals` is measured at `--concurrency` connections for `--seconds`,
 and in the same run a bare aiohttp handler (its own process, access log off) answering a
 constant JSON body of the same length. The load comes from `wrk` when it is installed
-(apt-get install wrk), else from an aiohttp client in this process. Exit status 0 when every
-answer was a 200.
+(apt-get install wrk), else from an aiohttp client in this process. Beside requests/s, the CPU
+each server process spent per request (from /proc: steadier than requests/s when the machine is
+shared) and the load average. Exit status 0 when every answer was a 200.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import argparse
 import asyncio
 import io
 import json
+import math
 import os
 import platform
 import random
@@ -153,6 +155,8 @@ class Result:
     p50_ms: float
     p99_ms: float
     failed: int
+    cpu_us: float = math.nan  # the server process's CPU (user + system) per request
+
 
     @property
     def rate(self) -> float:
@@ -220,10 +224,25 @@ async def with_aiohttp(name: str, url: str, concurrency: int, seconds: float) ->
                   failed)
 
 
-async def measure(name: str, url: str, concurrency: int, seconds: float) -> Result:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used, from /proc (nan where there is none)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return math.nan
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def measure(name: str, url: str, pid: int, concurrency: int, seconds: float) -> Result:
+    """Warm up, then load `url`; with the CPU the server process `pid` spent per request (less
+    noisy than requests/s on a machine the load generator and other work share)."""
     run = with_wrk if shutil.which("wrk") else with_aiohttp
     await run(name, url, concurrency, min(2.0, seconds))  # warm-up, not measured
-    return await run(name, url, concurrency, seconds)
+    before = cpu_seconds(pid)
+    result = await run(name, url, concurrency, seconds)
+    if result.requests:
+        result.cpu_us = (cpu_seconds(pid) - before) / result.requests * 1e6
+    return result
 
 
 # --- the run ----------------------------------------------------------------------------------
@@ -264,8 +283,10 @@ async def run_size(admin: str, count: int, args: argparse.Namespace) -> list[lis
                   f"supporters {figures['supporters']:,}; body {len(body)} bytes", flush=True)
             bare, bare_url, folder = await bare_server(body)
             try:
-                base = await measure("bare aiohttp", bare_url, args.concurrency, args.seconds)
-                mine = await measure("GET /v1/totals", url, args.concurrency, args.seconds)
+                base = await measure("bare aiohttp", bare_url, bare.pid, args.concurrency,
+                                     args.seconds)
+                mine = await measure("GET /v1/totals", url, service.process.pid,
+                                     args.concurrency, args.seconds)
             finally:
                 bare.terminate()
                 await bare.wait()
@@ -273,8 +294,9 @@ async def run_size(admin: str, count: int, args: argparse.Namespace) -> list[lis
     if checked.differences or mine.failed or base.failed:
         args.failed = True
     return [
-        [f"{count:,}", r.name, r.requests, r.rate, r.p50_ms, r.p99_ms, r.failed,
-         f"{mine.rate / base.rate:.2f}" if r is mine else ""]
+        [f"{count:,}", r.name, r.requests, r.rate, r.p50_ms, r.p99_ms, r.failed, r.cpu_us,
+         f"{mine.rate / base.rate:.2f}" if r is mine else "",
+         f"{base.cpu_us / mine.cpu_us:.2f}" if r is mine else ""]
         for r in (base, mine)
     ]
 
@@ -285,17 +307,19 @@ async def main(args: argparse.Namespace) -> int:
         print(f"PostgreSQL {await server_version(admin)} at {describe_server(admin)}; "
               f"{os.cpu_count()} cores; Python {platform.python_version()}; load: "
               f"{'wrk' if shutil.which('wrk') else 'aiohttp client'}, "
-              f"{args.concurrency} connections, {args.seconds:.0f} s each", flush=True)
+              f"{args.concurrency} connections, {args.seconds:.0f} s each; load average "
+              f"{os.getloadavg()[0]:.2f}", flush=True)
         rows: list[list[object]] = []
         for count in args.sizes:
             rows += await run_size(admin, count, args)
     print()
     print_table(["contributions", "server", "requests", "req/s", "p50 ms", "p99 ms", "failed",
-                 "ratio"], rows)
+                 "CPU µs/req", "ratio", "CPU ratio"], rows)
     totals_rates = [float(str(r[3])) for r in rows if r[1] == "GET /v1/totals"]
     if len(totals_rates) >= 2:
         print(f"\nGET /v1/totals at {args.sizes[-1]:,} ÷ at {args.sizes[0]:,}: "
               f"{totals_rates[-1] / totals_rates[0]:.2f}")
+    print(f"load average at the end {os.getloadavg()[0]:.2f}")
     return 1 if args.failed else 0
 
 
