@@ -38,7 +38,6 @@ import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -48,6 +47,7 @@ from aiohttp import web
 
 from benchmarks._common import (
     Measurement,
+    cpu_seconds,
     database_url_from,
     describe_server,
     postgres_server,
@@ -158,15 +158,6 @@ def harness_gc_settled() -> None:
     measured phase (it would be charged to whichever side it hit)."""
     gc.collect()
     gc.freeze()
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds a process has used, from /proc (nan where there is none)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return math.nan
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def key(side: str, i: int) -> str:

@@ -40,6 +40,7 @@ import asyncpg
 
 from benchmarks._common import (
     Measurement,
+    cpu_seconds,
     database_url_from,
     describe_server,
     free_port,
@@ -222,15 +223,6 @@ async def with_aiohttp(name: str, url: str, concurrency: int, seconds: float) ->
         measured.seconds = time.perf_counter() - began
     return Result(name, measured.count, measured.seconds, measured.ms(50), measured.ms(99),
                   failed)
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds a process has used, from /proc (nan where there is none)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return math.nan
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def measure(name: str, url: str, pid: int, concurrency: int, seconds: float) -> Result:
