@@ -136,10 +136,11 @@ async def _apply(
     plan = Plan.of(snapshots)
     await plan.look(conn)  # before the locks, so that they are all taken at once, in order
     locks = plan.lock_order()
-    stored, kept = await store.store_events(
-        conn, locks, [(event, raw, classified[event.id][0].value) for event, raw in items],
-        snapshots, source,
-    )
+    # inserted in the order of their ids: two groups that share events never wait on each
+    # other's half-inserted rows in a cycle
+    rows = sorted(((event, raw, classified[event.id][0].value) for event, raw in items),
+                  key=lambda row: row[0].id)
+    stored, kept = await store.store_events(conn, locks, rows, snapshots, source)
     plan.locked.update(locks)
     outcomes = {event_id: classified[event_id][0] for event_id in stored}
     changed = [s for s in snapshots if kept.get(s.id) == s.version.event_id]
