@@ -45,6 +45,9 @@ log = structlog.get_logger(__name__)
 _log_requests = logging.getLogger(__name__)  # the standard logger `log` writes through
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# Methods counted by name in the request metrics; any other a client makes up is "other", so
+# that nobody can add series to /metrics at will.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # The request ids made here come from a generator seeded from os.urandom at start and in a
 # forked child: an id has to be unique, not secret (uuid4 reads os.urandom for each one).
@@ -192,8 +195,9 @@ def request_context(metrics: Metrics) -> Middleware:
         checkout.add_cors(request, path, response)
         elapsed = time.perf_counter() - started
         resource = request.match_info.route.resource
-        metrics.request(resource.canonical if resource else "unmatched", request.method,
-                        response.status, elapsed)
+        method = request.method
+        metrics.request(resource.canonical if resource else "unmatched",
+                        method if method in _METHODS else "other", response.status, elapsed)
         # the line's arguments are not even made when it would not be written (LOG_LEVEL=warning)
         if _log_requests.isEnabledFor(logging.INFO):
             log.info("request", method=request.method, path=path, status=response.status,
