@@ -8,12 +8,11 @@ import os
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
 import stripe
 import structlog
 from aiohttp import web
-from aiohttp.typedefs import Middleware
 
 from donations import (
     auth,
@@ -59,10 +58,7 @@ routes = web.RouteTableDef()
 
 def create_app(settings: Settings) -> web.Application:
     metrics = Metrics()
-    app = web.Application(
-        middlewares=[request_context(metrics)],
-        client_max_size=webhooks.MAX_BODY,
-    )
+    app = web.Application(client_max_size=webhooks.MAX_BODY)
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app[OFFER] = FoundingOffer(settings.founding_coupon_id, settings.founding_percent_off)
@@ -73,19 +69,13 @@ def create_app(settings: Settings) -> web.Application:
                             balance_transaction_worker])
     app.cleanup_ctx.append(payout_worker)
     app.cleanup_ctx.append(reconciliation_schedule)
-    app.add_routes(routes)
-    app.add_routes(webhooks.routes)
-    app.add_routes(campaigns.routes)
-    app.add_routes(checkout.routes)
-    app.add_routes(portal.routes)
     app.cleanup_ctx.append(checkout.maintenance)
-    app.add_routes(reports.routes)
-    app.add_routes(payouts.routes)
-    app.add_routes(reconcile.routes)
-    app.add_routes(staff_page.routes)
     app.cleanup_ctx.append(totals_api.totals_context)
-    app.add_routes(totals_api.routes)
-    app.add_routes(embed_widget.routes)
+    install_routes(app, metrics, [
+        routes, webhooks.routes, campaigns.routes, checkout.routes, portal.routes,
+        reports.routes, payouts.routes, reconcile.routes, staff_page.routes, totals_api.routes,
+        embed_widget.routes,
+    ])
     return app
 
 
@@ -161,50 +151,85 @@ async def reconciliation_schedule(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
-# --- middleware -----------------------------------------------------------------------------
+# --- every request -------------------------------------------------------------------------
 
 
-def request_context(metrics: Metrics) -> Middleware:
-    """The one middleware every request passes through, so kept cheap (benchmarks/README.md):
-    request id, one log line per request, metrics, every error in the contract's shape, and the
-    CORS headers of the public paths and of checkout (errors included)."""
+def install_routes(
+    app: web.Application, metrics: Metrics, tables: Iterable[web.RouteTableDef]
+) -> None:
+    """Add the routes, each handler wrapped in the request context (request id, error shapes,
+    CORS, metrics, the request line), and last a catch-all that answers, in the same way, what
+    no route matches (404) or matches with another method (405).
 
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        given = request.headers.get("X-Request-ID")
-        if given and _REQUEST_ID.fullmatch(given):
-            request_id = given
-        else:  # 128 random bits (see _request_ids)
-            request_id = _request_ids.randbytes(16).hex()
-        started = time.perf_counter()
-        # in every line logged while the request runs (donations/logging.py); nothing to clear
-        # at the end: the request's task, and its copy of the context, end with it
-        REQUEST_ID.set(request_id)
-        try:
-            response = await handler(request)
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise  # a redirect goes out as it is
-            response = error_answer(request, exc)
-        except Exception as exc:
-            response = error_answer(request, exc)
-        headers = response.headers
-        headers["X-Request-ID"] = request_id
-        path = request.path
-        totals_api.add_cors(path, headers)
-        checkout.add_cors(request, path, response)
-        elapsed = time.perf_counter() - started
-        resource = request.match_info.route.resource
-        method = request.method
-        metrics.request(resource.canonical if resource else "unmatched",
-                        method if method in _METHODS else "other", response.status, elapsed)
-        # the line's arguments are not even made when it would not be written (LOG_LEVEL=warning)
-        if _log_requests.isEnabledFor(logging.INFO):
-            log.info("request", method=request.method, path=path, status=response.status,
-                     duration_ms=round(elapsed * 1000, 2))
-        return response
+    A wrapper per route rather than a middleware: aiohttp runs a middleware through two more
+    coroutines per request (its own, which it adds as soon as there is one, and ours), which cost
+    the public totals a fifth of their speed (benchmarks/README.md)."""
+    context = request_context(metrics)
+    for table in tables:
+        for route in table:
+            assert isinstance(route, web.RouteDef), route  # no static files are served
+            web.RouteDef(route.method, route.path, context(route.handler, route.path),
+                         route.kwargs).register(app.router)
+    app.router.add_route("*", "/{path:.*}", context(_no_route, UNMATCHED), name="unmatched")
 
-    return middleware
+
+UNMATCHED = "unmatched"  # the route label of what no route answers
+
+
+async def _no_route(request: web.Request) -> web.StreamResponse:
+    """What no route matches: 404, or 405 naming the methods of the route whose path matched."""
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource.name != UNMATCHED:
+            _, methods = await resource.resolve(request)
+            allowed |= methods
+    if allowed:
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
+    raise web.HTTPNotFound()
+
+
+def request_context(metrics: Metrics) -> Callable[[Handler, str], Handler]:
+    """What every request passes through, so kept cheap: request id, one log line per request,
+    metrics, every error in the contract's shape, and the CORS headers of the public paths and
+    of checkout (errors included). `route` is the route's path, the metrics' label."""
+
+    def wrap(handler: Handler, route: str) -> Handler:
+        async def in_context(request: web.Request) -> web.StreamResponse:
+            given = request.headers.get("X-Request-ID")
+            if given and _REQUEST_ID.fullmatch(given):
+                request_id = given
+            else:  # 128 random bits (see _request_ids)
+                request_id = _request_ids.randbytes(16).hex()
+            started = time.perf_counter()
+            # in every line logged while the request runs (donations/logging.py); nothing to
+            # clear at the end: the request's task, and its copy of the context, end with it
+            REQUEST_ID.set(request_id)
+            try:
+                response = await handler(request)
+            except web.HTTPException as exc:
+                if exc.status < 400:
+                    raise  # a redirect goes out as it is
+                response = error_answer(request, exc)
+            except Exception as exc:
+                response = error_answer(request, exc)
+            headers = response.headers
+            headers["X-Request-ID"] = request_id
+            path = request.path
+            totals_api.add_cors(path, headers)
+            checkout.add_cors(request, path, response)
+            elapsed = time.perf_counter() - started
+            method = request.method
+            metrics.request(route, method if method in _METHODS else "other", response.status,
+                            elapsed)
+            # the line's arguments are not even made when it would not be written
+            if _log_requests.isEnabledFor(logging.INFO):
+                log.info("request", method=method, path=path, status=response.status,
+                         duration_ms=round(elapsed * 1000, 2))
+            return response
+
+        return in_context
+
+    return wrap
 
 
 def error_answer(request: web.Request, exc: Exception) -> web.Response:

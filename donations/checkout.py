@@ -485,7 +485,7 @@ for _path in ("/v1/checkout/contributions", "/v1/checkout/subscriptions",
 
 def add_cors(request: web.Request, path: str, response: web.StreamResponse) -> None:
     """CORS headers for the site's origins on checkout answers, errors included (called by the
-    request middleware, donations/app.py, once the answer, or the error's, is made)."""
+    request context, donations/app.py, once the answer, or the error's, is made)."""
     if path.startswith(_CORS_PATHS):
         response.headers.add("Vary", "Origin")
         origin = request.headers.get("Origin")

@@ -19,7 +19,7 @@ _SECRET_KEYS = frozenset({"authorization", "token", "secret", "api_key", "passwo
 _SECRET_TEXT = re.compile(r"\b(whsec|sk_live|sk_test|rk_live|rk_test)_[A-Za-z0-9_]+")
 _EMAIL_TEXT = re.compile(r"([A-Za-z0-9._%+-])[A-Za-z0-9._%+-]*@([A-Za-z0-9.-]+\.[A-Za-z]{2,})")
 
-# The id of the request being handled: set by the request middleware (donations/app.py), added
+# The id of the request being handled: set by the request context (donations/app.py), added
 # to every line written while it runs, ours and the standard library's. One ContextVar set per
 # request, which costs less than structlog's clear_contextvars and bind_contextvars; aiohttp runs
 # each request in a task of its own, so one request's context never reaches the next.

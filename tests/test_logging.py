@@ -16,7 +16,7 @@ from aiohttp import web
 from pytest_aiohttp import AiohttpClient
 
 from donations import db
-from donations.app import request_context
+from donations.app import install_routes
 from donations.errors import BadRequest
 from donations.logging import configure, mask_email, redact
 from donations.metrics import Metrics
@@ -297,10 +297,12 @@ async def test_every_failure_is_answered_in_the_contracts_shape_and_a_crash_is_l
     async def moved(request: web.Request) -> web.Response:
         raise web.HTTPFound("/elsewhere")
 
-    app = web.Application(middlewares=[request_context(Metrics())])
+    app = web.Application()
+    table = web.RouteTableDef()
     for path, handler in (("/crash", crash), ("/refused", refused), ("/away", away),
                           ("/moved", moved)):
-        app.router.add_get(path, handler)
+        table.get(path)(handler)
+    install_routes(app, Metrics(), [table])
     client = await aiohttp_client(app)
 
     crashed = await client.get("/crash", headers={"X-Request-ID": "req-crash"})

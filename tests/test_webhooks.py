@@ -304,9 +304,16 @@ async def test_errors_have_the_contract_shape(client: Client) -> None:
     missing = await client.get("/nowhere")
     assert missing.status == 404
     assert (await missing.json())["error"]["code"] == "not_found"
+    assert len(missing.headers["X-Request-ID"]) == 32
     wrong_method = await client.get("/webhooks/stripe")
     assert wrong_method.status == 405
     assert (await wrong_method.json())["error"]["code"] == "method_not_allowed"
+    assert wrong_method.headers["Allow"] == "POST"
+    dynamic = await client.delete("/v1/campaigns/winter/totals")
+    assert dynamic.status == 405
+    assert set(dynamic.headers["Allow"].split(",")) >= {"GET", "HEAD", "OPTIONS"}
+    text = await (await client.get("/metrics")).text()
+    assert 'route="unmatched",status="404"' in text
 
 
 async def test_metrics_count_requests_and_webhook_outcomes(client: Client) -> None:
