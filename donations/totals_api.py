@@ -262,7 +262,7 @@ PUBLIC_HEADERS = {
 
 def add_cors(path: str, headers: MutableMapping[str, str]) -> None:
     """PUBLIC_HEADERS on an answer of a public path that lacks them (called by the request
-    request context, donations/app.py, once the answer, or the error's, is made). The totals' JSON
+    context, donations/app.py, once the answer, or the error's, is made). The totals' JSON
     answers have them already, among the headers made once per refresh."""
     if "Access-Control-Allow-Origin" not in headers and is_public(path):
         headers["Access-Control-Allow-Origin"] = "*"
