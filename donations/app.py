@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
-import random
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -48,10 +48,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # that nobody can add series to /metrics at will.
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-# The request ids made here come from a generator seeded from os.urandom at start and in a
-# forked child: an id has to be unique, not secret (uuid4 reads os.urandom for each one).
-_request_ids = random.Random()  # noqa: S311 - an id, not a secret
-os.register_at_fork(after_in_child=_request_ids.seed)
 
 routes = web.RouteTableDef()
 
@@ -191,15 +187,18 @@ async def _no_route(request: web.Request) -> web.StreamResponse:
 def request_context(metrics: Metrics) -> Callable[[Handler, str], Handler]:
     """What every request passes through, so kept cheap: request id, one log line per request,
     metrics, every error in the contract's shape, and the CORS headers of the public paths and
-    of checkout (errors included). `route` is the route's path, the metrics' label."""
+    of checkout (errors included). `route` is the route's path, the metrics' label; what it
+    needs is worked out from it once, not per request."""
 
     def wrap(handler: Handler, route: str) -> Handler:
+        fixed = route != UNMATCHED  # else: the CORS headers depend on the request's path
+        public = fixed and totals_api.is_public(route)
+        site = fixed and checkout.has_site_cors(route)
+        cells = metrics.route_cells(route)
+
         async def in_context(request: web.Request) -> web.StreamResponse:
             given = request.headers.get("X-Request-ID")
-            if given and _REQUEST_ID.fullmatch(given):
-                request_id = given
-            else:  # 128 random bits (see _request_ids)
-                request_id = _request_ids.randbytes(16).hex()
+            request_id = given if given and _REQUEST_ID.fullmatch(given) else _request_ids.next()
             started = time.perf_counter()
             # in every line logged while the request runs (donations/logging.py); nothing to
             # clear at the end: the request's task, and its copy of the context, end with it
@@ -214,22 +213,48 @@ def request_context(metrics: Metrics) -> Callable[[Handler, str], Handler]:
                 response = error_answer(request, exc)
             headers = response.headers
             headers["X-Request-ID"] = request_id
-            path = request.path
-            totals_api.add_cors(path, headers)
-            checkout.add_cors(request, path, response)
+            if fixed:
+                if public:
+                    totals_api.add_cors(headers)
+                elif site:
+                    checkout.add_cors(request, response)
+            else:
+                path = request.path
+                if totals_api.is_public(path):
+                    totals_api.add_cors(headers)
+                elif checkout.has_site_cors(path):
+                    checkout.add_cors(request, response)
             elapsed = time.perf_counter() - started
             method = request.method
-            metrics.request(route, method if method in _METHODS else "other", response.status,
-                            elapsed)
+            cells.add(method if method in _METHODS else "other", response.status, elapsed)
             # the line's arguments are not even made when it would not be written
             if _log_requests.isEnabledFor(logging.INFO):
-                log.info("request", method=method, path=path, status=response.status,
+                log.info("request", method=method, path=request.path, status=response.status,
                          duration_ms=round(elapsed * 1000, 2))
             return response
 
         return in_context
 
     return wrap
+
+
+class _RequestIds:
+    """Request ids: 16 random hex digits per process (drawn again in a forked child) and a
+    16-digit counter. Unique and cheap; an id is not a secret."""
+
+    def __init__(self) -> None:
+        self.draw()
+
+    def draw(self) -> None:
+        self.prefix = os.urandom(8).hex()
+        self.counter = itertools.count()
+
+    def next(self) -> str:
+        return f"{self.prefix}{next(self.counter):016x}"
+
+
+_request_ids = _RequestIds()
+os.register_at_fork(after_in_child=_request_ids.draw)
 
 
 def error_answer(request: web.Request, exc: Exception) -> web.Response:

@@ -483,16 +483,20 @@ for _path in ("/v1/checkout/contributions", "/v1/checkout/subscriptions",
     routes.options(_path)(_preflight)
 
 
-def add_cors(request: web.Request, path: str, response: web.StreamResponse) -> None:
-    """CORS headers for the site's origins on checkout answers, errors included (called by the
+def has_site_cors(path: str) -> bool:
+    """Whether answers on this path (a route's, or a request's) carry the site's CORS headers."""
+    return path.startswith(_CORS_PATHS)
+
+
+def add_cors(request: web.Request, response: web.StreamResponse) -> None:
+    """CORS headers for the site's origins on a checkout answer, errors included (added by the
     request context, donations/app.py, once the answer, or the error's, is made)."""
-    if path.startswith(_CORS_PATHS):
-        response.headers.add("Vary", "Origin")
-        origin = request.headers.get("Origin")
-        if origin is not None and origin in _allowed_origins(request.app[SETTINGS]):
-            response.headers["Access-Control-Allow-Origin"] = origin
-            response.headers["Access-Control-Expose-Headers"] = (
-                "Retry-After, X-Request-ID, Idempotent-Replayed")
+    response.headers.add("Vary", "Origin")
+    origin = request.headers.get("Origin")
+    if origin is not None and origin in _allowed_origins(request.app[SETTINGS]):
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = (
+            "Retry-After, X-Request-ID, Idempotent-Replayed")
 
 
 # --- housekeeping -------------------------------------------------------------------------------

@@ -85,6 +85,21 @@ class RequestCell:
 
 
 @dataclass
+class RouteCells:
+    """One route's requests, by method and status."""
+
+    by_method_status: dict[tuple[str, int], RequestCell] = field(default_factory=dict)
+
+    def add(self, method: str, status: int, seconds: float) -> None:
+        cell = self.by_method_status.get((method, status))
+        if cell is None:
+            cell = self.by_method_status[(method, status)] = RequestCell()
+        cell.count += 1
+        cell.seconds += seconds
+        cell.buckets[bisect_left(_BUCKETS, seconds)] += 1  # the first bound >= seconds
+
+
+@dataclass
 class Metrics:
     """The service's own instruments; the ledger's figures are read from PostgreSQL per scrape."""
 
@@ -104,16 +119,15 @@ class Metrics:
         "Failed Stripe calls on a request's path, by operation and the code answered."))
     # Every HTTP request lands here, so it costs one look-up; rendered as the counter
     # donations_http_requests_total and the histogram donations_http_request_duration_seconds.
-    requests: dict[tuple[str, str, int], RequestCell] = field(default_factory=dict)
+    routes: dict[str, RouteCells] = field(default_factory=dict)
+
+    def route_cells(self, route: str) -> RouteCells:
+        """The cells of one route's requests (a route's request context keeps them at hand)."""
+        return self.routes.setdefault(route, RouteCells())
 
     def request(self, route: str, method: str, status: int, seconds: float) -> None:
         """One HTTP request answered: counted by route, method and status, timed by route."""
-        cell = self.requests.get((route, method, status))
-        if cell is None:
-            cell = self.requests[(route, method, status)] = RequestCell()
-        cell.count += 1
-        cell.seconds += seconds
-        cell.buckets[bisect_left(_BUCKETS, seconds)] += 1  # the first bound >= seconds
+        self.route_cells(route).add(method, status, seconds)
 
     def http_instruments(self) -> tuple[Counter, Histogram]:
         """The HTTP requests as Prometheus instruments."""
@@ -121,14 +135,15 @@ class Metrics:
                            "HTTP requests by route, method and status.")
         latency = Histogram("donations_http_request_duration_seconds",
                             "HTTP request latency by route.")
-        for (route, method, status), cell in self.requests.items():
-            requests.add((("method", method), ("route", route), ("status", str(status))),
-                         cell.count)
+        for route, cells in self.routes.items():
             key = (("route", route),)
-            buckets = latency.counts.setdefault(key, [0] * (len(_BUCKETS) + 1))
-            for i, count in enumerate(cell.buckets):
-                buckets[i] += count
-            latency.sums[key] += cell.seconds
+            for (method, status), cell in cells.by_method_status.items():
+                requests.add((("method", method), ("route", route), ("status", str(status))),
+                             cell.count)
+                buckets = latency.counts.setdefault(key, [0] * (len(_BUCKETS) + 1))
+                for i, count in enumerate(cell.buckets):
+                    buckets[i] += count
+                latency.sums[key] += cell.seconds
         return requests, latency
 
     def render(self) -> list[str]:

@@ -260,11 +260,11 @@ PUBLIC_HEADERS = {
 }
 
 
-def add_cors(path: str, headers: MutableMapping[str, str]) -> None:
-    """PUBLIC_HEADERS on an answer of a public path that lacks them (called by the request
+def add_cors(headers: MutableMapping[str, str]) -> None:
+    """PUBLIC_HEADERS on an answer of a public path that lacks them (added by the request
     context, donations/app.py, once the answer, or the error's, is made). The totals' JSON
     answers have them already, among the headers made once per refresh."""
-    if "Access-Control-Allow-Origin" not in headers and is_public(path):
+    if "Access-Control-Allow-Origin" not in headers:
         headers["Access-Control-Allow-Origin"] = "*"
         headers["Access-Control-Expose-Headers"] = "ETag"
         headers.setdefault("X-Content-Type-Options", "nosniff")
