@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import fields
+from typing import Any
 
 import asyncpg
 
@@ -343,12 +344,17 @@ def _upsert(table: str, columns: list[str], key: str) -> str:
 LedgerRow = RefundRow | DisputeRow | SubscriptionRow | CustomerRow | PayoutRow
 
 
+def _columns(row: LedgerRow | PaymentRow) -> dict[str, Any]:
+    """A ledger row's columns and values (`asdict` without its deep copy of every value)."""
+    return {f.name: getattr(row, f.name) for f in fields(row)}
+
+
 async def put_rows(
     conn: asyncpg.Connection, table: str, rows: Sequence[LedgerRow], key: str = "id"
 ) -> None:
     """Upsert ledger rows (dataclasses of one type) into `table`, in one round trip."""
     if rows:
-        values = [asdict(row) for row in rows]
+        values = [_columns(row) for row in rows]
         sql = _upsert(table, list(values[0]), key)
         await conn.executemany(sql, [list(v.values()) for v in values])
 
@@ -359,7 +365,7 @@ async def put_payments(conn: asyncpg.Connection, derived: dict[str, PaymentRow |
     gone = [key for key, row in derived.items() if row is None]
     if gone:
         await conn.execute("DELETE FROM payments WHERE payment_key = any($1::text[])", gone)
-    rows = [asdict(row) for row in derived.values() if row is not None]
+    rows = [_columns(row) for row in derived.values() if row is not None]
     if not rows:
         return
     sql = _upsert("payments", list(rows[0]), "payment_key")
