@@ -83,6 +83,27 @@ SPEC: dict[str, Any] = {
                 "401": _error("No or unknown token"),
                 "403": _error("The token lacks reports:read"),
             }}},
+        "/v1/reconciliation/discrepancies/{id}/acknowledge": {"post": {
+            "summary": "Acknowledge an open discrepancy finance has explained (admin)",
+            "description": "Resolves it with the token's name and the note. Later runs that "
+            "find exactly the same difference (kind, object, both sides' values) do not open it "
+            "again; a difference that changes is opened as a new discrepancy.",
+            "security": [{"bearer": []}],
+            "parameters": [{"name": "id", "in": "path", "required": True,
+                            "schema": {"type": "integer"}}],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "required": ["note"],
+                "properties": {"note": {"type": "string", "minLength": 1,
+                                        "maxLength": 1000}}}}}},
+            "responses": {
+                "200": _json({"type": "object"}, "The discrepancy, acknowledged"),
+                "400": _error("note missing or empty"),
+                "401": _error("No or unknown token"),
+                "403": _error("The token lacks admin"),
+                "404": _error("No discrepancy has this id"),
+                "409": _error("The discrepancy is already resolved"),
+                "422": _error("note longer than 1000 characters"),
+            }}},
         "/v1/reports/contributions": {"get": {
             "summary": "Payments, refunds and dispute movements in a window (reports:read)",
             "description": "One row per movement, streamed. CSV (RFC 4180, amounts in major "

@@ -34,10 +34,10 @@ from aiohttp import web
 
 from donations import auth, db, fees
 from donations.appkeys import POOL
-from donations.errors import BadRequest
+from donations.errors import BadRequest, Conflict, NotFound
 from donations.events import Event, NotAnEvent, parse_event, ref
 from donations.ingest import Outcome, ingest_many
-from donations.inputs import rfc3339
+from donations.inputs import read_json, rfc3339, text
 from donations.ledger import FoundingOffer
 from donations.metrics import gauge
 
@@ -629,11 +629,17 @@ async def _store_discrepancies(
     new = 0
     async with conn.transaction():
         for d in found:
+            # (nothing when finance acknowledged exactly this difference before)
             inserted = await conn.fetchval(
                 """
                 INSERT INTO reconciliation_discrepancies AS d (run_id, last_run_id, kind, object,
                     stripe_id, balance_transaction, ledger, stripe, repaired, resolved_at)
-                VALUES ($1, $1, $2, $3, $4, $5, $6, $7, $8, CASE WHEN $8 THEN now() END)
+                SELECT $1, $1, $2, $3, $4, $5, $6, $7, $8, CASE WHEN $8 THEN now() END
+                 WHERE NOT EXISTS (
+                       SELECT 1 FROM reconciliation_discrepancies a
+                        WHERE a.kind = $2 AND a.stripe_id = $4 AND a.acknowledged_by IS NOT NULL
+                          AND a.ledger IS NOT DISTINCT FROM $6::jsonb
+                          AND a.stripe IS NOT DISTINCT FROM $7::jsonb)
                 ON CONFLICT (kind, stripe_id) WHERE resolved_at IS NULL DO UPDATE
                    SET last_run_id = excluded.last_run_id, ledger = excluded.ledger,
                        stripe = excluded.stripe
@@ -743,12 +749,18 @@ def _run_json(row: asyncpg.Record, found: list[asyncpg.Record]) -> dict[str, Any
             "discrepancies_open": row["discrepancies_open"],
         },
         "error": row["error"],
-        "discrepancies": [{
-            "id": d["id"], "kind": d["kind"], "object": d["object"], "stripe_id": d["stripe_id"],
-            "balance_transaction": d["balance_transaction"], "ledger": d["ledger"],
-            "stripe": d["stripe"], "repaired": d["repaired"],
-            "found_at": rfc3339(d["found_at"]), "resolved_at": rfc3339(d["resolved_at"]),
-        } for d in found],
+        "discrepancies": [_discrepancy_json(d) for d in found],
+    }
+
+
+def _discrepancy_json(d: asyncpg.Record) -> dict[str, Any]:
+    return {
+        "id": d["id"], "kind": d["kind"], "object": d["object"], "stripe_id": d["stripe_id"],
+        "balance_transaction": d["balance_transaction"], "ledger": d["ledger"],
+        "stripe": d["stripe"], "repaired": d["repaired"],
+        "found_at": rfc3339(d["found_at"]), "resolved_at": rfc3339(d["resolved_at"]),
+        "acknowledged": None if d["acknowledged_by"] is None else {
+            "by": d["acknowledged_by"], "note": d["acknowledged_note"]},
     }
 
 
@@ -783,3 +795,34 @@ async def list_runs(request: web.Request) -> web.Response:
         "runs": [_run_json(r, by_run.get(r["id"], [])) for r in runs],
         "open_discrepancies": open_count,
     })
+
+
+@routes.post("/v1/reconciliation/discrepancies/{id}/acknowledge")
+async def acknowledge(request: web.Request) -> web.Response:
+    """Finance's word on an open discrepancy it has explained: resolved, with who and why; the
+    same difference found again later is not opened again (a changed one is)."""
+    token = await auth.require(request, "admin")
+    raw = request.match_info["id"]
+    if not raw.isdigit() or len(raw) > 18:
+        raise NotFound("discrepancy_not_found", "no discrepancy has this id")
+    note = text(await read_json(request), "note", max_length=1000)
+    assert note is not None  # required
+    async with db.connection(request.app[POOL]) as conn:
+        row = await conn.fetchrow(
+            """
+            UPDATE reconciliation_discrepancies
+               SET resolved_at = now(), acknowledged_by = $2, acknowledged_note = $3
+             WHERE id = $1 AND resolved_at IS NULL
+            RETURNING *
+            """,
+            int(raw), token.name, note,
+        )
+        if row is None:
+            exists = await conn.fetchval(
+                "SELECT true FROM reconciliation_discrepancies WHERE id = $1", int(raw))
+            if exists:
+                raise Conflict("discrepancy_resolved", "this discrepancy is already resolved")
+            raise NotFound("discrepancy_not_found", "no discrepancy has this id")
+    log.info("discrepancy_acknowledged", discrepancy=row["id"], kind=row["kind"],
+             by=token.name)
+    return web.json_response(_discrepancy_json(row))

@@ -346,6 +346,60 @@ async def test_runs_are_listed_for_reports_read_and_counted_in_metrics(
     assert 0 <= float(age.split()[1]) < 60
 
 
+async def test_finance_acknowledges_an_explained_difference_and_it_stays_closed(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    world = World(seed=609)
+    paid = world.one_off(2500, "gbp")
+    await post_all(client, world.events)
+    bt = world.balance_transactions[str(paid.balance_transaction)]
+    bt["amount"] += 3  # a difference finance looks into and explains
+    async with pool.acquire() as conn:
+        admin = await auth.create_token(cast(asyncpg.Connection, conn), "jo.finance",
+                                        ["admin"])
+        reader = await auth.create_token(cast(asyncpg.Connection, conn), "reader",
+                                         ["reports:read"])
+    as_admin = {"Authorization": f"Bearer {admin}"}
+    async with stripe_against(world) as (_, stripe_client):
+        first = await reconcile_world(pool, stripe_client, world)
+        assert not first.matches
+        [open_one] = first.open
+        [row] = [r for r in await discrepancy_rows(pool) if r["resolved_at"] is None]
+        url = f"/v1/reconciliation/discrepancies/{row['id']}/acknowledge"
+
+        # only an admin, and only with a reason
+        denied = await client.post(url, json={"note": "x"},
+                                   headers={"Authorization": f"Bearer {reader}"})
+        assert denied.status == 403
+        missing = await client.post(url, json={}, headers=as_admin)
+        assert (missing.status, (await missing.json())["error"]["field"]) == (400, "note")
+        unknown = await client.post("/v1/reconciliation/discrepancies/999999/acknowledge",
+                                    json={"note": "x"}, headers=as_admin)
+        assert unknown.status == 404
+
+        done = await client.post(url, json={"note": "Stripe adjustment, ticket 4411"},
+                                 headers=as_admin)
+        assert done.status == 200
+        body = await done.json()
+        assert body["acknowledged"] == {"by": "jo.finance",
+                                        "note": "Stripe adjustment, ticket 4411"}
+        assert body["resolved_at"] is not None and not body["repaired"]
+        again = await client.post(url, json={"note": "twice"}, headers=as_admin)
+        assert again.status == 409
+
+        # the same difference found again is not opened again: the run matches
+        second = await reconcile_world(pool, stripe_client, world)
+        assert second.matches and second.open == []
+        metrics = await (await client.get("/metrics")).text()
+        assert "donations_reconciliation_open_discrepancies 0" in metrics
+
+        # a difference that changes is a new one
+        bt["amount"] += 1
+        third = await reconcile_world(pool, stripe_client, world)
+        assert [(d.kind, d.stripe_id) for d in third.open] == [(open_one.kind, open_one.stripe_id)]
+        assert (third.open[0].stripe or {})["amount"] == 2504
+
+
 async def test_serve_reconciles_periodically(
     pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
 ) -> None:
