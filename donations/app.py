@@ -159,7 +159,7 @@ def install_routes(
 
     A wrapper per route rather than a middleware: aiohttp runs a middleware through two more
     coroutines per request (its own, which it adds as soon as there is one, and ours), which cost
-    the public totals a fifth of their speed (benchmarks/README.md)."""
+    the public totals about a tenth of their speed (benchmarks/README.md)."""
     context = request_context(metrics)
     for table in tables:
         for route in table:
@@ -191,9 +191,9 @@ def request_context(metrics: Metrics) -> Callable[[Handler, str], Handler]:
     needs is worked out from it once, not per request."""
 
     def wrap(handler: Handler, route: str) -> Handler:
-        fixed = route != UNMATCHED  # else: the CORS headers depend on the request's path
-        public = fixed and totals_api.is_public(route)
-        site = fixed and checkout.has_site_cors(route)
+        # which CORS headers the route's answers get; what no route matches: by its own path
+        by_route = route != UNMATCHED
+        cors = _cors_of(route) if by_route else None
         cells = metrics.route_cells(route)
 
         async def in_context(request: web.Request) -> web.StreamResponse:
@@ -213,17 +213,9 @@ def request_context(metrics: Metrics) -> Callable[[Handler, str], Handler]:
                 response = error_answer(request, exc)
             headers = response.headers
             headers["X-Request-ID"] = request_id
-            if fixed:
-                if public:
-                    totals_api.add_cors(headers)
-                elif site:
-                    checkout.add_cors(request, response)
-            else:
-                path = request.path
-                if totals_api.is_public(path):
-                    totals_api.add_cors(headers)
-                elif checkout.has_site_cors(path):
-                    checkout.add_cors(request, response)
+            add_cors = cors if by_route else _cors_of(request.path)
+            if add_cors is not None:
+                add_cors(request, response)
             elapsed = time.perf_counter() - started
             method = request.method
             cells.add(method if method in _METHODS else "other", response.status, elapsed)
@@ -236,6 +228,15 @@ def request_context(metrics: Metrics) -> Callable[[Handler, str], Handler]:
         return in_context
 
     return wrap
+
+
+def _cors_of(path: str) -> Callable[[web.Request, web.StreamResponse], None] | None:
+    """What adds the CORS headers to answers on `path`: public (any page), the site's, or none."""
+    if totals_api.is_public(path):
+        return totals_api.add_cors
+    if checkout.has_site_cors(path):
+        return checkout.add_cors
+    return None
 
 
 class _RequestIds:

@@ -35,8 +35,14 @@ class Batcher:
         """Store and apply the event with whatever else is waiting; its outcome once committed."""
         done: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((event, raw, done))
-        # shielded: a caller that goes away (the client hung up) leaves its group unharmed
-        return await asyncio.shield(done)
+        try:
+            # shielded: a caller that goes away (the client hung up) leaves its group unharmed
+            return await asyncio.shield(done)
+        except asyncio.CancelledError:
+            # nobody will read the outcome now: take it when it comes, so that an outage
+            # (answered to the rest of the group) is not reported as never retrieved
+            done.add_done_callback(lambda f: f.cancelled() or f.exception())
+            raise
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
@@ -57,7 +63,7 @@ class Batcher:
                 for _, _, done in group:
                     done.cancel()
                 raise
-            except Exception as exc:  # an outage: every delivery of the group is answered 503
+            except Exception as exc:  # an outage (ingest_many raises nothing else): 503 to all
                 for _, _, done in group:
                     if not done.done():
                         done.set_exception(exc)

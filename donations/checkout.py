@@ -15,7 +15,7 @@ import contextlib
 import functools
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -44,7 +44,6 @@ log = structlog.get_logger(__name__)
 routes = web.RouteTableDef()
 
 Kind = Literal["contribution", "subscription"]
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # Stripe refuses an expiry less than 30 minutes after it creates the session; the extra minute
 # absorbs clock skew and the time the request takes to reach it.

@@ -1,8 +1,9 @@
 """Apply a verified Stripe event to the ledger exactly once: store it, keep its snapshot, derive.
 
-Concurrency: each event runs in one READ COMMITTED transaction that first takes advisory locks on
-what it can change: the subscription, then the invoices, then the payments (each group sorted),
-always in that order so that two events can never wait on each other in a cycle. Whoever derives
+Concurrency: a group of events (one, or the webhooks' group commit, or a reconciliation page)
+runs in one READ COMMITTED transaction that first takes advisory locks on what it can change: the
+subscriptions, then the invoices, then the payments (each sorted), always in that order so that
+two transactions can never wait on each other in a cycle. Whoever derives
 a payment holds that payment's lock and sees every snapshot committed before it, and every event
 whose snapshot a payment's derivation reads derives that payment again while holding its lock, so
 the last derivation always sees everything.
@@ -184,9 +185,9 @@ class Plan:
             payments={x.payment_key for x in links if x.payment_key},
         )
 
-    async def look(self, conn: asyncpg.Connection) -> tuple[set[str], set[str]]:
+    async def look(self, conn: asyncpg.Connection) -> None:
         """Add what the snapshots reach through the database: a subscription's invoices, an
-        invoice's payments. Returns those (invoices, payments)."""
+        invoice's payments."""
         invoices, payments = await store.discover(
             conn,
             sorted({s.id for s in self.snapshots if s.kind == "subscription"}),
@@ -194,7 +195,6 @@ class Plan:
         )
         self.invoices |= invoices
         self.payments |= payments
-        return invoices, payments
 
     def lock_order(self) -> list[str]:
         """Every key, in lock order (an invoice-keyed payment is locked as its invoice)."""
@@ -252,8 +252,9 @@ async def apply_stored(
     """Apply an event stored earlier (a retry of one that failed, or set aside for attention)."""
     plan = Plan.of([snapshot])
     await plan.look(conn)
-    await db.lock(conn, plan.lock_order())
-    plan.locked.update(plan.lock_order())
+    locks = plan.lock_order()
+    await db.lock(conn, locks)
+    plan.locked.update(locks)
     if await store.put_snapshot(conn, snapshot, event_id):
         await apply_snapshots(conn, [snapshot], offer, plan)
 

@@ -125,10 +125,6 @@ class Metrics:
         """The cells of one route's requests (a route's request context keeps them at hand)."""
         return self.routes.setdefault(route, RouteCells())
 
-    def request(self, route: str, method: str, status: int, seconds: float) -> None:
-        """One HTTP request answered: counted by route, method and status, timed by route."""
-        self.route_cells(route).add(method, status, seconds)
-
     def http_instruments(self) -> tuple[Counter, Histogram]:
         """The HTTP requests as Prometheus instruments."""
         requests = Counter("donations_http_requests_total",

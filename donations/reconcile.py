@@ -35,8 +35,8 @@ from aiohttp import web
 from donations import auth, db, fees
 from donations.appkeys import POOL
 from donations.errors import BadRequest, Conflict, NotFound
-from donations.events import Event, NotAnEvent, parse_event, ref
-from donations.ingest import Outcome, ingest_many
+from donations.events import NotAnEvent, parse_event, ref
+from donations.ingest import Item, Outcome, ingest_many
 from donations.inputs import read_json, rfc3339, text
 from donations.ledger import FoundingOffer
 from donations.metrics import gauge
@@ -381,7 +381,7 @@ async def store_missing(
             [str(e.get("id")) for e in items], list(_DONE),
         )}
     todo = [e for e in items if e.get("id") not in done]
-    group: list[tuple[Event, str]] = []
+    group: list[Item] = []
     failed = 0
     for body in todo:
         try:

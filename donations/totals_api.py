@@ -7,7 +7,7 @@ import hashlib
 import json
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, MutableMapping
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -260,10 +260,11 @@ PUBLIC_HEADERS = {
 }
 
 
-def add_cors(headers: MutableMapping[str, str]) -> None:
+def add_cors(request: web.Request, response: web.StreamResponse) -> None:
     """PUBLIC_HEADERS on an answer of a public path that lacks them (added by the request
     context, donations/app.py, once the answer, or the error's, is made). The totals' JSON
     answers have them already, among the headers made once per refresh."""
+    headers = response.headers
     if "Access-Control-Allow-Origin" not in headers:
         headers["Access-Control-Allow-Origin"] = "*"
         headers["Access-Control-Expose-Headers"] = "ETag"

@@ -43,7 +43,7 @@ def test_a_request_is_counted_by_route_method_and_status_and_timed_by_route() ->
                 ("/v1/totals", "HEAD", 200, 0.005), ("/healthz", "GET", 200, 0.5),
                 ("unmatched", "GET", 404, 12.0), ("/v1/totals", "GET", 200, 0.0078125)]
     for route, method, status, seconds in answered * 3:
-        metrics.request(route, method, status, seconds)
+        metrics.route_cells(route).add(method, status, seconds)
         counter.inc(route=route, method=method, status=str(status))
         histogram.observe(seconds, route=route)
     requests, latency = metrics.http_instruments()
