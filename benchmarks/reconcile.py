@@ -9,7 +9,7 @@ aiohttp GETs, 100 a page, one after the other, nothing done with them), the same
 then one `reconcile.run` over an empty ledger, so every event is missing and applied, followed
 by the balance-transaction comparison. Target: reconciliation events/s >= 0.5 x the raw
 page-fetch events/s. Exit status 0 when the ledger then equals the reference ledger of the same
-events (unless --no-check), 1 otherwise.
+events and the totals equal the ledger (unless --no-check), 1 otherwise.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from benchmarks._common import (
     server_version,
 )
 from benchmarks.webhooks import generate_events
-from donations import db, reconcile
+from donations import db, reconcile, totals
 from donations.ledger import BalanceTransaction, FoundingOffer
 from donations.settings import Secret, Settings
 from donations.stripe_api import make_client
@@ -120,11 +120,17 @@ async def measure(args: argparse.Namespace, world: World, events: list[dict[str,
                            for i, bt in world.balance_transactions.items()
                            if bt["type"] == "charge"}
                     ok = await dump(pool) == reference(events, offer, bts)
+                    async with db.connection(pool) as conn:
+                        kept = await totals.verify(conn)
+                    if kept.differences:
+                        ok = False
+                        print("TOTALS DIFFER FROM THE LEDGER: "
+                              + "; ".join(map(str, kept.differences[:3])))
             finally:
                 await pool.close()
     finally:
         await http_client.close_async()  # type: ignore[no-untyped-call]
-    print("ledger equals the reference" if ok and not args.no_check else
+    print("ledger equals the reference; totals equal the ledger" if ok and not args.no_check else
           "ledger not checked" if args.no_check else "LEDGER DIFFERS FROM THE REFERENCE")
     return 0 if ok and result.events_failed == 0 else 1
 

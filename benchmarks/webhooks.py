@@ -47,7 +47,7 @@ from benchmarks._common import (
     server_version,
     transaction_counts,
 )
-from donations import db
+from donations import db, totals
 from donations.ledger import FoundingOffer
 from donations.settings import Settings
 from tests.fakestripe.signing import encode_event, sign
@@ -175,7 +175,8 @@ async def post_events(
 async def check_ledger(
     dsn: str, events: list[dict[str, Any]], offer: FoundingOffer
 ) -> tuple[list[str], dict[str, int]]:
-    """What is wrong with the committed database (nothing: []), and some counts from it."""
+    """What is wrong with the committed database (nothing: []), and some counts from it: every
+    event stored and applied, the ledger equal to the reference, the totals equal to the ledger."""
     problems: list[str] = []
     pool = await db.create_pool(dsn, min_size=1, max_size=2)
     try:
@@ -193,6 +194,10 @@ async def check_ledger(
         if not succeeded:
             problems.append("no succeeded payment in the ledger")
         ledger = await dump(pool)
+        async with db.connection(pool) as conn:
+            kept = await totals.verify(conn)
+        if kept.differences:
+            problems.append(f"totals differ from the ledger: {kept.differences[:3]}")
     finally:
         await pool.close()
     expected = reference(events, offer)
@@ -390,7 +395,8 @@ async def run(args: argparse.Namespace) -> int:
         for problem in problems:
             print(f"  {problem}", file=sys.stderr)
     else:
-        print("ledger check: every event stored and applied; ledger equals the reference")
+        print("ledger check: every event stored and applied; ledger equals the reference;"
+              " totals equal the ledger")
     if any(f.failures for f in floors):
         ok = False
         print("\nFLOOR CHECK FAILED: bench_floor is missing rows", file=sys.stderr)

@@ -11,6 +11,7 @@ import asyncpg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from donations import db, totals
 from donations.events import parse_event
 from donations.ingest import ingest, ingest_many
 from donations.ledger import FoundingOffer
@@ -62,7 +63,21 @@ def test_the_ledger_agrees_with_stripes_final_objects(history: History) -> None:
 
 
 async def _reset(pool: asyncpg.Pool) -> None:
+    """An empty ledger, and campaigns for the histories' metadata: one open, one long over (its
+    payments count in no campaign's totals), one with no window at all."""
     await empty_tables(pool)
+    await pool.execute(
+        "INSERT INTO campaigns (slug, title, starts_at, ends_at) VALUES"
+        " ('winter', 'Winter', NULL, NULL),"
+        " ('spring', 'Spring', '1999-03-01', '1999-06-01'),"
+        " ('founders', 'Founders', '2000-01-01', NULL)")
+
+
+async def _assert_totals_match_the_ledger(pool: asyncpg.Pool) -> None:
+    """What the triggers kept equals the totals recomputed from the ledger."""
+    async with db.connection(pool) as conn:
+        result = await totals.verify(conn)
+    assert result.differences == (), list(totals.describe(result))
 
 
 async def _deliver(pool: asyncpg.Pool, events: list[dict[str, Any]], at_once: int) -> None:
@@ -86,6 +101,7 @@ async def test_the_database_ledger_equals_the_reference_in_any_order(
     await _reset(pool)
     await _deliver(pool, shuffled, at_once)
     assert await dump(pool) == reference(history.events, OFFER)
+    await _assert_totals_match_the_ledger(pool)
 
 
 async def _deliver_in_groups(
@@ -118,3 +134,4 @@ async def test_groups_of_events_give_the_same_ledger_as_one_at_a_time(
     await _reset(pool)
     await _deliver_in_groups(pool, shuffled, sizes, racing)
     assert await dump(pool) == reference(history.events, OFFER)
+    await _assert_totals_match_the_ledger(pool)
