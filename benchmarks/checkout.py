@@ -30,14 +30,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import math
+import multiprocessing
 import os
 import platform
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 from urllib.parse import urlencode
 
@@ -50,6 +52,7 @@ from benchmarks._common import (
     cpu_seconds,
     database_url_from,
     describe_server,
+    free_port,
     postgres_server,
     print_table,
     running_service,
@@ -57,7 +60,7 @@ from benchmarks._common import (
     server_version,
 )
 from tests.checkout_helpers import SITE, TEST_KEY, stock
-from tests.fakestripe.server import FakeStripe, running_fake_stripe
+from tests.fakestripe.server import FakeStripe
 from tests.fakestripe.world import World
 
 TARGET_MS = 5.0
@@ -123,6 +126,54 @@ class FakeTimes:
 
         fake.app.middlewares.insert(0, timed)
 
+        async def report(_: web.Request) -> web.Response:
+            return web.json_response(self.seconds)
+
+        async def settle(_: web.Request) -> web.Response:
+            gc.collect()
+            gc.freeze()
+            return web.json_response({})
+
+        fake.app.router.add_get(TIMES_PATH, report)
+        fake.app.router.add_post(SETTLE_PATH, settle)
+
+
+AUTH = {"Authorization": f"Bearer {TEST_KEY}"}  # the fake asks for a key on every path
+TIMES_PATH = "/_benchmark/times"  # the fake's own times, read once the run is over
+SETTLE_PATH = "/_benchmark/settle"  # collect and freeze the fake's objects (see harness_gc_settled)
+
+
+def serve_fake(world: World, port: int, ready: Any) -> None:
+    """The fake Stripe, timed, in a process of its own (the target of a forked child): sharing
+    the measuring client's event loop, a session creation waited for the client's work, and that
+    wait was counted as the service's."""
+
+    async def main() -> None:
+        fake = FakeStripe(world)
+        FakeTimes().install(fake)
+        await fake.start(port=port)
+        ready.set()
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+@contextlib.contextmanager
+def fake_stripe_process(world: World) -> Iterator[str]:
+    """Serve the fake Stripe from a forked child process; its base URL."""
+    port = free_port()
+    context = multiprocessing.get_context("fork")  # the child gets the World without pickling
+    ready = context.Event()
+    child = context.Process(target=serve_fake, args=(world, port, ready), daemon=True)
+    child.start()
+    try:
+        if not ready.wait(60):
+            raise RuntimeError("the fake Stripe did not start")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        child.terminate()
+        child.join(10)
+
 
 async def measure(
     name: str, count: int, concurrency: int, send: Callable[[int], Awaitable[int]],
@@ -152,12 +203,14 @@ async def measure(
     return result
 
 
-def harness_gc_settled() -> None:
-    """Collect and freeze this process's objects (the fake's world, the recorded requests), so
-    that a full collection in the measuring process, not the service, does not land in the
+async def harness_gc_settled(session: aiohttp.ClientSession, fake_url: str) -> None:
+    """Collect and freeze the objects of this process and the fake's (its world, the sessions
+    it made), so that a full collection in either, not in the service, does not land in the
     measured phase (it would be charged to whichever side it hit)."""
     gc.collect()
     gc.freeze()
+    async with session.post(fake_url + SETTLE_PATH, headers=AUTH) as response:
+        response.raise_for_status()
 
 
 def key(side: str, i: int) -> str:
@@ -166,18 +219,16 @@ def key(side: str, i: int) -> str:
 
 
 async def run(args: argparse.Namespace) -> int:
-    world = World(seed=2026)
-    stock(world, seats=args.founding_seats)
     times = FakeTimes()
+    fake_url = args.fake_url
     async with postgres_server(database_url_from(args.database_url)) as admin_dsn, \
-            scratch_database(admin_dsn) as dsn, \
-            running_fake_stripe(world, configure=times.install) as fake:
+            scratch_database(admin_dsn) as dsn:
         print(f"PostgreSQL {await server_version(admin_dsn)} ({describe_server(admin_dsn)});"
               f" Python {platform.python_version()}; {os.cpu_count()} cores;"
               f" concurrency {args.concurrency}; load average {os.getloadavg()[0]:.2f};"
-              f" fake Stripe at {fake.base_url}")
+              f" fake Stripe at {fake_url} (a process of its own)")
         env = {
-            "STRIPE_SECRET_KEY": TEST_KEY, "STRIPE_API_BASE": fake.base_url,
+            "STRIPE_SECRET_KEY": TEST_KEY, "STRIPE_API_BASE": fake_url,
             "SITE_ORIGINS": SITE, "FOUNDING_SEATS": str(args.founding_seats),
             "CHECKOUT_RATE_PER_IP": "1000000", "CHECKOUT_RATE_OVERALL": "100000000",
         }
@@ -206,7 +257,7 @@ async def run(args: argparse.Namespace) -> int:
                     headers = {"Authorization": f"Bearer {TEST_KEY}",
                                "Content-Type": "application/x-www-form-urlencoded",
                                "Idempotency-Key": keys.setdefault(("alone", i), key("alone", i))}
-                    async with session.post(f"{fake.base_url}/v1/checkout/sessions",
+                    async with session.post(f"{fake_url}/v1/checkout/sessions",
                                             data=stripe_form(i), headers=headers) as response:
                         await response.read()
                         return response.status
@@ -215,18 +266,20 @@ async def run(args: argparse.Namespace) -> int:
                 await measure("warm-up", warm, args.concurrency, via_service)
                 await measure("warm-up", warm, args.concurrency, stripe_alone)
                 # the fake keeps every session it made: measure both sides at the same size
-                harness_gc_settled()
+                await harness_gc_settled(session, fake_url)
                 alone_latency: dict[int, float] = {}
                 fake_alone = await measure("fake Stripe alone", args.requests,
                                            args.concurrency,
                                            lambda i: stripe_alone(i + warm), alone_latency)
                 served_latency: dict[int, float] = {}
-                harness_gc_settled()
+                await harness_gc_settled(session, fake_url)
                 cpu_before = cpu_seconds(service.process.pid)
                 served = await measure("service -> fake Stripe", args.requests,
                                        args.concurrency, lambda i: via_service(i + warm),
                                        served_latency)
                 service_cpu = cpu_seconds(service.process.pid) - cpu_before
+                async with session.get(fake_url + TIMES_PATH, headers=AUTH) as response:
+                    times.seconds = await response.json()
             log_tail = service.log_tail(10)
 
     def inside_fake(side: str, latency: dict[int, float]) -> Measurement:
@@ -296,7 +349,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.requests < 1 or args.concurrency < 1 or args.warmup < 0:
         parser.error("--requests and --concurrency must be positive, --warmup not negative")
-    return asyncio.run(run(args))
+    world = World(seed=2026)
+    stock(world, seats=args.founding_seats)
+    with fake_stripe_process(world) as args.fake_url:
+        return asyncio.run(run(args))
 
 
 if __name__ == "__main__":
