@@ -51,8 +51,18 @@ async def claim(conn: asyncpg.Connection, batch: int) -> list[tuple[str, int]]:
 
 async def store_balance_transaction(conn: asyncpg.Connection, bt: dict[str, Any]) -> None:
     """Keep the balance transaction; fill fee, net and settlement into the payments it settles."""
+    await store_balance_transactions(conn, [bt])
+
+
+async def store_balance_transactions(conn: asyncpg.Connection, bts: list[dict[str, Any]]) -> None:
+    """Keep the balance transactions and fill fee, net and settlement into the payments they
+    settle, in one transaction and a handful of round trips however many there are."""
+    if not bts:
+        return
+    unique = list({bt["id"]: bt for bt in bts}.values())  # (a balance transaction listed twice)
+    ids = [bt["id"] for bt in unique]
     async with conn.transaction():
-        await conn.execute(
+        await conn.executemany(
             """
             INSERT INTO balance_transactions (id, type, source, amount, currency, fee, net,
                 exchange_rate, status, reporting_category, available_on, created_at, data)
@@ -61,29 +71,33 @@ async def store_balance_transaction(conn: asyncpg.Connection, bt: dict[str, Any]
             ON CONFLICT (id) DO UPDATE
                SET status = excluded.status, data = excluded.data, fetched_at = now()
             """,
-            bt["id"], bt.get("type") or "unknown", ref(bt.get("source")), int(bt["amount"]),
-            str(bt["currency"]), int(bt.get("fee") or 0), int(bt["net"]),
-            # the rate is a decimal string to PostgreSQL's numeric; never a float on our side
-            None if bt.get("exchange_rate") is None else str(bt["exchange_rate"]),
-            bt.get("status"), bt.get("reporting_category"), int(bt.get("available_on") or 0),
-            int(bt.get("created") or 0), bt,
+            [(bt["id"], bt.get("type") or "unknown", ref(bt.get("source")), int(bt["amount"]),
+              str(bt["currency"]), int(bt.get("fee") or 0), int(bt["net"]),
+              # the rate is a decimal string to PostgreSQL's numeric; never a float on our side
+              None if bt.get("exchange_rate") is None else str(bt["exchange_rate"]),
+              bt.get("status"), bt.get("reporting_category"), int(bt.get("available_on") or 0),
+              int(bt.get("created") or 0), bt) for bt in unique],
         )
-        # The payment's lock, as a webhook deriving the same payment holds it: whichever comes
-        # second sees the other's committed work, so a fee is never overwritten with NULL.
+        # The payments' locks, as a webhook deriving the same payment holds them: whichever
+        # comes second sees the other's committed work, so a fee is never overwritten with NULL.
         keys = await conn.fetch(
-            "SELECT payment_key FROM payments WHERE balance_transaction = $1", bt["id"]
+            "SELECT payment_key FROM payments WHERE balance_transaction = any($1::text[])", ids
         )
         await db.lock(conn, sorted(r["payment_key"] for r in keys))
         await conn.execute(
             """
-            UPDATE payments
-               SET fee = $2, net = $3, settlement_currency = $4, settlement_amount = $5
-             WHERE balance_transaction = $1
+            UPDATE payments p
+               SET fee = b.fee, net = b.net, settlement_currency = b.currency,
+                   settlement_amount = b.amount
+              FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::bigint[])
+                   AS b(id, fee, net, currency, amount)
+             WHERE p.balance_transaction = b.id
             """,
-            bt["id"], int(bt.get("fee") or 0), int(bt["net"]), str(bt["currency"]),
-            int(bt["amount"]),
+            ids, [int(bt.get("fee") or 0) for bt in unique], [int(bt["net"]) for bt in unique],
+            [str(bt["currency"]) for bt in unique], [int(bt["amount"]) for bt in unique],
         )
-        await conn.execute("DELETE FROM balance_transaction_fetches WHERE id = $1", bt["id"])
+        await conn.execute(
+            "DELETE FROM balance_transaction_fetches WHERE id = any($1::text[])", ids)
 
 
 async def postpone(

@@ -54,6 +54,7 @@ PAGE_SIZE = 100
 # After the library's own retries: how often and how long a run waits out a rate limit (429)
 # or a connection failure before it gives up (the checkpoint keeps what was done).
 BUSY_ATTEMPTS = 6
+STORE_CHUNK = 500  # balance transactions stored per transaction by a comparison
 BUSY_FIRST_DELAY = 1.0
 BUSY_MAX_DELAY = 30.0
 
@@ -550,23 +551,34 @@ async def _compare(state: _Run, start: int, end: int) -> None:
                 f"SELECT charge, {', '.join(_PAYMENT_FIELDS)} FROM payments "  # noqa: S608
                 "WHERE charge = any($1::text[])", missing)})
 
+        # what agrees (or fills a missing fee) is stored once everything is compared
+        filled: list[dict[str, Any]] = []
+        agreeing: list[dict[str, Any]] = []
         for charge, bts in by_object["payment"].items():
             for bt in bts:
                 found = compare_payment(charge, bt, payments.get(charge))
                 discrepancies += found
-                discrepancies += await _fill_fee(conn, charge, bt, payments.get(charge), found)
+                discrepancies += _fill_fee(charge, bt, payments.get(charge), found, filled,
+                                           agreeing)
         for refund, bts in by_object["refund"].items():
             for bt in bts:
                 found = compare_refund(refund, bt, refunds.get(refund))
                 discrepancies += found
                 if not found:
-                    await _keep(conn, bt)
+                    agreeing.append(bt)
         for dispute, bts in by_object["dispute"].items():
             for bt in bts:
                 found = compare_dispute(dispute, bt, disputes.get(dispute))
                 discrepancies += found
                 if not found:
-                    await _keep(conn, bt)
+                    agreeing.append(bt)
+        stored = {r["id"] for r in await conn.fetch(
+            "SELECT id FROM balance_transactions WHERE id = any($1::text[])",
+            [bt["id"] for bt in agreeing])}
+        kept = [bt for bt in agreeing if bt["id"] not in stored]  # (reports read them)
+        for chunk in range(0, len(filled) + len(kept), STORE_CHUNK):
+            await fees.store_balance_transactions(
+                conn, (filled + kept)[chunk:chunk + STORE_CHUNK])
         tables = {"payment": payments, "refund": refunds, "dispute": disputes}
         for obj, stripe_id in missing_at_stripe:
             fields = {"payment": _PAYMENT_FIELDS, "refund": _REFUND_FIELDS,
@@ -596,16 +608,18 @@ async def _balance_transactions_of(client: stripe.StripeClient, source: str
     return found
 
 
-async def _fill_fee(conn: asyncpg.Connection, charge: str, bt: dict[str, Any],
-                    row: asyncpg.Record | None, found: list[Discrepancy]) -> list[Discrepancy]:
-    """Fill fee, net and settlement when the ledger has none yet and nothing disagrees."""
+def _fill_fee(charge: str, bt: dict[str, Any], row: asyncpg.Record | None,
+              found: list[Discrepancy], filled: list[dict[str, Any]],
+              agreeing: list[dict[str, Any]]) -> list[Discrepancy]:
+    """Fill fee, net and settlement when the ledger has none yet and nothing disagrees: the
+    balance transaction goes to `filled` (or, agreeing and nothing to fill, to `agreeing`)."""
     if row is None or row["fee"] is not None or found:
         if not found:
-            await _keep(conn, bt)
+            agreeing.append(bt)
         return []
     repaired = row["balance_transaction"] == bt["id"]
     if repaired:
-        await fees.store_balance_transaction(conn, bt)
+        filled.append(bt)
     after = dict(_record(row, *_PAYMENT_FIELDS) or {})
     if repaired:
         after.update(fee=bt.get("fee"), net=bt.get("net"), settlement_currency=bt.get("currency"),
@@ -614,41 +628,35 @@ async def _fill_fee(conn: asyncpg.Connection, charge: str, bt: dict[str, Any],
                         _stripe_side(bt), repaired=repaired)]
 
 
-async def _keep(conn: asyncpg.Connection, bt: dict[str, Any]) -> None:
-    """Store an agreeing balance transaction not stored yet (reports read them)."""
-    exists = await conn.fetchval("SELECT true FROM balance_transactions WHERE id = $1", bt["id"])
-    if not exists:
-        await fees.store_balance_transaction(conn, bt)
-
-
 async def _store_discrepancies(
     conn: asyncpg.Connection, run_id: int, found: list[Discrepancy], examined: list[str]
 ) -> int:
     """Record what this run found (once per open difference); close the open ones it examined
     and found agreeing. Returns how many are new."""
-    new = 0
     async with conn.transaction():
-        for d in found:
-            # (nothing when finance acknowledged exactly this difference before)
-            inserted = await conn.fetchval(
-                """
-                INSERT INTO reconciliation_discrepancies AS d (run_id, last_run_id, kind, object,
-                    stripe_id, balance_transaction, ledger, stripe, repaired, resolved_at)
-                SELECT $1, $1, $2, $3, $4, $5, $6, $7, $8, CASE WHEN $8 THEN now() END
-                 WHERE NOT EXISTS (
-                       SELECT 1 FROM reconciliation_discrepancies a
-                        WHERE a.kind = $2 AND a.stripe_id = $4 AND a.acknowledged_by IS NOT NULL
-                          AND a.ledger IS NOT DISTINCT FROM $6::jsonb
-                          AND a.stripe IS NOT DISTINCT FROM $7::jsonb)
-                ON CONFLICT (kind, stripe_id) WHERE resolved_at IS NULL DO UPDATE
-                   SET last_run_id = excluded.last_run_id, ledger = excluded.ledger,
-                       stripe = excluded.stripe
-                RETURNING xmax = 0
-                """,
-                run_id, d.kind, d.object, d.stripe_id, d.balance_transaction,
-                _jsonable(d.ledger), _jsonable(d.stripe), d.repaired,
-            )
-            new += 1 if inserted else 0
+        count_new = ("SELECT count(*) FROM reconciliation_discrepancies"
+                     " WHERE last_run_id = $1 AND run_id = $1")
+        before: int = await conn.fetchval(count_new, run_id)
+        # (nothing when finance acknowledged exactly this difference before)
+        await conn.executemany(
+            """
+            INSERT INTO reconciliation_discrepancies AS d (run_id, last_run_id, kind, object,
+                stripe_id, balance_transaction, ledger, stripe, repaired, resolved_at)
+            SELECT $1, $1, $2, $3, $4, $5, $6, $7, $8, CASE WHEN $8 THEN now() END
+             WHERE NOT EXISTS (
+                   SELECT 1 FROM reconciliation_discrepancies a
+                    WHERE a.kind = $2 AND a.stripe_id = $4 AND a.acknowledged_by IS NOT NULL
+                      AND a.ledger IS NOT DISTINCT FROM $6::jsonb
+                      AND a.stripe IS NOT DISTINCT FROM $7::jsonb)
+            ON CONFLICT (kind, stripe_id) WHERE resolved_at IS NULL DO UPDATE
+               SET last_run_id = excluded.last_run_id, ledger = excluded.ledger,
+                   stripe = excluded.stripe
+            """,
+            [(run_id, d.kind, d.object, d.stripe_id, d.balance_transaction, _jsonable(d.ledger),
+              _jsonable(d.stripe), d.repaired) for d in found],
+        )
+        # the rows this run inserted (an open one found again keeps its first run)
+        new: int = await conn.fetchval(count_new, run_id) - before
         await conn.execute(
             """
             UPDATE reconciliation_discrepancies SET resolved_at = now()
