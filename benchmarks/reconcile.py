@@ -34,7 +34,7 @@ from benchmarks._common import (
     scratch_database,
     server_version,
 )
-from benchmarks.webhooks import generate_events
+from benchmarks.webhooks import CpuSample, cpu_report, generate_events
 from donations import db, reconcile, totals
 from donations.ledger import BalanceTransaction, FoundingOffer
 from donations.settings import Secret, Settings
@@ -107,11 +107,16 @@ async def measure(args: argparse.Namespace, world: World, events: list[dict[str,
             pool = await db.create_pool(dsn, min_size=2,
                                         max_size=4)
             try:
+                before = CpuSample.take(args.fake_pid)
                 started = time.perf_counter()
                 result = await reconcile.run(pool, client, offer, since=SINCE, now=until)
                 run_seconds = time.perf_counter() - started
+                after = CpuSample.take(args.fake_pid)
                 _report(version, dsn, pages, fetched, floor_seconds, lib_events, lib_seconds,
                         result, run_seconds)
+                for line in cpu_report(before, after, run_seconds, ("the fake Stripe",
+                                                                    "reconciliation")):
+                    print(line)
                 ok = True
                 if not args.no_check:
                     # the figures first: the reference of 100,000 events takes minutes
@@ -187,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         if not ready.wait(120):
             print("the fake Stripe did not start", file=sys.stderr)
             return 1
+        args.fake_pid = server.pid
         return asyncio.run(measure(args, world, events, f"http://127.0.0.1:{port}"))
     finally:
         server.terminate()

@@ -294,8 +294,10 @@ class CpuSample:
         return cls(_machine_cpu(), _process_cpu(service_pid), t.user + t.system)
 
 
-def cpu_report(before: CpuSample, after: CpuSample, seconds: float) -> list[str]:
-    """How busy the cores were while the service was measured, and who was busy."""
+def cpu_report(before: CpuSample, after: CpuSample, seconds: float,
+               names: tuple[str, str] = ("service process", "benchmark client")) -> list[str]:
+    """How busy the cores were while the service was measured, and who was busy: the process
+    sampled (`names[0]`), this one (`names[1]`) and the rest (PostgreSQL)."""
     lines: list[str] = []
     if before.machine and after.machine:
         busy = after.machine[0] - before.machine[0]
@@ -304,12 +306,12 @@ def cpu_report(before: CpuSample, after: CpuSample, seconds: float) -> list[str]
                      f" ({busy:.1f} CPU-s in {seconds:.1f} s)")
     if before.service is not None and after.service is not None:
         used = after.service - before.service
-        lines.append(f"service process {used:.1f} CPU-s = {used / seconds:.0%} of one core")
+        lines.append(f"{names[0]} {used:.1f} CPU-s = {used / seconds:.0%} of one core")
         if before.machine and after.machine:
             client = after.client - before.client
             rest = after.machine[0] - before.machine[0] - used - client
-            lines.append(f"benchmark client {client:.1f} CPU-s; everything else (PostgreSQL)"
-                         f" {rest:.1f} CPU-s")
+            lines.append(f"{names[1]} {client:.1f} CPU-s = {client / seconds:.0%} of one core;"
+                         f" everything else (PostgreSQL) {rest:.1f} CPU-s")
     return lines
 
 
