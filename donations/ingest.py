@@ -242,7 +242,7 @@ async def apply_snapshots(
     # an invoice-keyed payment stands until its invoice payment is known, so both are due
     keys = sorted(reach.payments | reach.invoices)
     if keys:
-        clusters = await store.load_clusters(conn, keys)
+        clusters = await store.load_clusters(conn, keys, latest)
         await store.put_payments(conn, {k: derive_payment(k, clusters[k]) for k in keys})
 
 

@@ -226,13 +226,18 @@ async def discover(
     return found["invoice"], found["payment"]
 
 
-async def load_clusters(conn: asyncpg.Connection, keys: list[str]) -> dict[str, Cluster]:
+async def load_clusters(
+    conn: asyncpg.Connection, keys: list[str], known: Sequence[Snapshot] = ()
+) -> dict[str, Cluster]:
     """For each payment key, what its row is derived from: the payment's own snapshots, its
     invoices' (and their sessions'), their subscriptions', and its charges' balance transactions.
 
     Read in one statement for all the keys (and one more for the balance transactions); each
     part is an index look-up by an array of ids, never a scan, whatever the planner's estimates.
+    A stored snapshot that is one of the `known` ones (the same object and event: the group
+    just stored it) is taken from memory instead of being sent and decoded again.
     """
+    in_memory = {s.id: s for s in known}
     invoice_keys = [k for k in keys if k.startswith("in_")]  # invoice-keyed payments
     rows = await conn.fetch(
         f"""
@@ -243,21 +248,30 @@ async def load_clusters(conn: asyncpg.Connection, keys: list[str]) -> dict[str, 
              WHERE invoice_id = any(ARRAY(SELECT invoice_id FROM own
                                            WHERE invoice_id IS NOT NULL) || $2::text[])
                AND (payment_key IS NULL OR NOT payment_key = any($1::text[]))
+        ), found AS (
+            SELECT * FROM own
+            UNION ALL
+            SELECT * FROM invoiced
+            UNION ALL
+            SELECT {_SNAPSHOT_COLUMNS} FROM stripe_objects
+             WHERE object = 'subscription'
+               AND id = any(ARRAY(SELECT subscription_id FROM own
+                                   WHERE subscription_id IS NOT NULL
+                                  UNION
+                                  SELECT subscription_id FROM invoiced
+                                   WHERE subscription_id IS NOT NULL))
         )
-        SELECT * FROM own
-        UNION ALL
-        SELECT * FROM invoiced
-        UNION ALL
-        SELECT {_SNAPSHOT_COLUMNS} FROM stripe_objects
-         WHERE object = 'subscription'
-           AND id = any(ARRAY(SELECT subscription_id FROM own WHERE subscription_id IS NOT NULL
-                              UNION
-                              SELECT subscription_id FROM invoiced
-                               WHERE subscription_id IS NOT NULL))
+        SELECT f.id, f.object, f.rank, f.progress, f.event_created, f.type_rank, f.event_id,
+               f.payment_key, f.invoice_id, f.subscription_id,
+               CASE WHEN k.id IS NULL THEN f.data END AS data
+          FROM found f
+          LEFT JOIN unnest($3::text[], $4::text[]) AS k(id, event_id)
+            ON k.id = f.id AND k.event_id = f.event_id
         """,  # noqa: S608 - the interpolated text is a constant column list
-        keys, invoice_keys,
+        keys, invoice_keys, list(in_memory), [s.version.event_id for s in in_memory.values()],
     )
-    snapshots = {row["id"]: _snapshot(row) for row in rows}
+    snapshots = {row["id"]: _snapshot(row) if row["data"] is not None else in_memory[row["id"]]
+                 for row in rows}
     links = {row["id"]: (row["invoice_id"], row["subscription_id"]) for row in rows}
     by_payment: dict[str, list[str]] = {}
     by_invoice: dict[str, list[str]] = {}
