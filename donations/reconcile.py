@@ -54,9 +54,9 @@ PAGE_SIZE = 100
 # After the library's own retries: how often and how long a run waits out a rate limit (429)
 # or a connection failure before it gives up (the checkpoint keeps what was done).
 BUSY_ATTEMPTS = 6
-STORE_CHUNK = 500  # balance transactions stored per transaction by a comparison
 BUSY_FIRST_DELAY = 1.0
 BUSY_MAX_DELAY = 30.0
+STORE_CHUNK = 500  # balance transactions a comparison stores per transaction
 
 _DONE = ("processed", "ignored", "needs_attention")
 _CHARGE_TYPES = ("charge", "payment")
@@ -575,10 +575,10 @@ async def _compare(state: _Run, start: int, end: int) -> None:
         stored = {r["id"] for r in await conn.fetch(
             "SELECT id FROM balance_transactions WHERE id = any($1::text[])",
             [bt["id"] for bt in agreeing])}
-        kept = [bt for bt in agreeing if bt["id"] not in stored]  # (reports read them)
-        for chunk in range(0, len(filled) + len(kept), STORE_CHUNK):
-            await fees.store_balance_transactions(
-                conn, (filled + kept)[chunk:chunk + STORE_CHUNK])
+        # the fees to fill, and the agreeing ones not stored yet (reports read them)
+        to_store = filled + [bt for bt in agreeing if bt["id"] not in stored]
+        for chunk in range(0, len(to_store), STORE_CHUNK):
+            await fees.store_balance_transactions(conn, to_store[chunk:chunk + STORE_CHUNK])
         tables = {"payment": payments, "refund": refunds, "dispute": disputes}
         for obj, stripe_id in missing_at_stripe:
             fields = {"payment": _PAYMENT_FIELDS, "refund": _REFUND_FIELDS,

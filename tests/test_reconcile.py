@@ -127,6 +127,7 @@ async def test_reconcile_after_losing_30_percent_of_webhooks_gives_the_full_ledg
         assert {d.kind for d in first.discrepancies} == {"fee_missing"}
         assert all(d.repaired for d in first.discrepancies)
         assert first.fees_filled == len(charge_bts(world))
+        assert first.discrepancies_new == len(first.discrepancies)  # each recorded once
         sources = await pool.fetch(
             "SELECT source, count(*) AS n FROM stripe_events GROUP BY source")
         assert {r["source"]: r["n"] for r in sources} == {
@@ -236,6 +237,7 @@ async def test_a_disagreeing_balance_transaction_is_reported_not_overwritten(
         assert not result.matches
         kinds = sorted((d.kind, d.stripe_id) for d in result.open)
         assert kinds == [("amount_mismatch", refunded.refund), ("fee_mismatch", paid.charge)]
+        assert result.discrepancies_new == 2
         assert await dump(pool) == before  # recorded, never overwritten
         stored = await pool.fetchval("SELECT fee FROM balance_transactions WHERE id = $1",
                                      bt["id"])
