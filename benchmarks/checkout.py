@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import json
 import math
 import multiprocessing
 import os
@@ -48,6 +49,7 @@ import asyncpg
 from aiohttp import web
 
 from benchmarks._common import (
+    KeepAlive,
     Measurement,
     cpu_seconds,
     database_url_from,
@@ -176,24 +178,33 @@ def fake_stripe_process(world: World) -> Iterator[str]:
 
 
 async def measure(
-    name: str, count: int, concurrency: int, send: Callable[[int], Awaitable[int]],
+    name: str, base_url: str, requests: Sequence[bytes], concurrency: int,
     latencies: dict[int, float] | None = None,
+    answered: Callable[[int, bytes], None] = lambda i, body: None,
 ) -> Measurement:
+    """Send the requests (written out in full), `concurrency` at a time, each worker on a
+    keep-alive connection of its own; `answered(i, body)` sees each 2xx answer."""
     result = Measurement(name)
-    queue = iter(range(count))
+    queue = iter(range(len(requests)))
     errors: list[int] = []
 
     async def worker() -> None:
-        for i in queue:
-            started = time.perf_counter()
-            status = await send(i)
-            elapsed = time.perf_counter() - started
-            result.latencies.append(elapsed)
-            if latencies is not None:
-                latencies[i] = elapsed
-            if status not in (200, 201):
-                result.failures += 1
-                errors.append(status)
+        connection = KeepAlive(base_url)
+        try:
+            for i in queue:
+                started = time.perf_counter()
+                status, body = await connection.send(requests[i])
+                elapsed = time.perf_counter() - started
+                result.latencies.append(elapsed)
+                if latencies is not None:
+                    latencies[i] = elapsed
+                if status not in (200, 201):
+                    result.failures += 1
+                    errors.append(status)
+                else:
+                    answered(i, body)
+        finally:
+            await connection.close()
 
     t = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -239,44 +250,45 @@ async def run(args: argparse.Namespace) -> int:
                                    CAMPAIGN)
             finally:
                 await conn.close()
-            connector = aiohttp.TCPConnector(limit=args.concurrency * 2)
             keys: dict[tuple[str, int], str] = {}
             founding: set[int] = set()  # the subscriptions that held a seat
-            async with aiohttp.ClientSession(connector=connector) as session:
-                async def via_service(i: int) -> int:
-                    path, payload = body(i)
-                    headers = {"Idempotency-Key": keys.setdefault(("service", i),
-                                                                  key("service", i))}
-                    async with session.post(service.base_url + path, json=payload,
-                                            headers=headers) as response:
-                        if b'"founding_discount": true' in await response.read():
-                            founding.add(i)
-                        return response.status
 
-                async def stripe_alone(i: int) -> int:
-                    headers = {"Authorization": f"Bearer {TEST_KEY}",
-                               "Content-Type": "application/x-www-form-urlencoded",
-                               "Idempotency-Key": keys.setdefault(("alone", i), key("alone", i))}
-                    async with session.post(f"{fake_url}/v1/checkout/sessions",
-                                            data=stripe_form(i), headers=headers) as response:
-                        await response.read()
-                        return response.status
+            def via_service(i: int) -> bytes:
+                path, payload = body(i)
+                headers = {"Content-Type": "application/json",
+                           "Idempotency-Key": keys.setdefault(("service", i), key("service", i))}
+                return KeepAlive.request("POST", path, headers, json.dumps(payload).encode())
 
-                warm = args.warmup
-                await measure("warm-up", warm, args.concurrency, via_service)
-                await measure("warm-up", warm, args.concurrency, stripe_alone)
+            def stripe_alone(i: int) -> bytes:
+                headers = {"Authorization": f"Bearer {TEST_KEY}",
+                           "Content-Type": "application/x-www-form-urlencoded",
+                           "Idempotency-Key": keys.setdefault(("alone", i), key("alone", i))}
+                return KeepAlive.request("POST", "/v1/checkout/sessions", headers,
+                                         stripe_form(i))
+
+            def held_a_seat(i: int, answer: bytes) -> None:
+                if b'"founding_discount": true' in answer:
+                    founding.add(i + warm)
+
+            # every request written out before it is measured: the client only sends and reads
+            warm, n = args.warmup, args.requests
+            await measure("warm-up", service.base_url, [via_service(i) for i in range(warm)],
+                          args.concurrency)
+            await measure("warm-up", fake_url, [stripe_alone(i) for i in range(warm)],
+                          args.concurrency)
+            async with aiohttp.ClientSession() as session:
                 # the fake keeps every session it made: measure both sides at the same size
                 await harness_gc_settled(session, fake_url)
                 alone_latency: dict[int, float] = {}
-                fake_alone = await measure("fake Stripe alone", args.requests,
-                                           args.concurrency,
-                                           lambda i: stripe_alone(i + warm), alone_latency)
+                fake_alone = await measure(
+                    "fake Stripe alone", fake_url, [stripe_alone(i + warm) for i in range(n)],
+                    args.concurrency, alone_latency)
                 served_latency: dict[int, float] = {}
+                requests = [via_service(i + warm) for i in range(n)]
                 await harness_gc_settled(session, fake_url)
                 cpu_before = cpu_seconds(service.process.pid)
-                served = await measure("service -> fake Stripe", args.requests,
-                                       args.concurrency, lambda i: via_service(i + warm),
-                                       served_latency)
+                served = await measure("service -> fake Stripe", service.base_url, requests,
+                                       args.concurrency, served_latency, held_a_seat)
                 service_cpu = cpu_seconds(service.process.pid) - cpu_before
                 async with session.get(fake_url + TIMES_PATH, headers=AUTH) as response:
                     times.seconds = await response.json()
