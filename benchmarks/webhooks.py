@@ -34,9 +34,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
-
 from benchmarks._common import (
+    KeepAlive,
     Measurement,
     database_url_from,
     describe_server,
@@ -137,34 +136,38 @@ class Posted(Measurement):
 
 
 async def post_events(
-    session: aiohttp.ClientSession, url: str, bodies: Sequence[bytes], concurrency: int,
-    name: str,
+    base_url: str, bodies: Sequence[bytes], concurrency: int, name: str
 ) -> Posted:
-    """POST every body, `concurrency` at a time, in order; each signed just before it is sent."""
+    """POST every body, `concurrency` at a time, in order, each worker on a keep-alive
+    connection of its own; each body signed just before it is sent."""
     result = Posted(name)
     todo = iter(bodies)  # shared by the workers: each takes the next body
 
     async def worker() -> None:
-        for body in todo:
-            headers = {
-                "Content-Type": "application/json; charset=utf-8",
-                "Stripe-Signature": sign(body, SECRET),
-                "User-Agent": "Stripe/1.0 (+https://stripe.com/docs/webhooks)",
-            }
-            started = time.perf_counter()
-            try:
-                async with session.post(url, data=body, headers=headers) as response:
-                    answer = await response.read()
-                    status = response.status
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                answer, status = repr(exc).encode(), -1
-            result.latencies.append(time.perf_counter() - started)
-            if status == 200:
-                result.outcomes[json.loads(answer).get("outcome", "?")] += 1
-            else:
-                result.failures += 1
-                if len(result.errors) < 5:
-                    result.errors.append(f"{status}: {answer[:300].decode(errors='replace')}")
+        connection = KeepAlive(base_url)
+        try:
+            for body in todo:
+                request = KeepAlive.request("POST", "/webhooks/stripe", {
+                    "Content-Type": "application/json; charset=utf-8",
+                    "Stripe-Signature": sign(body, SECRET),
+                    "User-Agent": "Stripe/1.0 (+https://stripe.com/docs/webhooks)",
+                }, body)
+                started = time.perf_counter()
+                try:
+                    status, answer = await asyncio.wait_for(connection.send(request), 120)
+                except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
+                    answer, status = repr(exc).encode(), -1
+                    await connection.close()  # a new connection for the next one
+                result.latencies.append(time.perf_counter() - started)
+                if status == 200:
+                    result.outcomes[json.loads(answer).get("outcome", "?")] += 1
+                else:
+                    result.failures += 1
+                    if len(result.errors) < 5:
+                        result.errors.append(
+                            f"{status}: {answer[:300].decode(errors='replace')}")
+        finally:
+            await connection.close()
 
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -342,15 +345,11 @@ async def run(args: argparse.Namespace) -> int:
         async with scratch_database(admin_dsn) as dsn:
             print(f"scratch database {describe_server(dsn)}")
             _, rollbacks_before = await transaction_counts(dsn)
-            connector = aiohttp.TCPConnector(limit=args.concurrency)
-            timeout = aiohttp.ClientTimeout(total=120)
-            async with running_service(dsn, env={"STRIPE_WEBHOOK_SECRET": SECRET}) as service, \
-                    aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-                url = f"{service.base_url}/webhooks/stripe"
-                warm = await post_events(session, url, bodies[:args.warmup], args.concurrency,
-                                         "warm-up")
+            async with running_service(dsn, env={"STRIPE_WEBHOOK_SECRET": SECRET}) as service:
+                warm = await post_events(service.base_url, bodies[:args.warmup],
+                                         args.concurrency, "warm-up")
                 before = CpuSample.take(service.process.pid)
-                posted = await post_events(session, url, bodies[args.warmup:],
+                posted = await post_events(service.base_url, bodies[args.warmup:],
                                            args.concurrency, "service: HTTP -> ledger")
                 after = CpuSample.take(service.process.pid)
                 posted.failures += warm.failures
