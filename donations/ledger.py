@@ -33,14 +33,13 @@ class Snapshot:
     kind: str
     data: dict[str, Any]
     version: Version
+    # read from `data` once: a group's planning, storing and deriving ask for them again and again
+    id: str = field(init=False, compare=False)
+    links: Links = field(init=False, compare=False)
 
-    @property
-    def id(self) -> str:
-        return obj_id(self.data)
-
-    @property
-    def links(self) -> Links:
-        return links(self.kind, self.data)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "id", obj_id(self.data))
+        object.__setattr__(self, "links", links(self.kind, self.data))
 
     def get(self, key: str) -> Any:
         return self.data.get(key)
