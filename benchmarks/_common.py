@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import multiprocessing
 import os
 import secrets
 import shutil
@@ -19,15 +20,18 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
 
 from donations import db
+from tests.fakestripe.server import FakeStripe
+from tests.fakestripe.world import World
 
 # --- PostgreSQL -----------------------------------------------------------------------------
 
@@ -131,6 +135,41 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
     return port
+
+
+def _serve_fake_stripe(world: World, port: int, ready: Any,
+                       configure: Callable[[FakeStripe], None] | None) -> None:
+    async def main() -> None:
+        fake = FakeStripe(world)
+        if configure is not None:
+            configure(fake)
+        await fake.start(port=port)
+        ready.set()
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+@contextlib.contextmanager
+def fake_stripe_process(
+    world: World, configure: Callable[[FakeStripe], None] | None = None, within: float = 60,
+) -> Iterator[tuple[str, int]]:
+    """The fake Stripe serving `world` (after `configure`) from a forked child process of its
+    own, so that it does not share the measuring process's interpreter: (base URL, its pid)."""
+    port = free_port()
+    context = multiprocessing.get_context("fork")  # the child gets the World without pickling
+    ready = context.Event()
+    child = context.Process(target=_serve_fake_stripe, args=(world, port, ready, configure),
+                            daemon=True)
+    child.start()
+    try:
+        if not ready.wait(within):
+            raise RuntimeError("the fake Stripe did not start")
+        assert child.pid is not None
+        yield f"http://127.0.0.1:{port}", child.pid
+    finally:
+        child.terminate()
+        child.join(10)
 
 
 def service_command() -> list[str]:

@@ -30,17 +30,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import gc
 import json
 import math
-import multiprocessing
 import os
 import platform
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 from urllib.parse import urlencode
 
@@ -54,7 +52,7 @@ from benchmarks._common import (
     cpu_seconds,
     database_url_from,
     describe_server,
-    free_port,
+    fake_stripe_process,
     postgres_server,
     print_table,
     running_service,
@@ -143,38 +141,6 @@ class FakeTimes:
 AUTH = {"Authorization": f"Bearer {TEST_KEY}"}  # the fake asks for a key on every path
 TIMES_PATH = "/_benchmark/times"  # the fake's own times, read once the run is over
 SETTLE_PATH = "/_benchmark/settle"  # collect and freeze the fake's objects (see harness_gc_settled)
-
-
-def serve_fake(world: World, port: int, ready: Any) -> None:
-    """The fake Stripe, timed, in a process of its own (the target of a forked child): sharing
-    the measuring client's event loop, a session creation waited for the client's work, and that
-    wait was counted as the service's."""
-
-    async def main() -> None:
-        fake = FakeStripe(world)
-        FakeTimes().install(fake)
-        await fake.start(port=port)
-        ready.set()
-        await asyncio.Event().wait()
-
-    asyncio.run(main())
-
-
-@contextlib.contextmanager
-def fake_stripe_process(world: World) -> Iterator[str]:
-    """Serve the fake Stripe from a forked child process; its base URL."""
-    port = free_port()
-    context = multiprocessing.get_context("fork")  # the child gets the World without pickling
-    ready = context.Event()
-    child = context.Process(target=serve_fake, args=(world, port, ready), daemon=True)
-    child.start()
-    try:
-        if not ready.wait(60):
-            raise RuntimeError("the fake Stripe did not start")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        child.terminate()
-        child.join(10)
 
 
 async def measure(
@@ -363,7 +329,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--requests and --concurrency must be positive, --warmup not negative")
     world = World(seed=2026)
     stock(world, seats=args.founding_seats)
-    with fake_stripe_process(world) as args.fake_url:
+    # in a process of its own: sharing the measuring client's event loop, a session creation
+    # waited for the client's work, and that wait was counted as the service's
+    with fake_stripe_process(world, FakeTimes().install) as (args.fake_url, _):
         return asyncio.run(run(args))
 
 

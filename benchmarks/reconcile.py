@@ -28,7 +28,7 @@ import stripe
 from benchmarks._common import (
     database_url_from,
     describe_server,
-    free_port,
+    fake_stripe_process,
     postgres_server,
     print_table,
     scratch_database,
@@ -39,23 +39,12 @@ from donations import db, reconcile, totals
 from donations.ledger import BalanceTransaction, FoundingOffer
 from donations.settings import Secret, Settings
 from donations.stripe_api import make_client
-from tests.fakestripe.server import FakeStripe
 from tests.fakestripe.world import World
 from tests.ledger_check import dump, reference
 
 TARGET = 0.5
 KEY = "sk_test_benchmark_reconciliation"
 SINCE = 1_795_000_000  # the simulated account's first second
-
-
-def _serve(world: World, port: int, ready: Any) -> None:
-    async def main() -> None:
-        fake = FakeStripe(world)
-        await fake.start(port=port)
-        ready.set()
-        await asyncio.Event().wait()
-
-    asyncio.run(main())
 
 
 async def fetch_floor(base: str, until: int) -> tuple[int, int, float]:
@@ -183,20 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     events, world = generate_world(args.events, args.seed)
     print(f"{len(events):,} events simulated in {time.perf_counter() - started:.0f} s")
-    port = free_port()
-    context = multiprocessing.get_context("fork")  # the child gets the World without pickling
-    ready = context.Event()
-    server = context.Process(target=_serve, args=(world, port, ready), daemon=True)
-    server.start()
-    try:
-        if not ready.wait(120):
-            print("the fake Stripe did not start", file=sys.stderr)
-            return 1
-        args.fake_pid = server.pid
-        return asyncio.run(measure(args, world, events, f"http://127.0.0.1:{port}"))
-    finally:
-        server.terminate()
-        server.join(10)
+    with fake_stripe_process(world, within=120) as (base, args.fake_pid):
+        return asyncio.run(measure(args, world, events, base))
 
 
 def generate_world(total: int, seed: int) -> tuple[list[dict[str, Any]], World]:
