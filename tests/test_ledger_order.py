@@ -73,8 +73,10 @@ async def _reset(pool: asyncpg.Pool) -> None:
         " ('founders', 'Founders', '2000-01-01', NULL)")
 
 
-async def _assert_totals_match_the_ledger(pool: asyncpg.Pool) -> None:
-    """What the triggers kept equals the totals recomputed from the ledger."""
+async def _assert_ledger_of(pool: asyncpg.Pool, history: History) -> None:
+    """The database's ledger equals the reference of the history's events, and what the
+    triggers kept equals the totals recomputed from that ledger."""
+    assert await dump(pool) == reference(history.events, OFFER)
     async with db.connection(pool) as conn:
         result = await totals.verify(conn)
     assert result.differences == (), list(totals.describe(result))
@@ -100,8 +102,7 @@ async def test_the_database_ledger_equals_the_reference_in_any_order(
     at_once = data.draw(st.sampled_from([1, 4, 8]))
     await _reset(pool)
     await _deliver(pool, shuffled, at_once)
-    assert await dump(pool) == reference(history.events, OFFER)
-    await _assert_totals_match_the_ledger(pool)
+    await _assert_ledger_of(pool, history)
 
 
 async def _deliver_in_groups(
@@ -133,5 +134,4 @@ async def test_groups_of_events_give_the_same_ledger_as_one_at_a_time(
     racing = data.draw(st.sampled_from([1, 2, 3]))
     await _reset(pool)
     await _deliver_in_groups(pool, shuffled, sizes, racing)
-    assert await dump(pool) == reference(history.events, OFFER)
-    await _assert_totals_match_the_ledger(pool)
+    await _assert_ledger_of(pool, history)
