@@ -8,13 +8,36 @@
 -- totals_payment_figures, totals_subscription_figures and totals_campaign_scope (still used by
 -- totals_rebuild) and donations/totals.py (which `totals verify` recomputes them with); PL/pgSQL
 -- plans each of its statements once per connection.
+--
+-- As in 004, the campaigns a change names are locked (totals_lock_scope) before their windows
+-- are read: a campaign created or changed meanwhile is then committed, and seen, or waits for
+-- this change (a window read before the lock missed a campaign created concurrently, whose
+-- rebuild could not see this change either: caught by tests/test_totals_concurrency.py).
+
+-- The campaign scope a row counts in, if any: its campaign exists and `happened` is inside its
+-- window (starts inclusive, ends exclusive); read once the campaign is locked (see above).
+CREATE FUNCTION totals_scope_of(campaign text, happened timestamptz) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    scope text;
+BEGIN
+    IF campaign IS NULL THEN
+        RETURN NULL;
+    END IF;
+    SELECT c.slug INTO scope FROM campaigns c
+     WHERE c.slug = campaign
+       AND (c.starts_at IS NULL OR happened >= c.starts_at)
+       AND (c.ends_at IS NULL OR happened < c.ends_at);
+    RETURN scope;
+END
+$$;
 
 -- What one side of a change counts for. All NULL: that side counts for nothing (no row before an
 -- INSERT or after a DELETE, or a row the totals do not count).
 CREATE TYPE totals_payment_side AS (
     currency   text,    -- set when the row is a contribution (status 'succeeded')
     settlement text,
-    scope      text,    -- its campaign's scope, when the campaign exists and its window holds it
+    scope      text,    -- its campaign's scope (set by the trigger, once the campaign is locked)
     person     text,    -- the supporter, when the contribution counts
     raised     bigint,
     settled    bigint,
@@ -22,7 +45,7 @@ CREATE TYPE totals_payment_side AS (
 );
 
 CREATE FUNCTION totals_payment_side(p payments) RETURNS totals_payment_side
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql IMMUTABLE AS $$
 DECLARE
     side totals_payment_side;
 BEGIN
@@ -43,12 +66,6 @@ BEGIN
         side.counts := 1;
         -- a person: the Stripe customer, else the e-mail, else (neither known) the payment
         side.person := coalesce(p.customer, 'email:' || lower(p.email), 'payment:' || p.payment_key);
-    END IF;
-    IF p.campaign IS NOT NULL THEN
-        SELECT c.slug INTO side.scope FROM campaigns c
-         WHERE c.slug = p.campaign
-           AND (c.starts_at IS NULL OR p.created_at >= c.starts_at)
-           AND (c.ends_at IS NULL OR p.created_at < c.ends_at);
     END IF;
     RETURN side;
 END
@@ -75,6 +92,12 @@ BEGIN
         SELECT OLD.campaign AS c WHERE o.currency IS NOT NULL
         UNION SELECT NEW.campaign WHERE n.currency IS NOT NULL
         ORDER BY 1) AS named;
+    IF o.currency IS NOT NULL THEN
+        o.scope := totals_scope_of(OLD.campaign, OLD.created_at);
+    END IF;
+    IF n.currency IS NOT NULL THEN
+        n.scope := totals_scope_of(NEW.campaign, NEW.created_at);
+    END IF;
 
     INSERT INTO totals_deltas (scope, currency, settlement_currency, raised, settled, contributions)
     SELECT f.scope, f.currency, f.settlement, sum(f.raised), sum(f.settled), sum(f.counts)
@@ -104,8 +127,9 @@ BEGIN
 END
 $$;
 
--- What one side of a subscription change counts for. currency (and scope, annual) are set only
--- when the subscription is active; founding whenever a row is there (a seat is taken for good).
+-- What one side of a subscription change counts for. currency and annual are set only when the
+-- subscription is active (and scope, by the trigger, once the campaign is locked); founding
+-- whenever a row is there (a seat is taken for good).
 CREATE TYPE totals_subscription_side AS (
     currency text,
     scope    text,
@@ -114,7 +138,7 @@ CREATE TYPE totals_subscription_side AS (
 );
 
 CREATE FUNCTION totals_subscription_side(s subscriptions) RETURNS totals_subscription_side
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql IMMUTABLE AS $$
 DECLARE
     side totals_subscription_side;
 BEGIN
@@ -125,12 +149,6 @@ BEGIN
     side.currency := s.currency;
     side.annual := totals_annualised(totals_price(s.amount, s.percent_off, s.amount_off),
                                      s.interval, s.interval_count);
-    IF s.campaign IS NOT NULL THEN
-        SELECT c.slug INTO side.scope FROM campaigns c
-         WHERE c.slug = s.campaign
-           AND (c.starts_at IS NULL OR s.created_at >= c.starts_at)
-           AND (c.ends_at IS NULL OR s.created_at < c.ends_at);
-    END IF;
     RETURN side;
 END
 $$;
@@ -156,6 +174,12 @@ BEGIN
         SELECT OLD.campaign AS c WHERE o.currency IS NOT NULL
         UNION SELECT NEW.campaign WHERE n.currency IS NOT NULL
         ORDER BY 1) AS named;
+    IF o.currency IS NOT NULL THEN
+        o.scope := totals_scope_of(OLD.campaign, OLD.created_at);
+    END IF;
+    IF n.currency IS NOT NULL THEN
+        n.scope := totals_scope_of(NEW.campaign, NEW.created_at);
+    END IF;
 
     INSERT INTO totals_deltas (scope, currency, settlement_currency, active_subscriptions,
                                recurring_annual, founding)

@@ -281,3 +281,32 @@ async def test_new_figures_show_within_the_ttl(
     await asyncio.sleep(ttl + 0.05)
     later = await client.get("/v1/totals")
     assert (await later.json())["contributions"] == 1
+
+
+async def test_a_contribution_written_while_its_campaign_is_created_counts_in_it(
+    pool: asyncpg.Pool,
+) -> None:
+    """The trigger reads a campaign's window only once it holds the campaign's lock: a campaign
+    created meanwhile is then committed and seen (its rebuild could not see this payment)."""
+    async with pool.acquire() as creator, pool.acquire() as writer:
+        creating = creator.transaction()
+        await creating.start()
+        await creator.execute("INSERT INTO campaigns (slug, title) VALUES ('spring', 'Spring')")
+        writing = asyncio.ensure_future(writer.execute(
+            """
+            INSERT INTO payments (payment_key, kind, status, currency, amount, email, campaign,
+                                  created_at)
+            VALUES ('pi_spring1', 'one_off', 'succeeded', 'gbp', 2500, 'a@example.org',
+                    'spring', now())
+            """))
+        await asyncio.sleep(0.3)
+        assert not writing.done()  # waiting for the campaign's transaction
+        await creating.commit()
+        await writing
+    async with db.connection(pool) as conn:
+        result = await totals.verify(conn)
+        raised = await conn.fetchval(
+            "SELECT sum(raised) FROM (SELECT raised FROM totals WHERE scope = 'spring'"
+            " UNION ALL SELECT raised FROM totals_deltas WHERE scope = 'spring') AS t")
+    assert result.differences == (), list(totals.describe(result))
+    assert raised == 2500
