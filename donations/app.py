@@ -333,11 +333,20 @@ async def metrics(request: web.Request) -> web.Response:
                  GROUP BY currency, kind
                 """
             )
-            queued = await conn.fetchval("SELECT count(*) FROM balance_transaction_fetches")
+            queued = await conn.fetchval(
+                "SELECT count(*) FROM balance_transaction_fetches WHERE gave_up_at IS NULL")
+            set_aside = await conn.fetch(
+                """
+                SELECT 'balance_transactions' AS queue, count(*) AS n
+                  FROM balance_transaction_fetches WHERE gave_up_at IS NOT NULL
+                UNION ALL
+                SELECT 'payouts', count(*) FROM payout_fetches WHERE gave_up_at IS NOT NULL
+                """
+            )
             reconciliation = await reconcile.metrics_lines(conn)
         up = 1
     except db.DatabaseUnavailable:
-        events, ledger, queued, up, reconciliation = [], [], 0, 0, []
+        events, ledger, queued, set_aside, up, reconciliation = [], [], 0, [], 0, []
     lines += gauge("donations_database_up", "1 when PostgreSQL answered this scrape.", [((), up)])
     lines += gauge(
         "donations_stored_events", "Stored Stripe events by type and status "
@@ -355,6 +364,12 @@ async def metrics(request: web.Request) -> web.Response:
     )
     lines += gauge("donations_balance_transactions_queued",
                    "Balance transactions waiting to be fetched from Stripe.", [((), queued)])
+    lines += gauge(
+        "donations_stripe_lookups_set_aside",
+        "Look-ups at Stripe set aside after repeated 'no such object' answers, by queue "
+        "(donations lookups retry puts them back).",
+        [((("queue", r["queue"]),), r["n"]) for r in set_aside],
+    )
     lines += reconciliation
     return web.Response(
         body=("\n".join(lines) + "\n").encode(),

@@ -15,7 +15,7 @@ import asyncpg
 import structlog
 from aiohttp import web
 
-from donations import __version__, auth, campaigns, db, ingest, inputs, totals
+from donations import __version__, auth, campaigns, db, fees, ingest, inputs, totals
 from donations import logging as donations_logging
 from donations.errors import ApiError, Unprocessable
 from donations.ledger import FoundingOffer
@@ -38,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also events set aside for an API version not understood")
     events_commands.add_parser("list", help="count stored events by status")
 
+    lookups = commands.add_parser(
+        "lookups", help="look-ups at Stripe (balance transactions, payouts' transactions)")
+    lookups_commands = lookups.add_subparsers(dest="lookups_command", required=True)
+    lookups_commands.add_parser("list", help="the look-ups waiting or set aside, with their "
+                                "last error")
+    lookups_commands.add_parser("retry", help="put the look-ups set aside back in the queue")
     tokens = commands.add_parser("tokens", help="staff access tokens")
     tokens_commands = tokens.add_subparsers(dest="tokens_command", required=True)
     create = tokens_commands.add_parser("create", help="make a token and print it once")
@@ -108,6 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "events":
             return asyncio.run(_events(settings, args.events_command, args.include_attention
                                        if args.events_command == "retry" else False))
+        if args.command == "lookups":
+            return asyncio.run(
+                _in_transaction(settings, lambda conn: _lookups(conn, args.lookups_command)))
         if args.command == "tokens":
             return asyncio.run(_in_transaction(settings, lambda conn: _tokens(conn, args)))
         if args.command in ("reconcile", "import"):
@@ -233,6 +242,29 @@ async def _totals_verify(settings: Settings) -> int:
     for line in totals.describe(result):
         print(line)
     return 1 if result.differences else 0
+
+
+async def _lookups(conn: asyncpg.Connection, command: str) -> int:
+    if command == "retry":
+        counts = await fees.requeue_set_aside(conn)
+        print(", ".join(f"{queue}: {n}" for queue, n in counts.items()) + " put back in the queue")
+        return 0
+    print("queue\tid\tattempts\tnext_attempt_at\tset_aside_at\tlast_error")
+    for row in await conn.fetch(
+        """
+        SELECT 'balance_transactions' AS queue, id, attempts, next_attempt_at, gave_up_at,
+               last_error
+          FROM balance_transaction_fetches
+        UNION ALL
+        SELECT 'payouts', payout, attempts, next_attempt_at, gave_up_at, last_error
+          FROM payout_fetches WHERE fetched_at IS NULL
+         ORDER BY 1, 2
+        """
+    ):
+        due = "-" if row["gave_up_at"] else inputs.rfc3339(row["next_attempt_at"]) or "-"
+        print("\t".join([row["queue"], row["id"], str(row["attempts"]), due,
+                         inputs.rfc3339(row["gave_up_at"]) or "-", row["last_error"] or "-"]))
+    return 0
 
 
 async def _tokens(conn: asyncpg.Connection, args: argparse.Namespace) -> int:

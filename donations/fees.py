@@ -23,6 +23,9 @@ log = structlog.get_logger(__name__)
 
 LEASE_SECONDS = 120
 MAX_BACKOFF_SECONDS = 6 * 3600
+# Stripe answering "no such object" this many times running is an answer, not an outage: the
+# look-up is set aside (counted in /metrics, back in the queue with `donations lookups retry`).
+GIVE_UP_AFTER_NOT_FOUND = 3
 
 
 def backoff(attempts: int) -> int:
@@ -38,7 +41,7 @@ async def claim(conn: asyncpg.Connection, batch: int) -> list[tuple[str, int]]:
            SET attempts = f.attempts + 1,
                next_attempt_at = now() + make_interval(secs => $2)
          WHERE f.id IN (SELECT id FROM balance_transaction_fetches
-                         WHERE next_attempt_at <= now()
+                         WHERE next_attempt_at <= now() AND gave_up_at IS NULL
                          ORDER BY next_attempt_at
                          LIMIT $1
                          FOR UPDATE SKIP LOCKED)
@@ -100,24 +103,67 @@ async def store_balance_transactions(conn: asyncpg.Connection, bts: list[dict[st
             "DELETE FROM balance_transaction_fetches WHERE id = any($1::text[])", ids)
 
 
+def gives_up(attempts: int, error: stripe.StripeError) -> bool:
+    """Whether a failed look-up is set aside: Stripe has said, every time so far, that the object
+    does not exist (a key of another account or mode, an id from a deleted test object)."""
+    return error.http_status == 404 and attempts >= GIVE_UP_AFTER_NOT_FOUND
+
+
 async def postpone(
     pool: asyncpg.Pool, queue: str, key_column: str, key: str, attempts: int,
     error: stripe.StripeError,
-) -> int:
-    """Record a failed Stripe look-up in its queue and push its next try back; returns seconds.
+) -> int | None:
+    """Record a failed Stripe look-up in its queue and push its next try back; returns the
+    seconds until then, or None when the look-up is set aside (see `gives_up`).
 
     Shared by the queues of look-ups at Stripe (balance transactions, payouts' members)."""
     delay = backoff(attempts)
+    give_up = gives_up(attempts, error)
     async with db.connection(pool) as conn:
         await conn.execute(
             f"""
             UPDATE {queue}
-               SET last_error = $2, next_attempt_at = now() + make_interval(secs => $3)
+               SET last_error = $2, next_attempt_at = now() + make_interval(secs => $3),
+                   gave_up_at = CASE WHEN $4 THEN now() END
              WHERE {key_column} = $1
             """,  # noqa: S608 - the table and column are constants of the callers
-            key, f"{type(error).__name__}: {error.user_message or error}"[:500], delay,
+            key, _error_text(error, attempts if give_up else None), delay, give_up,
         )
-    return delay
+    return None if give_up else delay
+
+
+def _error_text(error: stripe.StripeError, gave_up_after: int | None) -> str:
+    text = f"{type(error).__name__}: {error.user_message or error}"
+    if gave_up_after is not None:
+        text = f"set aside after {gave_up_after} tries; {text}"
+    return text[:500]
+
+
+async def requeue_set_aside(conn: asyncpg.Connection) -> dict[str, int]:
+    """Put every look-up set aside back in its queue, due now (`donations lookups retry`)."""
+    counts = {}
+    for name, queue in (("balance_transactions", "balance_transaction_fetches"),
+                        ("payouts", "payout_fetches")):
+        result: str = await conn.execute(
+            f"""
+            UPDATE {queue}
+               SET gave_up_at = NULL, attempts = 0, next_attempt_at = now()
+             WHERE gave_up_at IS NOT NULL
+            """  # noqa: S608 - constant table names
+        )
+        counts[name] = int(result.rsplit(maxsplit=1)[-1])
+    return counts
+
+
+def log_failure(event: str, attempts: int, error: stripe.StripeError, delay: int | None,
+                **ids: str) -> None:
+    """One line for a failed look-up: a warning while it is retried, an error when set aside."""
+    if delay is None:
+        log.error(f"{event}_set_aside", **ids, error=type(error).__name__,
+                  http_status=error.http_status, attempts=attempts)
+    else:
+        log.warning(event, **ids, error=type(error).__name__, http_status=error.http_status,
+                    retry_in_seconds=delay)
 
 
 async def run_once(
@@ -133,9 +179,8 @@ async def run_once(
         except stripe.StripeError as exc:
             metrics.balance_fetches.inc(outcome="error")
             delay = await postpone(pool, "balance_transaction_fetches", "id", bt_id, attempts, exc)
-            log.warning("balance_transaction_fetch_failed", balance_transaction=bt_id,
-                        error=type(exc).__name__, http_status=exc.http_status,
-                        retry_in_seconds=delay)
+            log_failure("balance_transaction_fetch_failed", attempts, exc, delay,
+                        balance_transaction=bt_id)
             continue
         async with db.connection(pool) as conn:
             await store_balance_transaction(conn, bt)

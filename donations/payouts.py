@@ -36,7 +36,7 @@ async def enqueue(conn: asyncpg.Connection) -> int:
         SELECT id, status FROM payouts WHERE status IN ('paid', 'failed')
         ON CONFLICT (payout) DO UPDATE
            SET payout_status = excluded.payout_status, attempts = 0, next_attempt_at = now(),
-               last_error = NULL, fetched_at = NULL, queued_at = now()
+               last_error = NULL, fetched_at = NULL, queued_at = now(), gave_up_at = NULL
          WHERE payout_fetches.payout_status IS DISTINCT FROM excluded.payout_status
         """
     )
@@ -51,7 +51,8 @@ async def claim(conn: asyncpg.Connection, batch: int) -> list[tuple[str, int]]:
            SET attempts = f.attempts + 1,
                next_attempt_at = now() + make_interval(secs => $2)
          WHERE f.payout IN (SELECT payout FROM payout_fetches
-                             WHERE fetched_at IS NULL AND next_attempt_at <= now()
+                             WHERE fetched_at IS NULL AND gave_up_at IS NULL
+                               AND next_attempt_at <= now()
                              ORDER BY next_attempt_at
                              LIMIT $1
                              FOR UPDATE SKIP LOCKED)
@@ -104,9 +105,8 @@ async def run_once(pool: asyncpg.Pool, client: stripe.StripeClient, batch: int =
             members = await fetch_members(client, payout_id)
         except stripe.StripeError as exc:
             delay = await fees.postpone(pool, "payout_fetches", "payout", payout_id, attempts, exc)
-            log.warning("payout_transactions_fetch_failed", payout=payout_id,
-                        error=type(exc).__name__, http_status=exc.http_status,
-                        retry_in_seconds=delay)
+            fees.log_failure("payout_transactions_fetch_failed", attempts, exc, delay,
+                             payout=payout_id)
             continue
         async with db.connection(pool) as conn:
             await store_members(conn, payout_id, members)

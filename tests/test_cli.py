@@ -160,6 +160,31 @@ async def test_events_retry_applies_what_failed(pool: asyncpg.Pool, dsn: str) ->
     assert "failed" not in out
 
 
+async def test_lookups_list_and_retry_put_back_what_was_set_aside(
+    pool: asyncpg.Pool, dsn: str
+) -> None:
+    await pool.execute(
+        """
+        INSERT INTO balance_transaction_fetches (id, attempts, last_error, gave_up_at)
+        VALUES ('txn_gone', 3, 'set aside after 3 tries; InvalidRequestError: No such', now()),
+               ('txn_waiting', 1, NULL, NULL)
+        """
+    )
+    code, out, err = await _run("lookups", "list", env=_env(DATABASE_URL=dsn))
+    assert code == 0, err
+    lines = {line.split("\t")[1]: line.split("\t") for line in out.splitlines()[1:]}
+    assert lines["txn_gone"][2:4] == ["3", "-"] and lines["txn_gone"][4] != "-"
+    assert lines["txn_gone"][5].startswith("set aside after 3 tries")
+    assert lines["txn_waiting"][4] == "-" and lines["txn_waiting"][3] != "-"
+
+    code, out, err = await _run("lookups", "retry", env=_env(DATABASE_URL=dsn))
+    assert code == 0, err
+    assert out.strip() == "balance_transactions: 1, payouts: 0 put back in the queue"
+    row = await pool.fetchrow("SELECT attempts, gave_up_at, next_attempt_at <= now() AS due "
+                              "FROM balance_transaction_fetches WHERE id = 'txn_gone'")
+    assert row is not None and tuple(row) == (0, None, True)
+
+
 async def test_reconcile_and_import_commands_exit_by_what_they_found(
     pool: asyncpg.Pool, dsn: str
 ) -> None:

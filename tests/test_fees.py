@@ -13,7 +13,7 @@ import asyncpg
 import stripe
 from pytest_aiohttp import AiohttpClient
 
-from donations import fees
+from donations import db, fees
 from donations.app import create_app
 from donations.ledger import BalanceTransaction
 from donations.metrics import Metrics
@@ -221,6 +221,64 @@ async def test_an_unknown_balance_transaction_is_recorded_and_does_not_stop_the_
     assert missing["wait"].total_seconds() > 5
     assert (await payment_row(pool, paid.payment_intent))["fee"] is not None
     assert (fetched(metrics, "stored"), fetched(metrics, "error")) == (1, 1)
+
+
+async def test_a_lookup_stripe_keeps_not_finding_is_set_aside_counted_and_can_be_put_back(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    await pool.execute("INSERT INTO balance_transaction_fetches (id) VALUES ('txn_not_at_stripe')")
+    metrics = Metrics()
+    async with stripe_against(World(seed=107)) as (fake, stripe_client):
+        for attempt in range(1, fees.GIVE_UP_AFTER_NOT_FOUND + 1):
+            assert await fees.run_once(pool, stripe_client, metrics) == 0
+            row = await queue_row(pool, "txn_not_at_stripe")
+            assert row is not None and row["attempts"] == attempt
+            if attempt < fees.GIVE_UP_AFTER_NOT_FOUND:
+                assert row["gave_up_at"] is None
+                assert 5 < row["wait"].total_seconds() <= fees.backoff(attempt)
+                await pool.execute("UPDATE balance_transaction_fetches SET next_attempt_at = now()")
+        asked = len(fake.requests_to("/v1/balance_transactions/txn_not_at_stripe"))
+        assert asked == fees.GIVE_UP_AFTER_NOT_FOUND
+
+        # set aside: not asked again even when due, its reason kept, and /metrics says so
+        assert row is not None and row["gave_up_at"] is not None
+        assert row["last_error"].startswith(
+            f"set aside after {fees.GIVE_UP_AFTER_NOT_FOUND} tries; InvalidRequestError")
+        await pool.execute("UPDATE balance_transaction_fetches SET next_attempt_at = now()")
+        assert await fees.run_once(pool, stripe_client, metrics) == 0
+        assert len(fake.requests_to("/v1/balance_transactions/")) == asked
+        text = await (await client.get("/metrics")).text()
+        assert 'donations_stripe_lookups_set_aside{queue="balance_transactions"} 1' in text
+        assert 'donations_stripe_lookups_set_aside{queue="payouts"} 0' in text
+        assert "donations_balance_transactions_queued 0" in text
+
+        # put back: due at once, tried again from the start
+        async with db.connection(pool) as conn:
+            assert await fees.requeue_set_aside(conn) == {"balance_transactions": 1, "payouts": 0}
+        again = await queue_row(pool, "txn_not_at_stripe")
+        assert again is not None and (again["attempts"], again["gave_up_at"]) == (0, None)
+        assert await fees.run_once(pool, stripe_client, metrics) == 0
+        assert len(fake.requests_to("/v1/balance_transactions/")) == asked + 1
+    assert fetched(metrics, "error") == fees.GIVE_UP_AFTER_NOT_FOUND + 1
+
+
+async def test_other_stripe_errors_are_retried_however_often_they_come(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    world = World(seed=108)
+    paid = world.one_off(1500, "usd")
+    await post_all(client, paid.events)
+    bt_id = str(paid.balance_transaction)
+    async with stripe_against(world) as (fake, stripe_client):
+        for _ in range(fees.GIVE_UP_AFTER_NOT_FOUND + 1):
+            fake.fail_next(1, 500, path_prefix="/v1/balance_transactions", should_retry=False)
+            assert await fees.run_once(pool, stripe_client, Metrics()) == 0
+            await pool.execute("UPDATE balance_transaction_fetches SET next_attempt_at = now()")
+        row = await queue_row(pool, bt_id)
+        assert row is not None and row["gave_up_at"] is None
+        assert row["attempts"] == fees.GIVE_UP_AFTER_NOT_FOUND + 1
+        assert await fees.run_once(pool, stripe_client, Metrics()) == 1
+    assert await queue_row(pool, bt_id) is None
 
 
 def test_backoff_doubles_from_ten_seconds_up_to_six_hours() -> None:

@@ -165,6 +165,32 @@ async def test_stripe_errors_leave_the_payout_queued_with_backoff(
     assert await pool.fetchval("SELECT fetched_at IS NOT NULL FROM payout_fetches")
 
 
+async def test_a_payout_stripe_keeps_not_finding_is_set_aside_until_its_status_changes(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    world, _ = _world(605)
+    paid_out = world.payout()
+    await post_all(client, world.events)
+    async with stripe_against(world) as (fake, stripe_client):
+        fake.fail_next(fees.GIVE_UP_AFTER_NOT_FOUND, 404, path_prefix="/v1/balance_transactions")
+        for _ in range(fees.GIVE_UP_AFTER_NOT_FOUND):
+            assert await payouts.run_once(pool, stripe_client) == 0
+            await pool.execute("UPDATE payout_fetches SET next_attempt_at = now()")
+        row = await pool.fetchrow("SELECT * FROM payout_fetches")
+        assert row is not None and row["gave_up_at"] is not None
+        assert row["last_error"].startswith(
+            f"set aside after {fees.GIVE_UP_AFTER_NOT_FOUND} tries; InvalidRequestError")
+        asked = len(fake.requests_to("/v1/balance_transactions"))
+        assert await payouts.run_once(pool, stripe_client) == 0  # set aside: not asked again
+        assert len(fake.requests_to("/v1/balance_transactions")) == asked
+
+        # news of the payout (here: it failed after all) is worth asking about again
+        await pool.execute("UPDATE payouts SET status = 'failed' WHERE id = $1", paid_out.payout)
+        assert await payouts.run_once(pool, stripe_client) == 1
+    assert await pool.fetchval("SELECT gave_up_at IS NULL AND fetched_at IS NOT NULL "
+                               "FROM payout_fetches")
+
+
 async def test_the_worker_in_the_app_ties_a_payout_soon_after_its_webhook(
     pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
 ) -> None:

@@ -241,8 +241,9 @@ class FakeStripe:
         after: int = 0,
     ) -> None:
         """Answer the next `n` requests (whose path starts with `path_prefix`, if given) with
-        `status` (500 api_error or 429 rate_limit). `should_retry` sets Stripe-Should-Retry,
-        which the library obeys over its own rules (it retries 5xx, not 429, by default).
+        `status` (500 api_error, 429 rate_limit or 404 resource_missing). `should_retry` sets
+        Stripe-Should-Retry, which the library obeys over its own rules (it retries 5xx, not
+        429, by default).
         `after` lets that many matching requests through first (fail from the third page)."""
         self._failures.append(_Failure(n, status, path_prefix, should_retry, after))
 
@@ -310,6 +311,9 @@ class FakeStripe:
             headers = {}
             if failure.should_retry is not None:
                 headers["Stripe-Should-Retry"] = "true" if failure.should_retry else "false"
+            if failure.status == 404:
+                raise StripeError(404, f"No such object: '{path.rsplit('/', 1)[-1]}'",
+                                  code="resource_missing", headers=headers)
             if failure.status == 429:
                 raise StripeError(
                     429,
