@@ -338,9 +338,15 @@ async def _report(settings: Settings, args: argparse.Namespace) -> int:
                     writer.writerows(payouts.csv_rows(found))
                     out.write(buffer.getvalue().encode())
                 unbalanced = [p["id"] for p in found if p["balanced"] is False]
+                unfetched = [p["id"] for p in found if not p["transactions_fetched"]]
                 if unbalanced:
                     print("payouts whose transactions do not sum to them: "
                           + ", ".join(unbalanced), file=sys.stderr)
+                if unfetched:
+                    print("payouts whose transactions are not fetched from Stripe yet "
+                          "(see donations lookups list): " + ", ".join(unfetched),
+                          file=sys.stderr)
+                if unbalanced or unfetched:
                     return 1
             return 0
         finally:

@@ -264,13 +264,15 @@ CSV_COLUMNS = ("payout", "payout_status", "payout_arrival_date", "payout_amount"
 
 def csv_rows(payouts: list[dict[str, Any]]) -> list[list[str]]:
     """One line per transaction beside its payout's figures: money in major units, text
-    neutralised against formulas, as in the contributions report."""
+    neutralised against formulas, as in the contributions report. A payout whose transactions
+    are not known yet still has a line, with its own figures only (balanced empty), so that no
+    money that reached the bank is missing from the file."""
     lines = []
     for payout in payouts:
         head = {"payout": payout["id"], "payout_status": payout["status"],
                 "payout_arrival_date": payout["arrival_date"],
                 "payout_amount": payout["amount"], "payout_balanced": payout["balanced"]}
-        for member in payout["balance_transactions"]:
+        for member in payout["balance_transactions"] or [dict.fromkeys(MEMBER_FIELDS)]:
             line = {**head, **member}
             cells = []
             for name in CSV_COLUMNS:

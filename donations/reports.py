@@ -189,12 +189,14 @@ def instant(value: str | None, name: str, tz: ZoneInfo) -> tuple[datetime, str]:
             day = date.fromisoformat(value)
             return datetime.combine(day, time(), tzinfo=tz).astimezone(UTC), value
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace(" ", "T"))
-    except ValueError:
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=tz)
+        utc = parsed.astimezone(UTC)
+    # OverflowError: a moment that is before year 1 or after 9999 once in UTC
+    except (ValueError, OverflowError):
         raise BadRequest("invalid_timestamp", f"{name} must be an ISO date (2026-11-01) or "
-                         "timestamp (2026-11-01T09:00:00Z)", field=name) from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=tz)
-    utc = parsed.astimezone(UTC)
+                         "timestamp (2026-11-01T09:00:00Z) between the years 1 and 9999",
+                         field=name) from None
     return utc, utc.strftime("%Y-%m-%dT%H%M%SZ")
 
 

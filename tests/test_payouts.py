@@ -123,6 +123,25 @@ async def test_a_payout_whose_transactions_do_not_sum_to_it_is_flagged(
     assert len(rows) == len(world.payout_members[paid_out.payout])
 
 
+async def test_a_payout_not_fetched_yet_has_its_own_line_in_the_csv_and_fails_the_command(
+    client: Client, pool: asyncpg.Pool, dsn: str
+) -> None:
+    world, _ = _world(606)
+    paid_out = world.payout()
+    await post_all(client, world.events)  # no worker run: its transactions are not known yet
+
+    from tests.test_cli import _env, _run
+    code, out, err = await _run("report", "payouts", "--from", WIDE["from"], "--to", WIDE["to"],
+                                env=_env(DATABASE_URL=dsn))
+    assert code == 1
+    assert f"not fetched from Stripe yet (see donations lookups list): {paid_out.payout}" in err
+    (row,) = list(csv.DictReader(io.StringIO(out, newline="")))
+    amount = world.get(paid_out.payout)["amount"]
+    assert (row["payout"], row["payout_status"], row["payout_amount"], row["payout_balanced"]) \
+        == (paid_out.payout, "paid", f"{amount // 100}.{amount % 100:02d}", "")
+    assert row["balance_transaction"] == row["amount"] == row["net"] == ""
+
+
 async def test_many_transactions_are_fetched_page_by_page(
     client: Client, pool: asyncpg.Pool
 ) -> None:

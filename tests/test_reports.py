@@ -252,6 +252,10 @@ def test_window_parsing_refuses_what_it_cannot_read() -> None:
         (("2026-11-01", "2026-11-01", None), Unprocessable, "to"),
         (("2026-12-01", "2026-11-01", None), Unprocessable, "to"),
         (("2026-11-01", "2026-12-01", "Mars/Olympus"), BadRequest, "tz"),
+        # moments that fall outside the years 1-9999 once in UTC
+        (("0001-01-01", "2026-12-01", "Asia/Tokyo"), BadRequest, "from"),
+        (("0001-01-01T00:00:00+01:00", "2026-12-01", None), BadRequest, "from"),
+        (("2026-11-01", "9999-12-31T23:00:00-05:00", None), BadRequest, "to"),
     ]
     for args, error, name in cases:
         with pytest.raises(error) as caught:
@@ -268,6 +272,7 @@ async def test_bad_parameters_are_refused_naming_the_field(
         ({**WIDE, "format": "xlsx"}, 400, "format"),
         ({"from": "2026-12-01", "to": "2026-11-01"}, 422, "to"),
         ({**WIDE, "tz": "Nowhere/Else"}, 400, "tz"),
+        ({**WIDE, "from": "0001-01-01", "tz": "Asia/Tokyo"}, 400, "from"),
     ]
     for params, status, name in cases:
         response = await client.get("/v1/reports/contributions", headers=headers, params=params)
