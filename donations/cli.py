@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("--include-attention", action="store_true",
                        help="also events set aside for an API version not understood")
     events_commands.add_parser("list", help="count stored events by status")
+    reapply = events_commands.add_parser(
+        "reapply", help="offer applied events again (after a change to which snapshot wins)")
+    reapply.add_argument("--type", required=True, dest="type_pattern", metavar="PATTERN",
+                         help="event types, SQL LIKE: 'charge.dispute.%%'")
 
     lookups = commands.add_parser(
         "lookups", help="look-ups at Stripe (balance transactions, payouts' transactions)")
@@ -112,8 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "migrate":
             return asyncio.run(_migrate(settings))
         if args.command == "events":
-            return asyncio.run(_events(settings, args.events_command, args.include_attention
-                                       if args.events_command == "retry" else False))
+            return asyncio.run(_events(settings, args))
         if args.command == "lookups":
             return asyncio.run(
                 _in_transaction(settings, lambda conn: _lookups(conn, args.lookups_command)))
@@ -183,7 +186,8 @@ async def _migrate(settings: Settings) -> int:
             embedded.stop()
 
 
-async def _events(settings: Settings, command: str, include_attention: bool) -> int:
+async def _events(settings: Settings, args: argparse.Namespace) -> int:
+    command = args.events_command
     dsn, embedded = await _with_database(settings)
     try:
         await db.migrate(dsn)
@@ -197,8 +201,14 @@ async def _events(settings: Settings, command: str, include_attention: bool) -> 
                 for row in rows:
                     print(f"{row['status']}\t{row['n']}")
                 return 0
-            statuses = ["failed", "pending"] + (["needs_attention"] if include_attention else [])
             offer = FoundingOffer(settings.founding_coupon_id, settings.founding_percent_off)
+            if command == "reapply":
+                kept = await ingest.reapply(pool, offer, args.type_pattern)
+                print(f"{kept} object(s) took a snapshot that outranks the one they had; "
+                      "their ledger rows are derived again")
+                return 0
+            statuses = ["failed", "pending"] + (["needs_attention"] if args.include_attention
+                                                else [])
             counts = await ingest.retry_unfinished(pool, offer, statuses)
             print(", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "nothing to retry")
             return 1 if counts.get("failed") else 0

@@ -82,9 +82,11 @@ _STAGE: dict[str, dict[str, int]] = {
     },
     "charge": {"pending": 0, "failed": 1, "succeeded": 1},
     "refund": {"pending": 0, "requires_action": 0, "succeeded": 1, "failed": 2, "canceled": 2},
+    # an inquiry (warning_*) that the bank escalates becomes a chargeback on the same object:
+    # every chargeback status outranks every inquiry status (sql/013 re-ranked stored ones)
     "dispute": {
-        "warning_needs_response": 0, "needs_response": 0, "warning_under_review": 1,
-        "under_review": 1, "warning_closed": 2, "won": 2, "lost": 2, "prevented": 2,
+        "warning_needs_response": 0, "warning_under_review": 1, "warning_closed": 2,
+        "needs_response": 3, "under_review": 4, "won": 5, "lost": 5, "prevented": 5,
     },
     "checkout.session": {"open": 0, "expired": 1, "complete": 1},
     "subscription": {

@@ -248,15 +248,18 @@ async def apply_snapshots(
 
 async def apply_stored(
     conn: asyncpg.Connection, event_id: str, snapshot: Snapshot, offer: FoundingOffer
-) -> None:
-    """Apply an event stored earlier (a retry of one that failed, or set aside for attention)."""
+) -> bool:
+    """Apply an event stored earlier (a retry of one that failed, or set aside for attention,
+    or offered again); True when its snapshot was kept."""
     plan = Plan.of([snapshot])
     await plan.look(conn)
     locks = plan.lock_order()
     await db.lock(conn, locks)
     plan.locked.update(locks)
-    if await store.put_snapshot(conn, snapshot, event_id):
-        await apply_snapshots(conn, [snapshot], offer, plan)
+    if not await store.put_snapshot(conn, snapshot, event_id):
+        return False
+    await apply_snapshots(conn, [snapshot], offer, plan)
+    return True
 
 
 async def retry_unfinished(
@@ -274,6 +277,35 @@ async def retry_unfinished(
             outcome = await _reapply_attention(pool, event, offer)
         counts[outcome.value] = counts.get(outcome.value, 0) + 1
     return counts
+
+
+async def reapply(pool: asyncpg.Pool, offer: FoundingOffer, type_pattern: str) -> int:
+    """Offer the applied events whose type matches `type_pattern` (SQL LIKE) again, oldest
+    first: a snapshot that now outranks the one kept (after a change to the ranking) replaces it
+    and its ledger rows are derived again; the rest changes nothing. Returns how many objects
+    took a snapshot they did not have. For the `events reapply` command."""
+    async with db.connection(pool) as conn:
+        rows = await conn.fetch(
+            """
+            SELECT id, payload::text AS payload FROM stripe_events
+             WHERE type LIKE $1 AND status = 'processed'
+             ORDER BY created, id
+            """,
+            type_pattern,
+        )
+    changed: set[str] = set()
+    for row in rows:
+        _, snapshot = classify(parse_event(json.loads(row["payload"])))
+        if snapshot is None:
+            continue
+
+        async def work(conn: asyncpg.Connection, snapshot: Snapshot = snapshot,
+                       event_id: str = row["id"]) -> bool:
+            return await apply_stored(conn, event_id, snapshot, offer)
+
+        if await db.transaction(pool, work):
+            changed.add(snapshot.id)
+    return len(changed)
 
 
 async def _reapply_attention(pool: asyncpg.Pool, event: Event, offer: FoundingOffer) -> Outcome:

@@ -299,11 +299,12 @@ def summarise(
     campaign: Campaign | None = None,
 ) -> Totals:
     """A scope's figures from its buckets, keyed (currency, settlement currency)."""
-    raised = contributions = supporters = 0
+    raised = contributions = supporters = active = 0
     per_currency: dict[str, Bucket] = {}
     for (currency, settlement), bucket in buckets.items():
         supporters += bucket.supporters
         contributions += bucket.contributions
+        active += bucket.active_subscriptions  # every currency's, as contributions are
         if currency == reporting_currency:
             raised += bucket.raised
         elif settlement == reporting_currency:
@@ -327,7 +328,7 @@ def summarise(
         percent_of_goal=percent_of_goal(raised, goal.amount) if goal else None,
         supporters=supporters,
         contributions=contributions,
-        active_subscriptions=home.active_subscriptions,
+        active_subscriptions=active,
         monthly_recurring=Money(monthly(home.recurring_annual), reporting_currency),
         founding_seats_left=max(0, founding_seats - founding_taken),
         by_currency=by_currency,

@@ -121,7 +121,9 @@ def histories(draw: st.DrawFn, max_steps: int = 12) -> History:
         elif action == "dispute":
             charge = world.objects[draw(st.sampled_from(charges))]
             if not charge["disputed"] and int(charge["amount_refunded"]) == 0:
-                world.dispute(charge["id"], draw(st.sampled_from(["won", "lost", None])))
+                # some start as an inquiry that the bank escalates to a chargeback
+                world.dispute(charge["id"], draw(st.sampled_from(["won", "lost", None])),
+                              inquiry=draw(st.booleans()))
     return History(world, charges, subscriptions)
 
 

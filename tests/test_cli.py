@@ -160,6 +160,43 @@ async def test_events_retry_applies_what_failed(pool: asyncpg.Pool, dsn: str) ->
     assert "failed" not in out
 
 
+async def test_events_reapply_lets_a_snapshot_kept_out_by_an_old_ranking_win(
+    pool: asyncpg.Pool, dsn: str
+) -> None:
+    world = World(seed=24)
+    paid = world.one_off(900, "gbp")
+    world.dispute(paid.charge, inquiry=True)  # escalated: needs_response, 900 withdrawn
+    events = world.events
+    for e in events:
+        await ingest(pool, parse_event(e), json.dumps(e), FoundingOffer())
+    assert await dump(pool) == reference(events)
+
+    # the state before sql/013: the inquiry's snapshot kept (it outranked the chargeback's),
+    # its ledger rows derived from it
+    inquiry = next(e for e in events if e["data"]["object"].get("status")
+                   == "warning_under_review")
+    await pool.execute(
+        """
+        UPDATE stripe_objects o SET rank = 1, event_id = e.id,
+               event_created = extract(epoch FROM e.created)::bigint,
+               data = e.payload::jsonb -> 'data' -> 'object'
+          FROM stripe_events e WHERE e.id = $1 AND o.object = 'dispute';
+        UPDATE disputes SET status = 'warning_under_review', amount_held = 0;
+        UPDATE payments SET amount_disputed = 0;
+        """.replace("$1", f"'{inquiry['id']}'"),
+    )
+    assert await dump(pool) != reference(events)
+
+    code, out, err = await _run("events", "reapply", "--type", "charge.dispute.%",
+                                env=_env(DATABASE_URL=dsn))
+    assert code == 0, err
+    assert out.startswith("1 object(s) took a snapshot that outranks the one they had")
+    assert await dump(pool) == reference(events)
+    code, out, _ = await _run("events", "reapply", "--type", "charge.dispute.%",
+                              env=_env(DATABASE_URL=dsn))
+    assert out.startswith("0 object(s) took")
+
+
 async def test_lookups_list_and_retry_put_back_what_was_set_aside(
     pool: asyncpg.Pool, dsn: str
 ) -> None:

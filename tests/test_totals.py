@@ -176,6 +176,41 @@ async def test_totals_follow_refunds_disputes_plans_and_the_founding_discount(
     await _verify_clean(pool)
 
 
+async def test_an_inquiry_escalated_to_a_chargeback_holds_its_amount(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    world = World(seed=404)
+    world.one_off(2500, "gbp", email="ann@example.org")
+    escalated = world.one_off(800, "gbp", email="jo@example.org")
+    dispute = world.dispute(escalated.charge, inquiry=True)  # needs_response, money withdrawn
+    await post_all(client, world.events)
+
+    assert world.get(str(dispute.dispute))["status"] == "needs_response"
+    row = await pool.fetchrow("SELECT status, amount_held FROM disputes")
+    assert row is not None and tuple(row) == ("needs_response", 800)
+    body = await _totals(client)
+    assert body["raised"]["amount"] == 2500  # the 800 Stripe withdrew is held out
+    assert body["contributions"] == 2  # an open dispute still counts, as in the contract
+    await _verify_clean(pool)
+
+
+async def test_active_subscriptions_count_every_currency_monthly_recurring_the_reporting_one(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    world = World(seed=405)
+    world.subscribe(1000, "gbp", email="gus@example.org")
+    world.subscribe(1200, "usd", email="kim@example.org")
+    await post_all(client, world.events)
+
+    body = await _totals(client)
+    assert body["active_subscriptions"] == 2
+    assert body["monthly_recurring"] == {"amount": 1000, "currency": "gbp"}
+    usd = next(c for c in body["by_currency"] if c["currency"] == "usd")
+    assert usd["active_subscriptions"] == 1
+    assert usd["monthly_recurring"] == {"amount": 1200, "currency": "usd"}
+    await _verify_clean(pool)
+
+
 async def test_a_foreign_payment_counts_once_settled_and_refunds_pro_rata(
     client: Client, pool: asyncpg.Pool
 ) -> None:

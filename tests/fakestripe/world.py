@@ -1260,6 +1260,7 @@ class World:
         *,
         amount: int | None = None,
         reason: str = "fraudulent",
+        inquiry: bool = False,
     ) -> DisputeResult:
         """A chargeback: Stripe withdraws the amount plus its dispute fee at once.
 
@@ -1267,12 +1268,29 @@ class World:
         charge.dispute.updated (under_review, evidence submitted); with an `outcome`, 30 days
         later charge.dispute.closed (won/lost) and, when won, charge.dispute.funds_reinstated.
         Each dispute event embeds the full balance transactions so far.
+
+        With `inquiry`, the same dispute object starts as an inquiry the bank later escalates:
+        charge.dispute.created (warning_needs_response, no money moved), a day later
+        charge.dispute.updated (warning_under_review), five days later charge.dispute.updated
+        (needs_response) with the withdrawal and charge.dispute.funds_withdrawn, then as above;
+        without an `outcome` it stops there (just escalated, awaiting evidence).
         """
         ch = self._charge(charge_id)
         out = DisputeResult()
         self.advance(DAY)
         amount = int(ch["amount"]) if amount is None else amount
         dp_id = self.ids.new("dp")
+        if inquiry:
+            dp = self._put(o.dispute(
+                id=dp_id, amount=amount, currency=ch["currency"], created=self.now,
+                charge=charge_id, payment_intent=ch["payment_intent"], reason=reason,
+                livemode=self.livemode, status="warning_needs_response"))
+            ch["disputed"] = True
+            self._emit(out, "charge.dispute.created", dp)
+            self.advance(DAY)
+            self._emit(out, "charge.dispute.updated", dp,
+                       previous=self._changes(dp, status="warning_under_review"))
+            self.advance(5 * DAY)
         settled, rate = self.settle(amount, ch["currency"])
         withdrawal = self._bt(
             amount=-settled,
@@ -1285,22 +1303,32 @@ class World:
             exchange_rate=rate,
             description=f"Chargeback withdrawal for {charge_id}",
         )
-        dp = self._put(
-            o.dispute(
-                id=dp_id,
-                amount=amount,
-                currency=ch["currency"],
-                created=self.now,
-                charge=charge_id,
-                payment_intent=ch["payment_intent"],
-                balance_transactions=[withdrawal],
-                reason=reason,
-                livemode=self.livemode,
+        if inquiry:  # escalated: the same object becomes a chargeback
+            dp = self.objects[dp_id]
+            dp["balance_transactions"] = [withdrawal]
+            self._emit(out, "charge.dispute.updated", dp,
+                       previous=self._changes(dp, status="needs_response"))
+        else:
+            dp = self._put(
+                o.dispute(
+                    id=dp_id,
+                    amount=amount,
+                    currency=ch["currency"],
+                    created=self.now,
+                    charge=charge_id,
+                    payment_intent=ch["payment_intent"],
+                    balance_transactions=[withdrawal],
+                    reason=reason,
+                    livemode=self.livemode,
+                )
             )
-        )
-        ch["disputed"] = True
-        self._emit(out, "charge.dispute.created", dp)
+            ch["disputed"] = True
+            self._emit(out, "charge.dispute.created", dp)
         self._emit(out, "charge.dispute.funds_withdrawn", dp)
+        if inquiry and outcome is None:  # just escalated: no evidence submitted yet
+            out.dispute = dp_id
+            out.balance_transactions = [withdrawal["id"]]
+            return out
         self.advance(2 * DAY)
         prev_details = copy.deepcopy(dp["evidence_details"])
         dp["evidence"]["uncategorized_text"] = "Supporter confirmed the donation by e-mail."
