@@ -18,9 +18,10 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 from urllib.parse import urlsplit
 
+import asyncpg
 import stripe
 import structlog
 from aiohttp import web
@@ -35,6 +36,7 @@ from donations.errors import (
     ServiceUnavailable,
     Unprocessable,
 )
+from donations.metrics import Metrics
 from donations.money import Money, to_major
 from donations.offer import Interval
 from donations.settings import Settings
@@ -65,8 +67,10 @@ _FIELDS: dict[Kind, frozenset[str]] = {
     "subscription": frozenset({"amount", "currency", "interval", "email", "campaign",
                                "success_url", "cancel_url", "metadata"}),
 }
+# RFC 5322's dot-atom: atoms of atext joined by single dots (no dot first, last or twice), at
+# most 64 characters before the @; then a host name of letters, digits and hyphens
 _EMAIL = re.compile(
-    r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@"
+    r"^(?=[^@]{1,64}@)[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*@"
     r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$"
 )
 _UNSAFE_URL = re.compile(r"[\x00-\x20\x7f\\]")
@@ -150,8 +154,10 @@ def parse_order(body: dict[str, Any], kind: Kind, settings: Settings) -> Order:
 
 def origin_of(url: str) -> str | None:
     """`scheme://host[:port]` of an http(s) URL, lower-case, the default port left out."""
-    parts = urlsplit(url)
     try:
+        # ValueError: an unclosed "[", a host that normalises to "/", "?", "#", "@" or ":",
+        # a port that is not a number
+        parts = urlsplit(url)
         port = parts.port
     except ValueError:
         return None
@@ -169,11 +175,11 @@ def site_url(body: dict[str, Any], name: str, origins: tuple[str, ...]) -> str:
     would make this service an open redirect."""
     url = inputs.text(body, name, max_length=2000)
     assert url is not None
-    parts = urlsplit(url)
-    if _UNSAFE_URL.search(url) or parts.username is not None or origin_of(url) is None:
+    origin = origin_of(url)  # None when urlsplit cannot read it
+    if _UNSAFE_URL.search(url) or origin is None or urlsplit(url).username is not None:
         raise Unprocessable("invalid_url", f"{name} must be an absolute http(s) URL",
                             field=name)
-    if origin_of(url) not in _site_origins(origins):
+    if origin not in _site_origins(origins):
         raise Unprocessable("url_not_allowed", f"{name} must be on the site "
                             "(one of SITE_ORIGINS)", field=name)
     return url
@@ -404,26 +410,30 @@ async def _create(request: web.Request, kind: Kind) -> web.Response:
                 raise
     founding = hold_id is not None
 
-    params = session_params(order, settings, founding=founding, expires_at=expires_at)
-    options: stripe.RequestOptions = {}
-    if key is not None:
-        options["idempotency_key"] = idempotency.stripe_key(key, attempt)
-    try:
-        session = await stripe_api.create_checkout_session(client, params, options)
-    except stripe.StripeError as exc:
-        error = stripe_api.failure(exc)
-        metrics.stripe_errors.inc(operation="checkout_session_create", code=error.code)
-        log.warning("stripe_call_failed", operation="checkout_session_create",
-                    error_type=type(exc).__name__, http_status=exc.http_status,
-                    stripe_code=exc.code, stripe_request_id=exc.request_id,
-                    stripe_message=str(exc.user_message or "")[:300], answer=error.code)
-        if hold_id is not None or key is not None:
-            async with db.connection(pool) as conn, conn.transaction():
-                if hold_id is not None:
-                    await seats.release(conn, hold_id)
-                if key is not None:
-                    await idempotency.fail(conn, key)
-        raise error from None
+    # Anything but a StripeError (a bug, a cancelled request) leaves the seat held and the key
+    # claimed: the session may exist at Stripe, and a seat given back could then be sold twice.
+    # The hold lapses with the session (30 minutes and the grace), the claim after STALE.
+    full_price_retry = ""
+    while True:
+        params = session_params(order, settings, founding=founding, expires_at=expires_at)
+        options: stripe.RequestOptions = {}
+        if key is not None:
+            options["idempotency_key"] = idempotency.stripe_key(key, attempt) + full_price_retry
+        try:
+            session = await stripe_api.create_checkout_session(client, params, options)
+            break
+        except stripe.StripeError as exc:
+            if founding and stripe_api.coupon_used_up(exc):
+                # Stripe counts more redemptions of the coupon than we do (a webhook not in
+                # yet, a redemption made in the Dashboard): the offer is over, at full price
+                metrics.stripe_errors.inc(operation="checkout_session_create",
+                                          code="founding_coupon_used_up")
+                log.warning("founding_coupon_used_up_at_stripe", stripe_code=exc.code,
+                            stripe_request_id=exc.request_id)
+                await _undo(pool, hold_id, None)
+                hold_id, founding, full_price_retry = None, False, ":full-price"
+                continue
+            await _fail_checkout(exc, metrics, pool, hold_id, key)
 
     response = answer(order, session, founding=founding)
     if hold_id is not None or key is not None:
@@ -438,6 +448,31 @@ async def _create(request: web.Request, kind: Kind) -> web.Response:
              amount=order.amount, currency=order.currency, interval=order.interval,
              campaign=order.campaign, founding=founding)
     return web.json_response(response, status=201)
+
+
+async def _fail_checkout(exc: stripe.StripeError, metrics: Metrics, pool: asyncpg.Pool,
+                         hold_id: int | None, key: str | None) -> NoReturn:
+    """Stripe refused or failed the session: count and log it, give the seat and the key back,
+    and answer with what it means for the site (never Stripe's own message)."""
+    error = stripe_api.failure(exc)
+    metrics.stripe_errors.inc(operation="checkout_session_create", code=error.code)
+    log.warning("stripe_call_failed", operation="checkout_session_create",
+                error_type=type(exc).__name__, http_status=exc.http_status,
+                stripe_code=exc.code, stripe_request_id=exc.request_id,
+                stripe_message=str(exc.user_message or "")[:300], answer=error.code)
+    await _undo(pool, hold_id, key)
+    raise error from None
+
+
+async def _undo(pool: asyncpg.Pool, hold_id: int | None, key: str | None) -> None:
+    """Give back the seat a checkout held and free its idempotency key for a retry."""
+    if hold_id is None and key is None:
+        return
+    async with db.connection(pool) as conn, conn.transaction():
+        if hold_id is not None:
+            await seats.release(conn, hold_id)
+        if key is not None:
+            await idempotency.fail(conn, key)
 
 
 @routes.get("/v1/checkout/options")

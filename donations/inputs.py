@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -24,12 +25,48 @@ async def read_json(request: web.Request, max_bytes: int = MAX_JSON_BODY) -> dic
         if len(body) > max_bytes:
             raise PayloadTooLarge("body_too_large", f"the body is over {max_bytes} bytes")
     try:
-        value = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        text = body.decode("utf-8")
+        value = json.loads(text)
+    # ValueError beyond JSONDecodeError: an integer of more than 4,300 digits;
+    # RecursionError: arrays or objects nested thousands deep
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise BadRequest("malformed_json", "the body is not valid JSON") from None
     if not isinstance(value, dict):
         raise BadRequest("malformed_json", "the body must be a JSON object")
+    if _SURROGATE_ESCAPE.search(text):
+        bad = _not_unicode(value)
+        if bad is not None:
+            # "\ud800" alone is valid JSON but no character: nothing downstream can encode it
+            raise BadRequest("invalid_unicode", "the value has a \\u escape that is half of "
+                             "a surrogate pair, which is not a character", field=bad or None)
     return value
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _not_unicode(value: object, path: str = "") -> str | None:
+    """The dotted path of the first string (or key) in a parsed JSON value that is not valid
+    Unicode (it holds a lone surrogate); None when every one is."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    items: list[tuple[object, object]] = []
+    if isinstance(value, dict):
+        items = list(value.items())
+    elif isinstance(value, list):
+        items = list(enumerate(value))
+    for key, item in items:
+        if isinstance(key, str) and _not_unicode(key) is not None:
+            return path or "(a key)"
+        inner = f"{path}.{key}" if path else str(key)
+        found = _not_unicode(item, inner)
+        if found is not None:
+            return found
+    return None
 
 
 def text(body: dict[str, Any], name: str, *, required: bool = True, max_length: int = 500

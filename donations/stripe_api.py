@@ -8,7 +8,7 @@ from typing import Any
 import stripe
 from stripe.params.checkout import SessionCreateParams
 
-from donations.errors import ApiError, BadGateway, ServiceUnavailable
+from donations.errors import ApiError, BadGateway, ServiceUnavailable, Unprocessable
 from donations.events import PINNED_API_VERSION
 from donations.settings import Settings
 
@@ -53,6 +53,12 @@ def plain(obj: Any) -> dict[str, Any]:
     return dict(json.loads(str(obj)))
 
 
+def coupon_used_up(exc: stripe.StripeError) -> bool:
+    """Whether Stripe refused a session because its coupon is no longer valid: it reached its
+    max_redemptions (Stripe's count, which can be ahead of ours) or was deleted."""
+    return isinstance(exc, stripe.InvalidRequestError) and exc.code == "coupon_expired"
+
+
 def failure(exc: stripe.StripeError) -> ApiError:
     """What to answer when a Stripe call on a request's path failed: 503 when trying again later
     may work (Stripe unreachable, slow, rate limiting, failing), 502 when Stripe refused what we
@@ -75,6 +81,9 @@ def failure(exc: stripe.StripeError) -> ApiError:
     ).startswith(("line_items", "discounts")):
         return ServiceUnavailable("stripe_not_set_up", "the Stripe account lacks the products or "
                                   "coupon checkout uses (run `donations stripe-setup`)")
+    if isinstance(exc, stripe.InvalidRequestError) and exc.code == "email_invalid":
+        return Unprocessable("invalid_email", "Stripe does not accept this e-mail address",
+                             field="email")
     if isinstance(exc, stripe.IdempotencyError):
         return BadGateway("stripe_idempotency_conflict",
                           "Stripe saw this idempotency key with other parameters")

@@ -3,7 +3,9 @@ reached Stripe, what the form is answered, and the ledger once Stripe's webhooks
 
 from __future__ import annotations
 
+import json
 import time
+from typing import Any
 
 import asyncpg
 from pytest_aiohttp import AiohttpClient
@@ -273,6 +275,17 @@ async def test_stripe_failures_are_clear_502_and_503_answers(
             'operation="checkout_session_create"} 1') in metrics
 
 
+async def test_stripe_refusing_the_readers_e_mail_is_a_422_naming_it(
+    pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
+) -> None:
+    async with checkout_service(aiohttp_client, dsn) as (client, fake):
+        fake.fail_next(1, 400, SESSIONS, code="email_invalid", param="customer_email")
+        response = await client.post(CONTRIBUTIONS, json=order(email="jane@example.org"))
+        error = (await response.json())["error"]
+    assert (response.status, error["code"], error["field"]) == (422, "invalid_email", "email")
+    assert "jane" not in error["message"]  # neither Stripe's words nor the address echoed
+
+
 async def test_an_unreachable_stripe_is_503(
     pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
 ) -> None:
@@ -315,6 +328,15 @@ async def test_invalid_requests_name_the_field_and_never_reach_stripe(
         (CONTRIBUTIONS, order(interval="month"), 400, "unknown_field", "interval"),
         (CONTRIBUTIONS, order(email="not an email"), 422, "invalid_email", "email"),
         (CONTRIBUTIONS, order(email="a@b"), 422, "invalid_email", "email"),
+        # RFC 5322: no dot first, last or twice before the @ (Stripe refuses them too)
+        (CONTRIBUTIONS, order(email=".jane@example.org"), 422, "invalid_email", "email"),
+        (CONTRIBUTIONS, order(email="jane.@example.org"), 422, "invalid_email", "email"),
+        (CONTRIBUTIONS, order(email="jane..doe@example.org"), 422, "invalid_email", "email"),
+        # URLs urlsplit cannot read: an unclosed IPv6 bracket, a host that normalises to "#"
+        (CONTRIBUTIONS, order(success_url="https://[news.example.org/thanks"), 422,
+         "invalid_url", "success_url"),
+        (CONTRIBUTIONS, order(cancel_url="https://news.example.org\uff03.evil.com/"), 422,
+         "invalid_url", "cancel_url"),
         (CONTRIBUTIONS, order(success_url="https://evil.example.com/x"), 422,
          "url_not_allowed", "success_url"),
         (CONTRIBUTIONS, order(success_url="https://news.example.org.evil.com/"), 422,
@@ -366,6 +388,44 @@ async def test_invalid_requests_name_the_field_and_never_reach_stripe(
         sent = created_sessions(fake)
     assert len(sent) == 5
     assert sent[2].form["line_items"][0]["price_data"]["unit_amount"] == "200"
+
+
+async def test_bodies_json_allows_but_nothing_can_use_are_400_and_hold_no_seat(
+    pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
+) -> None:
+    def raw(body: dict[str, Any], name: str, text: str) -> bytes:
+        """`body` as JSON with the field `name` set to the raw JSON `text`."""
+        return (json.dumps({k: v for k, v in body.items() if k != name})[:-1]
+                + f', "{name}": {text}}}').encode()
+
+    json_header = {"Content-Type": "application/json"}
+    cases = [
+        # half a surrogate pair is valid JSON and no character: nothing can encode it
+        (raw(subscription(), "metadata", '{"ref": "\\ud800"}'), "invalid_unicode",
+         "metadata.ref"),
+        (raw(subscription(), "success_url", f'"{SITE}/thanks/\\udc00"'), "invalid_unicode",
+         "success_url"),
+        # an integer longer than Python will read, and nesting deeper than it will recurse
+        (raw(subscription(), "amount", "1" + "0" * 5000), "malformed_json", None),
+        (raw(subscription(), "metadata", "[" * 20_000 + "]" * 20_000), "malformed_json", None),
+    ]
+    async with checkout_service(aiohttp_client, dsn, founding_seats=1) as (client, fake):
+        for body, code, field in cases:
+            for headers in (json_header, {**json_header, "Idempotency-Key": f"k-{code}"}):
+                response = await client.post(SUBSCRIPTIONS, data=body, headers=headers)
+                error = (await response.json())["error"]
+                assert (response.status, error["code"], error.get("field")) == (
+                    400, code, field), body[:80]
+        assert created_sessions(fake) == []
+        assert await pool.fetchval("SELECT count(*) FROM founding_holds") == 0
+        # the one seat is still there for a reader
+        good = await client.post(SUBSCRIPTIONS, json=subscription())
+        assert (await good.json())["founding_discount"] is True
+        # a surrogate pair is a real character (U+1F600) and goes through
+        paired = await client.post(CONTRIBUTIONS, headers=json_header, data=raw(
+            order(), "metadata", '{"ref": "\\ud83d\\ude00"}'))
+        assert paired.status == 201
+        assert created_sessions(fake)[-1].form["metadata"]["ref"] == "\U0001f600"
 
 
 async def test_cors_is_for_the_site_only_preflight_included(

@@ -61,6 +61,33 @@ async def test_concurrent_checkouts_never_oversell_the_last_seats(
     assert sorted(h["checkout_session"] for h in holds) == sorted(a["id"] for a in founding)
 
 
+async def test_when_stripe_counts_the_coupon_used_up_the_checkout_goes_ahead_at_full_price(
+    pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
+) -> None:
+    world = World(seed=55)
+    async with checkout_service(aiohttp_client, dsn, world, founding_seats=3) as (client, fake):
+        # Stripe has seen three redemptions we have not (webhooks not in yet, the Dashboard)
+        world.objects["founding-supporter"]["times_redeemed"] = 3
+        headers = {"Idempotency-Key": "late-seat"}
+        response = await client.post(SUBSCRIPTIONS, json=subscription(), headers=headers)
+        body = await response.json()
+        replay = await client.post(SUBSCRIPTIONS, json=subscription(), headers=headers)
+        sent = created_sessions(fake)
+        metrics = await (await client.get("/metrics")).text()
+
+    assert response.status == 201, body
+    assert body["founding_discount"] is False
+    assert (await replay.json()) == body and replay.headers["Idempotent-Replayed"] == "true"
+    # asked with the coupon, refused; asked again without it, under a key of its own
+    assert ["discounts" in r.form for r in sent] == [True, False]
+    assert [r.headers["Idempotency-Key"] for r in sent] == [
+        "checkout:late-seat", "checkout:late-seat:full-price"]
+    assert "founding_supporter" not in str(sent[1].form)
+    assert await pool.fetchval("SELECT count(*) FROM founding_holds") == 0  # seat given back
+    assert ('donations_stripe_errors_total{code="founding_coupon_used_up",'
+            'operation="checkout_session_create"} 1') in metrics
+
+
 async def test_an_expired_session_gives_its_seat_back(
     pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
 ) -> None:

@@ -99,6 +99,8 @@ class _Failure:
     path_prefix: str | None
     should_retry: bool | None
     after: int = 0  # matching requests to let through first
+    code: str | None = None  # for a 400: Stripe's error code (email_invalid…)
+    param: str | None = None  # for a 400: the parameter at fault
 
 
 # Retrievable resources: URL collection -> the `object` value its items have.
@@ -239,13 +241,16 @@ class FakeStripe:
         *,
         should_retry: bool | None = None,
         after: int = 0,
+        code: str | None = None,
+        param: str | None = None,
     ) -> None:
         """Answer the next `n` requests (whose path starts with `path_prefix`, if given) with
-        `status` (500 api_error, 429 rate_limit or 404 resource_missing). `should_retry` sets
+        `status` (500 api_error, 429 rate_limit, 404 resource_missing or 400). `should_retry` sets
         Stripe-Should-Retry, which the library obeys over its own rules (it retries 5xx, not
         429, by default).
-        `after` lets that many matching requests through first (fail from the third page)."""
-        self._failures.append(_Failure(n, status, path_prefix, should_retry, after))
+        `after` lets that many matching requests through first (fail from the third page).
+        A 400 is an invalid_request_error with `code` and `param`."""
+        self._failures.append(_Failure(n, status, path_prefix, should_retry, after, code, param))
 
     def requests_to(self, path_prefix: str) -> list[RecordedRequest]:
         return [r for r in self.requests if r.path.startswith(path_prefix)]
@@ -311,6 +316,9 @@ class FakeStripe:
             headers = {}
             if failure.should_retry is not None:
                 headers["Stripe-Should-Retry"] = "true" if failure.should_retry else "false"
+            if failure.status == 400:
+                raise StripeError(400, f"Invalid {failure.param or 'request'}",
+                                  code=failure.code, param=failure.param, headers=headers)
             if failure.status == 404:
                 raise StripeError(404, f"No such object: '{path.rsplit('/', 1)[-1]}'",
                                   code="resource_missing", headers=headers)
