@@ -223,7 +223,8 @@ async def apply_snapshots(
     refunds = [derive_refund(s) for s in latest if s.kind == "refund"]
     await store.put_rows(conn, "refunds", refunds)
     await store.queue_balance_transactions(  # the refunds' fees, for finance's reports
-        conn, sorted({r.balance_transaction for r in refunds if r.balance_transaction}))
+        conn, sorted({bt for r in refunds
+                      for bt in (r.balance_transaction, r.failure_balance_transaction) if bt}))
     await store.put_rows(conn, "disputes", [derive_dispute(s) for s in latest
                                             if s.kind == "dispute"])
     await store.put_rows(conn, "customers", [derive_customer(s) for s in latest

@@ -101,6 +101,9 @@ class RefundRow:
     reason: str | None
     balance_transaction: str | None
     created_at: datetime
+    # a refund the bank sent back (failed) or that was cancelled: Stripe's balance transaction
+    # putting the money back
+    failure_balance_transaction: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,6 +382,7 @@ def derive_refund(snapshot: Snapshot) -> RefundRow:
         reason=_str(data.get("reason")),
         balance_transaction=ref(data.get("balance_transaction")),
         created_at=_ts(data.get("created")),
+        failure_balance_transaction=ref(data.get("failure_balance_transaction")),
     )
 
 

@@ -49,10 +49,13 @@ FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 PUBLIC_TEXT = frozenset({"campaign", "email", "name"})
 BATCH = 5000  # rows per cursor fetch and per write: bounded memory, few round trips
 
-# Movements, one row each: a succeeded payment, a live refund (negative), and each balance
-# transaction a dispute embeds (Stripe's record of the funds withdrawn, and reinstated when the
-# dispute is won). A dispute seen without its balance transactions (an older API version) shows
-# one withdrawal while it holds funds, at the dispute's time, with the settlement unknown.
+# Movements, one row each: a succeeded payment; a refund (negative) that is live or that took
+# money before it failed or was cancelled, at its own time, and for those the money coming back
+# (positive, status refund_failure) at the time it did, so that a closed month never changes and
+# each payout ties; and each balance transaction a dispute embeds (Stripe's record of the funds
+# withdrawn, and reinstated when the dispute is won). A dispute seen without its balance
+# transactions (an older API version) shows one withdrawal while it holds funds, at the
+# dispute's time, with the settlement unknown.
 MOVEMENTS = """
 SELECT p.created_at, 'payment' AS type, p.kind, p.status, p.currency, p.amount, p.fee, p.net,
        p.settlement_currency, p.settlement_amount, p.campaign, p.email, c.name,
@@ -72,8 +75,30 @@ SELECT r.created_at, 'refund', p.kind, r.status, r.currency, -r.amount, bt.fee, 
   LEFT JOIN payments p ON p.payment_key = r.payment_key
   LEFT JOIN balance_transactions bt ON bt.id = r.balance_transaction
   LEFT JOIN customers c ON c.id = p.customer
- WHERE r.status IN ('pending', 'requires_action', 'succeeded')
+ WHERE (r.status IN ('pending', 'requires_action', 'succeeded')
+        OR r.balance_transaction IS NOT NULL)
    AND r.created_at >= $1 AND r.created_at < $2
+UNION ALL
+SELECT back.at, 'refund', p.kind, 'refund_failure', r.currency,
+       r.amount, bt.fee, bt.net, bt.currency, bt.amount, p.campaign, p.email, c.name,
+       coalesce(r.payment_intent, p.payment_intent), coalesce(r.charge, p.charge), p.invoice,
+       p.subscription, p.customer, bt.payout, r.id, NULL, r.failure_balance_transaction,
+       p.metadata, r.id || ':failure'
+  FROM refunds r
+  LEFT JOIN payments p ON p.payment_key = r.payment_key
+  LEFT JOIN balance_transactions bt ON bt.id = r.failure_balance_transaction
+  LEFT JOIN stripe_objects o ON o.id = r.id
+  LEFT JOIN customers c ON c.id = p.customer
+  -- when the money came back: its balance transaction's time, else that of the event that
+  -- said the refund failed (an imported object's synthetic event says nothing of it), else the
+  -- refund's own
+ CROSS JOIN LATERAL (
+      SELECT coalesce(bt.created_at,
+                      CASE WHEN left(o.event_id, 11) <> 'evt_import_'
+                           THEN to_timestamp(o.event_created) END,
+                      r.created_at) AS at) back
+ WHERE r.status IN ('failed', 'canceled') AND r.balance_transaction IS NOT NULL
+   AND back.at >= $1 AND back.at < $2
 UNION ALL
 SELECT to_timestamp((m.b ->> 'created')::bigint),
        'dispute', p.kind,
@@ -434,10 +459,12 @@ async def summary(conn: asyncpg.Connection, win: Window, reporting: str) -> dict
 
     The figures are sums of exactly the rows of the contributions report for the same window.
     Per currency, `net` is in that currency (gross less refunds and disputes); `fees` and
-    `settled_net` are in the reporting currency. In the reporting block every figure is what
-    Stripe settled; a movement whose balance transaction is not fetched yet counts there only
-    when it is in the reporting currency (at its own amount; its fee and net not at all) and is
-    counted in `pending_settlement`.
+    `settled_net` are in the reporting currency, of the movements Stripe settled in it. In the
+    reporting block every figure is what Stripe settled; a movement whose balance transaction is
+    not fetched yet counts there only when it is in the reporting currency (at its own amount;
+    its fee and net not at all) and is counted in `pending_settlement`. A movement Stripe
+    settled in another currency (an account that also pays out in it) is in neither: its fees
+    and net are under `settled_elsewhere`, per settlement currency, in that currency.
     """
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         rows = await conn.fetch(SUMMARY_ROWS, win.start, win.end)
@@ -448,22 +475,36 @@ async def summary(conn: asyncpg.Connection, win: Window, reporting: str) -> dict
     per: dict[str, _Figures] = {}
     fees: dict[str, int] = {}
     settled_net: dict[str, int] = {}
+    # (payment currency or None for the whole, settlement currency) -> [movements, fees, net]
+    elsewhere: dict[tuple[str | None, str], list[int]] = {}
     settled = _Figures()
     for row in rows:
-        currency = row["currency"]
+        currency, settlement = row["currency"], row["settlement_currency"]
         per.setdefault(currency, _Figures()).add(row, int(row["amount"]))
-        fees[currency] = fees.get(currency, 0) + int(row["fee"] or 0)
-        settled_net[currency] = settled_net.get(currency, 0) + int(row["net"] or 0)
         # every movement is counted; its money only once known in the reporting currency
         amount = 0
-        if row["settlement_currency"] == reporting:
+        if settlement == reporting:
             amount = int(row["settled"] or 0)
             settled.fees += int(row["fee"] or 0)
             settled.net += int(row["net"] or 0)
-        elif row["settlement_currency"] is None and currency == reporting:
-            amount = int(row["unsettled_amount"] or 0)
+            fees[currency] = fees.get(currency, 0) + int(row["fee"] or 0)
+            settled_net[currency] = settled_net.get(currency, 0) + int(row["net"] or 0)
+        elif settlement is None:
+            if currency == reporting:
+                amount = int(row["unsettled_amount"] or 0)
+        else:
+            for key in ((currency, settlement), (None, settlement)):
+                cell = elsewhere.setdefault(key, [0, 0, 0])
+                cell[0] += int(row["n"])
+                cell[1] += int(row["fee"] or 0)
+                cell[2] += int(row["net"] or 0)
         settled.add(row, amount)
         settled.unsettled += int(row["unsettled"])
+
+    def settled_elsewhere(of: str | None) -> list[dict[str, Any]]:
+        return [{"currency": sc, "movements": n, "fees": _money(fee, sc), "net": _money(net, sc)}
+                for (c, sc), (n, fee, net) in sorted(elsewhere.items(), key=lambda i: i[0][1])
+                if c == of]
 
     mrr: dict[str, Fraction] = {}
     for live in active:
@@ -492,6 +533,7 @@ async def summary(conn: asyncpg.Connection, win: Window, reporting: str) -> dict
                           + figures.reinstated, currency),
             "fees": _money(fees.get(currency, 0), reporting),
             "settled_net": _money(settled_net.get(currency, 0), reporting),
+            "settled_elsewhere": settled_elsewhere(currency),
             "new_subscriptions": int(sub["new"]) if sub else 0,
             "ended_subscriptions": int(sub["ended"]) if sub else 0,
             "monthly_recurring": _money(_round(mrr.get(currency, Fraction(0))), currency),
@@ -505,6 +547,7 @@ async def summary(conn: asyncpg.Connection, win: Window, reporting: str) -> dict
             "fees": _money(settled.fees, reporting),
             "net": _money(settled.net, reporting),
             "pending_settlement": settled.unsettled,
+            "settled_elsewhere": settled_elsewhere(None),
             "new_subscriptions": sum(int(s["new"]) for s in subs.values()),
             "ended_subscriptions": sum(int(s["ended"]) for s in subs.values()),
             "monthly_recurring": _money(mrr_reporting, reporting),

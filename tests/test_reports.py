@@ -429,3 +429,108 @@ async def test_the_cli_writes_the_same_reports(
     code, _, err = await _run("report", "summary", "--from", "2026-12-01", "--to", "2026-11-01",
                               env=env)
     assert code == 1 and "to must be after from" in err
+
+
+# --- a refund the bank sends back, and money settled in another currency -----------------------
+
+
+def _minor(value: str) -> int:
+    return int(value.replace(".", "")) if value else 0
+
+
+async def _settle_everything(pool: asyncpg.Pool, world: World) -> None:
+    """What the fee and payout workers do once Stripe answers."""
+    async with stripe_against(world) as (_, stripe_client):
+        while await fees.run_once(pool, stripe_client, Metrics()):
+            pass
+        while await payouts.run_once(pool, stripe_client):
+            pass
+
+
+async def test_a_refund_that_fails_after_its_payout_ties_the_report_to_both_payouts(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    world = World(seed=901, start=START)
+    paid = world.one_off(5000, "gbp", email="a@example.org")
+    refund = world.refund(paid.charge, 2000)
+    first = world.payout()
+    world.advance(86_400)
+    failed = world.fail_refund(refund.refund)  # the bank sends it back: refund_failure
+    world.one_off(1000, "gbp", email="b@example.org")
+    second = world.payout()
+    await post_all(client, world.events)
+    await _settle_everything(pool, world)
+    headers = await _bearer(pool)
+
+    response = await client.get("/v1/reports/contributions", headers=headers, params=WIDE)
+    assert response.status == 200
+    rows = _parse(await response.text())
+    bts = world.balance_transactions
+    for po in (first.payout, second.payout):
+        members = [t for t in world.payout_members[po] if bts[t]["type"] != "payout"]
+        in_report = [r for r in rows if r["payout"] == po]
+        assert sorted(r["balance_transaction"] for r in in_report) == sorted(members), po
+        assert sum(_minor(r["net"]) for r in in_report) == world.get(po)["amount"], po
+    refund_rows = [r for r in rows if r["refund"] == refund.refund]
+    assert [(r["status"], r["amount"], r["balance_transaction"]) for r in refund_rows] == [
+        ("failed", "-20.00", world.get(refund.refund)["balance_transaction"]),
+        ("refund_failure", "20.00", failed.balance_transaction)]
+    assert refund_rows[0]["created_at"] < refund_rows[1]["created_at"]
+    detail = await (await client.get(f"/v1/reports/payouts/{second.payout}",
+                                     headers=headers)).json()
+    (back,) = [m for m in detail["balance_transactions"] if m["type"] == "refund_failure"]
+    assert back["refund"] == refund.refund
+    assert back["payment_amount"] == {"amount": 2000, "currency": "gbp"}  # money coming back
+
+
+async def test_a_closed_months_summary_does_not_change_when_its_refund_fails_later(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    world = World(seed=902, start=START)  # 2026-11-18
+    paid = world.one_off(5000, "gbp")
+    refund = world.refund(paid.charge, 2000)
+    world.payout()
+    await post_all(client, world.events)
+    await _settle_everything(pool, world)
+    headers = await _bearer(pool)
+    november = {"from": "2026-11-01", "to": "2026-12-01"}
+    december = {"from": "2026-12-01", "to": "2027-01-01"}
+    before = await (await client.get("/v1/reports/summary", headers=headers,
+                                     params=november)).json()
+    assert before["reporting"]["refunds"]["amount"] == 2000
+
+    world.now = 1_796_688_000  # 2026-12-07T12:00:00Z: the bank returns the refund
+    await post_all(client, world.fail_refund(refund.refund).events)
+    await _settle_everything(pool, world)
+    after = await (await client.get("/v1/reports/summary", headers=headers,
+                                    params=november)).json()
+    assert after["reporting"]["refunds"] == before["reporting"]["refunds"]
+    assert after["reporting"]["net"] == before["reporting"]["net"]
+    later = await (await client.get("/v1/reports/summary", headers=headers,
+                                    params=december)).json()
+    assert later["reporting"]["refunds"] == {"amount": -2000, "currency": "gbp"}  # came back
+
+
+async def test_fees_settled_in_another_currency_are_given_in_that_currency(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    world = World(seed=904, start=START)
+    usd = world.one_off(2500, "usd")
+    world.one_off(1000, "gbp")
+    await post_all(client, world.events)
+    # as Stripe's balance transaction reads for an account that also pays out USD in USD
+    await pool.execute(
+        "UPDATE payments SET fee = 58, net = 2442, settlement_currency = 'usd',"
+        " settlement_amount = 2500 WHERE payment_intent = $1", usd.payment_intent)
+    headers = await _bearer(pool)
+    body = await (await client.get("/v1/reports/summary", headers=headers, params=WIDE)).json()
+
+    elsewhere = [{"currency": "usd", "movements": 1, "fees": {"amount": 58, "currency": "usd"},
+                  "net": {"amount": 2442, "currency": "usd"}}]
+    by = {c["currency"]: c for c in body["by_currency"]}
+    assert by["usd"]["fees"] == {"amount": 0, "currency": "gbp"}  # none settled in GBP
+    assert by["usd"]["settled_elsewhere"] == elsewhere
+    assert by["gbp"]["settled_elsewhere"] == []
+    assert body["reporting"]["settled_elsewhere"] == elsewhere
+    assert body["reporting"]["gross"]["amount"] == 1000  # the GBP payment's only
+    assert body["reporting"]["payments"] == 2
