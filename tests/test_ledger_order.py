@@ -16,6 +16,7 @@ from donations.events import parse_event
 from donations.ingest import ingest, ingest_many
 from donations.ledger import FoundingOffer
 from tests.conftest import empty_tables
+from tests.fakestripe.world import World
 from tests.ledger_check import dump, reference
 from tests.scenarios import History, deliveries, histories
 
@@ -135,3 +136,14 @@ async def test_groups_of_events_give_the_same_ledger_as_one_at_a_time(
     await _reset(pool)
     await _deliver_in_groups(pool, shuffled, sizes, racing)
     await _assert_ledger_of(pool, history)
+
+
+def test_a_dispute_lost_on_a_partly_refunded_charge_holds_what_was_left() -> None:
+    """(The generated histories never dispute a refunded charge.)"""
+    world = World(seed=21)
+    paid = world.one_off(10_000, "gbp")
+    world.refund(paid.charge, 4000)
+    world.dispute(paid.charge, "lost", amount=6000)  # only what is left can be taken
+    row = reference(world.events, OFFER)["payments"][paid.payment_intent]
+    assert (row["amount_refunded"], row["amount_disputed"], row["dispute_lost"]) == (
+        4000, 6000, True)

@@ -8,6 +8,7 @@ import io
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from fractions import Fraction
 from typing import Any
 
 import asyncpg
@@ -534,3 +535,47 @@ async def test_fees_settled_in_another_currency_are_given_in_that_currency(
     assert body["reporting"]["settled_elsewhere"] == elsewhere
     assert body["reporting"]["gross"]["amount"] == 1000  # the GBP payment's only
     assert body["reporting"]["payments"] == 2
+
+
+async def test_csv_quotes_commas_quotes_and_newlines_and_keeps_negative_amounts_numbers(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """RFC 4180 quoting of a campaign and e-mail with a comma, a double quote
+    and a line break, in the PostgreSQL-formatted CSV, round-tripping exactly; a refund's
+    negative amounts stay plain numbers (never neutralised); BHD and KRW to their exponents."""
+    world = World(seed=905, start=START, rates={"gbp": Fraction(1), "bhd": Fraction(2),
+                                                "krw": Fraction(1, 2000)})
+    odd = 'Spring, "big" drive\r\nline two'
+    paid = world.one_off(1050, "gbp", campaign=odd, email='x"y,z@example.org')
+    world.refund(paid.charge, 50)
+    world.one_off(1230, "bhd")
+    world.one_off(1500, "krw")
+    await post_all(client, world.events)
+    await _settle_everything(pool, world)
+    headers = await _bearer(pool)
+    response = await client.get("/v1/reports/contributions", headers=headers, params=WIDE)
+    body = (await response.read()).decode()
+    rows = _parse(body)
+    assert len(rows) == 4
+    payment = next(r for r in rows if r["type"] == "payment" and r["currency"] == "gbp")
+    refund = next(r for r in rows if r["type"] == "refund")
+    assert payment["campaign"] == odd and refund["campaign"] == odd
+    assert payment["email"] == 'x"y,z@example.org'
+    assert (refund["amount"], refund["settlement_amount"], refund["net"]) == (
+        "-0.50", "-0.50", "-0.50")
+    by_currency = {r["currency"]: r for r in rows if r["type"] == "payment"}
+    assert by_currency["bhd"]["amount"] == "1.230"
+    assert by_currency["krw"]["amount"] == "1500"
+    # every record is one CSV record: the line break inside the cell is quoted
+    assert body.count(f'"{odd.replace(chr(34), chr(34) * 2)}"') == 2
+
+
+def test_window_on_dst_days_in_london() -> None:
+    """A London day of 23 and of 25 hours, and a month spanning the change."""
+    spring = reports.window("2026-03-29", "2026-03-30", "Europe/London")
+    assert (spring.end - spring.start).total_seconds() == 23 * 3600
+    autumn = reports.window("2026-10-25", "2026-10-26", "Europe/London")
+    assert (autumn.end - autumn.start).total_seconds() == 25 * 3600
+    october = reports.window("2026-10-01", "2026-11-01", "Europe/London")
+    assert (october.start, october.end) == (datetime(2026, 9, 30, 23, tzinfo=UTC),
+                                            datetime(2026, 11, 1, tzinfo=UTC))
