@@ -13,8 +13,8 @@ import asyncpg
 import structlog
 from aiohttp import web
 
-from donations import db
-from donations.appkeys import POOL
+from donations import db, ratelimit
+from donations.appkeys import POOL, SETTINGS
 from donations.errors import (
     Conflict,
     Forbidden,
@@ -143,7 +143,10 @@ async def check(request: web.Request, value: str, scope: str) -> Token:
     """The token `value` if it is live and carries `scope`; else 401, 403, or 429 after too
     many failures from the same client. The token itself is never logged."""
     attempts = request.app.get(FAILED_ATTEMPTS)
-    client = request.remote or "unknown"
+    # the client as checkout's limits see it: behind PROXY_HOPS proxies, the forwarded address
+    # (else everyone behind the balancer would share one count and lock each other out)
+    settings = request.app.get(SETTINGS)
+    client = ratelimit.client_network(request, settings.proxy_hops if settings else 0)
     if attempts is not None and (wait := attempts.blocked_for(client)):
         log.warning("auth_rate_limited", client=client, path=request.path)
         raise TooManyRequests("too_many_attempts", "too many failed attempts; try again later",

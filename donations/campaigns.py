@@ -54,8 +54,10 @@ def validate(
     if not SLUG.match(slug):
         raise Unprocessable("invalid_slug", "a slug is lower-case letters, digits and hyphens "
                             "(at most 63)", field="slug")
-    if not title.strip() or len(title) > 200:
-        raise Unprocessable("invalid_title", "a title is 1 to 200 characters", field="title")
+    if not title.strip() or len(title) > 200 or not title.isprintable():
+        # control characters would make the public SVG ill-formed XML (and mean nothing)
+        raise Unprocessable("invalid_title", "a title is 1 to 200 printable characters",
+                            field="title")
     if goal is not None:
         if goal <= 0:
             raise Unprocessable("out_of_range", "goal must be above zero", field="goal")

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from donations import display
 from donations.totals import Totals
-from donations.totals_api import etag_of, respond, scope_totals
+from donations.totals_api import campaign_scope, etag_of, respond, scope_totals
 
 routes = web.RouteTableDef()
 
@@ -108,7 +108,7 @@ _SCRIPT_ETAG = '"' + hashlib.sha256(_SCRIPT_BODY).hexdigest()[:24] + '"'
 
 @routes.get("/embed/{slug}")
 async def embed_page(request: web.Request) -> web.Response:
-    entry = await scope_totals(request, request.match_info["slug"])
+    entry = await scope_totals(request, campaign_scope(request.match_info["slug"]))
     assert entry.totals is not None
     return respond(request, page(entry.totals).encode(), etag_of(entry.etag, "embed"),
                    "text/html; charset=utf-8", {"Content-Security-Policy": PAGE_POLICY})

@@ -137,10 +137,11 @@ def timestamp(value: object, name: str) -> datetime:
             day = date.fromisoformat(value)
             return datetime(day.year, day.month, day.day, tzinfo=UTC)
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise BadRequest("invalid_timestamp", f"{name} must be an RFC 3339 timestamp or a date",
-                         field=name) from None
-    return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+        return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    # OverflowError: a moment before the year 1 or after 9999 once in UTC
+    except (ValueError, OverflowError):
+        raise BadRequest("invalid_timestamp", f"{name} must be an RFC 3339 timestamp or a date "
+                         "between the years 1 and 9999", field=name) from None
 
 
 def rfc3339(value: datetime | None) -> str | None:

@@ -17,7 +17,11 @@ from donations.db import UNAVAILABLE_ERRORS
 _EMAIL_KEYS = frozenset({"email", "customer_email", "receipt_email"})
 _SECRET_KEYS = frozenset({"authorization", "token", "secret", "api_key", "password", "signature"})
 _SECRET_TEXT = re.compile(r"\b(whsec|sk_live|sk_test|rk_live|rk_test)_[A-Za-z0-9_]+")
-_EMAIL_TEXT = re.compile(r"([A-Za-z0-9._%+-])[A-Za-z0-9._%+-]*@([A-Za-z0-9.-]+\.[A-Za-z]{2,})")
+# An address in free text (an error message, a traceback): a local part of any characters an
+# address may hold (RFC 5322's atext and dots, and letters beyond ASCII), then a domain. Quotes,
+# brackets, spaces and separators end it, so a quoted or listed address is found too.
+_EMAIL_TEXT = re.compile(
+    r"([^\s@<>()\[\]\\,;:\"'])[^\s@<>()\[\]\\,;:\"']*@([\w.-]+\.[^\W\d_]{2,})")
 
 # The id of the request being handled: set by the request context (donations/app.py), added
 # to every line written while it runs, ours and the standard library's. One ContextVar set per
@@ -115,7 +119,8 @@ def configure(log_format: str = "json", level: str = "info") -> None:
         foreign_pre_chain=shared,
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            structlog.processors.format_exc_info if log_format == "json" else _identity,
+            # the traceback as text in both formats, so that it is scrubbed before rendering
+            structlog.processors.format_exc_info,
             _redact_traceback,  # a traceback's text can hold an address or a key too
             renderer,
         ],
@@ -139,8 +144,4 @@ def _redact_traceback(
 ) -> MutableMapping[str, Any]:
     if "exception" in event:
         event["exception"] = _scrub("exception", event["exception"])
-    return event
-
-
-def _identity(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     return event

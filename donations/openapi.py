@@ -308,7 +308,8 @@ _SLUG = [{"name": "slug", "in": "path", "required": True, "schema": {"type": "st
 _SVG_QUERY: list[dict[str, Any]] = [
     {"name": "width", "in": "query", "schema": {"type": "integer", "minimum": 200,
                                                  "maximum": 1200, "default": 480}},
-    *({"name": n, "in": "query", "schema": {"type": "string", "pattern": "^#?[0-9a-fA-F]{3,6}$"},
+    *({"name": n, "in": "query",
+       "schema": {"type": "string", "pattern": "^#?([0-9a-fA-F]{3}|[0-9a-fA-F]{6})$"},
        "description": f"{n} colour, hex"} for n in ("bar", "track", "text", "background")),
 ]
 
@@ -345,4 +346,46 @@ SPEC["paths"].update({
                           "elements (under 5 KB)", "responses": {"200": {
                               "description": "JavaScript", "content": {"text/javascript": {
                                   "schema": {"type": "string"}}}}}}},
+})
+
+_CAMPAIGN: dict[str, Any] = {"type": "object", "properties": {
+    "slug": {"type": "string"}, "title": {"type": "string"},
+    "goal": {"oneOf": [_MONEY, {"type": "null"}]},
+    "starts_at": {"type": ["string", "null"], "format": "date-time"},
+    "ends_at": {"type": ["string", "null"], "format": "date-time"},
+    "created_at": {"type": "string", "format": "date-time"}}}
+
+SPEC["paths"].update({
+    "/v1/campaigns": {
+        "get": {
+            "summary": "Every campaign, oldest first (admin)",
+            "security": [{"bearer": []}],
+            "responses": {
+                "200": _json({"type": "object", "required": ["data"], "properties": {
+                    "data": {"type": "array", "items": _CAMPAIGN}}}, "The campaigns"),
+                "401": _error("No or unknown token"),
+                "403": _error("The token lacks admin"),
+            }},
+        "post": {
+            "summary": "Create a campaign (admin)",
+            "description": "Its totals count the contributions that name it, made inside "
+            "its window when it has one (starts inclusive, ends exclusive); a goal is in "
+            "the reporting currency.",
+            "security": [{"bearer": []}],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "required": ["slug", "title"], "properties": {
+                    "slug": {"type": "string", "pattern": "^[a-z0-9][a-z0-9-]{0,62}$"},
+                    "title": {"type": "string", "minLength": 1, "maxLength": 200},
+                    "goal": _MONEY,
+                    "starts": {"type": "string", "description": "RFC 3339 or a date"},
+                    "ends": {"type": "string", "description": "RFC 3339 or a date"}}}}}},
+            "responses": {
+                "201": _json(_CAMPAIGN, "The campaign"),
+                "400": _error("A field that cannot be read (the field is named)"),
+                "401": _error("No or unknown token"),
+                "403": _error("The token lacks admin"),
+                "409": _error("A campaign with that slug exists (campaign_exists)"),
+                "422": _error("A value out of range: slug, title, goal currency, window"),
+            }},
+    },
 })

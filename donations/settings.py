@@ -148,7 +148,13 @@ def _reconcile_interval(seconds: int) -> int:
 
 
 def _check_database_url(value: str) -> str | None:
-    if urlsplit(value).scheme not in ("postgres", "postgresql"):
+    # the problem is said without the value: it may hold a password
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - reading it checks it: a port that is not a number raises
+    except ValueError:
+        return "is not a URL that can be read (a bracket or the port?)"
+    if parts.scheme not in ("postgres", "postgresql"):
         return "must be a postgresql:// URL"
     return None
 
@@ -239,10 +245,15 @@ class _Reader:
             origin = raw.strip().rstrip("/")
             if not origin:
                 continue
-            parts = urlsplit(origin)
-            if parts.scheme not in ("http", "https") or not parts.netloc or parts.path:
-                raise ConfigError(
-                    f"{name} must be origins like https://example.org, got {origin!r}"
-                )
+            problem = f"{name} must be origins like https://example.org, got {origin!r}"
+            try:
+                parts = urlsplit(origin)
+                port = parts.port
+            except ValueError:  # an unclosed bracket, a port that is not a number or too big
+                raise ConfigError(problem) from None
+            if (parts.scheme not in ("http", "https") or not parts.hostname or parts.path
+                    or parts.query or parts.fragment or parts.username is not None
+                    or parts.password is not None or port == 0):
+                raise ConfigError(problem)
             result.append(f"{parts.scheme}://{parts.netloc.lower()}")
         return tuple(result)

@@ -185,6 +185,14 @@ def respond(
     return web.Response(body=body, headers=headers)
 
 
+def campaign_scope(slug: str) -> str:
+    """A campaign's scope: its slug; 404 for what cannot be one (the global scope's "*" among
+    them, so that a campaign URL never answers with everything's totals)."""
+    if not campaigns.SLUG.match(slug):
+        raise NotFound("campaign_not_found", "no campaign has that slug")
+    return slug
+
+
 async def scope_totals(request: web.Request, scope: str) -> Entry:
     """The scope's entry; 404 for a campaign that does not exist."""
     if scope != totals.GLOBAL and not campaigns.SLUG.match(scope):
@@ -216,7 +224,7 @@ async def all_totals(request: web.Request) -> web.Response:
 
 @routes.get("/v1/campaigns/{slug}/totals")
 async def campaign_totals(request: web.Request) -> web.Response:
-    slug = request.match_info["slug"]
+    slug = campaign_scope(request.match_info["slug"])
     entry = request.app[TOTALS].fresh(slug)
     if entry is None or entry.totals is None:
         entry = await scope_totals(request, slug)
@@ -242,7 +250,7 @@ async def all_progress(request: web.Request) -> web.Response:
 
 @routes.get("/v1/campaigns/{slug}/progress.svg")
 async def campaign_progress(request: web.Request) -> web.Response:
-    return await _progress(request, request.match_info["slug"])
+    return await _progress(request, campaign_scope(request.match_info["slug"]))
 
 
 def is_public(path: str) -> bool:

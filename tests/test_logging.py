@@ -325,3 +325,29 @@ async def test_every_failure_is_answered_in_the_contracts_shape_and_a_crash_is_l
 
     statuses = {(r["path"], r["status"]) for r in json_logs.events("request")}
     assert {("/crash", 500), ("/refused", 400), ("/away", 503)} <= statuses
+
+
+@pytest.mark.parametrize("email", ["jane.doe~@example.org", "{jane}@example.org",
+                                   "o.brien+tag@example.org", "josé@exämple.org"])
+def test_any_address_checkout_accepts_is_masked_inside_text(json_logs: Output,
+                                                            email: str) -> None:
+    log = structlog.get_logger("tests.logging")
+    try:
+        raise ValueError(f"payment for {email} refused")
+    except ValueError:
+        log.exception("event_apply_failed", note=f"for '{email}'")
+    local = email.split("@", maxsplit=1)[0]
+    assert email not in json_logs.text
+    assert local not in json_logs.text
+
+
+def test_a_traceback_in_console_logs_is_scrubbed_too(console_logs: Output) -> None:
+    log = structlog.get_logger("tests.logging")
+    try:
+        raise ValueError(f"refused for {EMAIL} with sk_test_abcdef123456")
+    except ValueError:
+        log.exception("event_apply_failed")
+    assert "Traceback" in console_logs.text and "ValueError" in console_logs.text
+    assert EMAIL not in console_logs.text
+    assert "abcdef123456" not in console_logs.text
+

@@ -155,3 +155,28 @@ def test_serve_with_an_invalid_variable_exits_2_with_one_line_naming_it(tmp_path
     assert "PORT" in lines[0]
     assert "configuration error" in lines[0]
     assert done.stdout == ""
+
+
+@pytest.mark.parametrize("value", [
+    "postgresql://u:supersecret99@[bad/db",  # urlsplit cannot read it
+    "postgresql://u:supersecret99@localhost:notaport/db",  # asyncpg would fail at start
+])
+def test_a_malformed_database_url_is_one_line_without_the_password(value: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        Settings.from_env({"DATABASE_URL": value})
+    assert str(raised.value).startswith("DATABASE_URL ")
+    assert "supersecret99" not in str(raised.value)
+
+
+@pytest.mark.parametrize("value", [
+    "https://[::1",  # urlsplit cannot read it
+    "https://news.example:abc",  # else accepted, then dropped: every checkout 422
+    "https://news.example:99999",
+    "https://user@news.example",
+    "https://news.example?x=1",
+])
+def test_a_malformed_site_origin_is_a_config_error(value: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        Settings.from_env({"SITE_ORIGINS": value})
+    assert str(raised.value).startswith("SITE_ORIGINS ")
+

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 
 import asyncpg
+import pytest
+from pytest_aiohttp import AiohttpClient
 
 from donations import auth, db
-from tests.conftest import Client
+from donations.app import create_app
+from tests.conftest import Client, make_settings
 from tests.test_cli import _env, _run
 
 
@@ -128,3 +131,44 @@ async def test_cli_tokens_and_campaigns(pool: asyncpg.Pool, dsn: str) -> None:
     assert code == 1 and "goal" in err
     code, out, _ = await _run("campaigns", "list", env=env)
     assert [json.loads(line)["slug"] for line in out.splitlines()] == ["winter"]
+
+
+async def test_failed_attempts_are_counted_per_client_behind_a_proxy(
+    pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
+) -> None:
+    client = await aiohttp_client(create_app(make_settings(dsn, proxy_hops=1)))
+    admin = await _token(pool, "ops", "admin")
+    scanner = {"X-Forwarded-For": "203.0.113.9"}
+    for _ in range(20):
+        response = await client.get("/v1/campaigns", headers={**scanner, **_bearer("dnt_x")})
+        assert response.status == 401
+    blocked = await client.get("/v1/campaigns", headers={**scanner, **_bearer("dnt_x")})
+    assert blocked.status == 429
+    # another reader behind the same balancer is not locked out by the scanner
+    staff = await client.get("/v1/campaigns", headers={
+        "X-Forwarded-For": "198.51.100.7", **_bearer(admin)})
+    assert staff.status == 200
+
+
+@pytest.mark.parametrize("field", ["starts", "ends"])
+async def test_a_window_edge_outside_the_years_1_to_9999_is_a_400(
+    client: Client, pool: asyncpg.Pool, field: str
+) -> None:
+    headers = _bearer(await _token(pool, "ops", "admin"))
+    value = "0001-01-01T00:00:00+01:00" if field == "starts" else "9999-12-31T23:30:00-01:00"
+    response = await client.post("/v1/campaigns", headers=headers, json={
+        "slug": "winter", "title": "Winter appeal", field: value})
+    assert response.status == 400, await response.text()
+    assert (await response.json())["error"]["field"] == field
+
+
+async def test_a_title_with_a_control_character_is_refused(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    # it would make the public SVG ill-formed XML: a broken image on every page embedding it
+    headers = _bearer(await _token(pool, "ops", "admin"))
+    response = await client.post("/v1/campaigns", headers=headers, json={
+        "slug": "winter", "title": "Winter\x0bappeal"})
+    assert response.status == 422
+    assert (await response.json())["error"]["field"] == "title"
+

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import asyncpg
+import pytest
 
 from donations.embed import SCRIPT
 from tests.conftest import Client
@@ -157,3 +158,22 @@ async def test_every_answer_of_a_public_path_has_cors_and_a_request_id(client: C
     assert "Access-Control-Allow-Origin" not in private.headers
     made = {(await client.get("/healthz")).headers["X-Request-ID"] for _ in range(20)}
     assert len(made) == 20
+
+
+@pytest.mark.parametrize("path", ["/v1/campaigns/*/totals", "/v1/campaigns/*/progress.svg",
+                                  "/embed/*"])
+async def test_the_global_scope_is_not_a_campaign(client: Client, path: str) -> None:
+    await client.get("/v1/totals")  # everything's figures in memory, as on any busy site
+    response = await client.get(path)
+    assert response.status == 404
+    assert (await response.json())["error"]["code"] == "campaign_not_found"
+
+
+async def test_the_openapi_colour_pattern_is_the_one_the_server_applies(client: Client) -> None:
+    spec = await (await client.get("/openapi.json")).json()
+    params = spec["paths"]["/v1/totals/progress.svg"]["get"]["parameters"]
+    pattern = re.compile(next(p for p in params if p["name"] == "bar")["schema"]["pattern"])
+    for colour in ("abc", "#abc", "a1b2c3", "abcd", "abcde", "ggg", "#abcdef0"):
+        response = await client.get("/v1/totals/progress.svg", params={"bar": colour})
+        assert (response.status == 200) == bool(pattern.match(colour)), colour
+

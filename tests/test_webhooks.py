@@ -15,6 +15,7 @@ from donations.app import create_app
 from donations.events import parse_event
 from donations.ingest import Outcome, ingest_many, retry_unfinished
 from donations.ledger import FoundingOffer
+from donations.openapi import SPEC
 from donations.settings import Secret
 from tests.conftest import WEBHOOK_SECRET, Client, make_settings
 from tests.fakestripe.signing import sign, signed_request
@@ -326,3 +327,16 @@ async def test_metrics_count_requests_and_webhook_outcomes(client: Client) -> No
     spec = await (await client.get("/openapi.json")).json()
     assert "/webhooks/stripe" in spec["paths"]
     assert json.dumps(spec)  # serialisable as served
+
+
+def test_openapi_describes_every_route_the_app_serves_but_the_staff_pages() -> None:
+    app = create_app(make_settings("postgresql://unused@localhost/unused"))
+    described = {(method.upper(), path) for path, operations in SPEC["paths"].items()
+                 for method in operations if not path.startswith("/staff")}
+    served = set()
+    for route in app.router.routes():
+        info = route.resource.get_info() if route.resource is not None else {}
+        path = info.get("path") or info.get("formatter")
+        if route.method not in ("HEAD", "OPTIONS", "*") and not str(path).startswith("/staff"):
+            served.add((route.method, path))
+    assert served == described
