@@ -140,6 +140,7 @@ class Links:
 
 
 _EVENT_ID = re.compile(r"^evt_[A-Za-z0-9_]{1,250}$")
+_LAST_SECOND = 253_402_300_799  # 9999-12-31T23:59:59Z: the last moment a timestamp can hold
 
 
 def parse_event(body: dict[str, Any]) -> Event:
@@ -152,12 +153,16 @@ def parse_event(body: dict[str, Any]) -> Event:
     if not isinstance(event_type, str) or not event_type:
         raise NotAnEvent("the event has no type")
     created = body.get("created")
-    if isinstance(created, bool) or not isinstance(created, int) or created < 0:
+    if (isinstance(created, bool) or not isinstance(created, int)
+            or not 0 <= created <= _LAST_SECOND):
         raise NotAnEvent("the event has no valid created timestamp")
     data = body.get("data")
     obj = data.get("object") if isinstance(data, dict) else None
     if not isinstance(obj, dict):
         raise NotAnEvent("the event has no data.object")
+    if event_type in HANDLED and not (isinstance(obj.get("id"), str) and obj["id"]):
+        # checked here, not when the ledger reads it: a 400 now, not a failure stored for ever
+        raise NotAnEvent("the event's object has no id")
     api_version = body.get("api_version")
     return Event(
         id=event_id,
@@ -224,7 +229,7 @@ def links(kind: str, obj: dict[str, Any]) -> Links:
     if kind == "invoice":
         return Links(invoice_id=own, subscription_id=invoice_subscription(obj))
     if kind == "invoice_payment":
-        payment = obj.get("payment") or {}
+        payment = _dict(obj.get("payment"))
         return Links(
             payment_key=ref(payment.get("payment_intent")) or ref(payment.get("charge")),
             invoice_id=ref(obj.get("invoice")),
@@ -237,8 +242,13 @@ def links(kind: str, obj: dict[str, Any]) -> Links:
 
 
 def invoice_subscription(invoice: dict[str, Any]) -> str | None:
-    details = (invoice.get("parent") or {}).get("subscription_details") or {}
+    details = _dict(_dict(invoice.get("parent")).get("subscription_details"))
     return ref(details.get("subscription"))
+
+
+def _dict(value: object) -> dict[str, Any]:
+    """A nested object, or an empty one for anything else (absent, null, another type)."""
+    return value if isinstance(value, dict) else {}
 
 
 def ref(value: object) -> str | None:

@@ -105,8 +105,10 @@ async def ingest_many(
             outcomes = {}
             for item in unique:  # one at a time, to find the one at fault
                 (outcomes[item[0].id],) = await ingest_many(pool, [item], offer, source=source)
-    return [outcomes[event.id] if first[event.id] == i else Outcome.DUPLICATE
-            for i, (event, _) in enumerate(items)]
+    # A later copy of an event in the group is a duplicate of the first, unless the first
+    # failed: then every copy is answered as failed, so that Stripe delivers it again.
+    return [outcomes[event.id] if first[event.id] == i or outcomes[event.id] is Outcome.FAILED
+            else Outcome.DUPLICATE for i, (event, _) in enumerate(items)]
 
 
 async def _record_failure(
@@ -119,7 +121,13 @@ async def _record_failure(
     async def record(conn: asyncpg.Connection) -> None:
         await store.record_failure(conn, event, raw, source, error)
 
-    await db.transaction(pool, record)
+    try:
+        await db.transaction(pool, record)
+    except _OUTAGES:
+        raise
+    except Exception:  # not even its failure can be kept: it is answered failed all the same
+        with structlog.contextvars.bound_contextvars(event_id=event.id, event_type=event.type):
+            log.exception("event_failure_not_recorded")
     return Outcome.FAILED
 
 

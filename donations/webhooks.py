@@ -64,6 +64,8 @@ def verify(body: bytes, header: str | None, secrets: list[str]) -> str:
         except stripe.SignatureVerificationError as exc:
             if "tolerance" in str(exc):
                 problem = "the signature's timestamp is more than 5 minutes old"
+        except (TypeError, ValueError):  # the library's compare of a non-ASCII signature
+            problem = "the header is not one Stripe writes"
     raise BadRequest("bad_signature", f"the Stripe-Signature is not valid: {problem}",
                      field="Stripe-Signature")
 

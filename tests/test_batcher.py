@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
-from donations.batcher import route
+import asyncio
+import contextlib
+import json
+
+import asyncpg
+
+from donations.batcher import Batcher, route
 from donations.events import parse_event
+from donations.ingest import Outcome
+from donations.ledger import FoundingOffer
 from tests.fakestripe.world import World
+from tests.webhook_helpers import count
 
 
 def test_a_payments_events_go_to_one_worker() -> None:
@@ -38,3 +47,31 @@ def test_an_event_about_nothing_known_routes_by_its_object_or_itself() -> None:
         "created": 1, "livemode": False, "data": {"object": {"object": "balance"}},
     })
     assert route(bare) == "evt_2"
+
+
+async def test_a_delivery_whose_caller_goes_away_is_still_applied_once(
+    pool: asyncpg.Pool,
+) -> None:
+    """A request cancelled while its event waits in the
+    group commit (the client hung up, a handler timeout) leaves the group unharmed: the event
+    is committed anyway and its next delivery is a duplicate."""
+    events = World(seed=27).one_off(1000, "gbp").events
+    batcher = Batcher(pool, FoundingOffer())
+    async with batcher.running():
+        waiting = [asyncio.create_task(batcher.ingest(parse_event(e), json.dumps(e)))
+                   for e in events]
+        await asyncio.sleep(0)  # queued
+        for task in waiting:
+            task.cancel()
+        for task in waiting:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        assert all(task.cancelled() for task in waiting)
+        for _ in range(200):  # the workers finish the groups on their own
+            if await count(pool, "stripe_events") == len(events):
+                break
+            await asyncio.sleep(0.05)
+        again = await batcher.ingest(parse_event(events[1]), json.dumps(events[1]))
+    assert await count(pool, "stripe_events") == len(events)
+    assert again is Outcome.DUPLICATE
+    assert await count(pool, "payments") == 1

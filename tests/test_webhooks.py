@@ -7,12 +7,15 @@ import copy
 import io
 import json
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import asyncpg
+import pytest
 from pytest_aiohttp import AiohttpClient
 
 from donations.app import create_app
-from donations.events import parse_event
+from donations.events import NotAnEvent, parse_event
 from donations.ingest import Outcome, ingest_many, retry_unfinished
 from donations.ledger import FoundingOffer
 from donations.openapi import SPEC
@@ -340,3 +343,116 @@ def test_openapi_describes_every_route_the_app_serves_but_the_staff_pages() -> N
         if route.method not in ("HEAD", "OPTIONS", "*") and not str(path).startswith("/staff"):
             served.add((route.method, path))
     assert served == described
+
+
+# --- failures in a group, and what is not an event --------------------------------------------
+
+
+@asynccontextmanager
+async def payments_refused(pool: asyncpg.Pool) -> AsyncIterator[None]:
+    """A real failure inside PostgreSQL while the ledger is written."""
+    async with pool.acquire() as conn:
+        await conn.execute("""
+            CREATE FUNCTION review_refuse() RETURNS trigger LANGUAGE plpgsql AS
+            $$ BEGIN RAISE EXCEPTION 'payments are refused for this review'; END $$;
+            CREATE TRIGGER review_refuse BEFORE INSERT OR UPDATE ON payments
+                FOR EACH ROW EXECUTE FUNCTION review_refuse();
+        """)
+    try:
+        yield
+    finally:
+        async with pool.acquire() as conn:
+            await conn.execute(
+                "DROP TRIGGER review_refuse ON payments; DROP FUNCTION review_refuse()")
+
+
+async def test_a_copy_of_a_failed_event_in_the_same_group_is_not_acknowledged(
+    pool: asyncpg.Pool,
+) -> None:
+    """Two deliveries of one event that land in one group (racing deliveries, a resend from the
+    dashboard while a retry is in flight): if applying it fails, every copy must be answered
+    500, not the first 500 and the others 'duplicate' (a 2xx that makes Stripe stop retrying
+    an event that is not in the ledger)."""
+    event = World(seed=21).one_off(1200, "gbp").events[1]
+    item = (parse_event(event), json.dumps(event))
+    async with payments_refused(pool):
+        outcomes = await ingest_many(pool, [item, item], FoundingOffer())
+    status = await pool.fetchval("SELECT status FROM stripe_events WHERE id = $1", event["id"])
+    assert status == "failed"
+    assert outcomes == [Outcome.FAILED, Outcome.FAILED]
+
+
+async def test_racing_deliveries_of_a_failing_event_all_get_500(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """The same through HTTP: deliveries of one event posted at once while it cannot be
+    applied. None may be answered 2xx while the event is stored as failed."""
+    event = World(seed=22).one_off(1200, "gbp").events[1]
+    async with payments_refused(pool):
+        answers = await asyncio.gather(*(post_event(client, event) for _ in range(6)))
+    status = await pool.fetchval("SELECT status FROM stripe_events WHERE id = $1", event["id"])
+    assert status == "failed"
+    assert [s for s, _ in answers] == [500] * 6, answers
+
+
+async def test_a_handled_event_whose_object_has_no_id_is_a_400_not_a_stored_failure(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """Signed but not an event we can read: 400 and nothing stored (issue 2). Instead it is
+    stored as failed and answered 500, so it would be retried for three days and again by
+    every `events retry`, each time failing the same way."""
+    event = copy.deepcopy(World(seed=23).one_off(1000, "gbp").of_type("charge.succeeded")[0])
+    del event["data"]["object"]["id"]
+    status, body = await post_event(client, event)
+    stored = await pool.fetchrow("SELECT status, last_error FROM stripe_events")
+    assert (status, body.get("error", {}).get("code")) == (400, "not_an_event"), (
+        status, body, dict(stored) if stored else None)
+    assert await count(pool, "stripe_events") == 0
+
+
+async def test_an_event_whose_failure_cannot_be_recorded_fails_alone(
+    pool: asyncpg.Pool,
+) -> None:
+    """A group in which one event fails and then cannot even be recorded as failed: the others
+    are applied and answered, that one is answered failed (Stripe delivers it again)."""
+    good = World(seed=24).one_off(1000, "gbp").events
+    bad = World(seed=25).one_off(700, "usd").events[0]
+    async with pool.acquire() as conn:
+        await conn.execute(f"""
+            CREATE FUNCTION review_refuse_event() RETURNS trigger LANGUAGE plpgsql AS
+            $$ BEGIN
+                 IF NEW.id = '{bad["id"]}' THEN RAISE EXCEPTION 'this one cannot be kept'; END IF;
+                 RETURN NEW;
+               END $$;
+            CREATE TRIGGER review_refuse_event BEFORE INSERT ON stripe_events
+                FOR EACH ROW EXECUTE FUNCTION review_refuse_event();
+        """)
+    group = [(parse_event(e), json.dumps(e)) for e in [*good, bad]]
+    outcomes = await ingest_many(pool, group, FoundingOffer())
+    assert outcomes[-1] is Outcome.FAILED
+    assert all(o in (Outcome.PROCESSED, Outcome.IGNORED) for o in outcomes[:-1]), outcomes
+    assert await count(pool, "stripe_events") == len(good)
+
+
+def test_an_event_created_after_the_year_9999_is_not_an_event() -> None:
+    event = copy.deepcopy(World(seed=26).one_off(700, "usd").events[0])
+    event["created"] = 10**13
+    with pytest.raises(NotAnEvent):
+        parse_event(event)
+
+
+async def test_a_signature_header_with_a_non_ascii_character_is_a_400(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """Anyone, without a secret: a Stripe-Signature whose v1 value holds a non-ASCII
+    character makes stripe's secure_compare (hmac.compare_digest on two str) raise TypeError,
+    which verify() does not catch: 500 internal_error and an error-level traceback in the
+    logs for every such request, instead of 400 bad_signature (issue 2, CONTRACT.md)."""
+    event = World(seed=28).one_off(1000, "gbp").events[0]
+    body, headers = signed_request(event, "whsec_whatever")
+    timestamp = headers["Stripe-Signature"].split(",")[0]
+    headers["Stripe-Signature"] = f"{timestamp},v1=\u00e9"
+    response = await client.post("/webhooks/stripe", data=body, headers=headers)
+    answer = await response.json()
+    assert (response.status, answer["error"]["code"]) == (400, "bad_signature"), answer
+    assert await count(pool, "stripe_events") == 0
