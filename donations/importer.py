@@ -147,6 +147,17 @@ async def run(
         assert row is not None
         await _import_one(pool, client, offer, resource, row, bar, result, page_size)
     result.skipped = tuple(skipped)
+    if resources == RESOURCES:
+        async with db.connection(pool) as conn:
+            # a gap reconciliation found in the events (older than Stripe keeps) is covered now
+            await conn.execute(
+                """
+                UPDATE reconciliation_checkpoint
+                   SET gap_from = NULL, gap_to = NULL, updated_at = now()
+                 WHERE gap_from >= $1 AND gap_to <= $2
+                """,
+                since, max(since, until_default),
+            )
     return result
 
 

@@ -25,6 +25,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 import asyncpg
@@ -40,6 +41,7 @@ from donations.ingest import Item, Outcome, ingest_many
 from donations.inputs import read_json, rfc3339, text
 from donations.ledger import FoundingOffer
 from donations.metrics import gauge
+from donations.money import exponent
 
 log = structlog.get_logger(__name__)
 
@@ -60,7 +62,12 @@ STORE_CHUNK = 500  # balance transactions a comparison stores per transaction
 
 _DONE = ("processed", "ignored", "needs_attention")
 _CHARGE_TYPES = ("charge", "payment")
-_REFUND_TYPES = ("refund", "refund_failure")
+# card refunds, and the refunds of other payment methods (Bacs, SEPA…), with their failures
+_REFUND_TYPES = ("refund", "refund_failure", "payment_refund", "payment_failure_refund")
+# Stripe's advice: group balance transactions by reporting_category, which stays the same
+# whatever the payment method (a type may be added for a new one)
+_CATEGORY_OBJECT = {"charge": "payment", "refund": "refund", "refund_failure": "refund",
+                    "dispute": "dispute", "dispute_reversal": "dispute"}
 _LIVE_REFUNDS = ("pending", "requires_action", "succeeded")
 
 
@@ -103,11 +110,17 @@ class RunResult:
     discrepancies: list[Discrepancy] = field(default_factory=list)  # found by this run
     discrepancies_new: int = 0
     open: list[Discrepancy] = field(default_factory=list)  # every unresolved one, any run
-    gap_before: int | None = None  # events before this were no longer listed by Stripe
+    # stored events not applied, any run: failed, or in an API version not understood
+    events_unapplied: int = 0
+    # events created in [from, to) that Stripe no longer listed when a run came to read them,
+    # until an import covering them has finished (any run)
+    gap: tuple[int, int] | None = None
+    unlisted_before: int | None = None  # a --since before what Stripe still lists
 
     @property
     def matches(self) -> bool:
-        return not self.open and not self.events_failed
+        return (not self.open and not self.events_failed and not self.events_unapplied
+                and self.gap is None)
 
     def summary(self) -> str:
         lines = [
@@ -120,14 +133,23 @@ class RunResult:
             f"  discrepancies: {len(self.discrepancies)} found ({self.discrepancies_new} new), "
             f"{len(self.open)} unresolved in all",
         ]
-        if self.gap_before is not None:
+        if self.gap is not None:
+            lines.append(f"  gap: Stripe no longer lists the events from {_iso(self.gap[0])} to "
+                         f"{_iso(self.gap[1])}; run `donations import --since "
+                         f"{_iso(self.gap[0])[:10]}` to bring in what they changed")
+        if self.unlisted_before is not None:
             lines.append(f"  warning: Stripe no longer lists events before "
-                         f"{_iso(self.gap_before)}; run `donations import --since` for them")
+                         f"{_iso(self.unlisted_before)}; run `donations import --since` for "
+                         "them")
+        if self.events_unapplied:
+            lines.append(f"  {self.events_unapplied} stored event(s) not applied (failed, or "
+                         "in an API version not understood): see `donations events list`")
         lines += [f"  {d.describe()}" for d in self.discrepancies if d.repaired]
         lines += [f"  {d.describe()}" for d in self.open]
         lines.append("the ledger matches Stripe" if self.matches else
-                     f"{len(self.open)} unresolved discrepancies, "
-                     f"{self.events_failed} failed events")
+                     f"the ledger does not match yet: {len(self.open)} unresolved "
+                     f"discrepancies, {self.events_failed + self.events_unapplied} events not "
+                     f"applied{', a gap in the events' if self.gap else ''}")
         return "\n".join(lines)
 
 
@@ -248,28 +270,66 @@ async def _locked_run(
         start = through - OVERLAP_SECONDS
     else:
         start = oldest_listed
-    result = RunResult(gap_before=oldest_listed if start < oldest_listed else None)
+    result = RunResult()
+    # Events the checkpoint says are still to read but Stripe no longer lists (the service was
+    # away longer than Stripe keeps them): a gap, kept until an import covers it. A --since
+    # further back than that is only warned about: nothing was promised there.
+    gap = (through, oldest_listed) if through is not None and through < oldest_listed \
+        and since is None else None
+    if since is not None and since < oldest_listed:
+        result.unlisted_before = oldest_listed
     if since is None:
         start = max(start, oldest_listed)
     start = min(start, end)
     window_start = min(start, pending[0]) if pending else start
-    result.window_start, result.window_end = window_start, end
+    # balance transactions from where the last complete comparison stopped (a run that failed
+    # while comparing leaves its window to the next)
+    compared = checkpoint["compared_through"] if checkpoint else None
+    if compared is not None:
+        compare_start = min(window_start, max(0, compared - OVERLAP_SECONDS))
+    elif through is not None:  # events were read but nothing was ever compared
+        compare_start = min(window_start, oldest_listed)
+    else:
+        compare_start = window_start
+    result.window_start, result.window_end = min(window_start, compare_start), end
     async with db.connection(pool) as conn:
         result.run_id = await conn.fetchval(
             """
             INSERT INTO reconciliation_runs (trigger, window_start, window_end)
             VALUES ($1, to_timestamp($2), to_timestamp($3)) RETURNING id
             """,
-            trigger, window_start, end,
+            trigger, result.window_start, end,
         )
+        if gap is not None:
+            await conn.execute(
+                """
+                INSERT INTO reconciliation_checkpoint AS c (gap_from, gap_to) VALUES ($1, $2)
+                ON CONFLICT (id) DO UPDATE
+                   SET gap_from = least(c.gap_from, excluded.gap_from),
+                       gap_to = greatest(c.gap_to, excluded.gap_to), updated_at = now()
+                """,
+                *gap,
+            )
     log.info("reconciliation_started", run_id=result.run_id, window_start=_iso(window_start),
-             window_end=_iso(end), resuming=pending is not None)
+             window_end=_iso(end), compare_start=_iso(compare_start),
+             resuming=pending is not None)
     state = _Run(pool, client, offer, result, page_size)
     try:
         if pending is not None:
             await _read_events(state, pending[0], pending[1], pending[2])
-        await _read_events(state, start, end, None)
-        await _compare(state, window_start, end)
+        await _read_events(state, start, end, None,
+                           advance=since is None or through is None or since <= through)
+        await _compare(state, compare_start, end)
+        async with db.connection(pool) as conn:
+            # only forward, and only from a window that reached back to where it stood
+            await conn.execute(
+                """
+                UPDATE reconciliation_checkpoint AS c
+                   SET compared_through = greatest(c.compared_through, $2), updated_at = now()
+                 WHERE c.compared_through IS NULL OR $1 <= c.compared_through
+                """,
+                compare_start, end,
+            )
     except BaseException as exc:
         await _finish(pool, result, f"{type(exc).__name__}: {exc}"[:2000])
         log.warning("reconciliation_failed", run_id=result.run_id, error=type(exc).__name__)
@@ -287,26 +347,36 @@ async def _finish(pool: asyncpg.Pool, result: RunResult, error: str | None) -> N
             result.open = [_discrepancy(r) for r in await conn.fetch(
                 "SELECT * FROM reconciliation_discrepancies WHERE resolved_at IS NULL ORDER BY id"
             )]
+            result.events_unapplied = await conn.fetchval(
+                "SELECT count(*) FROM stripe_events"
+                " WHERE status IN ('pending', 'failed', 'needs_attention')")
+            gap = await conn.fetchrow("SELECT gap_from, gap_to FROM reconciliation_checkpoint"
+                                      " WHERE gap_from IS NOT NULL")
+            result.gap = (gap["gap_from"], gap["gap_to"]) if gap else None
             await conn.execute(
                 """
                 UPDATE reconciliation_runs
                    SET status = $2, finished_at = clock_timestamp(), error = $3, pages = $4,
                        events_listed = $5, events_applied = $6, events_failed = $7,
                        balance_transactions = $8, fees_filled = $9, discrepancies_new = $10,
-                       discrepancies_open = $11
+                       discrepancies_open = $11, events_unapplied = $12
                  WHERE id = $1
                 """,
                 result.run_id, "failed" if error else "succeeded", error, result.pages,
                 result.events_listed, result.events_applied, result.events_failed,
                 result.balance_transactions, result.fees_filled, result.discrepancies_new,
-                len(result.open),
+                len(result.open), result.events_unapplied,
             )
 
 
 # --- 1. events -------------------------------------------------------------------------------
 
 
-async def _read_events(state: _Run, start: int, end: int, cursor: str | None) -> None:
+async def _read_events(state: _Run, start: int, end: int, cursor: str | None,
+                       advance: bool = True) -> None:
+    """Read (and apply what is missing of) the events created in [start, end]; then move the
+    checkpoint to `end` unless told not to (a --since after the checkpoint: the events in
+    between are not read, so the checkpoint stays where it is)."""
     # Any: the library types its params as TypedDicts per endpoint
     params: Any = {"created": {"gte": start, "lte": end}, "limit": state.page_size}
     if cursor is not None:
@@ -326,11 +396,13 @@ async def _read_events(state: _Run, start: int, end: int, cursor: str | None) ->
             """
             INSERT INTO reconciliation_checkpoint AS c (events_through) VALUES ($1)
             ON CONFLICT (id) DO UPDATE
-               SET events_through = greatest(c.events_through, excluded.events_through),
+               SET events_through = CASE WHEN $2 THEN greatest(c.events_through,
+                                                               excluded.events_through)
+                                         ELSE c.events_through END,
                    pending_start = NULL, pending_end = NULL, pending_cursor = NULL,
                    updated_at = now()
             """,
-            end,
+            end, advance,
         )
 
 
@@ -450,11 +522,28 @@ def compare_refund(refund: str, bt: dict[str, Any], row: asyncpg.Record | None
 
     if row is None:
         return [found("missing_in_ledger")]
-    if bt.get("type") == "refund_failure":
+    if bt.get("type") in ("refund_failure", "payment_failure_refund") or bt.get(
+            "reporting_category") == "refund_failure":
         return [] if row["status"] in ("failed", "canceled") else [found("status_mismatch")]
-    if row["currency"] == bt.get("currency") and row["amount"] != -int(bt.get("amount") or 0):
+    if not _settles_as(row["amount"], row["currency"], -int(bt.get("amount") or 0), bt):
         return [found("amount_mismatch")]
     return []
+
+
+def _settles_as(amount: int, currency: str, settled: int, bt: dict[str, Any]) -> bool:
+    """Whether `amount` of `currency` is what the balance transaction settled (`settled`, in its
+    own currency): exactly in the same currency; in another, at the transaction's exchange rate
+    to within a minor unit (Stripe rounds the converted amount). A rate missing: not compared."""
+    if currency == bt.get("currency"):
+        return amount == settled
+    rate = bt.get("exchange_rate")
+    if rate is None or isinstance(rate, bool):
+        return True
+    # the rate as Stripe wrote it (a JSON number, major unit to major unit): as a decimal,
+    # never a float in the arithmetic
+    scale = Decimal(10) ** (exponent(str(bt.get("currency"))) - exponent(currency))
+    expected = (Decimal(amount) * Decimal(str(rate)) * scale).to_integral_value(ROUND_HALF_UP)
+    return abs(expected - settled) <= 1
 
 
 def compare_dispute(dispute: str, bt: dict[str, Any], row: asyncpg.Record | None
@@ -468,7 +557,7 @@ def compare_dispute(dispute: str, bt: dict[str, Any], row: asyncpg.Record | None
         return [found("missing_in_ledger")]
     if bt.get("reporting_category") == "dispute_reversal":
         return [] if row["status"] == "won" else [found("status_mismatch")]
-    if row["currency"] == bt.get("currency") and row["amount"] != -int(bt.get("amount") or 0):
+    if not _settles_as(row["amount"], row["currency"], -int(bt.get("amount") or 0), bt):
         return [found("amount_mismatch")]
     return []
 
@@ -476,6 +565,9 @@ def compare_dispute(dispute: str, bt: dict[str, Any], row: asyncpg.Record | None
 def _object_of(bt: dict[str, Any]) -> str | None:
     source = ref(bt.get("source")) or ""
     kind = bt.get("type")
+    by_category = _CATEGORY_OBJECT.get(str(bt.get("reporting_category") or ""))
+    if by_category is not None:
+        return by_category
     if kind in _CHARGE_TYPES:
         return "payment"
     if kind in _REFUND_TYPES:
@@ -523,15 +615,23 @@ async def _compare(state: _Run, start: int, end: int) -> None:
             start, end, list(by_object["payment"]), list(by_object["refund"]),
             list(by_object["dispute"]), list(_LIVE_REFUNDS),
         )
+        # Every open discrepancy is looked at again, wherever its object falls: a difference
+        # fixed since (by an import, a late webhook) is then closed, not reported for ever.
+        still_open = await conn.fetch(
+            "SELECT DISTINCT object, stripe_id AS id FROM reconciliation_discrepancies"
+            " WHERE resolved_at IS NULL")
+    to_confirm = {(r["object"], r["id"]) for r in unlisted}
+    to_confirm |= {(r["object"], r["id"]) for r in still_open
+                   if r["id"] not in by_object.get(r["object"], {})}
     missing_at_stripe: list[tuple[str, str]] = []
-    for row in unlisted:
-        theirs = [bt for bt in await _balance_transactions_of(client, row["id"])
-                  if _object_of(bt) == row["object"]]
+    for obj, stripe_id in sorted(to_confirm):
+        theirs = [bt for bt in await _balance_transactions_of(client, stripe_id)
+                  if _object_of(bt) == obj]
         if theirs:
-            by_object[row["object"]].setdefault(row["id"], []).extend(theirs)
+            by_object[obj].setdefault(stripe_id, []).extend(theirs)
             result.balance_transactions += len(theirs)
-        else:
-            missing_at_stripe.append((row["object"], row["id"]))
+        else:  # a discrepancy if the ledger has it (the look-ups below say)
+            missing_at_stripe.append((obj, stripe_id))
 
     discrepancies: list[Discrepancy] = []
     async with db.connection(state.pool) as conn:
@@ -584,10 +684,11 @@ async def _compare(state: _Run, start: int, end: int) -> None:
             fields = {"payment": _PAYMENT_FIELDS, "refund": _REFUND_FIELDS,
                       "dispute": _DISPUTE_FIELDS}[obj]
             ledger_row = tables[obj].get(stripe_id)
+            if ledger_row is None:  # on neither side (any more): nothing to report
+                continue
             discrepancies.append(Discrepancy(
                 "missing_at_stripe", obj, stripe_id,
-                ledger_row["balance_transaction"] if ledger_row is not None
-                and "balance_transaction" in fields else None,
+                ledger_row["balance_transaction"] if "balance_transaction" in fields else None,
                 _record(ledger_row, *fields), None))
 
         examined = (list(by_object["payment"]) + list(by_object["refund"])
@@ -735,6 +836,13 @@ async def metrics_lines(conn: asyncpg.Connection) -> list[str]:
         [((), sum(r["n"] for r in open_rows))]
         + [((("kind", r["kind"]),), r["n"]) for r in open_rows],
     )
+    gap = await conn.fetchval("SELECT gap_to - gap_from FROM reconciliation_checkpoint")
+    lines += gauge(
+        "donations_reconciliation_event_gap_seconds",
+        "Length of the span of events Stripe no longer lists and no import has covered "
+        "(0: none; run donations import --since).",
+        [((), gap or 0)],
+    )
     return lines
 
 
@@ -755,6 +863,7 @@ def _run_json(row: asyncpg.Record, found: list[asyncpg.Record]) -> dict[str, Any
             "balance_transactions": row["balance_transactions"],
             "fees_filled": row["fees_filled"], "discrepancies_new": row["discrepancies_new"],
             "discrepancies_open": row["discrepancies_open"],
+            "events_unapplied": row["events_unapplied"],
         },
         "error": row["error"],
         "discrepancies": [_discrepancy_json(d) for d in found],
