@@ -70,15 +70,30 @@ def client_network(request: web.Request, proxy_hops: int) -> str:
         ]
         if forwarded:
             address = forwarded[-min(proxy_hops, len(forwarded))]
-    try:
-        ip = ipaddress.ip_address(address.strip("[]"))
-    except ValueError:
+    ip = _ip_of(address)
+    if ip is None:
         return "ip:unknown"
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.ipv4_mapped is not None:
             return f"ip:{ip.ipv4_mapped}"
         return f"ip:{ipaddress.IPv6Network((ip, 64), strict=False)}"
     return f"ip:{ip}"
+
+
+def _ip_of(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address, also as some proxies write it with the client's port: `192.0.2.1:51234`,
+    `[2001:db8::1]:443`."""
+    candidates = [address.strip("[]")]
+    if address.startswith("[") and "]:" in address:
+        candidates.append(address[1:address.index("]:")])
+    elif address.count(":") == 1:
+        candidates.append(address.split(":", 1)[0])
+    for candidate in candidates:
+        try:
+            return ipaddress.ip_address(candidate)
+        except ValueError:
+            continue
+    return None
 
 
 def arguments(settings: Settings, bucket: str) -> tuple[str, str, int, int]:

@@ -8,8 +8,11 @@ import time
 from typing import Any
 
 import asyncpg
+import pytest
+from aiohttp.test_utils import make_mocked_request
 from pytest_aiohttp import AiohttpClient
 
+from donations import ratelimit
 from donations.events import PINNED_API_VERSION
 from tests.checkout_helpers import (
     SESSIONS,
@@ -541,3 +544,19 @@ def _secret(value: str) -> object:
     from donations.settings import Secret
 
     return Secret(value)
+
+
+@pytest.mark.parametrize(("forwarded", "bucket"), [
+    ("203.0.113.7", "ip:203.0.113.7"),
+    ("203.0.113.7:51234", "ip:203.0.113.7"),  # some proxies write the client's port too
+    ("[2001:db8::1]:443", "ip:2001:db8::/64"),
+    ("2001:db8::1", "ip:2001:db8::/64"),
+    ("::ffff:203.0.113.7", "ip:203.0.113.7"),
+    ("unknown", "ip:unknown"),
+])
+def test_the_client_behind_a_proxy_is_its_address_whatever_the_port(
+    forwarded: str, bucket: str
+) -> None:
+    request = make_mocked_request("POST", CONTRIBUTIONS,
+                                  headers={"X-Forwarded-For": f"10.0.0.1, {forwarded}"})
+    assert ratelimit.client_network(request, proxy_hops=1) == bucket
