@@ -11,7 +11,7 @@ import asyncpg
 from aiohttp import web
 
 from donations import auth, db, inputs
-from donations.appkeys import POOL, SETTINGS
+from donations.appkeys import POOL, SETTINGS, TOTALS
 from donations.errors import Conflict, Unprocessable
 from donations.money import Money
 
@@ -125,4 +125,6 @@ async def create_campaign(request: web.Request) -> web.Response:
     async with db.connection(request.app[POOL]) as conn:
         campaign = await create(conn, slug, title, goal, currency, starts, ends,
                                 request.app[SETTINGS].reporting_currency)
+    if (cache := request.app.get(TOTALS)) is not None:
+        cache.clear()  # its totals at once here (other replicas: within the TTL)
     return web.json_response(campaign.as_json(), status=201)

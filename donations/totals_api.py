@@ -27,7 +27,7 @@ routes = web.RouteTableDef()
 
 # How long a refresh that failed (the database away) may keep serving the figures it has.
 MAX_STALE_SECONDS = 600
-MAX_ENTRIES = 1000  # scopes held in memory; unknown slugs are remembered too, so bounded
+MAX_ENTRIES = 1000  # scopes held in memory (the global one and campaigns'), bounded
 PUBLIC_PREFIXES = ("/v1/totals", "/embed")
 JSON = "application/json; charset=utf-8"
 
@@ -90,10 +90,31 @@ class TotalsCache:
         self._clock = clock
         self._entries: OrderedDict[str, Entry] = OrderedDict()
         self._refreshing: dict[str, asyncio.Task[Entry]] = {}
+        # the campaigns' slugs, read at most once per TTL: a slug that is none of them is a 404
+        # without a look-up and takes no place among the scopes held (random slugs can neither
+        # load the database nor push the real campaigns' figures out)
+        self._slugs: tuple[frozenset[str], float] | None = None
+        self._reading_slugs: asyncio.Task[frozenset[str]] | None = None
 
     def clear(self) -> None:
         """Forget every scope's figures: the next request reads them again."""
         self._entries.clear()
+        self._slugs = None
+
+    async def _campaign_slugs(self) -> frozenset[str]:
+        if self._slugs is not None and self._clock() - self._slugs[1] < self._ttl:
+            return self._slugs[0]
+        if self._reading_slugs is None:
+            self._reading_slugs = asyncio.create_task(self._read_slugs())
+            self._reading_slugs.add_done_callback(
+                lambda _: setattr(self, "_reading_slugs", None))
+        return await asyncio.shield(self._reading_slugs)
+
+    async def _read_slugs(self) -> frozenset[str]:
+        async with db.connection(self._pool) as conn:
+            slugs = frozenset(r["slug"] for r in await conn.fetch("SELECT slug FROM campaigns"))
+        self._slugs = (slugs, self._clock())
+        return slugs
 
     def fresh(self, scope: str) -> Entry | None:
         """The scope's entry if it was read within the TTL (nearly always): nothing to await."""
@@ -105,6 +126,13 @@ class TotalsCache:
     async def get(self, scope: str) -> Entry:
         if (entry := self.fresh(scope)) is not None:
             return entry
+        if scope != totals.GLOBAL and scope not in self._entries:
+            try:
+                known = await self._campaign_slugs()
+            except db.DatabaseUnavailable:
+                known = None  # the look-up below answers (or fails) as before
+            if known is not None and scope not in known:
+                return Entry(None, b"", "", datetime.now(UTC), self._clock())
         entry = self._entries.get(scope)  # too old, but served if the refresh fails
         task = self._refreshing.get(scope)
         if task is None:

@@ -30,8 +30,16 @@ class Cache(TotalsCache):
         super().__init__(cast(asyncpg.Pool, None), Settings(totals_ttl=5), clock)
         self.clock = clock
         self.reads = 0
+        self.slug_reads = 0
         self.failing = False
         self.gate: asyncio.Event | None = None
+
+    async def _read_slugs(self) -> frozenset[str]:
+        self.slug_reads += 1
+        if self.failing:
+            raise db.DatabaseUnavailable("away")
+        self._slugs = (frozenset({"winter"}), self.clock())
+        return self._slugs[0]
 
     async def _refresh(self, scope: str) -> Entry:
         self.reads += 1
@@ -84,3 +92,19 @@ async def test_while_the_database_is_away_the_last_figures_are_served_for_a_whil
         await cache.get("*")
     with pytest.raises(db.DatabaseUnavailable):
         await cache.get("winter")  # nothing held for it
+
+
+async def test_a_slug_that_is_no_campaign_costs_no_read_and_takes_no_place() -> None:
+    clock = Clock()
+    cache = Cache(clock)
+    for i in range(50):  # a crawler, or someone trying to load the database
+        entry = await cache.get(f"no-such-campaign-{i}")
+        assert entry.totals is None
+    assert (cache.reads, cache.slug_reads) == (0, 1)  # the campaigns' slugs, read once
+    assert cache.fresh("no-such-campaign-1") is None  # nothing held for them
+    await cache.get("winter")
+    assert cache.reads == 1
+    clock.now += 6  # the slugs are read again after the TTL: a new campaign shows by then
+    await cache.get("spring")
+    assert cache.slug_reads == 2
+
