@@ -96,8 +96,10 @@ class Money:
 
 
 def apply_percent_off(amount: int, percent_off: Decimal) -> int:
-    """The price after a percentage discount, rounded half up to the minor unit as Stripe rounds."""
+    """The price after a percentage discount, as Stripe's invoices charge it: the discount is a
+    whole number of minor units, rounded half up (9.99 at 50% off: 9.99 - 5.00 = 4.99)."""
     if not Decimal(0) <= percent_off <= Decimal(100):
         raise ValueError(f"percent_off out of range: {percent_off}")
-    discounted = Decimal(amount) * (Decimal(100) - percent_off) / Decimal(100)
-    return int(discounted.to_integral_value(rounding="ROUND_HALF_UP"))
+    discount = (Decimal(amount) * percent_off / Decimal(100)).to_integral_value(
+        rounding="ROUND_HALF_UP")
+    return amount - int(discount)

@@ -67,11 +67,12 @@ def settled_share(settlement_amount: int | None, net: int, amount: int) -> int:
 
 
 def price_after_discounts(amount: int, percent_off: Decimal | None, amount_off: int | None) -> int:
-    """One interval's price after the subscription's discounts, rounded half up as Stripe does."""
+    """One interval's price after the subscription's discounts, as Stripe's invoices charge it:
+    a percentage takes a whole number of minor units off, the discount rounded half up."""
     price = amount
     if percent_off is not None:
         # percent_off has at most four decimal places (numeric(7, 4)): exact in millionths
-        price = muldiv(amount, 1_000_000 - int(percent_off * 10_000), 1_000_000)
+        price = amount - muldiv(amount, int(percent_off * 10_000), 1_000_000)
     return max(0, price - (amount_off or 0))
 
 

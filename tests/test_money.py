@@ -67,7 +67,7 @@ def test_money_refuses_mixed_currencies_and_floats() -> None:
 
 def test_percent_off_rounds_half_up() -> None:
     assert apply_percent_off(1000, Decimal(50)) == 500
-    assert apply_percent_off(999, Decimal(50)) == 500  # 499.5 rounds up
+    assert apply_percent_off(999, Decimal(50)) == 499  # the discount, 499.5, rounds up
     assert apply_percent_off(1000, Decimal("33.33")) == 667
     with pytest.raises(ValueError, match="out of range"):
         apply_percent_off(1000, Decimal(101))

@@ -36,7 +36,7 @@ def test_rounding_is_half_up_with_integers() -> None:
 
 def test_subscription_prices_after_discounts_and_per_month() -> None:
     assert totals.price_after_discounts(1000, Decimal(50), None) == 500
-    assert totals.price_after_discounts(999, Decimal(50), None) == 500  # 499.5 up
+    assert totals.price_after_discounts(999, Decimal(50), None) == 499  # 999 - 500
     assert totals.price_after_discounts(1000, Decimal("33.3333"), None) == 667
     assert totals.price_after_discounts(1000, None, 1500) == 0
     assert totals.annualised(500, "month", 1) == 6000
@@ -345,3 +345,22 @@ async def test_a_contribution_written_while_its_campaign_is_created_counts_in_it
             " UNION ALL SELECT raised FROM totals_deltas WHERE scope = 'spring') AS t")
     assert result.differences == (), list(totals.describe(result))
     assert raised == 2500
+
+
+async def test_a_founding_discount_on_an_odd_amount_counts_what_each_invoice_charges(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    # £9.99 a month at 50% off: Stripe takes 5.00 off (4.995 rounded half up) and charges 4.99
+    world = World(seed=406)
+    started = world.subscribe(999, "gbp", founding=True, email="odd@example.org")
+    world.renew(started.subscription)
+    await post_all(client, world.events)
+
+    invoices = [v for v in world.objects.values() if v.get("object") == "invoice"
+                and v["parent"]["subscription_details"]["subscription"] == started.subscription]
+    assert {invoice["total"] for invoice in invoices} == {499}
+    body = await _totals(client)
+    assert body["raised"]["amount"] == 2 * 499
+    assert body["monthly_recurring"] == {"amount": 499, "currency": "gbp"}
+    await _verify_clean(pool)  # the triggers (sql/016) and the Python agree
+
