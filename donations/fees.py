@@ -103,40 +103,39 @@ async def store_balance_transactions(conn: asyncpg.Connection, bts: list[dict[st
             "DELETE FROM balance_transaction_fetches WHERE id = any($1::text[])", ids)
 
 
-def gives_up(attempts: int, error: stripe.StripeError) -> bool:
-    """Whether a failed look-up is set aside: Stripe has said, every time so far, that the object
-    does not exist (a key of another account or mode, an id from a deleted test object)."""
-    return error.http_status == 404 and attempts >= GIVE_UP_AFTER_NOT_FOUND
-
-
 async def postpone(
     pool: asyncpg.Pool, queue: str, key_column: str, key: str, attempts: int,
     error: stripe.StripeError,
 ) -> int | None:
     """Record a failed Stripe look-up in its queue and push its next try back; returns the
-    seconds until then, or None when the look-up is set aside (see `gives_up`).
+    seconds until then, or None when the look-up is set aside: Stripe has said, the last
+    GIVE_UP_AFTER_NOT_FOUND times running, that the object does not exist (a key of another
+    account or mode, an id from a deleted test object). Any other error starts that count again.
 
     Shared by the queues of look-ups at Stripe (balance transactions, payouts' members)."""
     delay = backoff(attempts)
-    give_up = gives_up(attempts, error)
+    not_found = error.http_status == 404
     async with db.connection(pool) as conn:
-        await conn.execute(
+        row = await conn.fetchrow(
             f"""
             UPDATE {queue}
-               SET last_error = $2, next_attempt_at = now() + make_interval(secs => $3),
-                   gave_up_at = CASE WHEN $4 THEN now() END
+               SET not_found_in_a_row = CASE WHEN $4 THEN not_found_in_a_row + 1 ELSE 0 END,
+                   next_attempt_at = now() + make_interval(secs => $3),
+                   gave_up_at = CASE WHEN $4 AND not_found_in_a_row + 1 >= $5 THEN now() END,
+                   last_error = CASE WHEN $4 AND not_found_in_a_row + 1 >= $5
+                                     THEN 'set aside after ' || (not_found_in_a_row + 1)
+                                          || ' "no such object" answers running; ' || $2
+                                     ELSE $2 END
              WHERE {key_column} = $1
+            RETURNING gave_up_at IS NOT NULL AS set_aside
             """,  # noqa: S608 - the table and column are constants of the callers
-            key, _error_text(error, attempts if give_up else None), delay, give_up,
+            key, _error_text(error), delay, not_found, GIVE_UP_AFTER_NOT_FOUND,
         )
-    return None if give_up else delay
+    return None if row is not None and row["set_aside"] else delay
 
 
-def _error_text(error: stripe.StripeError, gave_up_after: int | None) -> str:
-    text = f"{type(error).__name__}: {error.user_message or error}"
-    if gave_up_after is not None:
-        text = f"set aside after {gave_up_after} tries; {text}"
-    return text[:500]
+def _error_text(error: stripe.StripeError) -> str:
+    return f"{type(error).__name__}: {error.user_message or error}"[:400]
 
 
 async def requeue_set_aside(conn: asyncpg.Connection) -> dict[str, int]:
@@ -147,7 +146,8 @@ async def requeue_set_aside(conn: asyncpg.Connection) -> dict[str, int]:
         result: str = await conn.execute(
             f"""
             UPDATE {queue}
-               SET gave_up_at = NULL, attempts = 0, next_attempt_at = now()
+               SET gave_up_at = NULL, attempts = 0, not_found_in_a_row = 0,
+                   next_attempt_at = now()
              WHERE gave_up_at IS NOT NULL
             """  # noqa: S608 - constant table names
         )

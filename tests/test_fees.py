@@ -243,7 +243,8 @@ async def test_a_lookup_stripe_keeps_not_finding_is_set_aside_counted_and_can_be
         # set aside: not asked again even when due, its reason kept, and /metrics says so
         assert row is not None and row["gave_up_at"] is not None
         assert row["last_error"].startswith(
-            f"set aside after {fees.GIVE_UP_AFTER_NOT_FOUND} tries; InvalidRequestError")
+            f'set aside after {fees.GIVE_UP_AFTER_NOT_FOUND} "no such object" answers running; '
+            "InvalidRequestError")
         await pool.execute("UPDATE balance_transaction_fetches SET next_attempt_at = now()")
         assert await fees.run_once(pool, stripe_client, metrics) == 0
         assert len(fake.requests_to("/v1/balance_transactions/")) == asked
@@ -279,6 +280,28 @@ async def test_other_stripe_errors_are_retried_however_often_they_come(
         assert row["attempts"] == fees.GIVE_UP_AFTER_NOT_FOUND + 1
         assert await fees.run_once(pool, stripe_client, Metrics()) == 1
     assert await queue_row(pool, bt_id) is None
+
+
+async def test_a_single_404_after_outage_errors_does_not_set_a_lookup_aside(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """Set aside after three "no such object" answers *running*: an outage before one 404 does
+    not count towards it."""
+    world = World(seed=905)
+    paid = world.one_off(1500, "gbp")
+    await post_all(client, paid.events)
+    bt_id = str(paid.balance_transaction)
+    async with stripe_against(world) as (fake, stripe_client):
+        fake.fail_next(2, 500, path_prefix="/v1/balance_transactions", should_retry=False)
+        for _ in range(2):
+            assert await fees.run_once(pool, stripe_client, Metrics()) == 0
+            await pool.execute("UPDATE balance_transaction_fetches SET next_attempt_at = now()")
+        fake.fail_next(1, 404, path_prefix="/v1/balance_transactions")
+        assert await fees.run_once(pool, stripe_client, Metrics()) == 0
+    row = await pool.fetchrow("SELECT attempts, gave_up_at, last_error"
+                              " FROM balance_transaction_fetches WHERE id = $1", bt_id)
+    assert row is not None and row["attempts"] == 3
+    assert row["gave_up_at"] is None, row["last_error"]
 
 
 def test_backoff_doubles_from_ten_seconds_up_to_six_hours() -> None:

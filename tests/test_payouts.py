@@ -198,7 +198,8 @@ async def test_a_payout_stripe_keeps_not_finding_is_set_aside_until_its_status_c
         row = await pool.fetchrow("SELECT * FROM payout_fetches")
         assert row is not None and row["gave_up_at"] is not None
         assert row["last_error"].startswith(
-            f"set aside after {fees.GIVE_UP_AFTER_NOT_FOUND} tries; InvalidRequestError")
+            f'set aside after {fees.GIVE_UP_AFTER_NOT_FOUND} "no such object" answers running; '
+            "InvalidRequestError")
         asked = len(fake.requests_to("/v1/balance_transactions"))
         assert await payouts.run_once(pool, stripe_client) == 0  # set aside: not asked again
         assert len(fake.requests_to("/v1/balance_transactions")) == asked
