@@ -348,7 +348,9 @@ async def _report(settings: Settings, args: argparse.Namespace) -> int:
                     writer.writerows(payouts.csv_rows(found))
                     out.write(buffer.getvalue().encode())
                 unbalanced = [p["id"] for p in found if p["balanced"] is False]
-                unfetched = [p["id"] for p in found if not p["transactions_fetched"]]
+                # (a payout still on its way, or cancelled, has no transactions to tie yet)
+                unfetched = [p["id"] for p in found if not p["transactions_fetched"]
+                             and p["status"] in ("paid", "failed")]
                 if unbalanced:
                     print("payouts whose transactions do not sum to them: "
                           + ", ".join(unbalanced), file=sys.stderr)

@@ -14,8 +14,10 @@ from donations import auth, db, fees, payouts
 from donations.app import create_app
 from donations.settings import Secret
 from tests.conftest import Client, make_settings
+from tests.fakestripe import objects as o
 from tests.fakestripe.server import running_fake_stripe
-from tests.fakestripe.world import World
+from tests.fakestripe.world import DAY, Emitted, World
+from tests.test_cli import _env, _run
 from tests.test_fees import TEST_KEY, stripe_against
 from tests.webhook_helpers import post_all
 
@@ -234,3 +236,30 @@ async def test_the_worker_in_the_app_ties_a_payout_soon_after_its_webhook(
         await app_client.close()
     # the fee worker ran beside it: every payment settled
     assert await pool.fetchval("SELECT count(*) FROM payments WHERE fee IS NULL") == 0
+
+
+async def test_a_cancelled_payout_does_not_leave_the_payout_report_failing_for_ever(
+    client: Client, pool: asyncpg.Pool, dsn: str
+) -> None:
+    """A manual payout cancelled while pending (its money never left Stripe) has no
+    transactions to fetch or tie: the report lists it and does not fail for it."""
+    world = World(seed=907)
+    world.one_off(2500, "gbp")
+    world.advance(4 * DAY)
+    emitted = Emitted()
+    po = world._put(o.payout(ids=world.ids, amount=1000, currency="gbp", created=world.now,
+                             arrival_date=(world.now // DAY + 2) * DAY, status="pending",
+                             automatic=False))
+    world._emit(emitted, "payout.created", po)
+    world.advance(60)
+    po["status"] = "canceled"
+    world._emit(emitted, "payout.canceled", po)
+    await post_all(client, world.events)
+    async with stripe_against(world) as (_, stripe_client):
+        for _ in range(3):
+            await payouts.run_once(pool, stripe_client)
+    assert await pool.fetchval("SELECT count(*) FROM payout_fetches") == 0  # nothing to look up
+    code, out, err = await _run("report", "payouts", "--from", "2026-11-01", "--to", "2027-03-01",
+                              env=_env(DATABASE_URL=dsn))
+    assert (code, err) == (0, ""), err
+    assert po["id"] in out
