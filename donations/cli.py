@@ -392,7 +392,11 @@ async def _with_stripe(settings: Settings, args: argparse.Namespace) -> int:
         try:
             if args.command == "import":
                 assert since is not None  # --since is required
-                done = await importer.run(pool, client, offer, since, progress=sys.stderr)
+                try:
+                    done = await importer.run(pool, client, offer, since, progress=sys.stderr)
+                except importer.AlreadyImporting as exc:
+                    print(f"donations: {exc}", file=sys.stderr)
+                    return 1
                 for name, count in done.imported.items():
                     note = " (finished before)" if name in done.skipped else ""
                     print(f"{name}\t{count}{note}")

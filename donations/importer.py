@@ -18,6 +18,7 @@ in what no event tells, and never overrides what an event says, whatever order t
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any, TextIO
@@ -44,6 +45,10 @@ class Resource:
     event_type: str  # one the ledger handles for this object (events.HANDLED)
     path: str  # of its list in Stripe's API
     params: tuple[tuple[str, Any], ...] = ()
+    # listed whatever their creation date: objects that keep changing long after they are made
+    # (a subscription started before --since still renews, is cancelled; a dispute is decided,
+    # a refund fails, a payout is paid), so that what changed since is brought in too
+    every: bool = False
 
 
 # Customers first, then payments, then what refers to them; the ledger does not depend on the
@@ -55,13 +60,19 @@ RESOURCES: tuple[Resource, ...] = (
     Resource("charges", "charge.updated", "/v1/charges"),
     # canceled ones are left out unless asked for; discounts expanded to tell founding supporters
     Resource("subscriptions", "customer.subscription.updated", "/v1/subscriptions",
-             (("status", "all"), ("expand", ["data.discounts"]))),
+             (("status", "all"), ("expand", ["data.discounts"])), every=True),
     Resource("invoices", "invoice.finalized", "/v1/invoices"),
     Resource("invoice_payments", "invoice_payment.paid", "/v1/invoice_payments"),
-    Resource("refunds", "refund.updated", "/v1/refunds"),
-    Resource("disputes", "charge.dispute.updated", "/v1/disputes"),
-    Resource("payouts", "payout.updated", "/v1/payouts"),
+    Resource("refunds", "refund.updated", "/v1/refunds", every=True),
+    Resource("disputes", "charge.dispute.updated", "/v1/disputes", every=True),
+    Resource("payouts", "payout.updated", "/v1/payouts", every=True),
 )
+
+LOCK_KEY = 0x696D706F7274696E  # "importin": one import at a time across replicas
+
+
+class AlreadyImporting(Exception):
+    """Another import holds the lock."""
 
 
 def synthetic_event(obj: dict[str, Any], event_type: str) -> dict[str, Any]:
@@ -118,7 +129,24 @@ async def run(
     resources: tuple[Resource, ...] = RESOURCES,
     page_size: int = PAGE_SIZE,
 ) -> ImportResult:
-    """Import every object created since `since`; resumes where an interrupted import stopped."""
+    """Import every object created since `since` (and every subscription, refund, dispute and
+    payout, whenever made); resumes where an interrupted import stopped. One at a time: raises
+    AlreadyImporting while another holds the lock (two would reset each other's progress)."""
+    async with db.connection(pool) as lock:
+        if not await lock.fetchval("SELECT pg_try_advisory_lock($1)", LOCK_KEY):
+            raise AlreadyImporting("another import is running")
+        try:
+            return await _locked_run(pool, client, offer, since, progress, now, resources,
+                                     page_size)
+        finally:
+            with contextlib.suppress(*db.UNAVAILABLE_ERRORS, asyncpg.InterfaceError):
+                await lock.execute("SELECT pg_advisory_unlock($1)", LOCK_KEY)
+
+
+async def _locked_run(
+    pool: asyncpg.Pool, client: stripe.StripeClient, offer: FoundingOffer, since: int,
+    progress: TextIO | None, now: int | None, resources: tuple[Resource, ...], page_size: int,
+) -> ImportResult:
     until_default = int(time.time()) if now is None else now
     bar = Progress(progress if progress is not None and progress.isatty() else None)
     result = ImportResult(imported={})
@@ -166,8 +194,8 @@ async def _import_one(
     row: asyncpg.Record, bar: Progress, result: ImportResult, page_size: int,
 ) -> None:
     since, until, imported = row["since"], row["until"], row["imported"]
-    params: Any = {"created": {"gte": since, "lte": until}, "limit": page_size,
-                   **dict(resource.params)}
+    created = {"lte": until} if resource.every else {"gte": since, "lte": until}
+    params: Any = {"created": created, "limit": page_size, **dict(resource.params)}
     if row["cursor"] is not None:
         params["starting_after"] = row["cursor"]
     reached = until
@@ -180,7 +208,7 @@ async def _import_one(
         result.applied += applied
         result.failed += failed
         imported += len(items)
-        reached = min(reached, *(int(o.get("created") or until) for o in items))
+        reached = max(since, min(reached, *(int(o.get("created") or until) for o in items)))
         async with db.connection(pool) as conn:
             # after the page is stored: an interrupted import resumes from the next one
             await conn.execute(

@@ -13,9 +13,10 @@ import stripe
 from donations import importer
 from donations.ledger import FoundingOffer
 from tests.conftest import Client
-from tests.fakestripe.world import World
+from tests.fakestripe.world import DAY, World
 from tests.ledger_check import dump, reference
-from tests.test_fees import stripe_against
+from tests.test_cli import _env, _run
+from tests.test_fees import TEST_KEY, stripe_against
 from tests.test_reconcile import scenario
 from tests.webhook_helpers import post_all
 
@@ -106,3 +107,78 @@ async def test_real_events_outrank_imported_snapshots_in_any_order(
     rng.shuffle(shuffled)
     await post_all(client, shuffled)
     assert await dump(pool) == reference(world.events, OFFER)
+
+
+# --- what keeps changing, and one import at a time -------------------------------------------
+
+
+async def test_import_brings_in_a_live_subscription_created_before_since(
+    pool: asyncpg.Pool,
+) -> None:
+    """A publisher moving an account over: a subscription started before --since is still
+    live; it is imported with its renewals after --since (subscriptions are listed whenever
+    they were made)."""
+    world = World(seed=901)
+    sub = world.subscribe(1500, "gbp", campaign="winter")
+    world.advance(5 * DAY)
+    since = world.now
+    renewal = world.renew(sub.subscription)
+    async with stripe_against(world) as (_, stripe_client):
+        result = await importer.run(pool, stripe_client, OFFER, since, now=world.now + 60)
+    assert result.failed == 0
+    # the renewal after --since is in the ledger as a payment of that subscription ...
+    renewed = await pool.fetchrow(
+        "SELECT kind, subscription FROM payments WHERE invoice = $1", renewal.invoice)
+    assert renewed is not None
+    assert dict(renewed) == {"kind": "recurring", "subscription": sub.subscription}
+    # ... and so is the subscription it belongs to, active at Stripe
+    status = await pool.fetchval("SELECT status FROM subscriptions WHERE id = $1",
+                                 sub.subscription)
+    assert status == "active"
+
+
+async def test_import_covering_a_reconciliation_gap_brings_in_what_changed_in_it(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """The events of a reconciliation gap are brought in by `import --since <gap start>`,
+    which clears the gap: a subscription created before the gap and cancelled inside it is
+    cancelled in the ledger."""
+    world = World(seed=902)
+    sub = world.subscribe(1500, "gbp")
+    await post_all(client, world.events)  # delivered before the service went away
+    world.advance(2 * DAY)
+    gap_from = world.now
+    world.cancel(sub.subscription, at_period_end=False)  # in the gap: never delivered
+    world.advance(DAY)
+    gap_to = world.now
+    await pool.execute(
+        "INSERT INTO reconciliation_checkpoint (events_through, gap_from, gap_to)"
+        " VALUES ($1, $1, $2)", gap_from, gap_to)
+    async with stripe_against(world) as (_, stripe_client):
+        await importer.run(pool, stripe_client, OFFER, gap_from, now=world.now + 60)
+    # the import says the gap is covered ...
+    assert await pool.fetchval("SELECT gap_from FROM reconciliation_checkpoint") is None
+    # ... and the cancellation it held is in the ledger
+    status = await pool.fetchval("SELECT status FROM subscriptions WHERE id = $1",
+                                 sub.subscription)
+    assert status == "canceled"
+
+
+async def test_one_import_at_a_time(pool: asyncpg.Pool, dsn: str) -> None:
+    """Two imports at once would reset each other's progress: the second is refused."""
+    world = World(seed=903)
+    world.one_off(1000, "gbp")
+    async with pool.acquire() as holder:
+        await holder.execute("SELECT pg_advisory_lock($1)", importer.LOCK_KEY)  # the first
+        try:
+            async with stripe_against(world) as (fake, stripe_client):
+                with pytest.raises(importer.AlreadyImporting):
+                    await importer.run(pool, stripe_client, OFFER, SINCE, now=world.now + 60)
+                assert fake.requests == []
+            code, _, err = await _run("import", "--since", "2026-11-01",
+                                      env=_env(DATABASE_URL=dsn, STRIPE_SECRET_KEY=TEST_KEY,
+                                               STRIPE_API_BASE="http://127.0.0.1:9"))
+        finally:
+            await holder.execute("SELECT pg_advisory_unlock($1)", importer.LOCK_KEY)
+    assert code == 1 and "another import is running" in err
+
