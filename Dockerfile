@@ -16,6 +16,9 @@ RUN pip install . && rm -rf /srv/donations/build
 RUN useradd --create-home --uid 10001 donations
 USER donations
 WORKDIR /home/donations
+# made here, as the service's user: a volume mounted on it then keeps that owner (Docker would
+# otherwise create the mount point as root and the embedded PostgreSQL could not start)
+RUN mkdir -p /home/donations/data
 
 ENV HOST=0.0.0.0 \
     PORT=8080 \

@@ -556,3 +556,5 @@ async def _housekeep(app: web.Application) -> None:
                 log.debug("checkout_housekeeping", keys=keys, holds=holds, windows=windows)
         except db.DatabaseUnavailable as exc:
             log.warning("checkout_housekeeping_failed", error=str(exc))
+        except Exception:  # a cancelled statement, a failover: the next minute tries again
+            log.exception("checkout_housekeeping_failed")

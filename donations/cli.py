@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--tz", help="IANA time zone for dates and naive times (default UTC)")
         if name != "summary":
             sub.add_argument("--format", choices=("csv", "json"), default="csv")
-            sub.add_argument("--out", help="write to this file instead of standard output")
+        sub.add_argument("--out", help="write to this file instead of standard output")
     return parser
 
 
@@ -142,7 +142,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"donations: migration error: {exc}", file=sys.stderr)
         return 1
     except db.DatabaseUnavailable as exc:
-        print(f"donations: database unavailable: {exc}", file=sys.stderr)
+        print(f"donations: database unavailable (DATABASE_URL): {exc}", file=sys.stderr)
+        return 1
+    except db.EmbeddedUnavailable as exc:
+        print(f"donations: DONATIONS_DATA_DIR: {exc}", file=sys.stderr)
         return 1
     return 2
 

