@@ -71,6 +71,7 @@ HANDLED: dict[str, str] = {
     "payout.failed": "payout",
     "payout.updated": "payout",
     "payout.canceled": "payout",
+    "payout.reconciliation_completed": "payout",
 }
 
 # How far along its life a snapshot is. A later stage always wins over an earlier one, whatever the
@@ -199,6 +200,9 @@ def snapshot_version(event: Event) -> Version:
         # transaction, once attached, stays
         attached = 1 if obj.get("balance_transaction") else 0
         progress = 2 * _int(obj.get("amount_refunded")) + attached
+    elif kind == "payout":
+        # a paid payout whose transactions Stripe has finished attaching is further along
+        progress = 1 if obj.get("reconciliation_status") == "completed" else 0
     elif kind in ("customer", "discount"):
         progress = 1 if event.type.endswith(".deleted") or obj.get("deleted") else 0
     else:

@@ -163,6 +163,9 @@ class PayoutRow:
     balance_transaction: str | None
     failure_code: str | None
     created_at: datetime
+    # Stripe's: in_progress until it has finished attaching the payout's transactions
+    # (completed), not_applicable for a manual payout; None from older API versions
+    reconciliation_status: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -491,6 +494,7 @@ def derive_payout(snapshot: Snapshot) -> PayoutRow:
         balance_transaction=ref(data.get("balance_transaction")),
         failure_code=_str(data.get("failure_code")),
         created_at=_ts(data.get("created")),
+        reconciliation_status=_str(data.get("reconciliation_status")),
     )
 
 

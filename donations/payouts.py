@@ -29,11 +29,17 @@ PAGE = 100  # Stripe's largest page
 
 
 async def enqueue(conn: asyncpg.Connection) -> int:
-    """Queue every paid or failed payout not yet fetched for the status it has now."""
+    """Queue every paid or failed payout not yet fetched for the state it has now.
+
+    Stripe lists a payout's transactions in full only once it has finished reconciling it
+    (reconciliation_status completed; not_applicable for a manual payout, absent in older API
+    versions): until then it waits, and `payout.reconciliation_completed` queues it."""
     result: str = await conn.execute(
         """
         INSERT INTO payout_fetches (payout, payout_status)
-        SELECT id, status FROM payouts WHERE status IN ('paid', 'failed')
+        SELECT id, status || ':' || coalesce(reconciliation_status, '') FROM payouts
+         WHERE status IN ('paid', 'failed')
+           AND coalesce(reconciliation_status, 'completed') IN ('completed', 'not_applicable')
         ON CONFLICT (payout) DO UPDATE
            SET payout_status = excluded.payout_status, attempts = 0, next_attempt_at = now(),
                last_error = NULL, fetched_at = NULL, queued_at = now(), gave_up_at = NULL

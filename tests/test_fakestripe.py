@@ -319,7 +319,10 @@ def test_payout_pays_out_its_balance_transactions() -> None:
     w.one_off(2000, "eur")
     po = w.payout()
     payout = w.get(po.payout)
-    assert po.types == ["payout.created", "payout.paid"]
+    assert po.types == ["payout.created", "payout.paid", "payout.reconciliation_completed"]
+    events = {e["type"]: e["data"]["object"] for e in w.events if e["type"].startswith("payout.")}
+    assert [events[t]["reconciliation_status"] for t in po.types] == [
+        "in_progress", "in_progress", "completed"]
     members = [w.balance_transactions[i] for i in po.balance_transactions]
     assert payout["amount"] == sum(bt["net"] for bt in members if bt["type"] != "payout")
     assert w.balance_transactions[payout["balance_transaction"]]["amount"] == -payout["amount"]

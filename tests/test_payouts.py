@@ -151,7 +151,8 @@ async def test_many_transactions_are_fetched_page_by_page(
     for i in range(130):
         world.one_off(100 + i, "gbp")
     paid_out = world.payout()
-    await post_all(client, [e for e in world.events if e["type"] == "payout.paid"])
+    await post_all(client, [e for e in world.events
+                            if e["type"] == "payout.reconciliation_completed"])
     async with stripe_against(world) as (fake, stripe_client):
         assert await payouts.run_once(pool, stripe_client) == 1
         pages = fake.requests_to("/v1/balance_transactions")
@@ -162,7 +163,7 @@ async def test_many_transactions_are_fetched_page_by_page(
     assert stored == 131
     headers = await _bearer(pool)
     body = await (await client.get("/v1/reports/payouts", headers=headers, params=WIDE)).json()
-    # no payment is in the ledger (only the payout's event was sent), yet the sums still tie
+    # no payment is in the ledger (only the payout's last event was sent), yet the sums tie
     assert body["data"][0]["balanced"] is True
 
 
@@ -263,3 +264,25 @@ async def test_a_cancelled_payout_does_not_leave_the_payout_report_failing_for_e
                               env=_env(DATABASE_URL=dsn))
     assert (code, err) == (0, ""), err
     assert po["id"] in out
+
+
+async def test_a_payout_is_fetched_once_stripe_has_finished_reconciling_it(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """Stripe lists a payout's transactions in full only once reconciliation_status is
+    completed: a paid payout still being reconciled waits, its
+    payout.reconciliation_completed queues it."""
+    world, _ = _world(607)
+    paid_out = world.payout()
+    (completed,) = [e for e in world.events if e["type"] == "payout.reconciliation_completed"]
+    await post_all(client, [e for e in world.events if e is not completed])
+    async with stripe_against(world) as (fake, stripe_client):
+        assert await payouts.run_once(pool, stripe_client) == 0
+        assert fake.requests_to("/v1/balance_transactions") == []
+        assert await pool.fetchval("SELECT reconciliation_status FROM payouts") == "in_progress"
+
+        await post_all(client, [completed])
+        assert await payouts.run_once(pool, stripe_client) == 1
+    headers = await _bearer(pool)
+    body = await (await client.get("/v1/reports/payouts", headers=headers, params=WIDE)).json()
+    assert [(p["id"], p["balanced"]) for p in body["data"]] == [(paid_out.payout, True)]

@@ -1377,7 +1377,8 @@ class World:
 
     def payout(self, *, arrival_days: int = 2) -> PayoutResult:
         """Pay out every balance transaction not yet paid out (the clock moves on to when the
-        last of them is available): payout.created, then at arrival payout.paid.
+        last of them is available): payout.created, then at arrival payout.paid, both while
+        Stripe is still reconciling it, then payout.reconciliation_completed.
 
         `payout_members[po]` (and GET /v1/balance_transactions?payout=po) lists the paid-out
         transactions and the payout's own (type payout) transaction.
@@ -1418,6 +1419,7 @@ class World:
                 livemode=self.livemode,
             )
         )
+        po["reconciliation_status"] = "in_progress"
         ids = [bt["id"] for bt in members] + [own["id"]]
         for txn in ids:
             self.payout_of[txn] = po_id
@@ -1436,7 +1438,11 @@ class World:
                 livemode=self.livemode,
             )
         )
+        po["reconciliation_status"] = "in_progress"
         self._emit(out, "payout.paid", po)
+        self.advance(3600)
+        self._emit(out, "payout.reconciliation_completed", po,
+                   previous=self._changes(po, reconciliation_status="completed"))
         out.payout, out.balance_transactions = po_id, ids
         return out
 
