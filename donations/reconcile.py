@@ -59,6 +59,7 @@ BUSY_ATTEMPTS = 6
 BUSY_FIRST_DELAY = 1.0
 BUSY_MAX_DELAY = 30.0
 STORE_CHUNK = 500  # balance transactions a comparison stores per transaction
+REEXAMINE = 200  # open discrepancies outside the window a run looks at again, at most
 
 _DONE = ("processed", "ignored", "needs_attention")
 _CHARGE_TYPES = ("charge", "payment")
@@ -617,9 +618,17 @@ async def _compare(state: _Run, start: int, end: int) -> None:
         )
         # Every open discrepancy is looked at again, wherever its object falls: a difference
         # fixed since (by an import, a late webhook) is then closed, not reported for ever.
+        # At most REEXAMINE a run, those looked at longest ago first (each costs a Stripe call;
+        # a run never hammers the API): a long list is worked through over a few runs.
         still_open = await conn.fetch(
-            "SELECT DISTINCT object, stripe_id AS id FROM reconciliation_discrepancies"
-            " WHERE resolved_at IS NULL")
+            """
+            SELECT object, stripe_id AS id FROM reconciliation_discrepancies
+             WHERE resolved_at IS NULL
+             GROUP BY object, stripe_id
+             ORDER BY max(last_run_id), stripe_id
+             LIMIT $1
+            """,
+            REEXAMINE)
     to_confirm = {(r["object"], r["id"]) for r in unlisted}
     to_confirm |= {(r["object"], r["id"]) for r in still_open
                    if r["id"] not in by_object.get(r["object"], {})}
