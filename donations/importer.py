@@ -175,17 +175,29 @@ async def _locked_run(
         assert row is not None
         await _import_one(pool, client, offer, resource, row, bar, result, page_size)
     result.skipped = tuple(skipped)
-    if resources == RESOURCES:
+    if resources == RESOURCES and result.failed == 0:
         async with db.connection(pool) as conn:
-            # a gap reconciliation found in the events (older than Stripe keeps) is covered now
-            await conn.execute(
+            # A gap reconciliation found in the events (older than Stripe keeps) is covered by
+            # an import of every kind of object from at or before its start, listed up to at or
+            # after its end (the `until` each listing was made with) without a failure.
+            covered = await conn.fetchrow(
                 """
-                UPDATE reconciliation_checkpoint
-                   SET gap_from = NULL, gap_to = NULL, updated_at = now()
-                 WHERE gap_from >= $1 AND gap_to <= $2
+                SELECT count(*) AS kinds, min(until) AS until,
+                       bool_and(finished_at IS NOT NULL) AS finished
+                  FROM import_progress WHERE since = $1 AND resource = any($2::text[])
                 """,
-                since, max(since, until_default),
+                since, [r.name for r in RESOURCES],
             )
+            if covered is not None and covered["kinds"] == len(RESOURCES) \
+                    and covered["finished"]:
+                await conn.execute(
+                    """
+                    UPDATE reconciliation_checkpoint
+                       SET gap_from = NULL, gap_to = NULL, updated_at = now()
+                     WHERE gap_from >= $1 AND gap_to <= $2
+                    """,
+                    since, covered["until"],
+                )
     return result
 
 

@@ -20,7 +20,7 @@ import asyncpg
 import structlog
 
 from donations import db, store
-from donations.events import Event, parse_event
+from donations.events import Event, NotAnEvent, parse_event
 from donations.ledger import (
     FoundingOffer,
     Snapshot,
@@ -279,13 +279,32 @@ async def retry_unfinished(
         todo = await store.unfinished_events(conn, list(statuses))
     counts: dict[str, int] = {}
     for event_id, payload in todo:
-        event = parse_event(json.loads(payload))
+        try:
+            event = parse_event(json.loads(payload))
+        except NotAnEvent as exc:
+            # stored before the envelope was checked this closely: it can never apply
+            await _set_aside_unreadable(pool, event_id, str(exc))
+            counts["unreadable"] = counts.get("unreadable", 0) + 1
+            continue
         with structlog.contextvars.bound_contextvars(event_id=event_id, event_type=event.type):
             outcome = await ingest(pool, event, payload, offer)
         if outcome is Outcome.DUPLICATE:  # set aside for attention, now understood or not
             outcome = await _reapply_attention(pool, event, offer)
         counts[outcome.value] = counts.get(outcome.value, 0) + 1
     return counts
+
+
+async def _set_aside_unreadable(pool: asyncpg.Pool, event_id: str, problem: str) -> None:
+    log.warning("stored_event_unreadable", event_id=event_id, problem=problem)
+
+    async def work(conn: asyncpg.Connection) -> None:
+        await conn.execute(
+            "UPDATE stripe_events SET status = 'ignored', processed_at = now(), last_error = $2"
+            " WHERE id = $1",
+            event_id, f"not an event the service can read: {problem}"[:2000],
+        )
+
+    await db.transaction(pool, work)
 
 
 async def reapply(pool: asyncpg.Pool, offer: FoundingOffer, type_pattern: str) -> int:
@@ -304,7 +323,10 @@ async def reapply(pool: asyncpg.Pool, offer: FoundingOffer, type_pattern: str) -
         )
     changed: set[str] = set()
     for row in rows:
-        _, snapshot = classify(parse_event(json.loads(row["payload"])))
+        try:
+            _, snapshot = classify(parse_event(json.loads(row["payload"])))
+        except NotAnEvent:
+            continue  # (applied once, so readable then; nothing to offer again)
         if snapshot is None:
             continue
 

@@ -42,7 +42,8 @@ async def enqueue(conn: asyncpg.Connection) -> int:
            AND coalesce(reconciliation_status, 'completed') IN ('completed', 'not_applicable')
         ON CONFLICT (payout) DO UPDATE
            SET payout_status = excluded.payout_status, attempts = 0, next_attempt_at = now(),
-               last_error = NULL, fetched_at = NULL, queued_at = now(), gave_up_at = NULL
+               last_error = NULL, fetched_at = NULL, queued_at = now(), gave_up_at = NULL,
+               not_found_in_a_row = 0
          WHERE payout_fetches.payout_status IS DISTINCT FROM excluded.payout_status
         """
     )
@@ -153,7 +154,8 @@ SELECT l.payout, bt.id, bt.type, bt.reporting_category, bt.source, bt.amount, bt
        coalesce(pc.kind, pr.kind, pd.kind) AS kind,
        coalesce(pc.currency, pr.currency, pd.currency) AS payment_currency,
        coalesce(pc.amount,
-                CASE WHEN bt.type = 'refund_failure' THEN r.amount ELSE -r.amount END,
+                CASE WHEN bt.type IN ('refund_failure', 'payment_failure_refund')
+                     THEN r.amount ELSE -r.amount END,
                 CASE WHEN bt.amount < 0 THEN -d.amount ELSE d.amount END) AS payment_amount,
        coalesce(pc.campaign, pr.campaign, pd.campaign) AS campaign,
        coalesce(pc.payment_intent, pr.payment_intent, pd.payment_intent) AS payment_intent,

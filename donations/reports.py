@@ -429,8 +429,9 @@ class _Figures:
             split[0] += n
             split[1] += amount
         elif row["type"] == "refund":
-            self.refunds += -amount
-            self.refund_count += n
+            self.refunds += -amount  # net of the money of failed refunds coming back
+            if row["status"] != "refund_failure":  # (a refund, not a second one)
+                self.refund_count += n
         elif row["status"] == "funds_withdrawn":
             self.withdrawn += -amount
             self.dispute_movements += n

@@ -95,25 +95,35 @@ class TotalsCache:
         # load the database nor push the real campaigns' figures out)
         self._slugs: tuple[frozenset[str], float] | None = None
         self._reading_slugs: asyncio.Task[frozenset[str]] | None = None
+        self._generation = 0  # moved on by clear(): a read begun before it is not kept
 
     def clear(self) -> None:
         """Forget every scope's figures: the next request reads them again."""
         self._entries.clear()
         self._slugs = None
+        self._reading_slugs = None
+        self._generation += 1
 
     async def _campaign_slugs(self) -> frozenset[str]:
         if self._slugs is not None and self._clock() - self._slugs[1] < self._ttl:
             return self._slugs[0]
-        if self._reading_slugs is None:
-            self._reading_slugs = asyncio.create_task(self._read_slugs())
-            self._reading_slugs.add_done_callback(
-                lambda _: setattr(self, "_reading_slugs", None))
-        return await asyncio.shield(self._reading_slugs)
+        reading = self._reading_slugs
+        if reading is None:
+            reading = self._reading_slugs = asyncio.create_task(self._read_slugs())
+
+            def done(task: asyncio.Task[frozenset[str]]) -> None:
+                if self._reading_slugs is task:
+                    self._reading_slugs = None
+
+            reading.add_done_callback(done)
+        return await asyncio.shield(reading)
 
     async def _read_slugs(self) -> frozenset[str]:
+        generation = self._generation
         async with db.connection(self._pool) as conn:
             slugs = frozenset(r["slug"] for r in await conn.fetch("SELECT slug FROM campaigns"))
-        self._slugs = (slugs, self._clock())
+        if generation == self._generation:  # no campaign was created meanwhile (here)
+            self._slugs = (slugs, self._clock())
         return slugs
 
     def fresh(self, scope: str) -> Entry | None:

@@ -7,3 +7,9 @@ UPDATE payouts p SET reconciliation_status = o.data ->> 'reconciliation_status'
 -- the queue's record of the state each payout was fetched for, in the form enqueue now writes
 UPDATE payout_fetches f SET payout_status = f.payout_status || ':' || coalesce(p.reconciliation_status, '')
   FROM payouts p WHERE p.id = f.payout;
+-- payout.reconciliation_completed events stored before this migration were not understood and
+-- kept as ignored: what they said is taken from them here
+UPDATE payouts p SET reconciliation_status = 'completed'
+  FROM stripe_events e
+ WHERE e.type = 'payout.reconciliation_completed'
+   AND (e.payload::jsonb) -> 'data' -> 'object' ->> 'id' = p.id;

@@ -182,3 +182,37 @@ async def test_one_import_at_a_time(pool: asyncpg.Pool, dsn: str) -> None:
             await holder.execute("SELECT pg_advisory_unlock($1)", importer.LOCK_KEY)
     assert code == 1 and "another import is running" in err
 
+
+async def test_an_import_that_skipped_everything_does_not_clear_a_later_gap(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """An import clears a reconciliation gap only if it listed every kind of object over the
+    gap without a failure: one with the --since of an import finished before, which lists
+    nothing new, leaves a later gap open."""
+    from donations import importer
+    from donations.ledger import FoundingOffer
+    from tests.fakestripe.world import DAY, World
+
+    world = World(seed=902)
+    sub = world.subscribe(1500, "gbp")
+    await post_all(client, world.events)
+    since = world.now - DAY
+    async with stripe_against(world) as (_, stripe_client):
+        await importer.run(pool, stripe_client, FoundingOffer(), since, now=world.now + 60)
+    world.advance(2 * DAY)
+    gap_from = world.now
+    world.cancel(sub.subscription, at_period_end=False)  # in the gap: never delivered
+    world.advance(DAY)
+    gap_to = world.now
+    await pool.execute(
+        "INSERT INTO reconciliation_checkpoint (events_through, gap_from, gap_to)"
+        " VALUES ($1, $1, $2) ON CONFLICT (id) DO UPDATE SET gap_from = $1, gap_to = $2",
+        gap_from, gap_to)
+    async with stripe_against(world) as (_, stripe_client):
+        again = await importer.run(pool, stripe_client, FoundingOffer(), since,
+                                   now=world.now + 60)
+    assert set(again.skipped) == {r.name for r in importer.RESOURCES}
+    status = await pool.fetchval("SELECT status FROM subscriptions WHERE id = $1",
+                                 sub.subscription)
+    gap = await pool.fetchval("SELECT gap_from FROM reconciliation_checkpoint")
+    assert gap is not None or status == "canceled", (gap, status)

@@ -18,7 +18,7 @@ from pytest_aiohttp import AiohttpClient
 from donations import db
 from donations.app import install_routes
 from donations.errors import BadRequest
-from donations.logging import configure, mask_email, redact
+from donations.logging import _scrub, configure, mask_email, redact
 from donations.metrics import Metrics
 from tests.conftest import WEBHOOK_SECRET, Client
 from tests.fakestripe.signing import signed_request
@@ -350,4 +350,11 @@ def test_a_traceback_in_console_logs_is_scrubbed_too(console_logs: Output) -> No
     assert "Traceback" in console_logs.text and "ValueError" in console_logs.text
     assert EMAIL not in console_logs.text
     assert "abcdef123456" not in console_logs.text
+
+
+def test_addresses_are_found_from_each_at_sign_however_long_the_text() -> None:
+    local = "a" * 8000  # a long request path: only the last 64 characters can be an address
+    masked = _scrub("path", f"/v1/{local}@example.org/x")
+    assert masked == f"/v1/{local[:-64]}a***@example.org/x"
+    assert _scrub("path", "/v1/" + "x@" * 4000) == "/v1/" + "x@" * 4000  # no domain: as is
 

@@ -286,3 +286,28 @@ async def test_a_payout_is_fetched_once_stripe_has_finished_reconciling_it(
     headers = await _bearer(pool)
     body = await (await client.get("/v1/reports/payouts", headers=headers, params=WIDE)).json()
     assert [(p["id"], p["balanced"]) for p in body["data"]] == [(paid_out.payout, True)]
+
+
+async def test_payout_put_back_by_a_status_change_is_not_set_aside_by_one_404(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """A payout put back in the queue by a status change starts its count of "no such
+    object" answers again: one more 404 does not set it aside."""
+    world, _ = _world(605)
+    paid_out = world.payout()
+    await post_all(client, world.events)
+    async with stripe_against(world) as (fake, stripe_client):
+        fake.fail_next(fees.GIVE_UP_AFTER_NOT_FOUND, 404, path_prefix="/v1/balance_transactions")
+        for _ in range(fees.GIVE_UP_AFTER_NOT_FOUND):
+            assert await payouts.run_once(pool, stripe_client) == 0
+            await pool.execute("UPDATE payout_fetches SET next_attempt_at = now()")
+        assert await pool.fetchval("SELECT gave_up_at IS NOT NULL FROM payout_fetches")
+
+        # the payout's status changes: enqueue puts it back in the queue
+        await pool.execute("UPDATE payouts SET status = 'failed' WHERE id = $1", paid_out.payout)
+        fake.fail_next(1, 404, path_prefix="/v1/balance_transactions")
+        assert await payouts.run_once(pool, stripe_client) == 0
+        row = await pool.fetchrow("SELECT gave_up_at, not_found_in_a_row, last_error"
+                                  " FROM payout_fetches")
+    assert row is not None
+    assert row["gave_up_at"] is None, (row["not_found_in_a_row"], row["last_error"])

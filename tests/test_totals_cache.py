@@ -108,3 +108,40 @@ async def test_a_slug_that_is_no_campaign_costs_no_read_and_takes_no_place() -> 
     await cache.get("spring")
     assert cache.slug_reads == 2
 
+
+async def test_a_slug_read_in_flight_when_a_campaign_is_created_does_not_hide_it(
+    pool: asyncpg.Pool, dsn: str
+) -> None:
+    """A read of the campaigns' slugs begun before a campaign was created (and the cache
+    cleared for it) is not kept: the new campaign answers at once. The read is held by a slow
+    connection release (asyncpg's pool `reset` hook), real database timing."""
+    from donations import campaigns
+    from donations.settings import Settings
+    from donations.totals_api import TotalsCache
+
+    in_release, go_on = asyncio.Event(), asyncio.Event()
+    hold = {"on": False}
+
+    async def reset(conn: asyncpg.Connection) -> None:
+        if hold["on"]:
+            hold["on"] = False
+            in_release.set()
+            await go_on.wait()
+        await conn.reset()
+
+    slow = await asyncpg.create_pool(dsn, min_size=1, max_size=4, reset=reset)
+    try:
+        cache = TotalsCache(slow, Settings(totals_ttl=60))
+        hold["on"] = True
+        first = asyncio.create_task(cache.get("spring"))  # a reader, before the campaign
+        await asyncio.wait_for(in_release.wait(), 5)  # the slugs are read; not stored yet
+        async with db.connection(pool) as conn:
+            await campaigns.create(conn, "spring", "Spring appeal", None, None, None, None,
+                                   "gbp")
+        cache.clear()  # what POST /v1/campaigns does once the campaign is committed
+        go_on.set()
+        assert (await first).totals is None  # fair: it asked before the campaign existed
+        after = await cache.get("spring")
+        assert after.totals is not None, "a campaign created and cleared for is a 404"
+    finally:
+        await slow.close()

@@ -456,3 +456,40 @@ async def test_a_signature_header_with_a_non_ascii_character_is_a_400(
     answer = await response.json()
     assert (response.status, answer["error"]["code"]) == (400, "bad_signature"), answer
     assert await count(pool, "stripe_events") == 0
+
+
+async def test_events_retry_survives_a_stored_failed_event_whose_object_has_no_id(
+    pool: asyncpg.Pool,
+) -> None:
+    """A stored failed event that can never be read (a handled type whose object has no
+    id) is set aside as ignored; `events retry` goes on with the others."""
+    import json
+
+    from donations import ingest
+    from donations.events import PINNED_API_VERSION
+    from donations.ledger import FoundingOffer
+
+    def event(evt: str, type_: str, obj: dict[str, object]) -> str:
+        return json.dumps({"id": evt, "object": "event", "type": type_, "created": 1_795_000_000,
+                           "api_version": PINNED_API_VERSION, "livemode": False,
+                           "data": {"object": obj}})
+
+    bad = event("evt_review_noid", "charge.refunded", {"object": "charge", "amount": 100})
+    good = event("evt_review_good", "customer.created",
+                 {"id": "cus_review", "object": "customer", "email": "a@example.org",
+                  "name": "A", "created": 1_795_000_000})
+    for i, (evt, type_, payload) in enumerate(
+            [("evt_review_noid", "charge.refunded", bad),
+             ("evt_review_good", "customer.created", good)]):
+        await pool.execute(
+            "INSERT INTO stripe_events (id, type, api_version, livemode, created, payload,"
+            " status, attempts, last_error, received_at)"
+            " VALUES ($1, $2, $3, false, to_timestamp(1795000000), $4::json, 'failed', 1,"
+            " 'KeyError', now() - make_interval(secs => $5))",
+            evt, type_, PINNED_API_VERSION, payload, 10 - i)
+    counts = await ingest.retry_unfinished(pool, FoundingOffer())
+    assert counts == {"processed": 1, "unreadable": 1}, counts
+    assert await pool.fetchval(
+        "SELECT status FROM stripe_events WHERE id = 'evt_review_good'") == "processed"
+    assert await pool.fetchval(
+        "SELECT status FROM stripe_events WHERE id = 'evt_review_noid'") == "ignored"
