@@ -212,22 +212,36 @@ async def _import_one(
         params["starting_after"] = row["cursor"]
     reached = until
     bar.show(resource.name, since, until, reached, imported)
-    async for items, _more in pages(client, resource.path, params, f"{resource.name}.list"):
-        if not items:
-            continue
-        events = [synthetic_event(obj, resource.event_type) for obj in items]
-        applied, failed = await store_missing(pool, offer, events, "import")
-        result.applied += applied
-        result.failed += failed
-        imported += len(items)
-        reached = max(since, min(reached, *(int(o.get("created") or until) for o in items)))
-        async with db.connection(pool) as conn:
-            # after the page is stored: an interrupted import resumes from the next one
-            await conn.execute(
-                "UPDATE import_progress SET cursor = $2, imported = $3 WHERE resource = $1",
-                resource.name, items[-1]["id"], imported,
-            )
-        bar.show(resource.name, since, until, reached, imported)
+    while True:
+        try:
+            async for items, _more in pages(client, resource.path, params,
+                                            f"{resource.name}.list"):
+                if not items:
+                    continue
+                events = [synthetic_event(obj, resource.event_type) for obj in items]
+                applied, failed = await store_missing(pool, offer, events, "import")
+                result.applied += applied
+                result.failed += failed
+                imported += len(items)
+                reached = max(since, min(reached, *(int(o.get("created") or until)
+                                                    for o in items)))
+                async with db.connection(pool) as conn:
+                    # after the page is stored: an interrupted import resumes from the next one
+                    await conn.execute(
+                        "UPDATE import_progress SET cursor = $2, imported = $3"
+                        " WHERE resource = $1",
+                        resource.name, items[-1]["id"], imported,
+                    )
+                bar.show(resource.name, since, until, reached, imported)
+            break
+        except stripe.InvalidRequestError as exc:
+            if "starting_after" not in params or exc.param != "starting_after":
+                raise
+            # the object the saved cursor names is gone at Stripe (deleted): the listing
+            # starts over (what is stored stays; storing it again changes nothing)
+            log.warning("import_cursor_gone", resource=resource.name,
+                        cursor=params["starting_after"])
+            del params["starting_after"]
     async with db.connection(pool) as conn:
         await conn.execute(
             "UPDATE import_progress SET finished_at = now() WHERE resource = $1", resource.name

@@ -216,3 +216,25 @@ async def test_an_import_that_skipped_everything_does_not_clear_a_later_gap(
                                  sub.subscription)
     gap = await pool.fetchval("SELECT gap_from FROM reconciliation_checkpoint")
     assert gap is not None or status == "canceled", (gap, status)
+
+
+async def test_an_interrupted_import_starts_over_when_its_cursor_object_is_gone(
+    pool: asyncpg.Pool,
+) -> None:
+    world = scenario(seed=704, steps=40)
+    charges = [o["id"] for o in world.objects.values() if o.get("object") == "charge"]
+    async with stripe_against(world) as (fake, stripe_client):
+        fake.fail_next(1, 500, "/v1/charges", should_retry=False, after=1)
+        with pytest.raises(stripe.APIError):
+            await importer.run(pool, stripe_client, OFFER, SINCE, now=world.now + 60,
+                               page_size=10)
+        cursor = await pool.fetchval(
+            "SELECT cursor FROM import_progress WHERE resource = 'charges'")
+        assert cursor in charges
+        del world.objects[cursor]  # deleted at Stripe meanwhile (a test-mode clean-up, say)
+        result = await importer.run(pool, stripe_client, OFFER, SINCE, now=world.now + 60,
+                                    page_size=10)
+    assert result.failed == 0
+    stored = {r["id"] for r in await pool.fetch(
+        "SELECT data ->> 'id' AS id FROM stripe_objects WHERE object = 'charge'")}
+    assert stored >= set(charges) - {cursor}
