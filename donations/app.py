@@ -314,6 +314,8 @@ async def readyz(request: web.Request) -> web.Response:
         return web.json_response(
             {"status": "unavailable", "pending_migrations": [m.name for m in pending]}, status=503
         )
+    if stopped := tasks.stopped():  # logged when each stopped
+        return web.json_response({"status": "unavailable", "stopped_tasks": stopped}, status=503)
     return web.json_response({"status": "ok"})
 
 

@@ -20,7 +20,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from donations import checkout, db
 from donations.app import create_app
-from tests.conftest import WEBHOOK_SECRET, make_settings
+from tests.conftest import WEBHOOK_SECRET, Client, make_settings
 from tests.fakestripe.signing import signed_request
 from tests.fakestripe.world import World
 from tests.test_cli import _env, _free_port, _run
@@ -294,3 +294,19 @@ async def test_report_summary_out_as_the_readme_writes_it(dsn: str, tmp_path: Pa
                               "--out", str(out), env=_env(DATABASE_URL=dsn, LOG_LEVEL="warning"))
     assert code == 0, err
     assert out.read_text().startswith("{")
+
+
+async def test_a_background_task_that_stops_makes_the_service_not_ready(
+    client: Client,
+) -> None:
+    """A loop that ends although nobody stopped it (here: cancelled from outside) is logged, and
+    /readyz answers 503 naming it, so that an orchestrator replaces the process."""
+    assert (await client.get("/readyz")).status == 200
+    (task,) = [t for t in asyncio.all_tasks() if t.get_name() == "checkout-housekeeping"]
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    response = await client.get("/readyz")
+    assert response.status == 503
+    assert await response.json() == {"status": "unavailable",
+                                     "stopped_tasks": ["checkout-housekeeping"]}
