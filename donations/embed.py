@@ -86,7 +86,7 @@ SCRIPT = """(function () {
   }
   function load(el) {
     var slug = el.getAttribute("data-donations-campaign") || "";
-    if (slug && !SLUG.test(slug)) return;
+    if (slug && !SLUG.test(slug)) { el.setAttribute("data-donations-state", "error"); return; }
     var url = base + (slug ? "/v1/campaigns/" + slug + "/totals" : "/v1/totals");
     fetch(url, {mode: "cors", credentials: "omit"})
       .then(function (r) { if (!r.ok) throw new Error(r.status); return r.json(); })

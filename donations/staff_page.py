@@ -14,8 +14,8 @@ from aiohttp import web
 
 from donations import auth, db, payouts, reports
 from donations.appkeys import POOL, SETTINGS
-from donations.errors import ApiError, BadRequest, Forbidden, Unauthorized
-from donations.money import to_major
+from donations.errors import ApiError, BadRequest, Forbidden, TooManyRequests, Unauthorized
+from donations.money import exponent, to_major
 
 log = structlog.get_logger(__name__)
 
@@ -58,15 +58,21 @@ async def _require_staff(request: web.Request) -> auth.Token:
 
 
 def _same_origin(request: web.Request) -> None:
-    """Refuse a form posted from another site (the cookie is SameSite=Strict as well)."""
+    """Refuse a form posted from another site (the cookie is SameSite=Strict as well).
+
+    The page's own forms may send `Origin: null` (its Referrer-Policy is no-referrer), and so
+    may a sandboxed frame on any site: the browser's Sec-Fetch-Site tells them apart."""
+    fetched_from = request.headers.get("Sec-Fetch-Site")
+    if fetched_from is not None and fetched_from not in ("same-origin", "none"):
+        raise Forbidden("cross_origin", "forms are only accepted from this site")
     origin = request.headers.get("Origin")
     if origin and origin != "null" and origin.split("://", 1)[-1] != request.host:
         raise Forbidden("cross_origin", "forms are only accepted from this site")
 
 
-def _page(body: str, status: int = 200) -> web.Response:
+def _page(body: str, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(text=body, status=status, content_type="text/html", charset="utf-8",
-                        headers=SECURITY_HEADERS)
+                        headers={**SECURITY_HEADERS, **(headers or {})})
 
 
 @routes.post("/staff/login")
@@ -83,7 +89,7 @@ async def login(request: web.Request) -> web.Response:
     except Forbidden:
         return _page(login_page("That token cannot read reports."), status=403)
     except ApiError as exc:  # rate limited
-        return _page(login_page(exc.message), status=exc.status)
+        return _page(login_page(exc.message), status=exc.status, headers=exc.headers)
     response = web.HTTPSeeOther("/staff/")
     response.set_cookie(COOKIE, value, path=COOKIE_PATH, max_age=COOKIE_MAX_AGE, secure=True,
                         httponly=True, samesite="Strict")
@@ -108,7 +114,11 @@ async def staff_no_slash(request: web.Request) -> web.Response:
 
 @routes.get("/staff/")
 async def staff(request: web.Request) -> web.Response:
-    if await _staff(request) is None:
+    try:
+        token = await _staff(request)
+    except TooManyRequests as exc:  # too many failed attempts from this address: the page says so
+        return _page(login_page(exc.message), status=exc.status, headers=exc.headers)
+    if token is None:
         return _page(login_page())
     month = _month(request.query.get("month"))
     reporting = request.app[SETTINGS].reporting_currency
@@ -148,9 +158,12 @@ def _month(value: str | None) -> date:
         today = datetime.now(UTC).date()
         return today.replace(day=1)
     try:
-        return date.fromisoformat(f"{value}-01")
+        month = date.fromisoformat(f"{value}-01")
     except ValueError:
         raise BadRequest("invalid_month", "month is YYYY-MM", field="month") from None
+    if not 1970 <= month.year <= 9998:  # (the page reads the 11 months before and the next)
+        raise BadRequest("invalid_month", "month is YYYY-MM, from 1970", field="month")
+    return month
 
 
 def _add_months(month: date, n: int) -> date:
@@ -220,9 +233,20 @@ def dashboard(
         f"<td>{c['payments']}</td><td>{_m(c['monthly_recurring'])}</td></tr>"
         for c in summary["by_currency"]
     )
-    pending = (f'<p class="note">{r["pending_settlement"]} movement(s) not yet settled by '
-               "Stripe: their fees and net are not counted yet.</p>"
-               if r["pending_settlement"] else "")
+    notes = []
+    if r["pending_settlement"]:
+        notes.append(f'{r["pending_settlement"]} movement(s) not yet settled by Stripe: their '
+                     f"fees and net are not counted yet, and their amounts only when in "
+                     f"{escape(reporting.upper())}.")
+    for other in r.get("settled_elsewhere") or []:
+        notes.append(f'{other["movements"]} movement(s) settled in '
+                     f'{escape(other["currency"].upper())}, not in these figures: fees '
+                     f'{_m(other["fees"])}, net {_m(other["net"])}.')
+    if r.get("monthly_recurring_unconverted"):
+        left_out = ", ".join(_m(m) for m in r["monthly_recurring_unconverted"])
+        notes.append(f"Monthly recurring leaves out {left_out} (no exchange rate from Stripe "
+                     "for that currency yet).")
+    pending = "".join(f'<p class="note">{n}</p>' for n in notes)
     previous, following = _add_months(month, -1), _add_months(month, 1)
     return _layout(f"Finance reports: {month:%B %Y}", f"""
 <h1>Finance reports: {month:%B %Y}</h1>
@@ -253,6 +277,11 @@ class _Point:
     mrr: int
 
 
+def _round_up(value: int, multiple: int) -> int:
+    """`value` (>= 0) up to a multiple of `multiple`."""
+    return -(-value // multiple) * multiple
+
+
 def chart(history: list[tuple[date, dict[str, Any]]], currency: str) -> str:
     """Gross and net bars and a monthly-recurring line per month, as inline SVG."""
     points = [_Point(f"{m:%b %y}", s["reporting"]["gross"]["amount"],
@@ -260,8 +289,13 @@ def chart(history: list[tuple[date, dict[str, Any]]], currency: str) -> str:
                      s["reporting"]["monthly_recurring"]["amount"]) for m, s in history]
     width, height, left, top, bottom = 760, 280, 70, 20, 40
     plot_w, plot_h = width - left - 10, height - top - bottom
-    high = max([1, *(max(p.gross, p.net, p.mrr) for p in points)])
+    # the scale's ends in whole major units (an empty year still has a readable axis)
+    unit = int(10 ** exponent(currency))
+    high = max([0, *(max(p.gross, p.net, p.mrr) for p in points)])
     low = min([0, *(min(p.gross, p.net, p.mrr) for p in points)])
+    step_of_4 = 4 * unit  # the axis has four steps: the ends are multiples of four units
+    high = max(step_of_4, _round_up(high, step_of_4))
+    low = -_round_up(-low, step_of_4)
     span = high - low
 
     def y(value: int) -> float:
@@ -297,6 +331,16 @@ def chart(history: list[tuple[date, dict[str, Any]]], currency: str) -> str:
         parts.append(f'<rect x="{x}" y="{height - 14}" width="12" height="12" fill="{colour}"/>'
                      f'<text x="{x + 16}" y="{height - 4}" font-size="12">{name}</text>')
     title = f"Gross, net and monthly recurring in {currency.upper()}, last 12 months"
+    # the same figures as a table: an image's parts are not read out by a screen reader
+    rows = "".join(
+        f"<tr><th scope=row>{escape(p.label)}</th><td>{escape(to_major(p.gross, currency))}</td>"
+        f"<td>{escape(to_major(p.net, currency))}</td>"
+        f"<td>{escape(to_major(p.mrr, currency))}</td></tr>" for p in points)
+    table = (f'<details><summary>The figures of the chart</summary><table id="chart-figures">'
+             f"<caption>{escape(title)}</caption><thead><tr><th>Month</th><th>Gross</th>"
+             f"<th>Net</th><th>Monthly recurring</th></tr></thead><tbody>{rows}</tbody></table>"
+             "</details>")
     return (f'<svg xmlns="http://www.w3.org/2000/svg" role="img" width="{width}" '
-            f'height="{height}" viewBox="0 0 {width} {height}" aria-label="{escape(title)}">'
-            f"<title>{escape(title)}</title>{''.join(parts)}</svg>")
+            f'height="{height}" viewBox="0 0 {width} {height}" aria-label="{escape(title)}" '
+            f'aria-describedby="chart-figures">'
+            f"<title>{escape(title)}</title>{''.join(parts)}</svg>{table}")
