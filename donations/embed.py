@@ -8,6 +8,7 @@ from html import escape
 from aiohttp import web
 
 from donations import display
+from donations.errors import NotFound
 from donations.totals import Totals
 from donations.totals_api import campaign_scope, etag_of, respond, scope_totals
 
@@ -106,9 +107,19 @@ _SCRIPT_BODY = SCRIPT.encode()
 _SCRIPT_ETAG = '"' + hashlib.sha256(_SCRIPT_BODY).hexdigest()[:24] + '"'
 
 
+_NOT_FOUND_PAGE = (b'<!doctype html><html lang="en"><head><meta charset="utf-8">'
+                   b"<title>Campaign not found</title></head><body><p>This campaign does not "
+                   b"exist (any more).</p></body></html>")
+
+
 @routes.get("/embed/{slug}")
 async def embed_page(request: web.Request) -> web.Response:
-    entry = await scope_totals(request, campaign_scope(request.match_info["slug"]))
+    try:
+        entry = await scope_totals(request, campaign_scope(request.match_info["slug"]))
+    except NotFound:  # shown inside the site's iframe: a page, not the API's JSON
+        return web.Response(body=_NOT_FOUND_PAGE, status=404, headers={
+            "Content-Type": "text/html; charset=utf-8", "Content-Security-Policy": PAGE_POLICY,
+            "Cache-Control": "public, max-age=60"})
     assert entry.totals is not None
     return respond(request, page(entry.totals).encode(), etag_of(entry.etag, "embed"),
                    "text/html; charset=utf-8", {"Content-Security-Policy": PAGE_POLICY})

@@ -348,6 +348,11 @@ SPEC["paths"].update({
                                   "schema": {"type": "string"}}}}}}},
 })
 
+# the embed page is shown inside the site's iframe: its 404 is a page saying so, not JSON
+SPEC["paths"]["/embed/{slug}"]["get"]["responses"]["404"] = {
+    "description": "No campaign has that slug: a small page saying so",
+    "content": {"text/html": {"schema": {"type": "string"}}}}
+
 _CAMPAIGN: dict[str, Any] = {"type": "object", "properties": {
     "slug": {"type": "string"}, "title": {"type": "string"},
     "goal": {"oneOf": [_MONEY, {"type": "null"}]},

@@ -61,11 +61,18 @@ async def test_totals_are_cacheable_with_etags_and_304s(client: Client, pool: as
 
 async def test_an_unknown_campaign_is_a_404_in_json(client: Client, pool: asyncpg.Pool) -> None:
     for path in ("/v1/campaigns/nope/totals", "/v1/campaigns/nope/progress.svg",
-                 "/v1/campaigns/NOT%20A%20SLUG/totals", "/embed/nope"):
+                 "/v1/campaigns/NOT%20A%20SLUG/totals"):
         response = await client.get(path)
         assert response.status == 404, path
         assert (await response.json())["error"]["code"] == "campaign_not_found"
         assert response.headers["Access-Control-Allow-Origin"] == "*"
+    # the embed page is shown inside the site's iframe: a page saying so, not JSON
+    for path in ("/embed/nope", "/embed/NOT%20A%20SLUG", "/embed/*"):
+        page = await client.get(path)
+        assert page.status == 404, path
+        assert page.headers["Content-Type"].startswith("text/html")
+        assert "does not exist" in await page.text()
+        assert page.headers["Content-Security-Policy"].startswith("default-src 'none'")
 
 
 async def test_the_progress_bar_is_an_accessible_svg(client: Client, pool: asyncpg.Pool) -> None:
@@ -160,8 +167,7 @@ async def test_every_answer_of_a_public_path_has_cors_and_a_request_id(client: C
     assert len(made) == 20
 
 
-@pytest.mark.parametrize("path", ["/v1/campaigns/*/totals", "/v1/campaigns/*/progress.svg",
-                                  "/embed/*"])
+@pytest.mark.parametrize("path", ["/v1/campaigns/*/totals", "/v1/campaigns/*/progress.svg"])
 async def test_the_global_scope_is_not_a_campaign(client: Client, path: str) -> None:
     await client.get("/v1/totals")  # everything's figures in memory, as on any busy site
     response = await client.get(path)
