@@ -64,7 +64,8 @@ REEXAMINE = 200  # open discrepancies outside the window a run looks at again, a
 _DONE = ("processed", "ignored", "needs_attention")
 _CHARGE_TYPES = ("charge", "payment")
 # card refunds, and the refunds of other payment methods (Bacs, SEPA…), with their failures
-_REFUND_TYPES = ("refund", "refund_failure", "payment_refund", "payment_failure_refund")
+_REFUND_FAILURE_TYPES = ("refund_failure", "payment_failure_refund")
+_REFUND_TYPES = ("refund", "payment_refund", *_REFUND_FAILURE_TYPES)
 # Stripe's advice: group balance transactions by reporting_category, which stays the same
 # whatever the payment method (a type may be added for a new one)
 _CATEGORY_OBJECT = {"charge": "payment", "refund": "refund", "refund_failure": "refund",
@@ -523,7 +524,7 @@ def compare_refund(refund: str, bt: dict[str, Any], row: asyncpg.Record | None
 
     if row is None:
         return [found("missing_in_ledger")]
-    if bt.get("type") in ("refund_failure", "payment_failure_refund") or bt.get(
+    if bt.get("type") in _REFUND_FAILURE_TYPES or bt.get(
             "reporting_category") == "refund_failure":
         return [] if row["status"] in ("failed", "canceled") else [found("status_mismatch")]
     if not _settles_as(row["amount"], row["currency"], -int(bt.get("amount") or 0), bt):

@@ -33,7 +33,7 @@ from typing import Any
 import asyncpg
 
 from donations.campaigns import Campaign
-from donations.money import Money
+from donations.money import Money, apply_percent_off
 
 GLOBAL = "*"  # the scope of everything; campaign slugs cannot be "*"
 ACTIVE = frozenset({"active", "trialing", "past_due"})
@@ -67,12 +67,9 @@ def settled_share(settlement_amount: int | None, net: int, amount: int) -> int:
 
 
 def price_after_discounts(amount: int, percent_off: Decimal | None, amount_off: int | None) -> int:
-    """One interval's price after the subscription's discounts, as Stripe's invoices charge it:
-    a percentage takes a whole number of minor units off, the discount rounded half up."""
-    price = amount
-    if percent_off is not None:
-        # percent_off has at most four decimal places (numeric(7, 4)): exact in millionths
-        price = amount - muldiv(amount, int(percent_off * 10_000), 1_000_000)
+    """One interval's price after the subscription's discounts, as Stripe's invoices charge it
+    (money.apply_percent_off; the triggers' totals_price in sql/016 is its twin in SQL)."""
+    price = amount if percent_off is None else apply_percent_off(amount, percent_off)
     return max(0, price - (amount_off or 0))
 
 

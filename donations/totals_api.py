@@ -232,9 +232,8 @@ def campaign_scope(slug: str) -> str:
 
 
 async def scope_totals(request: web.Request, scope: str) -> Entry:
-    """The scope's entry; 404 for a campaign that does not exist."""
-    if scope != totals.GLOBAL and not campaigns.SLUG.match(scope):
-        raise NotFound("campaign_not_found", "no campaign has that slug")
+    """The scope's entry (GLOBAL, or a slug `campaign_scope` let through); 404 for a campaign
+    that does not exist."""
     entry = await request.app[TOTALS].get(scope)
     if entry.totals is None:
         raise NotFound("campaign_not_found", "no campaign has that slug")

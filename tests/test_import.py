@@ -137,6 +137,20 @@ async def test_import_brings_in_a_live_subscription_created_before_since(
     assert status == "active"
 
 
+async def _cancelled_in_a_gap(pool: asyncpg.Pool, world: World, subscription: str) -> int:
+    """Two days on, the subscription is cancelled while the service is away (its events are
+    never delivered) and reconciliation has recorded that day as a gap; returns its start."""
+    world.advance(2 * DAY)
+    gap_from = world.now
+    world.cancel(subscription, at_period_end=False)
+    world.advance(DAY)
+    await pool.execute(
+        "INSERT INTO reconciliation_checkpoint (events_through, gap_from, gap_to)"
+        " VALUES ($1, $1, $2) ON CONFLICT (id) DO UPDATE SET gap_from = $1, gap_to = $2",
+        gap_from, world.now)
+    return gap_from
+
+
 async def test_import_covering_a_reconciliation_gap_brings_in_what_changed_in_it(
     client: Client, pool: asyncpg.Pool
 ) -> None:
@@ -146,14 +160,7 @@ async def test_import_covering_a_reconciliation_gap_brings_in_what_changed_in_it
     world = World(seed=902)
     sub = world.subscribe(1500, "gbp")
     await post_all(client, world.events)  # delivered before the service went away
-    world.advance(2 * DAY)
-    gap_from = world.now
-    world.cancel(sub.subscription, at_period_end=False)  # in the gap: never delivered
-    world.advance(DAY)
-    gap_to = world.now
-    await pool.execute(
-        "INSERT INTO reconciliation_checkpoint (events_through, gap_from, gap_to)"
-        " VALUES ($1, $1, $2)", gap_from, gap_to)
+    gap_from = await _cancelled_in_a_gap(pool, world, sub.subscription)
     async with stripe_against(world) as (_, stripe_client):
         await importer.run(pool, stripe_client, OFFER, gap_from, now=world.now + 60)
     # the import says the gap is covered ...
@@ -199,15 +206,7 @@ async def test_an_import_that_skipped_everything_does_not_clear_a_later_gap(
     since = world.now - DAY
     async with stripe_against(world) as (_, stripe_client):
         await importer.run(pool, stripe_client, FoundingOffer(), since, now=world.now + 60)
-    world.advance(2 * DAY)
-    gap_from = world.now
-    world.cancel(sub.subscription, at_period_end=False)  # in the gap: never delivered
-    world.advance(DAY)
-    gap_to = world.now
-    await pool.execute(
-        "INSERT INTO reconciliation_checkpoint (events_through, gap_from, gap_to)"
-        " VALUES ($1, $1, $2) ON CONFLICT (id) DO UPDATE SET gap_from = $1, gap_to = $2",
-        gap_from, gap_to)
+    await _cancelled_in_a_gap(pool, world, sub.subscription)
     async with stripe_against(world) as (_, stripe_client):
         again = await importer.run(pool, stripe_client, FoundingOffer(), since,
                                    now=world.now + 60)

@@ -8,6 +8,7 @@ import csv
 import io
 
 import asyncpg
+import stripe
 from pytest_aiohttp import AiohttpClient
 
 from donations import auth, db, fees, payouts
@@ -15,7 +16,7 @@ from donations.app import create_app
 from donations.settings import Secret
 from tests.conftest import Client, make_settings
 from tests.fakestripe import objects as o
-from tests.fakestripe.server import running_fake_stripe
+from tests.fakestripe.server import FakeStripe, running_fake_stripe
 from tests.fakestripe.world import DAY, Emitted, World
 from tests.test_cli import _env, _run
 from tests.test_fees import TEST_KEY, stripe_against
@@ -187,6 +188,16 @@ async def test_stripe_errors_leave_the_payout_queued_with_backoff(
     assert await pool.fetchval("SELECT fetched_at IS NOT NULL FROM payout_fetches")
 
 
+async def _answered_not_found_until_set_aside(
+    pool: asyncpg.Pool, fake: FakeStripe, stripe_client: stripe.StripeClient
+) -> None:
+    """The payout's look-up answered "no such object" as many times running as it takes."""
+    fake.fail_next(fees.GIVE_UP_AFTER_NOT_FOUND, 404, path_prefix="/v1/balance_transactions")
+    for _ in range(fees.GIVE_UP_AFTER_NOT_FOUND):
+        assert await payouts.run_once(pool, stripe_client) == 0
+        await pool.execute("UPDATE payout_fetches SET next_attempt_at = now()")
+
+
 async def test_a_payout_stripe_keeps_not_finding_is_set_aside_until_its_status_changes(
     client: Client, pool: asyncpg.Pool
 ) -> None:
@@ -194,10 +205,7 @@ async def test_a_payout_stripe_keeps_not_finding_is_set_aside_until_its_status_c
     paid_out = world.payout()
     await post_all(client, world.events)
     async with stripe_against(world) as (fake, stripe_client):
-        fake.fail_next(fees.GIVE_UP_AFTER_NOT_FOUND, 404, path_prefix="/v1/balance_transactions")
-        for _ in range(fees.GIVE_UP_AFTER_NOT_FOUND):
-            assert await payouts.run_once(pool, stripe_client) == 0
-            await pool.execute("UPDATE payout_fetches SET next_attempt_at = now()")
+        await _answered_not_found_until_set_aside(pool, fake, stripe_client)
         row = await pool.fetchrow("SELECT * FROM payout_fetches")
         assert row is not None and row["gave_up_at"] is not None
         assert row["last_error"].startswith(
@@ -297,10 +305,7 @@ async def test_payout_put_back_by_a_status_change_is_not_set_aside_by_one_404(
     paid_out = world.payout()
     await post_all(client, world.events)
     async with stripe_against(world) as (fake, stripe_client):
-        fake.fail_next(fees.GIVE_UP_AFTER_NOT_FOUND, 404, path_prefix="/v1/balance_transactions")
-        for _ in range(fees.GIVE_UP_AFTER_NOT_FOUND):
-            assert await payouts.run_once(pool, stripe_client) == 0
-            await pool.execute("UPDATE payout_fetches SET next_attempt_at = now()")
+        await _answered_not_found_until_set_aside(pool, fake, stripe_client)
         assert await pool.fetchval("SELECT gave_up_at IS NOT NULL FROM payout_fetches")
 
         # the payout's status changes: enqueue puts it back in the queue
