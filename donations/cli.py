@@ -9,7 +9,8 @@ import gc
 import io
 import json
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, TypeVar
 
 import asyncpg
 import structlog
@@ -23,6 +24,25 @@ from donations.money import from_major
 from donations.settings import ConfigError, Settings
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's event loop where it is installed (every platform but Windows): the same asyncio
+    API, with sockets and callbacks in C. Measured on checkout creation, it took the service's
+    CPU per checkout from 1.28 to 0.90 ms (benchmarks/README.md)."""
+    try:
+        import uvloop  # noqa: PLC0415 - optional: not built for Windows
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """`asyncio.run` on the loop `serve` uses."""
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        return runner.run(main)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,24 +134,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             return serve(settings)
         if args.command == "migrate":
-            return asyncio.run(_migrate(settings))
+            return run(_migrate(settings))
         if args.command == "events":
-            return asyncio.run(_events(settings, args))
+            return run(_events(settings, args))
         if args.command == "lookups":
-            return asyncio.run(
+            return run(
                 _in_transaction(settings, lambda conn: _lookups(conn, args.lookups_command)))
         if args.command == "tokens":
-            return asyncio.run(_in_transaction(settings, lambda conn: _tokens(conn, args)))
+            return run(_in_transaction(settings, lambda conn: _tokens(conn, args)))
         if args.command in ("reconcile", "import"):
-            return asyncio.run(_with_stripe(settings, args))
+            return run(_with_stripe(settings, args))
         if args.command == "report":
-            return asyncio.run(_report(settings, args))
+            return run(_report(settings, args))
         if args.command == "stripe-setup":
-            return asyncio.run(_stripe_setup(settings))
+            return run(_stripe_setup(settings))
         if args.command == "totals":
-            return asyncio.run(_totals_verify(settings))
+            return run(_totals_verify(settings))
         if args.command == "campaigns":
-            return asyncio.run(
+            return run(
                 _in_transaction(settings, lambda conn: _campaigns(conn, args, settings))
             )
     except ApiError as exc:
@@ -162,7 +182,7 @@ def serve(settings: Settings) -> int:
     gc.freeze()
     # run_app handles SIGINT and SIGTERM: it stops accepting, lets requests in flight finish
     # (up to shutdown_timeout), then runs the cleanup contexts (pool, worker, embedded server).
-    web.run_app(app, host=settings.host, port=settings.port,
+    web.run_app(app, host=settings.host, port=settings.port, loop=new_event_loop(),
                 access_log=None, print=None, shutdown_timeout=30)
     log.info("stopped")
     return 0
