@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also events set aside for an API version not understood")
     events_commands.add_parser("list", help="count stored events by status")
     reapply = events_commands.add_parser(
-        "reapply", help="offer applied events again (after a change to which snapshot wins)")
+        "reapply", help="offer applied events again and derive their objects' ledger rows again "
+                   "(after a change to which snapshot wins or to how a row is derived)")
     reapply.add_argument("--type", required=True, dest="type_pattern", metavar="PATTERN",
                          help="event types, SQL LIKE: 'charge.dispute.%%'")
 
@@ -226,9 +227,9 @@ async def _events(settings: Settings, args: argparse.Namespace) -> int:
                 return 0
             offer = FoundingOffer(settings.founding_coupon_id, settings.founding_percent_off)
             if command == "reapply":
-                kept = await ingest.reapply(pool, offer, args.type_pattern)
+                kept, derived = await ingest.reapply(pool, offer, args.type_pattern)
                 print(f"{kept} object(s) took a snapshot that outranks the one they had; "
-                      "their ledger rows are derived again")
+                      f"the ledger rows of {derived} object(s) were derived again")
                 return 0
             statuses = ["failed", "pending"] + (["needs_attention"] if args.include_attention
                                                 else [])

@@ -307,11 +307,14 @@ async def _set_aside_unreadable(pool: asyncpg.Pool, event_id: str, problem: str)
     await db.transaction(pool, work)
 
 
-async def reapply(pool: asyncpg.Pool, offer: FoundingOffer, type_pattern: str) -> int:
+async def reapply(
+    pool: asyncpg.Pool, offer: FoundingOffer, type_pattern: str
+) -> tuple[int, int]:
     """Offer the applied events whose type matches `type_pattern` (SQL LIKE) again, oldest
-    first: a snapshot that now outranks the one kept (after a change to the ranking) replaces it
-    and its ledger rows are derived again; the rest changes nothing. Returns how many objects
-    took a snapshot they did not have. For the `events reapply` command."""
+    first: a snapshot that now outranks the one kept (after a change to the ranking) replaces it.
+    Then every object they are about has its ledger rows derived again from the snapshot it
+    keeps (after a change to a derivation). Returns (objects that took a snapshot they did not
+    have, objects derived again). For the `events reapply` command."""
     async with db.connection(pool) as conn:
         rows = await conn.fetch(
             """
@@ -322,6 +325,7 @@ async def reapply(pool: asyncpg.Pool, offer: FoundingOffer, type_pattern: str) -
             type_pattern,
         )
     changed: set[str] = set()
+    objects: dict[str, None] = {}  # in the order first met
     for row in rows:
         try:
             _, snapshot = classify(parse_event(json.loads(row["payload"])))
@@ -329,6 +333,7 @@ async def reapply(pool: asyncpg.Pool, offer: FoundingOffer, type_pattern: str) -
             continue  # (applied once, so readable then; nothing to offer again)
         if snapshot is None:
             continue
+        objects[snapshot.id] = None
 
         async def work(conn: asyncpg.Connection, snapshot: Snapshot = snapshot,
                        event_id: str = row["id"]) -> bool:
@@ -336,7 +341,20 @@ async def reapply(pool: asyncpg.Pool, offer: FoundingOffer, type_pattern: str) -
 
         if await db.transaction(pool, work):
             changed.add(snapshot.id)
-    return len(changed)
+    for object_id in objects:
+
+        async def derive(conn: asyncpg.Connection, object_id: str = object_id) -> None:
+            kept = await store.load_snapshot(conn, object_id)
+            if kept is not None:
+                plan = Plan.of([kept])
+                await plan.look(conn)
+                locks = plan.lock_order()
+                await db.lock(conn, locks)
+                plan.locked.update(locks)
+                await apply_snapshots(conn, [kept], offer, plan)
+
+        await db.transaction(pool, derive)
+    return len(changed), len(objects)
 
 
 async def _reapply_attention(pool: asyncpg.Pool, event: Event, offer: FoundingOffer) -> Outcome:

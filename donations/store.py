@@ -199,6 +199,15 @@ def _snapshot(row: asyncpg.Record) -> Snapshot:
     )
 
 
+async def load_snapshot(conn: asyncpg.Connection, object_id: str) -> Snapshot | None:
+    """The snapshot kept for an object, if any."""
+    row = await conn.fetchrow(
+        f"SELECT {_SNAPSHOT_COLUMNS} FROM stripe_objects WHERE id = $1",  # noqa: S608 - constant
+        object_id,
+    )
+    return _snapshot(row) if row is not None else None
+
+
 async def discover(
     conn: asyncpg.Connection, subscriptions: list[str], invoices: list[str]
 ) -> tuple[set[str], set[str]]:
