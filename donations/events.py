@@ -84,10 +84,13 @@ _STAGE: dict[str, dict[str, int]] = {
     "charge": {"pending": 0, "failed": 1, "succeeded": 1},
     "refund": {"pending": 0, "requires_action": 0, "succeeded": 1, "failed": 2, "canceled": 2},
     # an inquiry (warning_*) that the bank escalates becomes a chargeback on the same object:
-    # every chargeback status outranks every inquiry status (sql/013 re-ranked stored ones)
+    # every chargeback status outranks every inquiry status (sql/013 re-ranked stored ones).
+    # A lost dispute can be appealed (appeal_*) and then be won or lost again: the outcomes and
+    # the appeal share a stage, so the later event tells where it stands.
     "dispute": {
         "warning_needs_response": 0, "warning_under_review": 1, "warning_closed": 2,
         "needs_response": 3, "under_review": 4, "won": 5, "lost": 5, "prevented": 5,
+        "appeal_needs_response": 5, "appeal_under_review": 5,
     },
     "checkout.session": {"open": 0, "expired": 1, "complete": 1},
     "subscription": {

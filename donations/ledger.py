@@ -23,8 +23,10 @@ from donations.events import (
     snapshot_version,
 )
 
+# A dispute lost, or lost and under appeal: the money is gone unless an appeal wins it back.
+DISPUTE_LOST = frozenset({"lost", "appeal_needs_response", "appeal_under_review"})
 # While a dispute holds these statuses the money is out of our balance; `won` gives it back.
-DISPUTE_HOLDS = frozenset({"needs_response", "under_review", "lost"})
+DISPUTE_HOLDS = frozenset({"needs_response", "under_review", *DISPUTE_LOST})
 LIVE_REFUND = frozenset({"pending", "requires_action", "succeeded"})
 
 
@@ -188,6 +190,13 @@ class Cluster:
         return sorted((s for s in self.snapshots if s.kind == kind), key=lambda s: s.id)
 
 
+def _paid_through_stripe(invoice: dict[str, Any]) -> int:
+    """What an invoice says was paid through Stripe: `amount_paid` less what was paid outside
+    Stripe (`amount_paid_off_stripe`: a bank transfer or cash recorded against it), which no
+    charge, balance transaction or payout will ever carry."""
+    return max(0, _int(invoice.get("amount_paid")) - _int(invoice.get("amount_paid_off_stripe")))
+
+
 def derive_payment(key: str, cluster: Cluster) -> PaymentRow | None:
     """The payment `key` (a payment intent, charge or invoice id) as the snapshots tell it.
 
@@ -221,7 +230,8 @@ def derive_payment(key: str, cluster: Cluster) -> PaymentRow | None:
         None,
     )
     paid_invoice = next(
-        (s for s in invoices if s.get("status") == "paid" and _int(s.get("amount_paid")) > 0), None
+        (s for s in invoices if s.get("status") == "paid" and _paid_through_stripe(s.data) > 0),
+        None,
     )
     if key.startswith("in_") and paid_invoice is None:
         return None
@@ -239,7 +249,7 @@ def derive_payment(key: str, cluster: Cluster) -> PaymentRow | None:
     elif paid_session is not None:
         witness = (_int(paid_session.get("amount_total")), paid_session.get("currency"))
     elif key.startswith("in_") and paid_invoice is not None:
-        witness = (_int(paid_invoice.get("amount_paid")), paid_invoice.get("currency"))
+        witness = (_paid_through_stripe(paid_invoice.data), paid_invoice.get("currency"))
     elif intent is not None:
         witness = (_int(intent.get("amount")), intent.get("currency"))
     elif charges:
@@ -325,7 +335,7 @@ def derive_payment(key: str, cluster: Cluster) -> PaymentRow | None:
         amount=amount,
         amount_refunded=refunded,
         amount_disputed=held,
-        dispute_lost=succeeded and any(d.get("status") == "lost" for d in disputes),
+        dispute_lost=succeeded and any(d.get("status") in DISPUTE_LOST for d in disputes),
         payment_intent=payment_intent,
         charge=charge_id,
         invoice=invoice.id if invoice else (ref(session.get("invoice")) if session else None),
