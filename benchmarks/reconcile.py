@@ -108,8 +108,7 @@ async def measure(args: argparse.Namespace, world: World, events: list[dict[str,
                 ok = True
                 if not args.no_check:
                     # the figures first: the reference of 100,000 events takes minutes
-                    bts = {i: BalanceTransaction(i, bt["amount"], bt["currency"], bt["fee"],
-                                                 bt["net"])
+                    bts = {i: BalanceTransaction.from_stripe(bt)
                            for i, bt in world.balance_transactions.items()
                            if bt["type"] == "charge"}
                     ok = await dump(pool) == reference(events, offer, bts)

@@ -91,13 +91,15 @@ async def store_balance_transactions(conn: asyncpg.Connection, bts: list[dict[st
             """
             UPDATE payments p
                SET fee = b.fee, net = b.net, settlement_currency = b.currency,
-                   settlement_amount = b.amount
-              FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::bigint[])
-                   AS b(id, fee, net, currency, amount)
+                   settlement_amount = b.amount, settled_at = to_timestamp(b.created)
+              FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::bigint[],
+                          $6::bigint[])
+                   AS b(id, fee, net, currency, amount, created)
              WHERE p.balance_transaction = b.id
             """,
             ids, [int(bt.get("fee") or 0) for bt in unique], [int(bt["net"]) for bt in unique],
             [str(bt["currency"]) for bt in unique], [int(bt["amount"]) for bt in unique],
+            [int(bt["created"]) for bt in unique],
         )
         await conn.execute(
             "DELETE FROM balance_transaction_fetches WHERE id = any($1::text[])", ids)

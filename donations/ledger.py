@@ -62,6 +62,12 @@ class BalanceTransaction:
     currency: str
     fee: int
     net: int
+    created_at: datetime | None = None  # when it entered the balance: when Stripe counts it
+
+    @classmethod
+    def from_stripe(cls, bt: dict[str, Any]) -> BalanceTransaction:
+        return cls(str(bt["id"]), int(bt["amount"]), str(bt["currency"]), int(bt.get("fee") or 0),
+                   int(bt["net"]), _ts(bt["created"]) if bt.get("created") else None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +94,9 @@ class PaymentRow:
     net: int | None
     settlement_currency: str | None
     settlement_amount: int | None
+    # when the money entered the Stripe balance (its balance transaction's time): when finance's
+    # reports count it; a bank debit settles days after its charge was created
+    settled_at: datetime | None
     created_at: datetime
 
 
@@ -350,6 +359,7 @@ def derive_payment(key: str, cluster: Cluster) -> PaymentRow | None:
         net=bt.net if bt else None,
         settlement_currency=bt.currency if bt else None,
         settlement_amount=bt.amount if bt else None,
+        settled_at=bt.created_at if bt else None,
         created_at=_ts(created),
     )
 

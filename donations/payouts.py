@@ -231,12 +231,18 @@ def member_json(row: asyncpg.Record) -> dict[str, Any]:
     }
 
 
+# Stripe's arrival_date is a calendar day (given as its midnight UTC): the day the bank credits
+# the payout, the same day on the bank statement whatever the report's time zone. It is placed at
+# the start of that day in the window's zone; a payout with no arrival date at its creation.
+_ARRIVES = ("coalesce((p.arrival_date AT TIME ZONE 'UTC') AT TIME ZONE $3::text,"
+            " p.created_at)")
+
+
 async def list_payouts(conn: asyncpg.Connection, win: Window) -> list[dict[str, Any]]:
     """Payouts arriving in the window (created, when Stripe gave no arrival date)."""
     rows = await conn.fetch(
-        PAYOUTS.format(where="coalesce(p.arrival_date, p.created_at) >= $1 "
-                       "AND coalesce(p.arrival_date, p.created_at) < $2"),
-        win.start, win.end,
+        PAYOUTS.format(where=f"{_ARRIVES} >= $1 AND {_ARRIVES} < $2"),
+        win.start, win.end, win.tz,
     )
     return [payout_json(r) for r in rows]
 

@@ -57,7 +57,8 @@ BATCH = 5000  # rows per cursor fetch and per write: bounded memory, few round t
 # transactions (an older API version) shows one withdrawal while it holds funds, at the
 # dispute's time, with the settlement unknown.
 MOVEMENTS = """
-SELECT p.created_at, 'payment' AS type, p.kind, p.status, p.currency, p.amount, p.fee, p.net,
+SELECT coalesce(p.settled_at, p.created_at) AS created_at, 'payment' AS type, p.kind, p.status,
+       p.currency, p.amount, p.fee, p.net,
        p.settlement_currency, p.settlement_amount, p.campaign, p.email, c.name,
        p.payment_intent, p.charge, p.invoice, p.subscription, p.customer, bt.payout,
        NULL::text AS refund, NULL::text AS dispute, p.balance_transaction, p.metadata,
@@ -65,7 +66,10 @@ SELECT p.created_at, 'payment' AS type, p.kind, p.status, p.currency, p.amount, 
   FROM payments p
   LEFT JOIN balance_transactions bt ON bt.id = p.balance_transaction
   LEFT JOIN customers c ON c.id = p.customer
- WHERE p.status = 'succeeded' AND p.created_at >= $1 AND p.created_at < $2
+ -- a payment counts when it entered the Stripe balance, as Stripe's own reports count it (a
+ -- bank debit days after its charge was made); until that is known, when it was made
+ WHERE p.status = 'succeeded' AND coalesce(p.settled_at, p.created_at) >= $1
+   AND coalesce(p.settled_at, p.created_at) < $2
 UNION ALL
 SELECT r.created_at, 'refund', p.kind, r.status, r.currency, -r.amount, bt.fee, bt.net,
        bt.currency, bt.amount, p.campaign, p.email, c.name,

@@ -310,7 +310,7 @@ async def load_clusters(
     if bt_ids:
         found = {
             row["id"]: BalanceTransaction(**dict(row)) for row in await conn.fetch(
-                "SELECT id, amount, currency, fee, net FROM balance_transactions"
+                "SELECT id, amount, currency, fee, net, created_at FROM balance_transactions"
                 " WHERE id = any($1::text[])",
                 bt_ids,
             )

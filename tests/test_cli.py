@@ -262,7 +262,7 @@ async def test_reconcile_and_import_commands_exit_by_what_they_found(
         assert "the ledger matches Stripe" in out
         assert f"events: {len(world.events)} listed" in out
         assert await dump(pool) == reference(world.events, balance_transactions={
-            i: BalanceTransaction(i, bt["amount"], bt["currency"], bt["fee"], bt["net"])
+            i: BalanceTransaction.from_stripe(bt)
             for i, bt in world.balance_transactions.items()})
 
         world.balance_transactions[str(paid.balance_transaction)]["fee"] += 5

@@ -63,10 +63,7 @@ async def queue_row(pool: asyncpg.Pool, bt_id: str) -> dict[str, Any] | None:
 def known(world: World, *bt_ids: str) -> dict[str, BalanceTransaction]:
     """The World's balance transactions as the ledger's reference derivation takes them."""
     return {
-        i: BalanceTransaction(
-            i, world.balance_transactions[i]["amount"], world.balance_transactions[i]["currency"],
-            world.balance_transactions[i]["fee"], world.balance_transactions[i]["net"])
-        for i in bt_ids
+        i: BalanceTransaction.from_stripe(world.balance_transactions[i]) for i in bt_ids
     }
 
 

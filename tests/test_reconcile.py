@@ -78,7 +78,7 @@ def charge_bts(world: World) -> dict[str, BalanceTransaction]:
     """The balance transactions the ledger's payments settle through, as the reference takes
     them (reconciliation fills every payment's fee)."""
     return {
-        i: BalanceTransaction(i, bt["amount"], bt["currency"], bt["fee"], bt["net"])
+        i: BalanceTransaction.from_stripe(bt)
         for i, bt in world.balance_transactions.items() if bt["type"] == "charge"
     }
 

@@ -217,8 +217,10 @@ async def test_window_from_is_inclusive_and_to_exclusive(
 ) -> None:
     ledger = await _ledger(client, pool)
     headers = await _bearer(pool)
-    created = await pool.fetchval("SELECT created_at FROM payments WHERE payment_intent = $1",
-                                  ledger.usd)
+    # a payment's movement is at its settlement (its balance transaction), else its creation
+    created = await pool.fetchval(
+        "SELECT coalesce(settled_at, created_at) FROM payments WHERE payment_intent = $1",
+        ledger.usd)
     stamp = created.strftime("%Y-%m-%dT%H:%M:%SZ")
     _, starting = await _csv(client, headers, **{"from": stamp})
     assert starting.count(ledger.usd) == 1
