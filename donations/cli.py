@@ -8,6 +8,7 @@ import csv
 import gc
 import io
 import json
+import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
@@ -40,9 +41,25 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:
-    """`asyncio.run` on the loop `serve` uses."""
+    """`asyncio.run` on the loop `serve` uses, SIGTERM handled as SIGINT is: the work is
+    cancelled and its clean-up runs (an embedded PostgreSQL it started is stopped), so that a
+    supervisor, `timeout` or a job runner stopping a command leaves nothing behind."""
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
-        return runner.run(main)
+        return runner.run(_stopped_by_sigterm(main))
+
+
+async def _stopped_by_sigterm(main: Coroutine[Any, Any, T]) -> T:
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    try:
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    except NotImplementedError:  # Windows: no signal handlers on the loop
+        return await main
+    try:
+        return await main
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,6 +185,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except db.EmbeddedUnavailable as exc:
         print(f"donations: DONATIONS_DATA_DIR: {exc}", file=sys.stderr)
         return 1
+    except asyncio.CancelledError:  # SIGTERM (see run): the work was stopped and cleaned up
+        print("donations: stopped by SIGTERM", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    except KeyboardInterrupt:
+        print("donations: stopped by SIGINT", file=sys.stderr)
+        return 128 + signal.SIGINT
     return 2
 
 

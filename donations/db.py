@@ -48,6 +48,8 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
 _RELEASE_ERRORS: tuple[type[BaseException], ...] = (
     *UNAVAILABLE_ERRORS, asyncpg.InterfaceError, asyncpg.InternalClientError,
 )
+# Raised while a connection is opened: any server error then is the database not taking us.
+_CONNECT_ERRORS: tuple[type[BaseException], ...] = (*UNAVAILABLE_ERRORS, asyncpg.PostgresError)
 # Errors after which the same transaction, run again, may well succeed.
 RETRYABLE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.SerializationError,
@@ -109,7 +111,10 @@ async def connection(
     """A pooled connection; an unreachable database becomes DatabaseUnavailable."""
     try:
         conn = await pool.acquire(timeout=wait)
-    except UNAVAILABLE_ERRORS as exc:
+    # Any server error while connecting is the database not taking us: no such database, a
+    # refused role, or one that does not allow connections (ALTER DATABASE … ALLOW_CONNECTIONS
+    # false, during maintenance).
+    except _CONNECT_ERRORS as exc:
         raise DatabaseUnavailable(str(exc) or type(exc).__name__) from exc
     try:
         # the pool hands out a proxy that behaves as the connection it wraps
@@ -316,6 +321,7 @@ class EmbeddedPostgres:
             # and the server would then never be stopped again. Its lock is the wheel's own.
             with PostgresServer._lock:
                 _forget_dead_handles(pgdata / ".handle_pids.json")
+                _drop_stale_pid_file(pgdata)
             self._server = get_server(pgdata, cleanup_mode="stop")
         except (OSError, subprocess.CalledProcessError) as exc:
             raise EmbeddedUnavailable(
@@ -324,7 +330,12 @@ class EmbeddedPostgres:
         return _socket_uri(self._server.get_uri()).replace("/postgres?", f"/{self.DATABASE}?", 1)
 
     async def ensure_database(self) -> None:
-        admin = await asyncpg.connect(_socket_uri(self._server.get_uri()))
+        try:
+            admin = await asyncpg.connect(_socket_uri(self._server.get_uri()))
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise EmbeddedUnavailable(
+                f"the embedded PostgreSQL in {self.data_dir} does not answer: "
+                f"{type(exc).__name__}: {exc}") from exc
         try:
             exists = await admin.fetchval(
                 "SELECT 1 FROM pg_database WHERE datname = $1", self.DATABASE
@@ -348,6 +359,31 @@ def _forget_dead_handles(path: Path) -> None:
     alive = [pid for pid in pids if _running(int(pid))]
     if alive != pids:
         path.write_text(json.dumps(alive))
+
+
+def _drop_stale_pid_file(pgdata: Path) -> None:
+    """Remove a postmaster.pid whose process is alive but is not a PostgreSQL on `pgdata`.
+
+    After a crash of the machine or container the file can name a pid that now belongs to some
+    other process. The wheel takes any live pid for its server: it would fail to connect, then
+    "stop" that process, killing it. A postmaster runs as `postgres` in its data folder, which
+    /proc tells (where there is no /proc, nothing is done). A pid that no longer runs is left to
+    the wheel and PostgreSQL, which already treat that file as stale.
+    """
+    pid_file = pgdata / "postmaster.pid"
+    proc = Path("/proc")
+    try:
+        pid = int(pid_file.read_text().split("\n", 1)[0])
+        name = (proc / str(pid) / "comm").read_text().strip()
+    except (OSError, ValueError):
+        return  # no file, no /proc, or no such process
+    try:
+        ours = name == "postgres" and Path(os.readlink(proc / str(pid) / "cwd")) == pgdata.resolve()
+    except OSError:  # another user's process: not a server this service started
+        ours = False
+    if not ours:
+        log.warning("embedded_postgres_stale_pid_file", pid=pid, process=name[:40])
+        pid_file.unlink(missing_ok=True)
 
 
 def _running(pid: int) -> bool:

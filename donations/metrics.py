@@ -15,6 +15,12 @@ def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+def _number(value: float) -> str:
+    """A sample value with every digit: a whole count as an integer (`{:g}` would write
+    1234567 as 1.23457e+06, and the counter would seem to stand still)."""
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
 def _labels(labels: Labels, extra: str = "") -> str:
     parts = [f'{k}="{_escape(v)}"' for k, v in labels]
     if extra:
@@ -37,7 +43,7 @@ class Counter:
 
     def render(self) -> list[str]:
         lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter"]
-        lines += [f"{self.name}{_labels(k)} {v:g}" for k, v in sorted(self.values.items())]
+        lines += [f"{self.name}{_labels(k)} {_number(v)}" for k, v in sorted(self.values.items())]
         return lines
 
 

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 from donations.money import is_currency_code
 from donations.offer import (
     DEFAULT_CURRENCIES,
+    STRIPE_MINIMUM,
     AmountTable,
     OfferError,
     build_table,
@@ -104,7 +105,7 @@ class Settings:
             stripe_webhook_secrets=get.secrets("STRIPE_WEBHOOK_SECRET", prefix="whsec_"),
             stripe_api_base=get.url("STRIPE_API_BASE"),
             site_origins=get.origins("SITE_ORIGINS"),
-            reporting_currency=get.currency("REPORTING_CURRENCY", "gbp"),
+            reporting_currency=get.settlement_currency("REPORTING_CURRENCY", "gbp"),
             founding_seats=get.integer("FOUNDING_SEATS", 1000, low=0, high=10_000_000),
             founding_percent_off=get.integer("FOUNDING_PERCENT_OFF", 50, low=1, high=100),
             founding_coupon_id=get.text("FOUNDING_COUPON_ID") or "founding-supporter",
@@ -208,10 +209,14 @@ class _Reader:
             raise ConfigError(f"{name} must be one of {', '.join(options)}, got {raw!r}")
         return raw
 
-    def currency(self, name: str, default: str) -> str:
+    def settlement_currency(self, name: str, default: str) -> str:
+        """A currency a Stripe account settles in (those of Stripe's minimum-charge table)."""
         raw = (self.text(name) or default).lower()
         if not is_currency_code(raw):
             raise ConfigError(f"{name} must be an ISO 4217 currency code, got {raw!r}")
+        if raw not in STRIPE_MINIMUM:
+            raise ConfigError(f"{name}: {raw!r} is not a currency Stripe settles in; use one of "
+                              f"{', '.join(sorted(STRIPE_MINIMUM))}")
         return raw
 
     def url(self, name: str) -> str | None:

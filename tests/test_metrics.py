@@ -76,3 +76,19 @@ async def test_unusual_methods_are_counted_as_other(client: Client) -> None:
     text = await (await client.get("/metrics")).text()
     assert 'method="other"' in text
     assert "PROPFIND" not in text and "MKCOL" not in text
+
+
+def test_counters_keep_every_digit_past_a_million() -> None:
+    """Counters keep every digit: 1,234,567 is written as such (`{:g}` wrote 1.23457e+06, and the
+    counter seemed to stand still)."""
+    metrics = Metrics()
+    cells = metrics.route_cells("/healthz")
+    for _ in range(1_234_567):
+        cells.add("GET", 200, 0.001)
+    metrics.webhook_events.inc(1_234_567.0, type="charge.succeeded", outcome="processed")
+    samples = dict(line.rsplit(" ", 1) for line in metrics.render() if not line.startswith("#"))
+    assert samples['donations_http_requests_total{method="GET",route="/healthz",status="200"}'] \
+        == "1234567"
+    assert samples['donations_http_request_duration_seconds_count{route="/healthz"}'] == "1234567"
+    assert samples[
+        'donations_webhook_events_total{outcome="processed",type="charge.succeeded"}'] == "1234567"

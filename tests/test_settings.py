@@ -180,3 +180,10 @@ def test_a_malformed_site_origin_is_a_config_error(value: str) -> None:
         Settings.from_env({"SITE_ORIGINS": value})
     assert str(raised.value).startswith("SITE_ORIGINS ")
 
+
+@pytest.mark.parametrize("code", ["gpb", "abc", "eru"])
+def test_a_reporting_currency_that_is_no_currency_stops_the_start(code: str) -> None:
+    """REPORTING_CURRENCY must be a currency Stripe settles in: a typo (`gpb`) stops the start
+    with one line naming it, instead of totals that stay 0 for ever."""
+    with pytest.raises(ConfigError, match="REPORTING_CURRENCY"):
+        Settings.from_env({"REPORTING_CURRENCY": code})
