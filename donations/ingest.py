@@ -15,6 +15,7 @@ import enum
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import asyncpg
 import structlog
@@ -85,6 +86,7 @@ async def ingest_many(
     only the one at fault is recorded as failed (in a transaction of its own, with its error)
     for Stripe's retry, or `events retry`, to apply later. An outage is raised to the caller.
     """
+    items = [_without_nul(item) for item in items]
     first: dict[str, int] = {}  # the same event twice in a group: the later copies are duplicates
     for i, (event, _) in enumerate(items):
         first.setdefault(event.id, i)
@@ -109,6 +111,28 @@ async def ingest_many(
     # failed: then every copy is answered as failed, so that Stripe delivers it again.
     return [outcomes[event.id] if first[event.id] == i or outcomes[event.id] is Outcome.FAILED
             else Outcome.DUPLICATE for i, (event, _) in enumerate(items)]
+
+
+def _without_nul(item: Item) -> Item:
+    """The event with every U+0000 in its strings replaced by U+FFFD: PostgreSQL keeps no NUL in
+    text or jsonb, and an event holding one would otherwise fail on every retry. (In JSON text a
+    NUL can only be the escape `\\u0000`; its body is stored re-encoded, the one case where it
+    is not stored as received.)"""
+    raw = item[1]
+    if "\\u0000" not in raw:
+        return item
+    body = _replace_nul(json.loads(raw))
+    return parse_event(body), json.dumps(body, separators=(",", ":"))
+
+
+def _replace_nul(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {_replace_nul(k): _replace_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_replace_nul(v) for v in value]
+    return value
 
 
 async def _record_failure(
