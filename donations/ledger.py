@@ -232,7 +232,9 @@ def derive_payment(key: str, cluster: Cluster) -> PaymentRow | None:
     subscription_ids |= {s.links.subscription_id for s in sessions}
     subscriptions = [s for s in cluster.of("subscription") if s.id in subscription_ids]
 
-    good_charge = next((c for c in charges if c.get("status") == "succeeded"), None)
+    # a charge authorised but not captured (manual capture) has taken no money yet
+    good_charge = next((c for c in charges if c.get("status") == "succeeded"
+                        and c.get("captured") is not False), None)
     paid_inpay = next((s for s in invoice_payments if s.get("status") == "paid"), None)
     paid_session = next(
         (s for s in sessions if s.links.payment_key == key and s.get("payment_status") == "paid"),

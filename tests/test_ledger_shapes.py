@@ -123,3 +123,27 @@ def test_dispute_appeal_after_a_loss_is_followed() -> None:
     assert ledger["disputes"]["dp_shape"]["status"] == "won"
     assert ledger["payments"][pi]["amount_disputed"] == 0
     assert ledger["payments"][pi]["dispute_lost"] is False
+
+
+def test_a_charge_authorised_but_not_captured_is_no_money_until_captured() -> None:
+    """A charge with `captured: false` (manual capture: stripe/_charge.py `captured`, "If the
+    charge was created without capturing, this Boolean represents whether it is still
+    uncaptured or has since been captured") is an authorisation: no payment has succeeded until
+    charge.captured says it was."""
+    pi, ch = "pi_shape_auth", "ch_shape_auth"
+    intent = o.payment_intent(amount=2000, currency="gbp", created=T0, id=pi, latest_charge=ch,
+                              customer="cus_shape_auth")
+    intent["status"] = "requires_capture"
+    held = o.charge(amount=2000, currency="gbp", created=T0, id=ch, payment_intent=pi,
+                    customer="cus_shape_auth", balance_transaction=None)
+    held.update(captured=False, amount_captured=0)
+    events = [_ev("payment_intent.amount_capturable_updated", intent, T0, 1),
+              _ev("charge.succeeded", held, T0, 2)]
+    payments = reference(events)["payments"]
+    assert all(p["status"] != "succeeded" for p in payments.values())
+
+    captured = o.charge(amount=2000, currency="gbp", created=T0, id=ch, payment_intent=pi,
+                        customer="cus_shape_auth", balance_transaction="txn_shape_auth")
+    events.append(_ev("charge.captured", captured, T0 + 3600, 3))
+    payments = reference(events)["payments"]
+    assert payments[pi]["status"] == "succeeded" and payments[pi]["amount"] == 2000
