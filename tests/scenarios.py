@@ -121,9 +121,14 @@ def histories(draw: st.DrawFn, max_steps: int = 12) -> History:
         elif action == "dispute":
             charge = world.objects[draw(st.sampled_from(charges))]
             if not charge["disputed"] and int(charge["amount_refunded"]) == 0:
-                # some start as an inquiry that the bank escalates to a chargeback
-                world.dispute(charge["id"], draw(st.sampled_from(["won", "lost", None])),
-                              inquiry=draw(st.booleans()))
+                # some start as an inquiry that the bank escalates to a chargeback; some lost
+                # are appealed
+                outcome: Literal["won", "lost"] | None = draw(
+                    st.sampled_from(["won", "lost", None]))
+                disputed = world.dispute(charge["id"], outcome, inquiry=draw(st.booleans()))
+                if outcome == "lost" and draw(st.booleans()):
+                    world.appeal_dispute(str(disputed.dispute),
+                                         draw(st.sampled_from(["won", "lost", None])))
     return History(world, charges, subscriptions)
 
 

@@ -49,7 +49,8 @@ def test_the_ledger_agrees_with_stripes_final_objects(history: History) -> None:
         dispute = next((o for o in world.objects.values() if o.get("object") == "dispute"
                         and o["charge"] == charge_id), None)
         held = dispute["amount"] if dispute and dispute["status"] in (
-            "needs_response", "under_review", "lost") else 0
+            "needs_response", "under_review", "lost", "appeal_needs_response",
+            "appeal_under_review") else 0
         assert row["amount_disputed"] == held
     for sub_id in history.subscriptions:
         stripe_sub = world.objects[sub_id]

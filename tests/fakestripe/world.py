@@ -1373,6 +1373,27 @@ class World:
         out.balance_transactions = [bt["id"] for bt in dp["balance_transactions"]]
         return out
 
+    def appeal_dispute(
+        self, dispute_id: str, outcome: Literal["won", "lost"] | None = None
+    ) -> DisputeResult:
+        """A lost dispute appealed: a day later charge.dispute.updated (appeal_needs_response),
+        two days later charge.dispute.updated (appeal_under_review, evidence submitted); with an
+        `outcome`, as `close_dispute` (won: the funds reinstated)."""
+        dp = self.objects[dispute_id]
+        out = DisputeResult(dispute=dispute_id)
+        self.advance(DAY)
+        self._emit(out, "charge.dispute.updated", dp,
+                   previous=self._changes(dp, status="appeal_needs_response"))
+        self.advance(2 * DAY)
+        self._emit(out, "charge.dispute.updated", dp,
+                   previous=self._changes(dp, status="appeal_under_review"))
+        out.balance_transactions = [bt["id"] for bt in dp["balance_transactions"]]
+        if outcome is not None:
+            closed = self.close_dispute(dispute_id, outcome, after=20 * DAY)
+            out.events.extend(closed.events)
+            out.balance_transactions = closed.balance_transactions
+        return out
+
     # -- payouts -------------------------------------------------------------------------------
 
     def payout(self, *, arrival_days: int = 2) -> PayoutResult:
