@@ -149,3 +149,11 @@ def rfc3339(value: datetime | None) -> str | None:
     if value is None:
         return None
     return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def whole_number(raw: str, *, max_digits: int = 18) -> int | None:
+    """`raw` as a whole number when it is 1 to `max_digits` ASCII digits; None otherwise.
+    (`str.isdigit` is true for "²" and "٣", and `int` takes "٣", " 3" and "1_000".)"""
+    if 0 < len(raw) <= max_digits and raw.isascii() and raw.isdigit():
+        return int(raw)
+    return None
