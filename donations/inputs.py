@@ -26,11 +26,9 @@ async def read_json(request: web.Request, max_bytes: int = MAX_JSON_BODY) -> dic
             raise PayloadTooLarge("body_too_large", f"the body is over {max_bytes} bytes")
     try:
         text = body.decode("utf-8")
-        value = json.loads(text)
-    # ValueError beyond JSONDecodeError: an integer of more than 4,300 digits;
-    # RecursionError: arrays or objects nested thousands deep
-    except (UnicodeDecodeError, ValueError, RecursionError):
+    except UnicodeDecodeError:
         raise BadRequest("malformed_json", "the body is not valid JSON") from None
+    value = parse_json(text)
     if not isinstance(value, dict):
         raise BadRequest("malformed_json", "the body must be a JSON object")
     if _SURROGATE_ESCAPE.search(text):
@@ -40,6 +38,16 @@ async def read_json(request: web.Request, max_bytes: int = MAX_JSON_BODY) -> dic
             raise BadRequest("invalid_unicode", "the value has a \\u escape that is half of "
                              "a surrogate pair, which is not a character", field=bad or None)
     return value
+
+
+def parse_json(text: str) -> Any:
+    """JSON text as Python values; 400 `malformed_json` for anything json.loads cannot read."""
+    try:
+        return json.loads(text)
+    # ValueError beyond JSONDecodeError: an integer of more than 4,300 digits;
+    # RecursionError: arrays or objects nested thousands deep
+    except (ValueError, RecursionError):
+        raise BadRequest("malformed_json", "the body is not valid JSON") from None
 
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")

@@ -142,6 +142,27 @@ async def test_oversized_malformed_and_non_event_bodies(
     assert await count(pool, "stripe_events") == 0
 
 
+async def test_a_signed_body_json_cannot_read_is_400_and_nothing_is_stored(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """A correctly signed body that json.loads cannot read (an integer of thousands of digits,
+    arrays nested thousands deep) is 400 `malformed_json`, as for any body that is not JSON:
+    a 500 would have Stripe retry it for three days."""
+    bodies = {
+        "huge integer": b'{"object": "event", "id": "evt_huge", "n": 1' + b"0" * 5000 + b"}",
+        "deep nesting": (b'{"object": "event", "id": "evt_deep", "n": ' + b"[" * 100_000
+                         + b"]" * 100_000 + b"}"),
+    }
+    answers = {}
+    for name, body in bodies.items():
+        response = await client.post("/webhooks/stripe", data=body, headers={
+            "Content-Type": "application/json", "Stripe-Signature": sign(body, WEBHOOK_SECRET)})
+        answers[name] = (response.status, (await response.json())["error"]["code"])
+    assert answers == {"huge integer": (400, "malformed_json"),
+                       "deep nesting": (400, "malformed_json")}
+    assert await count(pool, "stripe_events") == 0
+
+
 async def test_an_event_from_the_other_mode_is_refused(
     pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
 ) -> None:
