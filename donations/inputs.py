@@ -31,12 +31,8 @@ async def read_json(request: web.Request, max_bytes: int = MAX_JSON_BODY) -> dic
     value = parse_json(text)
     if not isinstance(value, dict):
         raise BadRequest("malformed_json", "the body must be a JSON object")
-    if _SURROGATE_ESCAPE.search(text):
-        bad = _not_unicode(value)
-        if bad is not None:
-            # "\ud800" alone is valid JSON but no character: nothing downstream can encode it
-            raise BadRequest("invalid_unicode", "the value has a \\u escape that is half of "
-                             "a surrogate pair, which is not a character", field=bad or None)
+    if _SUSPECT_ESCAPE.search(text):
+        _refuse_unstorable(value)
     return value
 
 
@@ -50,28 +46,53 @@ def parse_json(text: str) -> Any:
         raise BadRequest("malformed_json", "the body is not valid JSON") from None
 
 
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+# The escapes that make a JSON string text nothing downstream can keep: half a surrogate pair,
+# and U+0000. Raw control characters are not JSON, so these escapes are the only way in.
+_SUSPECT_ESCAPE = re.compile(r"\\u(?:[dD][89a-fA-F]|0000)")
 
 
-def _not_unicode(value: object, path: str = "") -> str | None:
-    """The dotted path of the first string (or key) in a parsed JSON value that is not valid
-    Unicode (it holds a lone surrogate); None when every one is."""
+def _refuse_unstorable(value: object) -> None:
+    """400 naming the first string (or key) of a parsed JSON value that cannot be stored: one
+    holding a lone surrogate ("\\ud800" is valid JSON but no character: nothing can encode
+    it) or U+0000 (which PostgreSQL's text and jsonb cannot hold)."""
+    found = _unstorable(value)
+    if found is None:
+        return
+    path, problem = found
+    if problem == "surrogate":
+        raise BadRequest("invalid_unicode", "the value has a \\u escape that is half of "
+                         "a surrogate pair, which is not a character", field=path or None)
+    raise BadRequest("invalid_character", "the value holds U+0000 (NUL), which no text here "
+                     "may hold", field=path or None)
+
+
+def _text_problem(value: str) -> str | None:
+    """Why `value` cannot be stored as text ("surrogate" or "nul"); None when it can."""
+    if "\x00" in value:
+        return "nul"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "surrogate"
+    return None
+
+
+def _unstorable(value: object, path: str = "") -> tuple[str, str] | None:
+    """The dotted path of the first string (or key) in a parsed JSON value that cannot be
+    stored, and why (see _text_problem); None when every one can."""
     if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return path
-        return None
+        problem = _text_problem(value)
+        return None if problem is None else (path, problem)
     items: list[tuple[object, object]] = []
     if isinstance(value, dict):
         items = list(value.items())
     elif isinstance(value, list):
         items = list(enumerate(value))
     for key, item in items:
-        if isinstance(key, str) and _not_unicode(key) is not None:
-            return path or "(a key)"
+        if isinstance(key, str) and (problem := _text_problem(key)) is not None:
+            return path or "(a key)", problem
         inner = f"{path}.{key}" if path else str(key)
-        found = _not_unicode(item, inner)
+        found = _unstorable(item, inner)
         if found is not None:
             return found
     return None

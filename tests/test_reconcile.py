@@ -605,3 +605,22 @@ async def test_a_discrepancy_id_that_is_not_ascii_digits_is_404(
                                  headers={"Authorization": f"Bearer {admin}"})
     body = await response.json()
     assert (response.status, body["error"]["code"]) == (404, "discrepancy_not_found")
+
+
+async def test_an_acknowledgement_note_holding_nul_is_400_and_changes_nothing(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """A note holding U+0000 (valid JSON: "\\u0000", but no PostgreSQL text can hold it) is
+    400 `invalid_character` naming `note`, and nothing is written."""
+    async with pool.acquire() as conn:
+        admin = await auth.create_token(cast(asyncpg.Connection, conn), "ops", ["admin"])
+    response = await client.post("/v1/reconciliation/discrepancies/1/acknowledge",
+                                 data=b'{"note": "ok\\u0000"}',
+                                 headers={"Authorization": f"Bearer {admin}",
+                                          "Content-Type": "application/json"})
+    body = await response.json()
+    assert response.status == 400, body
+    assert (body["error"]["code"], body["error"]["field"]) == ("invalid_character", "note")
+    assert await pool.fetchval(
+        "SELECT count(*) FROM reconciliation_discrepancies WHERE acknowledged_by IS NOT NULL"
+    ) == 0
