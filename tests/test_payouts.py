@@ -96,6 +96,16 @@ async def test_a_payout_whose_transactions_sum_to_it_is_balanced_and_joined_to_t
     assert missing.status == 404
 
 
+async def test_a_payout_id_that_is_no_stripe_id_is_404(client: Client, pool: asyncpg.Pool) -> None:
+    """An id that is no Stripe payout id (one holding U+0000, which no text column can be
+    compared with, or other characters Stripe's ids never have) is 404 `payout_not_found`."""
+    headers = await _bearer(pool)
+    for payout_id in ("po_%00", "po_1%00x", "po_%C2%B2", "po_", "ch_123"):
+        response = await client.get(f"/v1/reports/payouts/{payout_id}", headers=headers)
+        body = await response.json()
+        assert (response.status, body["error"]["code"]) == (404, "payout_not_found"), payout_id
+
+
 async def test_a_payout_whose_transactions_do_not_sum_to_it_is_flagged(
     client: Client, pool: asyncpg.Pool, dsn: str
 ) -> None:

@@ -283,6 +283,20 @@ async def test_bad_parameters_are_refused_naming_the_field(
     assert summary.status == 400
 
 
+async def test_a_tz_that_names_no_zone_file_is_400_naming_it(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """`tz` must name a zone: a folder of the IANA database (`America`) or a name too long for a
+    file name is 400 `invalid_tz` naming `tz`, as for any other unknown zone, on every report."""
+    headers = await _bearer(pool)
+    for path in ("/v1/reports/summary", "/v1/reports/contributions", "/v1/reports/payouts"):
+        for tz in ("America", "x" * 300):
+            response = await client.get(path, headers=headers, params={**WIDE, "tz": tz})
+            body = await response.json()
+            assert response.status == 400, (path, tz, body)
+            assert (body["error"]["code"], body["error"]["field"]) == ("invalid_tz", "tz")
+
+
 async def test_summary_ties_to_the_rows(client: Client, pool: asyncpg.Pool) -> None:
     ledger = await _ledger(client, pool)
     headers = await _bearer(pool)
