@@ -10,7 +10,7 @@ from pytest_aiohttp import AiohttpClient
 
 from donations import auth, db
 from donations.app import create_app
-from tests.conftest import Client, make_settings
+from tests.conftest import Client, make_settings, raw_request
 from tests.test_cli import _env, _run
 
 
@@ -57,6 +57,16 @@ async def test_every_auth_case_on_a_staff_endpoint(client: Client, pool: asyncpg
             assert admin not in json.dumps(body)
     last_used = await pool.fetchval("SELECT last_used_at FROM api_tokens WHERE name = 'ops'")
     assert last_used is not None
+
+
+async def test_a_bearer_token_that_is_not_utf8_is_401(client: Client) -> None:
+    """`Authorization: Bearer <bytes that are not UTF-8>` is 401 like any unknown token: no
+    token of ours holds such bytes."""
+    status, body = await raw_request(client, (
+        b"GET /v1/reports/summary?from=2026-01-01&to=2026-02-01 HTTP/1.1\r\n"
+        b"Host: localhost\r\nAuthorization: Bearer dnt_\xff\xfe\r\nConnection: close\r\n\r\n"))
+    assert status == 401, (status, body)
+    assert json.loads(body)["error"]["code"] == "unauthorized"
 
 
 async def test_admin_creates_and_lists_campaigns(client: Client, pool: asyncpg.Pool) -> None:

@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 
 from donations import auth, db
-from tests.conftest import Client
+from tests.conftest import Client, raw_request
 from tests.fakestripe.world import World
 from tests.webhook_helpers import post_all
 
@@ -84,6 +84,16 @@ async def test_login_refuses_wrong_revoked_and_unscoped_tokens(
     cross = await client.post("/staff/login", data={"token": portal},
                               headers={"Origin": "https://evil.example"})
     assert cross.status == 403
+
+
+async def test_a_cookie_that_is_not_utf8_shows_the_login_page(client: Client) -> None:
+    """A `donations_staff` cookie whose bytes are not UTF-8 is an unknown token like any other
+    bad cookie: the login page, not an error."""
+    status, body = await raw_request(client, (
+        b"GET /staff/ HTTP/1.1\r\nHost: localhost\r\n"
+        b"Cookie: donations_staff=dnt_\xff\r\nConnection: close\r\n\r\n"))
+    assert status == 200, (status, body)
+    assert b"/staff/login" in body
 
 
 async def test_the_dashboard_shows_the_month_a_chart_and_download_links(
