@@ -96,6 +96,26 @@ async def test_a_cookie_that_is_not_utf8_shows_the_login_page(client: Client) ->
     assert b"/staff/login" in body
 
 
+async def test_a_login_form_that_cannot_be_read_is_400_with_the_login_page(
+    client: Client
+) -> None:
+    """A login form whose body cannot be decoded (a charset Python does not know, bytes that
+    are not UTF-8, a multipart part without a name) is 400 with the login page again."""
+    forms = {
+        "unknown charset": (b"token=dnt_x",
+                            "application/x-www-form-urlencoded; charset=nope"),
+        "not utf-8": (b"token=\xff", "application/x-www-form-urlencoded"),
+        "nameless part": (b"--b\r\nContent-Disposition: form-data\r\n\r\nx\r\n--b--\r\n",
+                          "multipart/form-data; boundary=b"),
+    }
+    for name, (body, content_type) in forms.items():
+        response = await client.post("/staff/login", data=body, allow_redirects=False,
+                                     headers={"Content-Type": content_type})
+        assert response.status == 400, (name, response.status)
+        assert "/staff/login" in await response.text(), name
+        assert "Set-Cookie" not in response.headers, name
+
+
 async def test_the_dashboard_shows_the_month_a_chart_and_download_links(
     client: Client, pool: asyncpg.Pool
 ) -> None:
