@@ -102,10 +102,7 @@ class Order:
 
 def parse_order(body: dict[str, Any], kind: Kind, settings: Settings) -> Order:
     """The body as an Order, or the error naming the first field at fault."""
-    unknown = sorted(set(body) - _FIELDS[kind])
-    if unknown:
-        raise BadRequest("unknown_field", f"{unknown[0]} is not a field of this request",
-                         field=unknown[0])
+    inputs.refuse_unknown(body, _FIELDS[kind])
     amount = inputs.integer(body, "amount", low=1, high=10**12)
     raw_currency = body.get("currency")
     if raw_currency is None:

@@ -98,6 +98,15 @@ def _unstorable(value: object, path: str = "") -> tuple[str, str] | None:
     return None
 
 
+def refuse_unknown(body: dict[str, Any], fields: frozenset[str]) -> None:
+    """400 `unknown_field` naming the first field of `body` not among `fields`: a misspelt
+    field would otherwise be ignored and the request done without what it meant."""
+    unknown = sorted(set(body) - fields)
+    if unknown:
+        raise BadRequest("unknown_field", f"{unknown[0]} is not a field of this request",
+                         field=unknown[0])
+
+
 def text(body: dict[str, Any], name: str, *, required: bool = True, max_length: int = 500
          ) -> str | None:
     value = body.get(name)
@@ -164,20 +173,32 @@ def timestamp(value: object, name: str) -> datetime:
     try:
         if len(value) == 10:
             day = date.fromisoformat(value)
-            return datetime(day.year, day.month, day.day, tzinfo=UTC)
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+            moment = datetime(day.year, day.month, day.day, tzinfo=UTC)
+        else:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            moment = parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
     # OverflowError: a moment before the year 1 or after 9999 once in UTC
     except (ValueError, OverflowError):
+        moment = _FIRST
+    # asyncpg writes the very first and last instants (datetime.min and max) as PostgreSQL's
+    # -infinity and infinity, which come back as no moment at all
+    if not _FIRST < moment < _LAST:
         raise BadRequest("invalid_timestamp", f"{name} must be an RFC 3339 timestamp or a date "
-                         "between the years 1 and 9999", field=name) from None
+                         "after the first instant of the year 1 and before the last of 9999",
+                         field=name)
+    return moment
+
+
+_FIRST = datetime.min.replace(tzinfo=UTC)
+_LAST = datetime.max.replace(tzinfo=UTC)
 
 
 def rfc3339(value: datetime | None) -> str | None:
     """`2026-11-24T19:00:00Z`: UTC, seconds, Z."""
     if value is None:
         return None
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    # isoformat, not strftime("%Y"), which writes the year 1 as "1" on glibc
+    return value.astimezone(UTC).replace(microsecond=0, tzinfo=None).isoformat() + "Z"
 
 
 def whole_number(raw: str, *, max_digits: int = 18) -> int | None:

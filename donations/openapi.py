@@ -383,10 +383,12 @@ SPEC["paths"].update({
                     "title": {"type": "string", "minLength": 1, "maxLength": 200},
                     "goal": _MONEY,
                     "starts": {"type": "string", "description": "RFC 3339 or a date"},
-                    "ends": {"type": "string", "description": "RFC 3339 or a date"}}}}}},
+                    "ends": {"type": "string", "description": "RFC 3339 or a date"}},
+                "additionalProperties": False}}}},
             "responses": {
                 "201": _json(_CAMPAIGN, "The campaign"),
-                "400": _error("A field that cannot be read (the field is named)"),
+                "400": _error("A field that cannot be read or is not one of these (the field "
+                              "is named)"),
                 "401": _error("No or unknown token"),
                 "403": _error("The token lacks admin"),
                 "409": _error("A campaign with that slug exists (campaign_exists)"),
