@@ -122,9 +122,10 @@ def text(body: dict[str, Any], name: str, *, required: bool = True, max_length: 
     return value.strip()
 
 
-def integer(body: dict[str, Any], name: str, *, required: bool = True, low: int = 0,
-            high: int = 10**12) -> int | None:
-    """A whole number; floats, strings and booleans are refused, never rounded."""
+def integer(body: dict[str, Any], name: str, *, required: bool = True,
+            low: int | None = None, high: int | None = None) -> int | None:
+    """A whole number; floats, strings and booleans are refused, never rounded. Below `low` or
+    above `high` (when given) it is 422 `out_of_range`."""
     value = body.get(name)
     if value is None:
         if required:
@@ -133,9 +134,10 @@ def integer(body: dict[str, Any], name: str, *, required: bool = True, low: int 
     if isinstance(value, bool) or not isinstance(value, int):
         raise BadRequest("invalid_field", f"{name} must be a whole number of minor units",
                          field=name)
-    if not low <= value <= high:
-        raise Unprocessable("out_of_range", f"{name} must be between {low} and {high}",
-                            field=name)
+    if low is not None and value < low:
+        raise Unprocessable("out_of_range", f"{name} must be at least {low}", field=name)
+    if high is not None and value > high:
+        raise Unprocessable("out_of_range", f"{name} must be at most {high}", field=name)
     return value
 
 
@@ -150,7 +152,7 @@ def money(body: dict[str, Any], name: str, *, required: bool = True) -> tuple[in
         raise BadRequest("invalid_field", f'{name} must be {{"amount": …, "currency": …}}',
                          field=name)
     try:
-        amount = integer(value, "amount", low=1)
+        amount = integer(value, "amount", low=1, high=10**12)
     except ApiError as exc:
         exc.field = f"{name}.amount"
         raise
