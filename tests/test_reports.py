@@ -85,6 +85,26 @@ async def _csv(client: Client, headers: dict[str, str], **params: str) -> tuple[
     return response, (await response.read()).decode("utf-8")
 
 
+async def test_the_streamed_reports_carry_the_request_id(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """The contributions report (CSV and JSON over the API, and the staff page's download) is
+    streamed, its headers sent from inside the handler, and still carries X-Request-ID."""
+    headers = await _bearer(pool)
+    for fmt in ("csv", "json"):
+        response = await client.get("/v1/reports/contributions", params={**WIDE, "format": fmt},
+                                    headers={**headers, "X-Request-ID": f"report-{fmt}"})
+        assert response.status == 200
+        await response.read()
+        assert response.headers["X-Request-ID"] == f"report-{fmt}"
+    cookie = {"Cookie": f"donations_staff={headers['Authorization'].split()[1]}"}
+    download = await client.get("/staff/contributions.csv", params=WIDE,
+                                headers={**cookie, "X-Request-ID": "report-staff"})
+    assert download.status == 200
+    await download.read()
+    assert download.headers["X-Request-ID"] == "report-staff"
+
+
 async def test_contributions_csv_has_a_row_per_movement_with_the_contracts_columns(
     client: Client, pool: asyncpg.Pool
 ) -> None:

@@ -325,6 +325,18 @@ async def test_request_ids_are_honoured_or_made(client: Client) -> None:
     assert len(made.headers["X-Request-ID"]) == 32
 
 
+async def test_redirects_carry_the_request_id_and_are_counted(client: Client) -> None:
+    """A redirect (GET /staff → /staff/, raised as aiohttp wants) carries X-Request-ID like
+    every other answer and is counted in /metrics."""
+    response = await client.get("/staff", allow_redirects=False,
+                                headers={"X-Request-ID": "redirect-1"})
+    assert response.status == 301
+    assert response.headers["X-Request-ID"] == "redirect-1"
+    metrics = await (await client.get("/metrics")).text()
+    assert ('donations_http_requests_total{method="GET",route="/staff",status="301"} 1'
+            in metrics.splitlines())
+
+
 async def test_errors_have_the_contract_shape(client: Client) -> None:
     missing = await client.get("/nowhere")
     assert missing.status == 404
