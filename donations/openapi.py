@@ -135,12 +135,13 @@ SPEC: dict[str, Any] = {
                           "400": _error("Bad window"), "401": _error("No or unknown token"),
                           "403": _error("The token lacks reports:read")}}},
         "/v1/reports/payouts": {"get": {
-            "summary": "Payouts arriving in the window, and whether their balance transactions "
-            "sum to them (reports:read)",
+            "summary": "Payouts arriving in the window, each with the balance transactions "
+            "that make it up and whether they sum to it (reports:read)",
             "security": [{"bearer": []}],
             "parameters": _REPORT_WINDOW,
-            "responses": {"200": _json({"type": "object"}, "data: payouts; unbalanced: ids of "
-                                       "those whose parts do not sum to them"),
+            "responses": {"200": _json({"type": "object"}, "data: payouts, each with "
+                                       "balance_transactions joined to the ledger; unbalanced: "
+                                       "ids of those whose parts do not sum to them"),
                           "401": _error("No or unknown token"),
                           "403": _error("The token lacks reports:read")}}},
         "/v1/reports/payouts/{id}": {"get": {

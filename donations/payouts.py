@@ -304,9 +304,9 @@ def csv_rows(payouts: list[dict[str, Any]]) -> list[list[str]]:
 async def payouts_report(request: web.Request) -> web.Response:
     await auth.require(request, "reports:read")
     win = query_window(request)
-    async with db.connection(request.app[POOL]) as conn, \
-            conn.transaction(isolation="repeatable_read", readonly=True):
-        payouts = await list_payouts(conn, win)
+    async with db.connection(request.app[POOL]) as conn:
+        # each with the balance transactions that make it up, as the contract says
+        payouts = await payouts_with_members(conn, win)
     return web.json_response({"window": win.as_json(), "data": payouts,
                               "unbalanced": [p["id"] for p in payouts if p["balanced"] is False]},
                              headers={"Cache-Control": "no-store"})
