@@ -466,6 +466,19 @@ async def test_the_cli_writes_the_same_reports(
     assert code == 1 and "to must be after from" in err
 
 
+async def test_the_cli_summary_takes_format_json_as_the_other_reports_do(dsn: str) -> None:
+    """`report summary` takes `--format json` (its only format, the default) like the other
+    reports; `--format csv` is refused by the argument parser (exit 2)."""
+    env = _env(DATABASE_URL=dsn)
+    code, out, err = await _run("report", "summary", "--from", "2026-11-01", "--to",
+                                "2026-12-01", "--format", "json", env=env)
+    assert code == 0, err
+    assert json.loads(out)["reporting_currency"] == "gbp"
+    code, _, err = await _run("report", "summary", "--from", "2026-11-01", "--to",
+                              "2026-12-01", "--format", "csv", env=env)
+    assert code == 2 and "--format" in err
+
+
 # --- a refund the bank sends back, and money settled in another currency -----------------------
 
 
