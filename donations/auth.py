@@ -151,13 +151,16 @@ async def check(request: web.Request, value: str, scope: str) -> Token:
         log.warning("auth_rate_limited", client=client, path=request.path)
         raise TooManyRequests("too_many_attempts", "too many failed attempts; try again later",
                               headers={"Retry-After": str(wait)})
-    presented = token_hash(value)
+    # ours are ASCII: anything else (a header byte that is not UTF-8 arrives as a lone
+    # surrogate, which cannot even be hashed) is no token, and is not looked for
+    presented = token_hash(value) if value.isascii() else None
     async with db.connection(request.app[POOL]) as conn:
-        row = await conn.fetchrow(
+        row = None if presented is None else await conn.fetchrow(
             "SELECT * FROM api_tokens WHERE token_hash = $1 AND revoked_at IS NULL", presented
         )
         # compare the digests in constant time as well: the index lookup is not the check
-        if row is None or not hmac.compare_digest(bytes(row["token_hash"]), presented):
+        if (row is None or presented is None
+                or not hmac.compare_digest(bytes(row["token_hash"]), presented)):
             log.warning("auth_failed", reason="unknown_or_revoked_token", path=request.path,
                         client=client)
             if attempts is not None:

@@ -16,6 +16,7 @@ from donations.errors import Conflict, Unprocessable
 from donations.money import Money
 
 SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+_FIELDS = frozenset({"slug", "title", "goal", "starts", "ends"})  # of POST /v1/campaigns
 
 routes = web.RouteTableDef()
 
@@ -67,7 +68,7 @@ def validate(
             raise Unprocessable(
                 "goal_currency_mismatch",
                 f"a goal must be in the reporting currency ({reporting_currency})",
-                field="currency")
+                field="goal.currency")
     if starts_at and ends_at and ends_at <= starts_at:
         raise Unprocessable("invalid_window", "ends must be after starts", field="ends")
 
@@ -115,12 +116,13 @@ async def list_campaigns(request: web.Request) -> web.Response:
 async def create_campaign(request: web.Request) -> web.Response:
     await auth.require(request, "admin")
     body = await inputs.read_json(request)
+    inputs.refuse_unknown(body, _FIELDS)
     slug = inputs.text(body, "slug", max_length=63)
     title = inputs.text(body, "title", max_length=200)
     goal_money = inputs.money(body, "goal", required=False)
     goal, currency = goal_money if goal_money else (None, None)
-    starts = inputs.timestamp(body["starts"], "starts") if body.get("starts") else None
-    ends = inputs.timestamp(body["ends"], "ends") if body.get("ends") else None
+    starts = inputs.timestamp(body["starts"], "starts") if body.get("starts") is not None else None
+    ends = inputs.timestamp(body["ends"], "ends") if body.get("ends") is not None else None
     assert slug is not None and title is not None
     async with db.connection(request.app[POOL]) as conn:
         campaign = await create(conn, slug, title, goal, currency, starts, ends,

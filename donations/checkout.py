@@ -102,11 +102,9 @@ class Order:
 
 def parse_order(body: dict[str, Any], kind: Kind, settings: Settings) -> Order:
     """The body as an Order, or the error naming the first field at fault."""
-    unknown = sorted(set(body) - _FIELDS[kind])
-    if unknown:
-        raise BadRequest("unknown_field", f"{unknown[0]} is not a field of this request",
-                         field=unknown[0])
-    amount = inputs.integer(body, "amount", low=1, high=10**12)
+    inputs.refuse_unknown(body, _FIELDS[kind])
+    # its range is the currency's and interval's, checked below with the limits in the message
+    amount = inputs.integer(body, "amount")
     raw_currency = body.get("currency")
     if raw_currency is None:
         raise BadRequest("missing_field", "currency is required", field="currency")
@@ -360,16 +358,17 @@ UPDATE checkout_requests
 async def _create(request: web.Request, kind: Kind) -> web.Response:
     app = request.app
     settings, pool, metrics = app[SETTINGS], app[POOL], app[METRICS]
+    _check_origin(request, settings)  # before anything else, the key's absence included
     client = _stripe_client(request)
-    _check_origin(request, settings)
-    # read (at most 64 KiB) before taking a pooled connection: a slow sender must not hold one
-    raw = await inputs.read_json(request)
     bucket = ratelimit.client_network(request, settings.proxy_hops)
     try:
+        # read (at most 64 KiB) before taking a pooled connection: a slow sender must not hold one
+        raw = await inputs.read_json(request)
         key = idempotency.key_of(request)
         order = parse_order(raw, kind, settings)
     except ApiError:
-        # every attempt counts, valid or not: card testers probe with both
+        # every attempt counts, valid or not (a body that is not even JSON too): card
+        # testers probe with anything
         async with db.connection(pool) as conn:
             await ratelimit.hit(conn, settings, metrics, bucket)
         raise
@@ -506,7 +505,7 @@ async def _preflight(request: web.Request) -> web.Response:
     if origin is None or origin not in _allowed_origins(request.app[SETTINGS]):
         raise Forbidden("origin_not_allowed", "this origin may not call checkout")
     return web.Response(status=204, headers={
-        "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+        "Access-Control-Allow-Methods": "GET, POST",
         "Access-Control-Allow-Headers": _CORS_HEADERS,
         "Access-Control-Max-Age": "600",
     })

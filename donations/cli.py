@@ -134,8 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="inclusive: ISO date or timestamp")
         sub.add_argument("--to", dest="end", required=True, help="exclusive: ISO date or timestamp")
         sub.add_argument("--tz", help="IANA time zone for dates and naive times (default UTC)")
-        if name != "summary":
-            sub.add_argument("--format", choices=("csv", "json"), default="csv")
+        # the summary is nested figures: JSON only, but --format json is taken as for the others
+        formats = ("json",) if name == "summary" else ("csv", "json")
+        sub.add_argument("--format", choices=formats, default=formats[0])
         sub.add_argument("--out", help="write to this file instead of standard output")
     return parser
 

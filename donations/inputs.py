@@ -26,47 +26,85 @@ async def read_json(request: web.Request, max_bytes: int = MAX_JSON_BODY) -> dic
             raise PayloadTooLarge("body_too_large", f"the body is over {max_bytes} bytes")
     try:
         text = body.decode("utf-8")
-        value = json.loads(text)
-    # ValueError beyond JSONDecodeError: an integer of more than 4,300 digits;
-    # RecursionError: arrays or objects nested thousands deep
-    except (UnicodeDecodeError, ValueError, RecursionError):
+    except UnicodeDecodeError:
         raise BadRequest("malformed_json", "the body is not valid JSON") from None
+    value = parse_json(text)
     if not isinstance(value, dict):
         raise BadRequest("malformed_json", "the body must be a JSON object")
-    if _SURROGATE_ESCAPE.search(text):
-        bad = _not_unicode(value)
-        if bad is not None:
-            # "\ud800" alone is valid JSON but no character: nothing downstream can encode it
-            raise BadRequest("invalid_unicode", "the value has a \\u escape that is half of "
-                             "a surrogate pair, which is not a character", field=bad or None)
+    if _SUSPECT_ESCAPE.search(text):
+        _refuse_unstorable(value)
     return value
 
 
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+def parse_json(text: str) -> Any:
+    """JSON text as Python values; 400 `malformed_json` for anything json.loads cannot read."""
+    try:
+        return json.loads(text)
+    # ValueError beyond JSONDecodeError: an integer of more than 4,300 digits;
+    # RecursionError: arrays or objects nested thousands deep
+    except (ValueError, RecursionError):
+        raise BadRequest("malformed_json", "the body is not valid JSON") from None
 
 
-def _not_unicode(value: object, path: str = "") -> str | None:
-    """The dotted path of the first string (or key) in a parsed JSON value that is not valid
-    Unicode (it holds a lone surrogate); None when every one is."""
+# The escapes that make a JSON string text nothing downstream can keep: half a surrogate pair,
+# and U+0000. Raw control characters are not JSON, so these escapes are the only way in.
+_SUSPECT_ESCAPE = re.compile(r"\\u(?:[dD][89a-fA-F]|0000)")
+
+
+def _refuse_unstorable(value: object) -> None:
+    """400 naming the first string (or key) of a parsed JSON value that cannot be stored: one
+    holding a lone surrogate ("\\ud800" is valid JSON but no character: nothing can encode
+    it) or U+0000 (which PostgreSQL's text and jsonb cannot hold)."""
+    found = _unstorable(value)
+    if found is None:
+        return
+    path, problem = found
+    if problem == "surrogate":
+        raise BadRequest("invalid_unicode", "the value has a \\u escape that is half of "
+                         "a surrogate pair, which is not a character", field=path or None)
+    raise BadRequest("invalid_character", "the value holds U+0000 (NUL), which no text here "
+                     "may hold", field=path or None)
+
+
+def _text_problem(value: str) -> str | None:
+    """Why `value` cannot be stored as text ("surrogate" or "nul"); None when it can."""
+    if "\x00" in value:
+        return "nul"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "surrogate"
+    return None
+
+
+def _unstorable(value: object, path: str = "") -> tuple[str, str] | None:
+    """The dotted path of the first string (or key) in a parsed JSON value that cannot be
+    stored, and why (see _text_problem); None when every one can."""
     if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return path
-        return None
+        problem = _text_problem(value)
+        return None if problem is None else (path, problem)
     items: list[tuple[object, object]] = []
     if isinstance(value, dict):
         items = list(value.items())
     elif isinstance(value, list):
         items = list(enumerate(value))
     for key, item in items:
-        if isinstance(key, str) and _not_unicode(key) is not None:
-            return path or "(a key)"
+        if isinstance(key, str) and (problem := _text_problem(key)) is not None:
+            return path or "(a key)", problem
         inner = f"{path}.{key}" if path else str(key)
-        found = _not_unicode(item, inner)
+        found = _unstorable(item, inner)
         if found is not None:
             return found
     return None
+
+
+def refuse_unknown(body: dict[str, Any], fields: frozenset[str]) -> None:
+    """400 `unknown_field` naming the first field of `body` not among `fields`: a misspelt
+    field would otherwise be ignored and the request done without what it meant."""
+    unknown = sorted(set(body) - fields)
+    if unknown:
+        raise BadRequest("unknown_field", f"{unknown[0]} is not a field of this request",
+                         field=unknown[0])
 
 
 def text(body: dict[str, Any], name: str, *, required: bool = True, max_length: int = 500
@@ -84,9 +122,10 @@ def text(body: dict[str, Any], name: str, *, required: bool = True, max_length: 
     return value.strip()
 
 
-def integer(body: dict[str, Any], name: str, *, required: bool = True, low: int = 0,
-            high: int = 10**12) -> int | None:
-    """A whole number; floats, strings and booleans are refused, never rounded."""
+def integer(body: dict[str, Any], name: str, *, required: bool = True,
+            low: int | None = None, high: int | None = None) -> int | None:
+    """A whole number; floats, strings and booleans are refused, never rounded. Below `low` or
+    above `high` (when given) it is 422 `out_of_range`."""
     value = body.get(name)
     if value is None:
         if required:
@@ -95,9 +134,10 @@ def integer(body: dict[str, Any], name: str, *, required: bool = True, low: int 
     if isinstance(value, bool) or not isinstance(value, int):
         raise BadRequest("invalid_field", f"{name} must be a whole number of minor units",
                          field=name)
-    if not low <= value <= high:
-        raise Unprocessable("out_of_range", f"{name} must be between {low} and {high}",
-                            field=name)
+    if low is not None and value < low:
+        raise Unprocessable("out_of_range", f"{name} must be at least {low}", field=name)
+    if high is not None and value > high:
+        raise Unprocessable("out_of_range", f"{name} must be at most {high}", field=name)
     return value
 
 
@@ -112,7 +152,7 @@ def money(body: dict[str, Any], name: str, *, required: bool = True) -> tuple[in
         raise BadRequest("invalid_field", f'{name} must be {{"amount": …, "currency": …}}',
                          field=name)
     try:
-        amount = integer(value, "amount", low=1)
+        amount = integer(value, "amount", low=1, high=10**12)
     except ApiError as exc:
         exc.field = f"{name}.amount"
         raise
@@ -135,17 +175,37 @@ def timestamp(value: object, name: str) -> datetime:
     try:
         if len(value) == 10:
             day = date.fromisoformat(value)
-            return datetime(day.year, day.month, day.day, tzinfo=UTC)
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+            moment = datetime(day.year, day.month, day.day, tzinfo=UTC)
+        else:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            moment = parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
     # OverflowError: a moment before the year 1 or after 9999 once in UTC
     except (ValueError, OverflowError):
+        moment = _FIRST
+    # asyncpg writes the very first and last instants (datetime.min and max) as PostgreSQL's
+    # -infinity and infinity, which come back as no moment at all
+    if not _FIRST < moment < _LAST:
         raise BadRequest("invalid_timestamp", f"{name} must be an RFC 3339 timestamp or a date "
-                         "between the years 1 and 9999", field=name) from None
+                         "after the first instant of the year 1 and before the last of 9999",
+                         field=name)
+    return moment
+
+
+_FIRST = datetime.min.replace(tzinfo=UTC)
+_LAST = datetime.max.replace(tzinfo=UTC)
 
 
 def rfc3339(value: datetime | None) -> str | None:
     """`2026-11-24T19:00:00Z`: UTC, seconds, Z."""
     if value is None:
         return None
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    # isoformat, not strftime("%Y"), which writes the year 1 as "1" on glibc
+    return value.astimezone(UTC).replace(microsecond=0, tzinfo=None).isoformat() + "Z"
+
+
+def whole_number(raw: str, *, max_digits: int = 18) -> int | None:
+    """`raw` as a whole number when it is 1 to `max_digits` ASCII digits; None otherwise.
+    (`str.isdigit` is true for "²" and "٣", and `int` takes "٣", " 3" and "1_000".)"""
+    if 0 < len(raw) <= max_digits and raw.isascii() and raw.isdigit():
+        return int(raw)
+    return None

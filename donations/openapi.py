@@ -97,11 +97,13 @@ SPEC: dict[str, Any] = {
                                         "maxLength": 1000}}}}}},
             "responses": {
                 "200": _json({"type": "object"}, "The discrepancy, acknowledged"),
-                "400": _error("note missing or empty"),
+                "400": _error("The body is not a JSON object, or note is missing, empty or "
+                              "holds U+0000"),
                 "401": _error("No or unknown token"),
                 "403": _error("The token lacks admin"),
                 "404": _error("No discrepancy has this id"),
                 "409": _error("The discrepancy is already resolved"),
+                "413": _error("Body over 64 KiB"),
                 "422": _error("note longer than 1000 characters"),
             }}},
         "/v1/reports/contributions": {"get": {
@@ -132,17 +134,22 @@ SPEC: dict[str, Any] = {
             "parameters": _REPORT_WINDOW,
             "responses": {"200": _json({"type": "object"}, "By payment currency and as "
                                        "settled in the reporting currency"),
-                          "400": _error("Bad window"), "401": _error("No or unknown token"),
-                          "403": _error("The token lacks reports:read")}}},
+                          "400": _error("A missing or unreadable from, to or tz"),
+                          "401": _error("No or unknown token"),
+                          "403": _error("The token lacks reports:read"),
+                          "422": _error("to is not after from")}}},
         "/v1/reports/payouts": {"get": {
-            "summary": "Payouts arriving in the window, and whether their balance transactions "
-            "sum to them (reports:read)",
+            "summary": "Payouts arriving in the window, each with the balance transactions "
+            "that make it up and whether they sum to it (reports:read)",
             "security": [{"bearer": []}],
             "parameters": _REPORT_WINDOW,
-            "responses": {"200": _json({"type": "object"}, "data: payouts; unbalanced: ids of "
-                                       "those whose parts do not sum to them"),
+            "responses": {"200": _json({"type": "object"}, "data: payouts, each with "
+                                       "balance_transactions joined to the ledger; unbalanced: "
+                                       "ids of those whose parts do not sum to them"),
+                          "400": _error("A missing or unreadable from, to or tz"),
                           "401": _error("No or unknown token"),
-                          "403": _error("The token lacks reports:read")}}},
+                          "403": _error("The token lacks reports:read"),
+                          "422": _error("to is not after from")}}},
         "/v1/reports/payouts/{id}": {"get": {
             "summary": "One payout with its balance transactions joined to the ledger "
             "(reports:read)",
@@ -269,9 +276,12 @@ SPEC["paths"].update({
         "responses": {
             "201": _json({"type": "object", "properties": {"url": {"type": "string"}}},
                          "Send the supporter to `url`"),
+            "400": _error("Malformed body or field, an unknown field, or neither or both of "
+                          "customer and email (the field is named)"),
             "401": _error("No or unknown token"),
             "403": _error("A token without the portal or admin scope"),
             "404": _error("No such supporter (by e-mail in the ledger, or at Stripe)"),
+            "413": _error("Body over 64 KiB"),
             "422": _error("return_url not on SITE_ORIGINS"),
             "502": _error("Stripe refused the request"),
             "503": _error("Stripe not configured or unavailable"),
@@ -383,14 +393,29 @@ SPEC["paths"].update({
                     "title": {"type": "string", "minLength": 1, "maxLength": 200},
                     "goal": _MONEY,
                     "starts": {"type": "string", "description": "RFC 3339 or a date"},
-                    "ends": {"type": "string", "description": "RFC 3339 or a date"}}}}}},
+                    "ends": {"type": "string", "description": "RFC 3339 or a date"}},
+                "additionalProperties": False}}}},
             "responses": {
                 "201": _json(_CAMPAIGN, "The campaign"),
-                "400": _error("A field that cannot be read (the field is named)"),
+                "400": _error("A field that cannot be read or is not one of these (the field "
+                              "is named)"),
                 "401": _error("No or unknown token"),
                 "403": _error("The token lacks admin"),
                 "409": _error("A campaign with that slug exists (campaign_exists)"),
+                "413": _error("Body over 64 KiB"),
                 "422": _error("A value out of range: slug, title, goal currency, window"),
             }},
     },
 })
+
+
+# Every route that takes a token (auth.check) answers 429 after too many failed attempts from
+# the client, and 503 when the database is unavailable.
+for _operations in SPEC["paths"].values():
+    for _operation in _operations.values():
+        if "security" in _operation:
+            _operation["responses"].setdefault(
+                "429", _error("Too many failed token attempts from this client; see "
+                              "Retry-After"))
+            _operation["responses"].setdefault(
+                "503", _error("The database is unavailable; see Retry-After"))

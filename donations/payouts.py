@@ -6,6 +6,7 @@ share the work, retried with backoff while Stripe is slow or down.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import asyncpg
@@ -25,6 +26,7 @@ log = structlog.get_logger(__name__)
 routes = web.RouteTableDef()
 
 LEASE_SECONDS = 300
+PAYOUT_ID = re.compile(r"^po_[A-Za-z0-9]{1,250}$")  # Stripe's: the prefix, then letters, digits
 PAGE = 100  # Stripe's largest page
 
 
@@ -308,9 +310,9 @@ def csv_rows(payouts: list[dict[str, Any]]) -> list[list[str]]:
 async def payouts_report(request: web.Request) -> web.Response:
     await auth.require(request, "reports:read")
     win = query_window(request)
-    async with db.connection(request.app[POOL]) as conn, \
-            conn.transaction(isolation="repeatable_read", readonly=True):
-        payouts = await list_payouts(conn, win)
+    async with db.connection(request.app[POOL]) as conn:
+        # each with the balance transactions that make it up, as the contract says
+        payouts = await payouts_with_members(conn, win)
     return web.json_response({"window": win.as_json(), "data": payouts,
                               "unbalanced": [p["id"] for p in payouts if p["balanced"] is False]},
                              headers={"Cache-Control": "no-store"})
@@ -319,8 +321,13 @@ async def payouts_report(request: web.Request) -> web.Response:
 @routes.get("/v1/reports/payouts/{id}")
 async def payout_report(request: web.Request) -> web.Response:
     await auth.require(request, "reports:read")
+    payout_id = request.match_info["id"]
+    # what is no Stripe payout id (say, one holding U+0000, which no text column can be
+    # compared with) is not looked for
+    if not PAYOUT_ID.match(payout_id):
+        raise NotFound("payout_not_found", "no payout with that id", field="id")
     async with db.connection(request.app[POOL]) as conn:
-        found = await payouts_with_members(conn, payout_id=request.match_info["id"])
+        found = await payouts_with_members(conn, payout_id=payout_id)
     if not found:
         raise NotFound("payout_not_found", "no payout with that id", field="id")
     return web.json_response(found[0], headers={"Cache-Control": "no-store"})

@@ -32,10 +32,7 @@ async def create_portal_session(request: web.Request) -> web.Response:
         raise ServiceUnavailable("stripe_not_configured",
                                  "the portal needs STRIPE_SECRET_KEY, which is not set")
     body = await inputs.read_json(request)
-    unknown = sorted(set(body) - _FIELDS)
-    if unknown:
-        raise BadRequest("unknown_field", f"{unknown[0]} is not a field of this request",
-                         field=unknown[0])
+    inputs.refuse_unknown(body, _FIELDS)
     customer = inputs.text(body, "customer", required=False, max_length=255)
     email = inputs.text(body, "email", required=False, max_length=254)
     if (customer is None) == (email is None):

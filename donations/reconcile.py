@@ -38,7 +38,7 @@ from donations.appkeys import POOL
 from donations.errors import BadRequest, Conflict, NotFound
 from donations.events import NotAnEvent, parse_event, ref
 from donations.ingest import Item, Outcome, ingest_many
-from donations.inputs import read_json, rfc3339, text
+from donations.inputs import read_json, rfc3339, text, whole_number
 from donations.ledger import FoundingOffer
 from donations.metrics import gauge
 from donations.money import exponent
@@ -895,14 +895,14 @@ def _discrepancy_json(d: asyncpg.Record) -> dict[str, Any]:
 async def list_runs(request: web.Request) -> web.Response:
     """Recent runs, newest first, each with the discrepancies it found or found again."""
     await auth.require(request, "reports:read")
-    raw = request.query.get("limit", "20")
-    if not raw.isdigit() or not 1 <= int(raw) <= 100:
+    limit = whole_number(request.query.get("limit", "20"))
+    if limit is None or not 1 <= limit <= 100:
         raise BadRequest("invalid_limit", "limit must be a whole number from 1 to 100",
-                            field="limit")
+                         field="limit")
     async with db.connection(request.app[POOL]) as conn, conn.transaction(readonly=True):
         runs = await conn.fetch(
             "SELECT * FROM reconciliation_runs ORDER BY started_at DESC, id DESC LIMIT $1",
-            int(raw),
+            limit,
         )
         found = await conn.fetch(
             """
@@ -929,8 +929,8 @@ async def acknowledge(request: web.Request) -> web.Response:
     """Finance's word on an open discrepancy it has explained: resolved, with who and why; the
     same difference found again later is not opened again (a changed one is)."""
     token = await auth.require(request, "admin")
-    raw = request.match_info["id"]
-    if not raw.isdigit() or len(raw) > 18:
+    discrepancy = whole_number(request.match_info["id"])
+    if discrepancy is None:
         raise NotFound("discrepancy_not_found", "no discrepancy has this id")
     note = text(await read_json(request), "note", max_length=1000)
     assert note is not None  # required
@@ -942,11 +942,11 @@ async def acknowledge(request: web.Request) -> web.Response:
              WHERE id = $1 AND resolved_at IS NULL
             RETURNING *
             """,
-            int(raw), token.name, note,
+            discrepancy, token.name, note,
         )
         if row is None:
             exists = await conn.fetchval(
-                "SELECT true FROM reconciliation_discrepancies WHERE id = $1", int(raw))
+                "SELECT true FROM reconciliation_discrepancies WHERE id = $1", discrepancy)
             if exists:
                 raise Conflict("discrepancy_resolved", "this discrepancy is already resolved")
             raise NotFound("discrepancy_not_found", "no discrepancy has this id")

@@ -203,7 +203,8 @@ def zone(name: str | None) -> ZoneInfo:
         return ZoneInfo("UTC")
     try:
         return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
+    # OSError: a folder of the database (`America`), a name too long for a file name
+    except (ZoneInfoNotFoundError, ValueError, OSError):
         raise BadRequest("invalid_tz", f"{name!r} is not an IANA time zone such as "
                          "Europe/London", field="tz") from None
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -99,7 +101,7 @@ class Settings:
         return cls(
             database_url=get.secret("DATABASE_URL", check=_check_database_url),
             data_dir=Path(get.text("DONATIONS_DATA_DIR") or ".donations"),
-            host=get.text("HOST") or "127.0.0.1",
+            host=get.host("HOST", "127.0.0.1"),
             port=get.integer("PORT", 8080, low=0, high=65535),
             stripe_secret_key=get.secret("STRIPE_SECRET_KEY", check=_check_stripe_key),
             stripe_webhook_secrets=get.secrets("STRIPE_WEBHOOK_SECRET", prefix="whsec_"),
@@ -166,6 +168,12 @@ def _check_stripe_key(value: str) -> str | None:
     return None
 
 
+# labels of letters, digits and inner hyphens, at most 63 each and 253 in all
+_HOST_NAME = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
+
+
 class _Reader:
     """Reads one variable at a time and raises ConfigError naming it."""
 
@@ -202,6 +210,17 @@ class _Reader:
         if not low <= value <= high:
             raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
         return value
+
+    def host(self, name: str, default: str) -> str:
+        """An IP address or a host name (RFC 1123), to listen on."""
+        raw = self.text(name) or default
+        try:
+            ipaddress.ip_address(raw)
+        except ValueError:
+            if not _HOST_NAME.fullmatch(raw):
+                raise ConfigError(f"{name} must be an IP address or a host name such as "
+                                  f"0.0.0.0, ::1 or localhost, got {raw!r}") from None
+        return raw
 
     def choice(self, name: str, options: tuple[str, ...], default: str) -> str:
         raw = (self.text(name) or default).lower()

@@ -78,7 +78,12 @@ def _page(body: str, status: int = 200, headers: dict[str, str] | None = None) -
 @routes.post("/staff/login")
 async def login(request: web.Request) -> web.Response:
     _same_origin(request)
-    form = await request.post()
+    try:
+        form = await request.post()
+    # ValueError (UnicodeDecodeError among them): bytes not in the form's charset, a multipart
+    # part without a name; LookupError: a charset Python does not know
+    except (ValueError, LookupError):
+        return _page(login_page("The form could not be read; try again."), status=400)
     value = str(form.get("token") or "").strip()
     if not value:
         return _page(login_page("Enter your token."), status=400)

@@ -9,6 +9,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 from donations import display
 from donations.errors import BadRequest
+from donations.inputs import whole_number
 from donations.totals import Totals
 
 MIN_WIDTH, MAX_WIDTH = 200, 1200
@@ -49,11 +50,11 @@ def parse_style(query: Mapping[str, str]) -> Style:
     """The style the query asks for; a bad value is a 400 naming the parameter (never echoed)."""
     width = DEFAULT.width
     if query.get("width"):
-        raw = query["width"]
-        if not raw.isascii() or not raw.isdigit() or not MIN_WIDTH <= int(raw) <= MAX_WIDTH:
+        number = whole_number(query["width"])
+        if number is None or not MIN_WIDTH <= number <= MAX_WIDTH:
             raise BadRequest("invalid_width", f"width must be a whole number of pixels from "
                              f"{MIN_WIDTH} to {MAX_WIDTH}", field="width")
-        width = int(raw)
+        width = number
     return Style(
         width=width,
         bar=_colour(query, "bar", DEFAULT.bar) or DEFAULT.bar,

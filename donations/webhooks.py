@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 
 import stripe
 import structlog
 from aiohttp import web
 
+from donations import inputs
 from donations.appkeys import BATCHER, METRICS, OFFER, POOL, SETTINGS
 from donations.batcher import Batcher
 from donations.errors import ApiError, BadRequest, PayloadTooLarge, ServiceUnavailable
@@ -82,9 +82,7 @@ async def stripe_webhook(request: web.Request) -> web.Response:
         [s.reveal() for s in settings.stripe_webhook_secrets],
     )
     try:
-        event = parse_event(json.loads(text))
-    except json.JSONDecodeError:
-        raise BadRequest("malformed_json", "the body is not JSON") from None
+        event = parse_event(inputs.parse_json(text))  # 400 malformed_json when it is not JSON
     except NotAnEvent as exc:
         raise BadRequest("not_an_event", str(exc)) from None
 

@@ -111,3 +111,16 @@ Client = TestClient[web.Request, web.Application]
 async def client(pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient) -> Client:
     """The service, with a webhook secret and no Stripe key (so no fee look-ups)."""
     return await aiohttp_client(create_app(make_settings(dsn)))
+
+
+async def raw_request(client: Client, request: bytes) -> tuple[int, bytes]:
+    """Send bytes as they are (headers aiohttp's client would not send, such as bytes that are
+    not UTF-8) and read back the status and the body."""
+    server = client.server
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    writer.write(request)
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(1 << 20), 10)
+    writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body

@@ -310,6 +310,15 @@ async def test_without_a_stripe_key_checkout_is_503_and_options_still_answer(
     assert (await options.json())["checkout_available"] is False
 
 
+async def test_a_foreign_origin_is_refused_before_anything_else(client: Client) -> None:
+    """A browser request from an origin not in SITE_ORIGINS is 403 `origin_not_allowed`
+    before anything else is looked at, the missing Stripe key included."""
+    response = await client.post(CONTRIBUTIONS, json=order(),
+                                 headers={"Origin": "https://evil.example"})
+    body = await response.json()
+    assert (response.status, body["error"]["code"]) == (403, "origin_not_allowed")
+
+
 async def test_invalid_requests_name_the_field_and_never_reach_stripe(
     pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
 ) -> None:
@@ -393,6 +402,21 @@ async def test_invalid_requests_name_the_field_and_never_reach_stripe(
     assert sent[2].form["line_items"][0]["price_data"]["unit_amount"] == "200"
 
 
+async def test_an_amount_of_zero_below_or_beyond_all_limits_is_amount_out_of_range(
+    pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
+) -> None:
+    """Every whole amount outside the currency's limits, 0, negative and beyond 10^12
+    included, is 422 `amount_out_of_range` naming `amount`, with the limits in the message."""
+    async with checkout_service(aiohttp_client, dsn) as (client, fake):
+        for amount in (0, -100, 10**13, 10**30):
+            response = await client.post(CONTRIBUTIONS, json=order(amount=amount))
+            error = (await response.json())["error"]
+            assert (response.status, error["code"], error.get("field")) == (
+                422, "amount_out_of_range", "amount"), amount
+            assert "100 to 1000000" in error["message"], amount
+        assert created_sessions(fake) == []
+
+
 async def test_bodies_json_allows_but_nothing_can_use_are_400_and_hold_no_seat(
     pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
 ) -> None:
@@ -465,6 +489,21 @@ async def test_cors_is_for_the_site_only_preflight_included(
     assert len(sent) == 1
 
 
+async def test_the_preflight_allows_get_and_post_with_the_sites_headers(
+    pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
+) -> None:
+    """A preflight from the site is answered with methods `GET, POST`, headers
+    `Content-Type, Idempotency-Key, X-Request-ID`, cached 10 minutes (as the README says)."""
+    async with checkout_service(aiohttp_client, dsn) as (client, _fake):
+        response = await client.options(CONTRIBUTIONS, headers={
+            "Origin": SITE, "Access-Control-Request-Method": "POST"})
+    assert response.status == 204
+    assert response.headers["Access-Control-Allow-Methods"] == "GET, POST"
+    assert response.headers["Access-Control-Allow-Headers"] == (
+        "Content-Type, Idempotency-Key, X-Request-ID")
+    assert response.headers["Access-Control-Max-Age"] == "600"
+
+
 async def test_rate_limits_per_client_and_overall_answer_429_and_are_counted(
     pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
 ) -> None:
@@ -513,6 +552,23 @@ async def test_refused_attempts_count_against_the_rate_limit_too(
                     ]]
         sent = created_sessions(fake)
     assert statuses == [422, 400, 422, 429]
+    assert sent == []
+    assert await pool.fetchval("SELECT hits FROM rate_limit_hits WHERE bucket <> 'all'") == 4
+
+
+async def test_bodies_that_cannot_be_read_count_against_the_rate_limit(
+    pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
+) -> None:
+    """A body that is not JSON, or is over 64 KiB, is an attempt like any other: counted
+    against the limit, so a card tester sending garbage is limited too."""
+    async with checkout_service(aiohttp_client, dsn, checkout_rate_per_ip=3) as (client, fake):
+        statuses = [(await client.post(CONTRIBUTIONS, data=body, headers={
+            "Content-Type": "application/json"})).status
+            for body in (b"{not json", b"[" + b" " * (65 * 1024) + b"]", b"\xff")]
+        last = await client.post(CONTRIBUTIONS, json=order())
+        sent = created_sessions(fake)
+    assert statuses == [400, 413, 400]
+    assert last.status == 429, await last.text()
     assert sent == []
     assert await pool.fetchval("SELECT hits FROM rate_limit_hits WHERE bucket <> 'all'") == 4
 

@@ -54,3 +54,22 @@ async def test_the_site_opens_a_portal_session_by_email_or_customer(
                 (anonymous, 401, "unauthorized")]
     for response, status, code in expected:
         assert (response.status, (await response.json())["error"]["code"]) == (status, code)
+
+
+async def test_an_email_holding_nul_is_refused_naming_it(
+    aiohttp_client: AiohttpClient, dsn: str, pool: asyncpg.Pool
+) -> None:
+    """`{"email": "a\\u0000@example.org"}` is no e-mail address (and no PostgreSQL text can
+    hold it): 400 `invalid_character` naming `email`, and Stripe is not asked."""
+    async with checkout_service(aiohttp_client, dsn) as (client, fake):
+        site = await token(pool, "site", "portal")
+        response = await client.post(
+            PORTAL,
+            data=('{"email": "a\\u0000@example.org", "return_url": "' + SITE + '/account"}'
+                  ).encode(),
+            headers={"Authorization": f"Bearer {site}", "Content-Type": "application/json"})
+        body = await response.json()
+        asked = [r for r in fake.requests if r.path == "/v1/billing_portal/sessions"]
+    assert response.status == 400, body
+    assert (body["error"]["code"], body["error"]["field"]) == ("invalid_character", "email")
+    assert asked == []

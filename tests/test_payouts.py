@@ -96,6 +96,43 @@ async def test_a_payout_whose_transactions_sum_to_it_is_balanced_and_joined_to_t
     assert missing.status == 404
 
 
+async def test_the_window_report_gives_each_payout_with_its_balance_transactions(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """GET /v1/reports/payouts gives each payout of the window with the balance transactions
+    that make it up (as the contract says), the same as GET /v1/reports/payouts/{id}; empty
+    until they are fetched."""
+    world = World(seed=611)
+    world.one_off(2500, "gbp")
+    world.one_off(4000, "gbp")
+    paid_out = world.payout()
+    await post_all(client, world.events)
+    headers = await _bearer(pool)
+    before = await (await client.get("/v1/reports/payouts", headers=headers,
+                                     params=WIDE)).json()
+    assert [p["balance_transactions"] for p in before["data"]] == [[]]
+    async with stripe_against(world) as (_fake, stripe_client):
+        assert await payouts.run_once(pool, stripe_client) == 1
+    body = await (await client.get("/v1/reports/payouts", headers=headers, params=WIDE)).json()
+    [payout] = body["data"]
+    assert payout["id"] == paid_out.payout
+    assert sorted(t["balance_transaction"] for t in payout["balance_transactions"]) == sorted(
+        paid_out.balance_transactions)
+    detail = await (await client.get(f"/v1/reports/payouts/{paid_out.payout}",
+                                     headers=headers)).json()
+    assert payout == detail
+
+
+async def test_a_payout_id_that_is_no_stripe_id_is_404(client: Client, pool: asyncpg.Pool) -> None:
+    """An id that is no Stripe payout id (one holding U+0000, which no text column can be
+    compared with, or other characters Stripe's ids never have) is 404 `payout_not_found`."""
+    headers = await _bearer(pool)
+    for payout_id in ("po_%00", "po_1%00x", "po_%C2%B2", "po_", "ch_123"):
+        response = await client.get(f"/v1/reports/payouts/{payout_id}", headers=headers)
+        body = await response.json()
+        assert (response.status, body["error"]["code"]) == (404, "payout_not_found"), payout_id
+
+
 async def test_a_payout_whose_transactions_do_not_sum_to_it_is_flagged(
     client: Client, pool: asyncpg.Pool, dsn: str
 ) -> None:

@@ -577,3 +577,50 @@ async def test_a_refund_in_another_currency_than_the_settlement_one_is_compared_
     async with stripe_against(world) as (_, stripe_client):
         result = await reconcile.run(pool, stripe_client, OFFER, since=START, now=world.now + 60)
     assert [(d.kind, d.stripe_id) for d in result.open] == [("amount_mismatch", refunded.refund)]
+
+
+async def test_a_limit_that_is_not_ascii_digits_is_400(client: Client, pool: asyncpg.Pool) -> None:
+    """`limit` is ASCII digits from 1 to 100: `²` (a digit to `str.isdigit`, not to `int`) and a
+    number of thousands of digits are 400 `invalid_limit` naming it, not a crash."""
+    async with pool.acquire() as conn:
+        reader = await auth.create_token(cast(asyncpg.Connection, conn), "finance",
+                                         ["reports:read"])
+    for limit in ("%C2%B2", "%D9%A3", "9" * 5000):
+        response = await client.get(f"/v1/reconciliation/runs?limit={limit}",
+                                    headers={"Authorization": f"Bearer {reader}"})
+        body = await response.json()
+        assert response.status == 400, (limit, body)
+        assert (body["error"]["code"], body["error"]["field"]) == ("invalid_limit", "limit")
+
+
+async def test_a_discrepancy_id_that_is_not_ascii_digits_is_404(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """Acknowledging `/discrepancies/²/…` is 404 `discrepancy_not_found`, as for any id that is
+    not a number."""
+    async with pool.acquire() as conn:
+        admin = await auth.create_token(cast(asyncpg.Connection, conn), "ops", ["admin"])
+    response = await client.post("/v1/reconciliation/discrepancies/%C2%B2/acknowledge",
+                                 json={"note": "explained"},
+                                 headers={"Authorization": f"Bearer {admin}"})
+    body = await response.json()
+    assert (response.status, body["error"]["code"]) == (404, "discrepancy_not_found")
+
+
+async def test_an_acknowledgement_note_holding_nul_is_400_and_changes_nothing(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """A note holding U+0000 (valid JSON: "\\u0000", but no PostgreSQL text can hold it) is
+    400 `invalid_character` naming `note`, and nothing is written."""
+    async with pool.acquire() as conn:
+        admin = await auth.create_token(cast(asyncpg.Connection, conn), "ops", ["admin"])
+    response = await client.post("/v1/reconciliation/discrepancies/1/acknowledge",
+                                 data=b'{"note": "ok\\u0000"}',
+                                 headers={"Authorization": f"Bearer {admin}",
+                                          "Content-Type": "application/json"})
+    body = await response.json()
+    assert response.status == 400, body
+    assert (body["error"]["code"], body["error"]["field"]) == ("invalid_character", "note")
+    assert await pool.fetchval(
+        "SELECT count(*) FROM reconciliation_discrepancies WHERE acknowledged_by IS NOT NULL"
+    ) == 0

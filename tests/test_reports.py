@@ -85,6 +85,26 @@ async def _csv(client: Client, headers: dict[str, str], **params: str) -> tuple[
     return response, (await response.read()).decode("utf-8")
 
 
+async def test_the_streamed_reports_carry_the_request_id(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """The contributions report (CSV and JSON over the API, and the staff page's download) is
+    streamed, its headers sent from inside the handler, and still carries X-Request-ID."""
+    headers = await _bearer(pool)
+    for fmt in ("csv", "json"):
+        response = await client.get("/v1/reports/contributions", params={**WIDE, "format": fmt},
+                                    headers={**headers, "X-Request-ID": f"report-{fmt}"})
+        assert response.status == 200
+        await response.read()
+        assert response.headers["X-Request-ID"] == f"report-{fmt}"
+    cookie = {"Cookie": f"donations_staff={headers['Authorization'].split()[1]}"}
+    download = await client.get("/staff/contributions.csv", params=WIDE,
+                                headers={**cookie, "X-Request-ID": "report-staff"})
+    assert download.status == 200
+    await download.read()
+    assert download.headers["X-Request-ID"] == "report-staff"
+
+
 async def test_contributions_csv_has_a_row_per_movement_with_the_contracts_columns(
     client: Client, pool: asyncpg.Pool
 ) -> None:
@@ -285,6 +305,20 @@ async def test_bad_parameters_are_refused_naming_the_field(
     assert summary.status == 400
 
 
+async def test_a_tz_that_names_no_zone_file_is_400_naming_it(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """`tz` must name a zone: a folder of the IANA database (`America`) or a name too long for a
+    file name is 400 `invalid_tz` naming `tz`, as for any other unknown zone, on every report."""
+    headers = await _bearer(pool)
+    for path in ("/v1/reports/summary", "/v1/reports/contributions", "/v1/reports/payouts"):
+        for tz in ("America", "x" * 300):
+            response = await client.get(path, headers=headers, params={**WIDE, "tz": tz})
+            body = await response.json()
+            assert response.status == 400, (path, tz, body)
+            assert (body["error"]["code"], body["error"]["field"]) == ("invalid_tz", "tz")
+
+
 async def test_summary_ties_to_the_rows(client: Client, pool: asyncpg.Pool) -> None:
     ledger = await _ledger(client, pool)
     headers = await _bearer(pool)
@@ -432,6 +466,19 @@ async def test_the_cli_writes_the_same_reports(
     code, _, err = await _run("report", "summary", "--from", "2026-12-01", "--to", "2026-11-01",
                               env=env)
     assert code == 1 and "to must be after from" in err
+
+
+async def test_the_cli_summary_takes_format_json_as_the_other_reports_do(dsn: str) -> None:
+    """`report summary` takes `--format json` (its only format, the default) like the other
+    reports; `--format csv` is refused by the argument parser (exit 2)."""
+    env = _env(DATABASE_URL=dsn)
+    code, out, err = await _run("report", "summary", "--from", "2026-11-01", "--to",
+                                "2026-12-01", "--format", "json", env=env)
+    assert code == 0, err
+    assert json.loads(out)["reporting_currency"] == "gbp"
+    code, _, err = await _run("report", "summary", "--from", "2026-11-01", "--to",
+                              "2026-12-01", "--format", "csv", env=env)
+    assert code == 2 and "--format" in err
 
 
 # --- a refund the bank sends back, and money settled in another currency -----------------------

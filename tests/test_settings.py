@@ -95,6 +95,9 @@ def test_stripe_mode_follows_the_key(key: str, mode: str) -> None:
         ("PORT", "abc"),
         ("PORT", "70000"),
         ("PORT", "-1"),
+        ("HOST", "not a host!"),
+        ("HOST", "[::1]"),
+        ("HOST", "under_score.example"),
         ("STRIPE_SECRET_KEY", "pk_test_x"),
         ("STRIPE_WEBHOOK_SECRET", "nope"),
         ("STRIPE_WEBHOOK_SECRET", "whsec_good,nope"),
@@ -141,9 +144,14 @@ def test_secrets_never_show_in_a_repr_or_str() -> None:
     assert settings.stripe_secret_key.reveal() == VALID["STRIPE_SECRET_KEY"]
 
 
-def test_serve_with_an_invalid_variable_exits_2_with_one_line_naming_it(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "PORT")}
-    env["PORT"] = "abc"
+@pytest.mark.parametrize(("name", "value"), [("PORT", "abc"), ("HOST", "not a host!")])
+def test_serve_with_an_invalid_variable_exits_2_with_one_line_naming_it(
+    tmp_path: Path, name: str, value: str
+) -> None:
+    """An invalid PORT or HOST stops `serve` at once with one line naming it, exit 2: nothing
+    is migrated or started first, and no traceback from a bind that could never work."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "PORT", "HOST")}
+    env[name] = value
     env["DONATIONS_DATA_DIR"] = str(tmp_path)  # in case it started after all: not the repo's
     done = subprocess.run(
         [sys.executable, "-m", "donations", "serve"],
@@ -152,7 +160,7 @@ def test_serve_with_an_invalid_variable_exits_2_with_one_line_naming_it(tmp_path
     assert done.returncode == 2
     lines = done.stderr.splitlines()
     assert len(lines) == 1, done.stderr
-    assert "PORT" in lines[0]
+    assert name in lines[0]
     assert "configuration error" in lines[0]
     assert done.stdout == ""
 

@@ -10,7 +10,7 @@ from pytest_aiohttp import AiohttpClient
 
 from donations import auth, db
 from donations.app import create_app
-from tests.conftest import Client, make_settings
+from tests.conftest import Client, make_settings, raw_request
 from tests.test_cli import _env, _run
 
 
@@ -59,6 +59,16 @@ async def test_every_auth_case_on_a_staff_endpoint(client: Client, pool: asyncpg
     assert last_used is not None
 
 
+async def test_a_bearer_token_that_is_not_utf8_is_401(client: Client) -> None:
+    """`Authorization: Bearer <bytes that are not UTF-8>` is 401 like any unknown token: no
+    token of ours holds such bytes."""
+    status, body = await raw_request(client, (
+        b"GET /v1/reports/summary?from=2026-01-01&to=2026-02-01 HTTP/1.1\r\n"
+        b"Host: localhost\r\nAuthorization: Bearer dnt_\xff\xfe\r\nConnection: close\r\n\r\n"))
+    assert status == 401, (status, body)
+    assert json.loads(body)["error"]["code"] == "unauthorized"
+
+
 async def test_admin_creates_and_lists_campaigns(client: Client, pool: asyncpg.Pool) -> None:
     headers = _bearer(await _token(pool, "ops", "admin"))
     created = await client.post("/v1/campaigns", headers=headers, json={
@@ -89,7 +99,7 @@ async def test_bad_campaigns_are_refused_naming_the_field(
         ({"slug": "Bad Slug!", "title": "x"}, 422, "invalid_slug", "slug"),
         ({"slug": "x"}, 400, "missing_field", "title"),
         ({"slug": "usd-goal", "title": "x", "goal": {"amount": 100, "currency": "usd"}},
-         422, "goal_currency_mismatch", "currency"),
+         422, "goal_currency_mismatch", "goal.currency"),
         ({"slug": "float-goal", "title": "x", "goal": {"amount": 10.5, "currency": "gbp"}},
          400, "invalid_field", "goal.amount"),
         ({"slug": "window", "title": "x", "starts": "2027-01-02", "ends": "2027-01-01"},
@@ -160,6 +170,62 @@ async def test_a_window_edge_outside_the_years_1_to_9999_is_a_400(
         "slug": "winter", "title": "Winter appeal", field: value})
     assert response.status == 400, await response.text()
     assert (await response.json())["error"]["field"] == field
+
+
+async def test_a_campaign_window_edge_that_is_no_timestamp_is_refused(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """`starts` or `ends` given as something that is no timestamp (0, false, "") is 400
+    `invalid_timestamp` naming it, never taken as "no window", and nothing is stored."""
+    headers = _bearer(await _token(pool, "ops", "admin"))
+    for field, value in (("starts", 0), ("starts", ""), ("ends", False), ("ends", [])):
+        response = await client.post("/v1/campaigns", headers=headers, json={
+            "slug": "winter", "title": "Winter", field: value})
+        body = await response.json()
+        assert response.status == 400, (field, value, body)
+        assert (body["error"]["code"], body["error"]["field"]) == ("invalid_timestamp", field)
+    assert await pool.fetchval("SELECT count(*) FROM campaigns") == 0
+
+
+async def test_a_campaign_field_that_is_not_one_is_refused(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """A misspelt field (`goal_amount` for `goal`) is 400 `unknown_field` naming it, as at
+    checkout and the portal, rather than a campaign made without what the caller meant."""
+    headers = _bearer(await _token(pool, "ops", "admin"))
+    response = await client.post("/v1/campaigns", headers=headers, json={
+        "slug": "winter", "title": "Winter", "goal_amount": 5000000})
+    body = await response.json()
+    assert response.status == 400, body
+    assert (body["error"]["code"], body["error"]["field"]) == ("unknown_field", "goal_amount")
+    assert await pool.fetchval("SELECT count(*) FROM campaigns") == 0
+
+
+async def test_a_campaign_at_the_first_or_last_instant_is_refused_and_the_list_still_reads(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """0001-01-01T00:00:00Z and 9999-12-31T23:59:59.999999Z are the instants asyncpg stores
+    as PostgreSQL's -infinity and infinity (and reads back as no moment): a window edge there
+    is 400 `invalid_timestamp` naming it, nothing is stored, and GET /v1/campaigns still
+    answers; a moment later (or earlier) is kept as given."""
+    headers = _bearer(await _token(pool, "ops", "admin"))
+    for field, value in (("starts", "0001-01-01"), ("starts", "0001-01-01T00:00:00Z"),
+                         ("ends", "9999-12-31T23:59:59.999999Z")):
+        response = await client.post("/v1/campaigns", headers=headers, json={
+            "slug": "ancient", "title": "Ancient", field: value})
+        body = await response.json()
+        assert response.status == 400, (value, body)
+        assert (body["error"]["code"], body["error"]["field"]) == ("invalid_timestamp", field)
+    assert await pool.fetchval("SELECT count(*) FROM campaigns") == 0
+    kept = await client.post("/v1/campaigns", headers=headers, json={
+        "slug": "ancient", "title": "Ancient", "starts": "0001-01-01T00:00:01Z",
+        "ends": "9999-12-31T23:59:59Z"})
+    assert kept.status == 201, await kept.text()
+    listed = await client.get("/v1/campaigns", headers=headers)
+    assert listed.status == 200
+    [campaign] = (await listed.json())["data"]
+    assert (campaign["starts_at"], campaign["ends_at"]) == (
+        "0001-01-01T00:00:01Z", "9999-12-31T23:59:59Z")
 
 
 async def test_a_title_with_a_control_character_is_refused(

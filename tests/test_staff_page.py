@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 
 from donations import auth, db
-from tests.conftest import Client
+from tests.conftest import Client, raw_request
 from tests.fakestripe.world import World
 from tests.webhook_helpers import post_all
 
@@ -84,6 +84,36 @@ async def test_login_refuses_wrong_revoked_and_unscoped_tokens(
     cross = await client.post("/staff/login", data={"token": portal},
                               headers={"Origin": "https://evil.example"})
     assert cross.status == 403
+
+
+async def test_a_cookie_that_is_not_utf8_shows_the_login_page(client: Client) -> None:
+    """A `donations_staff` cookie whose bytes are not UTF-8 is an unknown token like any other
+    bad cookie: the login page, not an error."""
+    status, body = await raw_request(client, (
+        b"GET /staff/ HTTP/1.1\r\nHost: localhost\r\n"
+        b"Cookie: donations_staff=dnt_\xff\r\nConnection: close\r\n\r\n"))
+    assert status == 200, (status, body)
+    assert b"/staff/login" in body
+
+
+async def test_a_login_form_that_cannot_be_read_is_400_with_the_login_page(
+    client: Client
+) -> None:
+    """A login form whose body cannot be decoded (a charset Python does not know, bytes that
+    are not UTF-8, a multipart part without a name) is 400 with the login page again."""
+    forms = {
+        "unknown charset": (b"token=dnt_x",
+                            "application/x-www-form-urlencoded; charset=nope"),
+        "not utf-8": (b"token=\xff", "application/x-www-form-urlencoded"),
+        "nameless part": (b"--b\r\nContent-Disposition: form-data\r\n\r\nx\r\n--b--\r\n",
+                          "multipart/form-data; boundary=b"),
+    }
+    for name, (body, content_type) in forms.items():
+        response = await client.post("/staff/login", data=body, allow_redirects=False,
+                                     headers={"Content-Type": content_type})
+        assert response.status == 400, (name, response.status)
+        assert "/staff/login" in await response.text(), name
+        assert "Set-Cookie" not in response.headers, name
 
 
 async def test_the_dashboard_shows_the_month_a_chart_and_download_links(

@@ -107,6 +107,7 @@ async def test_bad_svg_parameters_are_400_naming_the_field_and_never_echoed(
     await _campaign(client, pool)
     cases = {
         "width=99999": "width", "width=abc": "width", "width=-5": "width",
+        "width=%C2%B2": "width", "width=" + "9" * 5000: "width",
         "bar=red": "bar", "track=%22%3E%3Cscript%3E": "track", "text=12345": "text",
         "background=url(x)": "background",
     }

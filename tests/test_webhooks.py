@@ -9,6 +9,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import asyncpg
 import pytest
@@ -20,6 +21,7 @@ from donations.ingest import Outcome, ingest_many, retry_unfinished
 from donations.ledger import FoundingOffer
 from donations.openapi import SPEC
 from donations.settings import Secret
+from tests.checkout_helpers import checkout_service, token
 from tests.conftest import WEBHOOK_SECRET, Client, make_settings
 from tests.fakestripe.signing import sign, signed_request
 from tests.fakestripe.world import World
@@ -139,6 +141,27 @@ async def test_oversized_malformed_and_non_event_bodies(
                      "Content-Type": "application/json"})
         assert response.status == 400, body
         assert (await response.json())["error"]["code"] == code
+    assert await count(pool, "stripe_events") == 0
+
+
+async def test_a_signed_body_json_cannot_read_is_400_and_nothing_is_stored(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """A correctly signed body that json.loads cannot read (an integer of thousands of digits,
+    arrays nested thousands deep) is 400 `malformed_json`, as for any body that is not JSON:
+    a 500 would have Stripe retry it for three days."""
+    bodies = {
+        "huge integer": b'{"object": "event", "id": "evt_huge", "n": 1' + b"0" * 5000 + b"}",
+        "deep nesting": (b'{"object": "event", "id": "evt_deep", "n": ' + b"[" * 100_000
+                         + b"]" * 100_000 + b"}"),
+    }
+    answers = {}
+    for name, body in bodies.items():
+        response = await client.post("/webhooks/stripe", data=body, headers={
+            "Content-Type": "application/json", "Stripe-Signature": sign(body, WEBHOOK_SECRET)})
+        answers[name] = (response.status, (await response.json())["error"]["code"])
+    assert answers == {"huge integer": (400, "malformed_json"),
+                       "deep nesting": (400, "malformed_json")}
     assert await count(pool, "stripe_events") == 0
 
 
@@ -304,6 +327,18 @@ async def test_request_ids_are_honoured_or_made(client: Client) -> None:
     assert len(made.headers["X-Request-ID"]) == 32
 
 
+async def test_redirects_carry_the_request_id_and_are_counted(client: Client) -> None:
+    """A redirect (GET /staff → /staff/, raised as aiohttp wants) carries X-Request-ID like
+    every other answer and is counted in /metrics."""
+    response = await client.get("/staff", allow_redirects=False,
+                                headers={"X-Request-ID": "redirect-1"})
+    assert response.status == 301
+    assert response.headers["X-Request-ID"] == "redirect-1"
+    metrics = await (await client.get("/metrics")).text()
+    assert ('donations_http_requests_total{method="GET",route="/staff",status="301"} 1'
+            in metrics.splitlines())
+
+
 async def test_errors_have_the_contract_shape(client: Client) -> None:
     missing = await client.get("/nowhere")
     assert missing.status == 404
@@ -343,6 +378,58 @@ def test_openapi_describes_every_route_the_app_serves_but_the_staff_pages() -> N
         if route.method not in ("HEAD", "OPTIONS", "*") and not str(path).startswith("/staff"):
             served.add((route.method, path))
     assert served == described
+
+
+async def test_openapi_lists_every_status_the_routes_answer(
+    pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
+) -> None:
+    """/openapi.json lists every status the staff routes really answer: among others 400 and
+    413 from the portal, 422 from the summary, 400/422 from the payouts report, 413 from
+    POST /v1/campaigns, and 429 (too many failed token attempts) on every route that takes a
+    token."""
+    wide = {"from": "2026-11-01", "to": "2027-03-01"}
+    async with checkout_service(aiohttp_client, dsn) as (client, _fake):
+        spec = await (await client.get("/openapi.json")).json()
+        portal = {"Authorization": "Bearer " + await token(pool, "site", "portal")}
+        reader = {"Authorization": "Bearer " + await token(pool, "finance", "reports:read")}
+        admin = {"Authorization": "Bearer " + await token(pool, "ops", "admin")}
+        seen: list[tuple[str, str, int]] = []
+
+        async def call(method: str, path: str, template: str, **kwargs: Any) -> None:
+            response = await client.request(method, path, **kwargs)
+            seen.append((template, method.lower(), response.status))
+
+        await call("POST", "/v1/portal-sessions", "/v1/portal-sessions", json={}, headers=portal)
+        await call("POST", "/v1/portal-sessions", "/v1/portal-sessions",
+                   data=b"x" * (70 * 1024), headers=portal)
+        await call("GET", "/v1/reports/summary", "/v1/reports/summary", headers=reader,
+                   params={"from": "2026-12-01", "to": "2026-11-01"})
+        await call("GET", "/v1/reports/payouts", "/v1/reports/payouts", headers=reader,
+                   params={"from": "yesterday", "to": "2026-11-01"})
+        await call("GET", "/v1/reports/payouts", "/v1/reports/payouts", headers=reader,
+                   params={"from": "2026-12-01", "to": "2026-11-01"})
+        await call("POST", "/v1/campaigns", "/v1/campaigns", data=b"x" * (70 * 1024),
+                   headers=admin)
+        for _ in range(20):  # then this client is answered 429 on every route with a token
+            await client.get("/v1/campaigns", headers={"Authorization": "Bearer dnt_wrong"})
+        for method, path, template in [
+            ("GET", "/v1/reports/contributions", "/v1/reports/contributions"),
+            ("GET", "/v1/reports/summary", "/v1/reports/summary"),
+            ("GET", "/v1/reports/payouts", "/v1/reports/payouts"),
+            ("GET", "/v1/reports/payouts/po_1", "/v1/reports/payouts/{id}"),
+            ("GET", "/v1/reconciliation/runs", "/v1/reconciliation/runs"),
+            ("POST", "/v1/reconciliation/discrepancies/1/acknowledge",
+             "/v1/reconciliation/discrepancies/{id}/acknowledge"),
+            ("GET", "/v1/campaigns", "/v1/campaigns"),
+            ("POST", "/v1/campaigns", "/v1/campaigns"),
+            ("POST", "/v1/portal-sessions", "/v1/portal-sessions"),
+        ]:
+            await call(method, path, template, headers=reader, params=wide)
+    assert {s for _, _, s in seen} >= {400, 413, 422, 429}, seen
+    undocumented = sorted({
+        (path, method, status) for path, method, status in seen
+        if str(status) not in spec["paths"][path][method]["responses"]})
+    assert undocumented == [], "\n".join(map(str, undocumented))
 
 
 # --- failures in a group, and what is not an event --------------------------------------------
