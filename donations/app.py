@@ -58,7 +58,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app[OFFER] = FoundingOffer(settings.founding_coupon_id, settings.founding_percent_off)
-    app[SEATS] = FoundingSeats(settings.founding_seats)
+    app[SEATS] = FoundingSeats(settings.founding_seats, settings.founding_coupon_id)
     app[MIGRATIONS] = db.load_migrations()
     app[auth.FAILED_ATTEMPTS] = auth.FailedAttempts()
     app.cleanup_ctx.extend([database, webhooks.event_groups, stripe_client,

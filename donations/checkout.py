@@ -430,6 +430,8 @@ async def _create(request: web.Request, kind: Kind) -> web.Response:
                 log.warning("founding_coupon_used_up_at_stripe", stripe_code=exc.code,
                             stripe_request_id=exc.request_id)
                 await _undo(pool, hold_id, None)
+                async with db.connection(pool) as conn:
+                    await app[SEATS].used_up_at_stripe(conn)
                 hold_id, founding, full_price_retry = None, False, ":full-price"
                 continue
             await _fail_checkout(exc, metrics, pool, hold_id, key)

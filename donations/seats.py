@@ -24,10 +24,12 @@ HOLD_GRACE = timedelta(hours=1)
 LOCK_KEY = "donations:founding_seats"  # the advisory lock founding_seat_hold takes
 
 class FoundingSeats:
-    """The offer's seats for one process: `seats` from FOUNDING_SEATS."""
+    """The offer's seats for one process: `seats` from FOUNDING_SEATS, redeemed at Stripe through
+    the coupon `coupon_id`."""
 
-    def __init__(self, seats: int) -> None:
+    def __init__(self, seats: int, coupon_id: str = "founding-supporter") -> None:
         self.seats = seats
+        self.coupon_id = coupon_id
         # Taken seats never come back, so once all are taken the offer is closed for good and
         # later checkouts need not queue on the lock to learn it.
         self._sold_out = seats <= 0
@@ -50,11 +52,28 @@ class FoundingSeats:
         """Seats neither taken nor held now (for display: a checkout decides under the lock)."""
         if self._sold_out:
             return 0
-        row = await conn.fetchrow("SELECT taken, held FROM founding_seat_counts")
+        row = await conn.fetchrow(
+            """
+            SELECT taken, held,
+                   EXISTS (SELECT 1 FROM founding_coupons_used_up WHERE coupon_id = $1) AS used_up
+              FROM founding_seat_counts
+            """,
+            self.coupon_id,
+        )
         assert row is not None
-        if row["taken"] >= self.seats:
+        if row["taken"] >= self.seats or row["used_up"]:
             self._sold_out = True
+            return 0
         return max(0, self.seats - int(row["taken"]) - int(row["held"]))
+
+    async def used_up_at_stripe(self, conn: asyncpg.Connection) -> None:
+        """Stripe refused the coupon as used up: the offer is over, for every replica (they read
+        it in `left`) and the public totals."""
+        self._sold_out = True
+        await conn.execute(
+            "INSERT INTO founding_coupons_used_up (coupon_id) VALUES ($1) ON CONFLICT DO NOTHING",
+            self.coupon_id,
+        )
 
 
 async def release(conn: asyncpg.Connection, hold_id: int) -> None:

@@ -292,6 +292,7 @@ def summarise(
     buckets: Mapping[tuple[str, str], Bucket],
     *,
     founding_taken: int,
+    offer_used_up: bool = False,
     reporting_currency: str,
     founding_seats: int,
     campaign: Campaign | None = None,
@@ -328,7 +329,7 @@ def summarise(
         contributions=contributions,
         active_subscriptions=active,
         monthly_recurring=Money(monthly(home.recurring_annual), reporting_currency),
-        founding_seats_left=max(0, founding_seats - founding_taken),
+        founding_seats_left=0 if offer_used_up else max(0, founding_seats - founding_taken),
         by_currency=by_currency,
     )
 
@@ -374,6 +375,12 @@ async def read_scope(
         if row["scope"] == scope:
             buckets[(row["currency"], row["settlement_currency"])] = bucket
     return buckets, founding
+
+
+async def offer_used_up(conn: asyncpg.Connection, coupon_id: str) -> bool:
+    """Whether Stripe has said the founding coupon is used up (see seats.FoundingSeats)."""
+    return bool(await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM founding_coupons_used_up WHERE coupon_id = $1)", coupon_id))
 
 
 _COMPACT = f"""

@@ -161,19 +161,21 @@ class TotalsCache:
     async def _refresh(self, scope: str) -> Entry:
         settings = self._settings
         buckets: dict[tuple[str, str], totals.Bucket] = {}
-        founding = 0
+        founding, used_up = 0, False
         async with db.connection(self._pool) as conn:
             campaign = None
             if scope != totals.GLOBAL:
                 campaign = await campaigns.get(conn, scope)
             if scope == totals.GLOBAL or campaign is not None:
                 buckets, founding = await totals.read_scope(conn, scope)
+                used_up = await totals.offer_used_up(conn, settings.founding_coupon_id)
         as_of = datetime.now(UTC)
         if scope != totals.GLOBAL and campaign is None:
             entry = Entry(None, b"", "", as_of, self._clock())
         else:
             figures = totals.summarise(
-                buckets, founding_taken=founding, reporting_currency=settings.reporting_currency,
+                buckets, founding_taken=founding, offer_used_up=used_up,
+                reporting_currency=settings.reporting_currency,
                 founding_seats=settings.founding_seats, campaign=campaign,
             )
             body, tag = render(figures, as_of)

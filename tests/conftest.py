@@ -30,7 +30,7 @@ TABLES = (
     "campaigns", "payout_balance_transactions", "payout_fetches",
     "reconciliation_checkpoint", "reconciliation_discrepancies", "reconciliation_runs",
     "import_progress", "checkout_requests", "founding_holds", "rate_limit_hits",
-    "totals", "totals_deltas", "totals_supporters", "totals_scopes",
+    "totals", "totals_deltas", "totals_supporters", "totals_scopes", "founding_coupons_used_up",
 )
 
 

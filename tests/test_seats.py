@@ -10,6 +10,7 @@ import asyncpg
 from pytest_aiohttp import AiohttpClient
 
 from donations import db
+from donations.appkeys import TOTALS
 from donations.seats import FoundingSeats
 from tests.checkout_helpers import (
     checkout_service,
@@ -86,6 +87,34 @@ async def test_when_stripe_counts_the_coupon_used_up_the_checkout_goes_ahead_at_
     assert await pool.fetchval("SELECT count(*) FROM founding_holds") == 0  # seat given back
     assert ('donations_stripe_errors_total{code="founding_coupon_used_up",'
             'operation="checkout_session_create"} 1') in metrics
+
+
+async def test_a_coupon_stripe_says_is_used_up_closes_the_offer_everywhere(
+    pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
+) -> None:
+    """Once Stripe refuses the founding coupon as used up (its max_redemptions reached, counting
+    redemptions the ledger never saw), the offer is over whatever our own count says: later
+    checkouts no longer ask for the coupon, and neither the form's options (`open` false,
+    `seats_left` 0) nor the public totals (`founding_seats_left` 0) go on promising it, on
+    this replica or any other (a new one reads it from the database)."""
+    world = World(seed=901)
+    async with checkout_service(aiohttp_client, dsn, world, founding_seats=3) as (client, fake):
+        world.objects["founding-supporter"]["times_redeemed"] = 3
+        first = await _start(client)
+        second = await _start(client)
+        offer = (await (await client.get("/v1/checkout/options")).json())["founding_offer"]
+        client.app[TOTALS].clear()
+        totals = await (await client.get("/v1/totals")).json()
+        sent = created_sessions(fake)
+    async with checkout_service(aiohttp_client, dsn, world, founding_seats=3) as (other, _):
+        other_left = await _seats_left(other)
+
+    assert (first["founding_discount"], second["founding_discount"]) == (False, False)
+    # the first asked with the coupon and was refused; the second knew
+    assert ["discounts" in r.form for r in sent] == [True, False, False]
+    assert (offer["open"], offer["seats_left"]) == (False, 0)
+    assert totals["founding_seats_left"] == 0
+    assert other_left == 0
 
 
 async def test_an_expired_session_gives_its_seat_back(
