@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import secrets
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -28,6 +29,7 @@ log = structlog.get_logger(__name__)
 
 SCOPES = ("admin", "reports:read", "portal")
 ISSUED_PREFIX = "dnt_"  # recognisable in a leaked-secret scan
+SESSION_PREFIX = "dns_"  # a staff page session (staff_sessions): never a token
 _TOUCH_EVERY = timedelta(minutes=1)
 
 
@@ -42,7 +44,11 @@ class FailedAttempts:
 
     limit: int = 20
     window: float = 300.0
-    _seen: dict[str, list[float]] = field(default_factory=dict)
+    # Memory is bounded under a scan from many addresses (an IPv6 /48 holds 65,536 /64s): at
+    # most this many clients are kept, the one whose last failure is oldest dropped first, and
+    # at most `limit` times each; nothing walks the whole table on the request path.
+    max_clients: int = 10_000
+    _seen: OrderedDict[str, list[float]] = field(default_factory=OrderedDict)
 
     def _recent(self, client: str, now: float) -> list[float]:
         times = [t for t in self._seen.get(client, []) if now - t < self.window]
@@ -61,11 +67,11 @@ class FailedAttempts:
         return max(1, int(times[-self.limit] + self.window - now) + 1)
 
     def failed(self, client: str) -> None:
-        if len(self._seen) > 10_000:  # bounded memory under a scan from many addresses
-            now = time.monotonic()
-            for key in list(self._seen):
-                self._recent(key, now)
-        self._seen.setdefault(client, []).append(time.monotonic())
+        times = self._seen.pop(client, [])
+        times.append(time.monotonic())
+        self._seen[client] = times[-self.limit:]  # the most recent failure last in the order
+        while len(self._seen) > self.max_clients:
+            self._seen.popitem(last=False)
 
 
 FAILED_ATTEMPTS = web.AppKey("failed_auth_attempts", FailedAttempts)
@@ -142,6 +148,49 @@ async def require(request: web.Request, scope: str) -> Token:
 async def check(request: web.Request, value: str, scope: str) -> Token:
     """The token `value` if it is live and carries `scope`; else 401, 403, or 429 after too
     many failures from the same client. The token itself is never logged."""
+    return await _authenticate(
+        request, value, scope,
+        "SELECT *, token_hash AS presented_hash FROM api_tokens"
+        " WHERE token_hash = $1 AND revoked_at IS NULL",
+        "unknown_or_revoked_token", "the token is unknown or revoked")
+
+
+async def check_session(request: web.Request, value: str, scope: str) -> Token:
+    """The token behind the staff page session `value`, if the session has not ended (signed
+    out, expired, its token revoked) and the token carries `scope`; else as `check`."""
+    return await _authenticate(
+        request, value, scope,
+        """
+        SELECT t.*, s.session_hash AS presented_hash
+          FROM staff_sessions s JOIN api_tokens t ON t.id = s.token_id
+         WHERE s.session_hash = $1 AND s.expires_at > now() AND t.revoked_at IS NULL
+        """,
+        "unknown_or_ended_session", "the session has ended")
+
+
+async def open_session(conn: asyncpg.Connection, token: Token, lifetime: timedelta) -> str:
+    """A new staff page session for `token`, ending after `lifetime`; its value, to be kept only
+    in the browser's cookie. Sessions long ended are cleared out on the way."""
+    value = SESSION_PREFIX + secrets.token_urlsafe(32)
+    await conn.execute("DELETE FROM staff_sessions WHERE expires_at < now() - interval '1 day'")
+    await conn.execute(
+        "INSERT INTO staff_sessions (session_hash, token_id, expires_at)"
+        " VALUES ($1, $2, now() + $3::interval)",
+        token_hash(value), token.id, lifetime,
+    )
+    return value
+
+
+async def close_session(conn: asyncpg.Connection, value: str) -> None:
+    """End the staff page session `value` (signing out); nothing when there is none."""
+    if value.isascii():
+        await conn.execute("DELETE FROM staff_sessions WHERE session_hash = $1",
+                           token_hash(value))
+
+
+async def _authenticate(
+    request: web.Request, value: str, scope: str, query: str, reason: str, message: str
+) -> Token:
     attempts = request.app.get(FAILED_ATTEMPTS)
     # the client as checkout's limits see it: behind PROXY_HOPS proxies, the forwarded address
     # (else everyone behind the balancer would share one count and lock each other out)
@@ -155,17 +204,16 @@ async def check(request: web.Request, value: str, scope: str) -> Token:
     # surrogate, which cannot even be hashed) is no token, and is not looked for
     presented = token_hash(value) if value.isascii() else None
     async with db.connection(request.app[POOL]) as conn:
-        row = None if presented is None else await conn.fetchrow(
-            "SELECT * FROM api_tokens WHERE token_hash = $1 AND revoked_at IS NULL", presented
-        )
+        row = None if presented is None else await conn.fetchrow(query, presented)
+        # (query names the hash looked up `presented_hash`: the token's, or the session's)
+        found = None if row is None else bytes(row["presented_hash"])
         # compare the digests in constant time as well: the index lookup is not the check
-        if (row is None or presented is None
-                or not hmac.compare_digest(bytes(row["token_hash"]), presented)):
-            log.warning("auth_failed", reason="unknown_or_revoked_token", path=request.path,
-                        client=client)
+        if found is None or presented is None or not hmac.compare_digest(found, presented):
+            log.warning("auth_failed", reason=reason, path=request.path, client=client)
             if attempts is not None:
                 attempts.failed(client)
-            raise Unauthorized("unauthorized", "the token is unknown or revoked")
+            raise Unauthorized("unauthorized", message)
+        assert row is not None
         token = _token(row)
         # at most one write a minute per token, not one per request
         if token.last_used_at is None or datetime.now(UTC) - token.last_used_at > _TOUCH_EVERY:

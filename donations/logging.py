@@ -18,12 +18,14 @@ _EMAIL_KEYS = frozenset({"email", "customer_email", "receipt_email"})
 _SECRET_KEYS = frozenset({"authorization", "token", "secret", "api_key", "password", "signature"})
 _SECRET_TEXT = re.compile(r"\b(whsec|sk_live|sk_test|rk_live|rk_test)_[A-Za-z0-9_]+")
 # An address in free text (an error message, a traceback): a local part of any characters an
-# address may hold (RFC 5322's atext and dots, and letters beyond ASCII), then a domain. Quotes,
-# brackets, spaces and separators end it, so a quoted or listed address is found too.
+# address may hold (RFC 5322's atext and dots, and letters beyond ASCII), then a domain: any
+# dotted name or none (`example.c`, `192.168.10.20`, `localhost` are masked too: a typo a reader
+# made is still their address), or an address literal. Quotes, brackets, spaces and separators
+# end it, so a quoted or listed address is found too.
 # (found from each "@": at most 64 characters back, as RFC 5321 allows, and a bounded domain
 # forward, so a long text, say a request path, costs time in proportion to its length)
 _LOCAL_ENDS = frozenset(" \t\r\n\f\v@<>()[]\\,;:\"'/?=&#")
-_EMAIL_DOMAIN = re.compile(r"[\w-]{1,63}(?:\.[\w-]{1,63}){0,8}\.[^\W\d_]{2,63}")
+_EMAIL_DOMAIN = re.compile(r"\[[^\]\s]{1,64}\]|[\w-]{1,63}(?:\.[\w-]{1,63}){0,8}")
 
 # The id of the request being handled: set by the request context (donations/app.py), added
 # to every line written while it runs, ours and the standard library's. One ContextVar set per

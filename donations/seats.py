@@ -22,6 +22,10 @@ import asyncpg
 # much longer; a seat held a little too long costs nothing, one sold twice costs a promise.
 HOLD_GRACE = timedelta(hours=1)
 LOCK_KEY = "donations:founding_seats"  # the advisory lock founding_seat_hold takes
+# Seats one client network (checkout's rate-limit bucket) may hold at once: a reader may start
+# again after leaving a checkout; a script starting checkouts it never pays takes two seats, not
+# the offer (sql/022). Beyond it, full price, as when no seat is free.
+HOLDS_PER_CLIENT = 2
 
 class FoundingSeats:
     """The offer's seats for one process: `seats` from FOUNDING_SEATS, redeemed at Stripe through
@@ -34,14 +38,19 @@ class FoundingSeats:
         # later checkouts need not queue on the lock to learn it.
         self._sold_out = seats <= 0
 
-    async def hold(self, conn: asyncpg.Connection, until: datetime) -> int | None:
-        """Hold a seat until `until`; None when none is left. In the caller's transaction, or
-        outside one as a statement of its own: then the hold is committed (waiting for its WAL
-        flush: a hold lost in a crash could sell its seat twice) when this returns."""
+    async def hold(
+        self, conn: asyncpg.Connection, until: datetime, client: str | None = None
+    ) -> int | None:
+        """Hold a seat until `until` for `client` (a network, as checkout's rate limits name it);
+        None when none is left, or the client already holds HOLDS_PER_CLIENT. In the caller's
+        transaction, or outside one as a statement of its own: then the hold is committed
+        (waiting for its WAL flush: a hold lost in a crash could sell its seat twice) when this
+        returns."""
         if self._sold_out:
             return None
-        row = await conn.fetchrow("SELECT hold_id, taken FROM founding_seat_hold($1, $2)",
-                                  self.seats, until)
+        row = await conn.fetchrow(
+            "SELECT hold_id, taken FROM founding_seat_hold($1, $2, $3, $4)",
+            self.seats, until, client, HOLDS_PER_CLIENT)
         assert row is not None
         if row["taken"] >= self.seats:
             self._sold_out = True

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from html import escape
 from typing import Any
 
@@ -40,12 +40,13 @@ SECURITY_HEADERS = {
 
 
 async def _staff(request: web.Request) -> auth.Token | None:
-    """The token in the cookie when it is live and may read reports; None otherwise."""
+    """The token behind the cookie's session when the session is live and the token may read
+    reports; None otherwise."""
     value = request.cookies.get(COOKIE)
     if not value:
         return None
     try:
-        return await auth.check(request, value, SCOPE)
+        return await auth.check_session(request, value, SCOPE)
     except (Unauthorized, Forbidden):
         return None
 
@@ -88,15 +89,18 @@ async def login(request: web.Request) -> web.Response:
     if not value:
         return _page(login_page("Enter your token."), status=400)
     try:
-        await auth.check(request, value, SCOPE)
+        token = await auth.check(request, value, SCOPE)
     except Unauthorized:
         return _page(login_page("That token is unknown or revoked."), status=401)
     except Forbidden:
         return _page(login_page("That token cannot read reports."), status=403)
     except ApiError as exc:  # rate limited
         return _page(login_page(exc.message), status=exc.status, headers=exc.headers)
+    # the cookie carries a session of its own, never the token (which also opens the API)
+    async with db.connection(request.app[POOL]) as conn:
+        session = await auth.open_session(conn, token, timedelta(seconds=COOKIE_MAX_AGE))
     response = web.HTTPSeeOther("/staff/")
-    response.set_cookie(COOKIE, value, path=COOKIE_PATH, max_age=COOKIE_MAX_AGE, secure=True,
+    response.set_cookie(COOKIE, session, path=COOKIE_PATH, max_age=COOKIE_MAX_AGE, secure=True,
                         httponly=True, samesite="Strict")
     raise response
 
@@ -104,6 +108,10 @@ async def login(request: web.Request) -> web.Response:
 @routes.post("/staff/logout")
 async def logout(request: web.Request) -> web.Response:
     _same_origin(request)
+    value = request.cookies.get(COOKIE)
+    if value:  # the session ends here, whatever becomes of the cookie
+        async with db.connection(request.app[POOL]) as conn:
+            await auth.close_session(conn, value)
     response = web.HTTPSeeOther("/staff/")
     response.del_cookie(COOKIE, path=COOKIE_PATH, secure=True, httponly=True, samesite="Strict")
     raise response

@@ -31,6 +31,7 @@ TABLES = (
     "reconciliation_checkpoint", "reconciliation_discrepancies", "reconciliation_runs",
     "import_progress", "checkout_requests", "founding_holds", "rate_limit_hits",
     "totals", "totals_deltas", "totals_supporters", "totals_scopes", "founding_coupons_used_up",
+    "staff_sessions",
 )
 
 
@@ -124,3 +125,10 @@ async def raw_request(client: Client, request: bytes) -> tuple[int, bytes]:
     writer.close()
     head, _, body = data.partition(b"\r\n\r\n")
     return int(head.split(b" ", 2)[1]), body
+
+
+async def staff_cookie(client: Client, token: str) -> dict[str, str]:
+    """Sign in to the staff page with `token`: the Cookie header of the session it gives."""
+    response = await client.post("/staff/login", data={"token": token}, allow_redirects=False)
+    assert response.status == 303, await response.text()
+    return {"Cookie": f"donations_staff={response.cookies['donations_staff'].value}"}

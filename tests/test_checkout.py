@@ -234,12 +234,13 @@ async def test_a_failed_seat_hold_frees_the_key_for_a_retry(
 ) -> None:
     headers = {"Idempotency-Key": "hold-failed"}
     async with checkout_service(aiohttp_client, dsn, founding_seats=1) as (client, fake):
-        await pool.execute("ALTER FUNCTION founding_seat_hold RENAME TO founding_seat_hold_away")
+        await pool.execute("ALTER FUNCTION founding_seat_hold(bigint, timestamptz, text, bigint)"
+                           " RENAME TO founding_seat_hold_away")
         try:
             failed = await client.post(SUBSCRIPTIONS, json=subscription(), headers=headers)
         finally:
             await pool.execute("ALTER FUNCTION founding_seat_hold_away RENAME TO"
-                               " founding_seat_hold")
+                               " founding_seat_hold")  # (its argument types are its own)
         state = await pool.fetchval("SELECT state FROM checkout_requests")
         retried = await client.post(SUBSCRIPTIONS, json=subscription(), headers=headers)
         keys = [r.headers["Idempotency-Key"] for r in created_sessions(fake)]

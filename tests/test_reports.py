@@ -17,7 +17,7 @@ import pytest
 from donations import auth, db, fees, payouts, reports
 from donations.errors import BadRequest, Unprocessable
 from donations.metrics import Metrics
-from tests.conftest import Client
+from tests.conftest import Client, staff_cookie
 from tests.fakestripe.world import World
 from tests.test_cli import _env, _run
 from tests.test_fees import stripe_against
@@ -97,7 +97,7 @@ async def test_the_streamed_reports_carry_the_request_id(
         assert response.status == 200
         await response.read()
         assert response.headers["X-Request-ID"] == f"report-{fmt}"
-    cookie = {"Cookie": f"donations_staff={headers['Authorization'].split()[1]}"}
+    cookie = await staff_cookie(client, headers["Authorization"].split()[1])
     download = await client.get("/staff/contributions.csv", params=WIDE,
                                 headers={**cookie, "X-Request-ID": "report-staff"})
     assert download.status == 200

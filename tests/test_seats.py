@@ -24,8 +24,10 @@ from tests.webhook_helpers import post_all
 SUBSCRIPTIONS = "/v1/checkout/subscriptions"
 
 
-async def _start(client: Client, **changes: Any) -> dict[str, Any]:
-    response = await client.post(SUBSCRIPTIONS, json=subscription(**changes))
+async def _start(
+    client: Client, headers: dict[str, str] | None = None, **changes: Any
+) -> dict[str, Any]:
+    response = await client.post(SUBSCRIPTIONS, json=subscription(**changes), headers=headers)
     body: dict[str, Any] = await response.json()
     assert response.status == 201, body
     return body
@@ -43,10 +45,13 @@ async def test_concurrent_checkouts_never_oversell_the_last_seats(
     world = World(seed=51)
     # two seats already taken by founding subscriptions that came in before (no hold of ours)
     earlier = [world.subscribe(1000, "gbp", founding=True) for _ in range(2)]
-    async with checkout_service(aiohttp_client, dsn, world, founding_seats=5) as (client, fake):
+    async with checkout_service(aiohttp_client, dsn, world, founding_seats=5,
+                                proxy_hops=1) as (client, fake):
         await post_all(client, [e for run in earlier for e in run])
         assert await _seats_left(client) == 3
-        answers = await asyncio.gather(*(_start(client) for _ in range(40)))
+        # readers from 40 networks at once (one network holds at most seats.HOLDS_PER_CLIENT)
+        answers = await asyncio.gather(*(
+            _start(client, headers={"X-Forwarded-For": f"198.51.100.{n}"}) for n in range(40)))
         sent = created_sessions(fake)
         assert await _seats_left(client) == 0
 

@@ -15,7 +15,7 @@ from aiohttp import web
 from pytest_aiohttp import AiohttpServer
 
 from donations import auth, db, staff_page
-from tests.conftest import Client
+from tests.conftest import Client, staff_cookie
 from tests.fakestripe.world import World
 from tests.webhook_helpers import post_all
 
@@ -41,8 +41,7 @@ async def test_staff_month_at_the_ends_of_the_calendar_is_a_400_not_a_crash(
 ) -> None:
     """The page reads the 11 months before and the one after: a month at the ends of the
     calendar is a 400, not a crash."""
-    token = await _token(pool, "alice", "reports:read")
-    cookie = {"Cookie": f"donations_staff={token}"}
+    cookie = await staff_cookie(client, await _token(pool, "alice", "reports:read"))
     for month in ("0001-01", "9999-12"):
         response = await client.get(f"/staff/?month={month}", headers=cookie)
         assert response.status == 400, (month, response.status, await response.text())
@@ -72,9 +71,9 @@ async def test_staff_page_while_throttled_is_an_html_page_not_raw_json(
 ) -> None:
     """A signed-in browser from an address over the limit gets the page (with its CSP,
     X-Frame-Options and no-store) saying so, not the API's JSON."""
-    good = await _token(pool, "alice", "reports:read")
+    cookie = await staff_cookie(client, await _token(pool, "alice", "reports:read"))
     await _exhaust_failures(client)
-    response = await client.get("/staff/", headers={"Cookie": f"donations_staff={good}"})
+    response = await client.get("/staff/", headers=cookie)
     assert response.headers["Content-Type"].startswith("text/html"), await response.text()
     assert response.headers.get("Cache-Control") == "no-store"
     assert "frame-ancestors 'none'" in response.headers.get("Content-Security-Policy", "")
@@ -131,9 +130,8 @@ async def test_staff_page_says_when_monthly_recurring_leaves_a_currency_out(
     world.subscribe(500, "gbp")
     world.subscribe(900, "usd")
     await post_all(client, world.events)
-    token = await _token(pool, "alice", "reports:read")
-    html = await (await client.get("/staff/?month=2026-11",
-                                   headers={"Cookie": f"donations_staff={token}"})).text()
+    cookie = await staff_cookie(client, await _token(pool, "alice", "reports:read"))
+    html = await (await client.get("/staff/?month=2026-11", headers=cookie)).text()
     reporting = html.split("<h2>In GBP", 1)[1].split("<h2>By payment currency", 1)[0]
     assert re.search(r"Monthly recurring at month end</th><td>5\.00 GBP", reporting)
     assert "USD" in reporting, reporting

@@ -1,0 +1,145 @@
+"""Security and privacy: the staff page's sessions, failed token attempts, addresses in logs,
+and what an anonymous client can take."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import asyncpg
+import pytest
+from aiohttp import web
+from pytest_aiohttp import AiohttpClient
+
+from donations import auth, db
+from donations.app import create_app
+from donations.logging import _scrub
+from donations.settings import Secret
+from tests.checkout_helpers import SITE, TEST_KEY, checkout_service, order, subscription
+from tests.conftest import Client, make_settings
+from tests.test_logging import Output, _pipeline
+
+
+@pytest.fixture
+def json_logs() -> Iterator[Output]:
+    yield from _pipeline("json")
+
+
+async def _token(pool: asyncpg.Pool, name: str, *scopes: str) -> str:
+    async with db.connection(pool) as conn:
+        return await auth.create_token(conn, name, list(scopes))
+
+
+# --- the staff cookie -----------------------------------------------------------------------
+
+
+async def test_signing_out_ends_the_session_a_copied_cookie_no_longer_works(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """The staff cookie carries a session of its own (its value never the token, which also
+    opens the API): signing out ends it on the server, so a copy of the cookie (a shared
+    computer, a proxy log) opens nothing afterwards, and a revoked token's sessions end too."""
+    token = await _token(pool, "finance", "reports:read")
+    login = await client.post("/staff/login", data={"token": token}, allow_redirects=False)
+    assert login.status == 303
+    cookie_value = login.cookies["donations_staff"].value
+    cookie = {"Cookie": f"donations_staff={cookie_value}"}
+    assert "Finance reports:" in await (await client.get("/staff/", headers=cookie)).text()
+
+    out = await client.post("/staff/logout", headers=cookie, allow_redirects=False)
+    assert out.status == 303
+
+    replay = await client.get("/staff/", headers=cookie)
+    html = await replay.text()
+    assert 'action="/staff/login"' in html
+    # and what the browser held is not the long-lived API credential either
+    api = await client.get("/v1/reports/summary?from=2026-11-01&to=2026-12-01",
+                           headers={"Authorization": f"Bearer {cookie_value}"})
+    assert api.status == 401
+
+    # a session ends with its token, and at its own expiry whatever the browser keeps
+    again = await client.post("/staff/login", data={"token": token}, allow_redirects=False)
+    cookie = {"Cookie": f"donations_staff={again.cookies['donations_staff'].value}"}
+    assert "Finance reports:" in await (await client.get("/staff/", headers=cookie)).text()
+    await pool.execute("UPDATE staff_sessions SET created_at = now() - interval '9 hours',"
+                       " expires_at = now() - interval '1 hour'")
+    assert 'action="/staff/login"' in await (await client.get("/staff/", headers=cookie)).text()
+    third = await client.post("/staff/login", data={"token": token}, allow_redirects=False)
+    cookie = {"Cookie": f"donations_staff={third.cookies['donations_staff'].value}"}
+    async with db.connection(pool) as conn:
+        await auth.revoke_token(conn, "finance")
+    assert 'action="/staff/login"' in await (await client.get("/staff/", headers=cookie)).text()
+
+
+# --- failed token attempts ------------------------------------------------------------------
+
+
+def test_failed_attempts_memory_is_bounded_under_a_scan_from_many_addresses() -> None:
+    """Failed token attempts are kept for a bounded number of clients (a scan from many
+    addresses, an IPv6 /48's 65,536 /64s, evicts the oldest), and nothing walks the whole
+    table on the request path."""
+    attempts = auth.FailedAttempts()
+    for i in range(10_500):
+        attempts.failed(f"ip:2001:db8:{i // 65536:x}:{i % 65536:x}::/64")
+    assert len(attempts._seen) <= 10_001, f"{len(attempts._seen)} clients kept"
+
+
+# --- e-mail addresses in logs ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("email", ["jane.doe@example.c", "jane.doe@192.168.10.20"])
+def test_an_address_checkout_accepts_is_masked_in_free_text(email: str) -> None:
+    """Every address checkout accepts is masked when it turns up in a log line's text: a one-letter
+    or all-digit last label too (`jane.doe@example.c`, a reader's typo, which Stripe refuses with a
+    message echoing it)."""
+    scrubbed = _scrub("stripe_message", f"Invalid email address: {email}")
+    assert "jane.doe" not in scrubbed, scrubbed
+
+
+async def test_stripe_echoing_a_refused_address_does_not_log_it_in_full(
+    aiohttp_client: AiohttpClient, dsn: str, pool: asyncpg.Pool, json_logs: Output
+) -> None:
+    """End to end: a reader types `jane.doe@example.c`; Stripe refuses it echoing it ("Invalid
+    email address: …"), the reader gets 422 invalid_email, and no log line holds the address in
+    full."""
+    email = "jane.doe@example.c"
+
+    async def refuse(request: web.Request) -> web.Response:
+        return web.json_response({"error": {
+            "type": "invalid_request_error", "code": "email_invalid", "param": "customer_email",
+            "message": f"Invalid email address: {email}"}}, status=400)
+
+    stripe_app = web.Application()
+    stripe_app.router.add_post("/v1/checkout/sessions", refuse)
+    fake = await aiohttp_client(stripe_app)
+    settings = make_settings(dsn, stripe_secret_key=Secret(TEST_KEY),
+                             stripe_api_base=str(fake.make_url("")).rstrip("/"),
+                             site_origins=(SITE,), checkout_rate_per_ip=1000)
+    client = await aiohttp_client(create_app(settings))
+    response = await client.post("/v1/checkout/contributions", json=order(email=email))
+    assert response.status == 422, await response.text()
+    assert "jane.doe" not in json_logs.text, [
+        line for line in json_logs.lines() if "jane.doe" in json.dumps(line)]
+
+
+
+# --- unauthenticated writes ------------------------------------------------------------------
+
+
+async def test_one_anonymous_client_cannot_hold_every_founding_seat(
+    pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
+) -> None:
+    """Checkouts started and never paid cannot take the founding offer away from everyone else:
+    one client network holds at most seats.HOLDS_PER_CLIENT seats at a time (beyond that, the
+    full price), so the next reader, from elsewhere, still gets the discount."""
+    async with checkout_service(aiohttp_client, dsn, founding_seats=3, checkout_rate_per_ip=10,
+                                proxy_hops=1) as (client, _fake):
+        hoarder = {"X-Forwarded-For": "203.0.113.66"}
+        for i in range(3):
+            r = await client.post("/v1/checkout/subscriptions", json=subscription(),
+                                  headers={**hoarder, "Idempotency-Key": f"hoard-{i}"})
+            assert r.status == 201, await r.text()
+        reader = await client.post("/v1/checkout/subscriptions", json=subscription(),
+                                   headers={"X-Forwarded-For": "198.51.100.5"})
+        assert reader.status == 201
+        assert (await reader.json())["founding_discount"] is True
