@@ -197,10 +197,13 @@ _LAST = datetime.max.replace(tzinfo=UTC)
 
 def rfc3339(value: datetime | None) -> str | None:
     """`2026-11-24T19:00:00Z`: UTC, seconds, Z."""
-    if value is None:
-        return None
+    return None if value is None else utc_seconds(value) + "Z"
+
+
+def utc_seconds(value: datetime) -> str:
+    """`2026-11-24T19:00:00`: the instant in UTC to the second, without a zone."""
     # isoformat, not strftime("%Y"), which writes the year 1 as "1" on glibc
-    return value.astimezone(UTC).replace(microsecond=0, tzinfo=None).isoformat() + "Z"
+    return value.astimezone(UTC).replace(microsecond=0, tzinfo=None).isoformat()
 
 
 def whole_number(raw: str, *, max_digits: int = 18) -> int | None:

@@ -19,6 +19,7 @@ from aiohttp import web
 from donations import auth, db
 from donations.appkeys import POOL, SETTINGS
 from donations.errors import BadRequest, Unprocessable
+from donations.inputs import utc_seconds
 from donations.money import THREE_DECIMAL, ZERO_DECIMAL, apply_percent_off, exponent, to_major
 
 log = structlog.get_logger(__name__)
@@ -227,7 +228,7 @@ def instant(value: str | None, name: str, tz: ZoneInfo) -> tuple[datetime, str]:
         raise BadRequest("invalid_timestamp", f"{name} must be an ISO date (2026-11-01) or "
                          "timestamp (2026-11-01T09:00:00Z) between the years 1 and 9999",
                          field=name) from None
-    return utc, utc.strftime("%Y-%m-%dT%H%M%SZ")
+    return utc, utc_seconds(utc).replace(":", "") + "Z"
 
 
 def window(start: str | None, end: str | None, tz_name: str | None = None) -> Window:
@@ -252,7 +253,7 @@ def month_window(month: date, tz: ZoneInfo | None = None) -> Window:
 
 
 def _rfc3339(value: datetime) -> str:
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return utc_seconds(value) + "Z"
 
 
 # --- rows -----------------------------------------------------------------------------------

@@ -628,3 +628,12 @@ def test_window_on_dst_days_in_london() -> None:
     october = reports.window("2026-10-01", "2026-11-01", "Europe/London")
     assert (october.start, october.end) == (datetime(2026, 9, 30, 23, tzinfo=UTC),
                                             datetime(2026, 11, 1, tzinfo=UTC))
+
+
+def test_a_window_in_the_first_years_is_written_with_four_digit_years() -> None:
+    """Window times and file names write the year with four digits, the year 1 too (strftime's
+    %Y writes it as "1" on glibc)."""
+    w = reports.window("0001-01-02T00:00:00Z", "0001-02-01")
+    assert w.as_json()["from"] == "0001-01-02T00:00:00Z"
+    assert w.filename("contributions", "csv") == (
+        "contributions_0001-01-02T000000Z_0001-02-01.csv")
