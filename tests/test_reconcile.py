@@ -14,9 +14,10 @@ import pytest
 import stripe
 from pytest_aiohttp import AiohttpClient
 
-from donations import auth, importer, reconcile
+from donations import auth, fees, importer, reconcile
 from donations.app import create_app
 from donations.ledger import BalanceTransaction, FoundingOffer
+from donations.metrics import Metrics
 from donations.settings import Secret
 from tests.conftest import Client, make_settings
 from tests.fakestripe.world import World
@@ -624,3 +625,25 @@ async def test_an_acknowledgement_note_holding_nul_is_400_and_changes_nothing(
     assert await pool.fetchval(
         "SELECT count(*) FROM reconciliation_discrepancies WHERE acknowledged_by IS NOT NULL"
     ) == 0
+
+
+async def test_a_payment_amount_stripe_disagrees_with_is_found_after_the_fee_is_fetched(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """A payment's amount is compared, in its own currency, with the balance transaction's:
+    once the fee worker has copied the transaction into `settlement_amount`, a charge of 40.00
+    that Stripe settled as 40.01 is still an amount_mismatch (settlement_amount is Stripe's
+    number, not the ledger's claim)."""
+    world = World(seed=9307)
+    paid = world.one_off(4000, "gbp")
+    await post_all(client, world.events)
+    bt = world.balance_transactions[str(paid.balance_transaction)]
+    bt["amount"] += 1  # Stripe settled another amount than the ledger says was paid
+    bt["net"] += 1
+    async with stripe_against(world) as (_, stripe_client):
+        assert await fees.run_once(pool, stripe_client, Metrics()) == 1  # the fee worker
+        result = await reconcile.run(pool, stripe_client, OFFER, since=START, now=world.now + 60)
+    assert await pool.fetchval("SELECT amount FROM payments WHERE charge = $1",
+                               paid.charge) == 4000
+    assert [(d.kind, d.stripe_id) for d in result.open] == [
+        ("amount_mismatch", paid.charge)], result.summary()
