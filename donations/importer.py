@@ -219,9 +219,9 @@ async def _import_one(
                 if not items:
                     continue
                 events = [synthetic_event(obj, resource.event_type) for obj in items]
-                applied, failed = await store_missing(pool, offer, events, "import")
-                result.applied += applied
-                result.failed += failed
+                stored = await store_missing(pool, offer, events, "import")
+                result.applied += stored.applied
+                result.failed += stored.failed
                 imported += len(items)
                 reached = max(since, min(reached, *(int(o.get("created") or until)
                                                     for o in items)))

@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 import stripe
@@ -106,7 +106,8 @@ class RunResult:
     pages: int = 0
     events_listed: int = 0
     events_applied: int = 0
-    events_failed: int = 0
+    events_failed: int = 0  # failed to apply (stored as failed), or not an event at all
+    events_unreadable: int = 0  # of those, not events (never stored)
     balance_transactions: int = 0
     fees_filled: int = 0
     discrepancies: list[Discrepancy] = field(default_factory=list)  # found by this run
@@ -123,6 +124,12 @@ class RunResult:
     def matches(self) -> bool:
         return (not self.open and not self.events_failed and not self.events_unapplied
                 and self.gap is None)
+
+    @property
+    def events_not_applied(self) -> int:
+        """Each once: the stored ones not applied (this run's failures among them) and those
+        Stripe listed that were not events at all (never stored)."""
+        return self.events_unapplied + self.events_unreadable
 
     def summary(self) -> str:
         lines = [
@@ -150,7 +157,7 @@ class RunResult:
         lines += [f"  {d.describe()}" for d in self.open]
         lines.append("the ledger matches Stripe" if self.matches else
                      f"the ledger does not match yet: {len(self.open)} unresolved "
-                     f"discrepancies, {self.events_failed + self.events_unapplied} events not "
+                     f"discrepancies, {self.events_not_applied} events not "
                      f"applied{', a gap in the events' if self.gap else ''}")
         return "\n".join(lines)
 
@@ -440,16 +447,25 @@ async def _read_pages(state: _Run, start: int, end: int, params: Any) -> None:
 
 
 async def _apply_page(state: _Run, items: list[dict[str, Any]]) -> None:
-    applied, failed = await store_missing(state.pool, state.offer, items, "reconcile")
-    state.result.events_applied += applied
-    state.result.events_failed += failed
+    stored = await store_missing(state.pool, state.offer, items, "reconcile")
+    state.result.events_applied += stored.applied
+    state.result.events_failed += stored.failed
+    state.result.events_unreadable += stored.unreadable
+
+
+class Stored(NamedTuple):
+    """What store_missing did with a page."""
+
+    applied: int
+    failed: int  # not applied: stored as failed, or not an event (below)
+    unreadable: int  # not an event at all: never stored
 
 
 async def store_missing(
     pool: asyncpg.Pool, offer: FoundingOffer, items: list[dict[str, Any]], source: str
-) -> tuple[int, int]:
+) -> Stored:
     """Store and apply, as webhook deliveries would be, the events of a page that are not
-    stored or stored but not applied; (applied, failed)."""
+    stored or stored but not applied."""
     async with db.connection(pool) as conn:
         done = {r["id"] for r in await conn.fetch(
             "SELECT id FROM stripe_events WHERE id = any($1::text[]) AND status = any($2::text[])",
@@ -457,17 +473,17 @@ async def store_missing(
         )}
     todo = [e for e in items if e.get("id") not in done]
     group: list[Item] = []
-    failed = 0
+    unreadable = 0
     for body in todo:
         try:
             group.append((parse_event(body), json.dumps(body)))
         except NotAnEvent:
             log.warning("reconciliation_not_an_event", event_id=str(body.get("id"))[:80])
-            failed += 1
+            unreadable += 1
     # the page's events in one transaction, as the webhooks' group commit applies a group
     outcomes = await ingest_many(pool, group, offer, source=source) if group else []
-    failed += sum(1 for o in outcomes if o is Outcome.FAILED)
-    return len(todo) - failed, failed
+    failed = unreadable + sum(1 for o in outcomes if o is Outcome.FAILED)
+    return Stored(len(todo) - failed, failed, unreadable)
 
 
 # --- 2. balance transactions against the ledger ----------------------------------------------

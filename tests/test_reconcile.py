@@ -647,3 +647,29 @@ async def test_a_payment_amount_stripe_disagrees_with_is_found_after_the_fee_is_
                                paid.charge) == 4000
     assert [(d.kind, d.stripe_id) for d in result.open] == [
         ("amount_mismatch", paid.charge)], result.summary()
+
+
+async def test_the_summary_counts_each_event_not_applied_once(pool: asyncpg.Pool) -> None:
+    """An event the run replays and fails to apply is stored as `failed`: it is in the run's
+    `events_failed` and among the stored events not applied, and the summary's last line
+    counts it once."""
+    world = World(seed=9306)
+    world.one_off(1200, "gbp")
+    world.one_off(150_000, "jpy")
+    await pool.execute("""
+        CREATE FUNCTION test_refuse_yen() RETURNS trigger LANGUAGE plpgsql AS
+        $$ BEGIN RAISE EXCEPTION 'yen payments are refused for this test'; END $$;
+        CREATE TRIGGER test_refuse BEFORE INSERT OR UPDATE ON payments
+            FOR EACH ROW WHEN (NEW.currency = 'jpy') EXECUTE FUNCTION test_refuse_yen();
+    """)
+    try:
+        async with stripe_against(world) as (_, stripe_client):
+            result = await reconcile.run(pool, stripe_client, OFFER, since=START,
+                                         now=world.now + 60)
+    finally:
+        await pool.execute(
+            "DROP TRIGGER test_refuse ON payments; DROP FUNCTION test_refuse_yen()")
+    failed = await pool.fetchval("SELECT count(*) FROM stripe_events WHERE status = 'failed'")
+    assert failed > 0 and result.events_failed == failed
+    assert f"{failed} events not applied" in result.summary().splitlines()[-1], \
+        result.summary()
