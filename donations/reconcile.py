@@ -580,6 +580,32 @@ def compare_dispute(dispute: str, bt: dict[str, Any], row: asyncpg.Record | None
     return []
 
 
+def _puts_back(obj: str, bt: dict[str, Any]) -> bool:
+    """Whether the balance transaction gives back what a refund or dispute took out of the
+    balance: a refund's failure, a dispute's reversal."""
+    category = bt.get("reporting_category")
+    if obj == "refund":
+        return bt.get("type") in _REFUND_FAILURE_TYPES or category == "refund_failure"
+    return obj == "dispute" and category == "dispute_reversal"
+
+
+def compare_outcome(obj: str, stripe_id: str, bts: list[dict[str, Any]],
+                    row: asyncpg.Record | None) -> list[Discrepancy]:
+    """A refund the ledger has as failed or canceled, or a dispute it has as won (so the money
+    counts again), while Stripe took the money out of the balance and never put it back (its
+    balance transactions, all of them: pure, no look-up here)."""
+    if row is None:
+        return []
+    undone = row["status"] in ("failed", "canceled") if obj == "refund" \
+        else row["status"] == "won"
+    taken = [bt for bt in bts if not _puts_back(obj, bt) and int(bt.get("amount") or 0) < 0]
+    if not undone or not taken or any(_puts_back(obj, bt) for bt in bts):
+        return []
+    fields = _REFUND_FIELDS if obj == "refund" else _DISPUTE_FIELDS
+    return [Discrepancy("status_mismatch", obj, stripe_id, taken[0]["id"],
+                        _record(row, *fields), _stripe_side(taken[0]))]
+
+
 def _object_of(bt: dict[str, Any]) -> str | None:
     source = ref(bt.get("source")) or ""
     kind = bt.get("type")
@@ -646,6 +672,24 @@ async def _compare(state: _Run, start: int, end: int) -> None:
              LIMIT $1
             """,
             REEXAMINE)
+        # A refund the ledger has as failed or canceled, or a dispute it has as won, says the
+        # money came back: the transaction that put it back may lie outside the window, so
+        # when only the one that took it out is listed, all of the object's are asked for.
+        undone = await conn.fetch(
+            """
+            SELECT 'refund' AS object, id FROM refunds
+             WHERE id = any($1::text[]) AND status IN ('failed', 'canceled')
+            UNION ALL
+            SELECT 'dispute', id FROM disputes WHERE id = any($2::text[]) AND status = 'won'
+            """,
+            list(by_object["refund"]), list(by_object["dispute"]))
+    for r in undone:
+        listed = by_object[r["object"]][r["id"]]
+        if not any(_puts_back(r["object"], bt) for bt in listed):
+            everything = [bt for bt in await _balance_transactions_of(client, r["id"])
+                          if _object_of(bt) == r["object"]]
+            result.balance_transactions += len(everything) - len(listed)
+            by_object[r["object"]][r["id"]] = everything or listed
     to_confirm = {(r["object"], r["id"]) for r in unlisted}
     to_confirm |= {(r["object"], r["id"]) for r in still_open
                    if r["id"] not in by_object.get(r["object"], {})}
@@ -692,12 +736,14 @@ async def _compare(state: _Run, start: int, end: int) -> None:
                 discrepancies += found
                 if not found:
                     agreeing.append(bt)
+            discrepancies += compare_outcome("refund", refund, bts, refunds.get(refund))
         for dispute, bts in by_object["dispute"].items():
             for bt in bts:
                 found = compare_dispute(dispute, bt, disputes.get(dispute))
                 discrepancies += found
                 if not found:
                     agreeing.append(bt)
+            discrepancies += compare_outcome("dispute", dispute, bts, disputes.get(dispute))
         stored = {r["id"] for r in await conn.fetch(
             "SELECT id FROM balance_transactions WHERE id = any($1::text[])",
             [bt["id"] for bt in agreeing])}

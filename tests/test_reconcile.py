@@ -673,3 +673,49 @@ async def test_the_summary_counts_each_event_not_applied_once(pool: asyncpg.Pool
     assert failed > 0 and result.events_failed == failed
     assert f"{failed} events not applied" in result.summary().splitlines()[-1], \
         result.summary()
+
+
+def _drop_bt(world: World, bt_id: str) -> None:
+    del world.balance_transactions[bt_id]
+    del world.objects[bt_id]
+
+
+async def test_a_dispute_the_ledger_calls_won_without_funds_reinstated_at_stripe_is_reported(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """A dispute the ledger has as won (its amount counted in `raised` again) whose funds
+    Stripe withdrew (a `dispute` balance transaction) and never reinstated (no
+    `dispute_reversal`) is a status_mismatch."""
+    world = World(seed=9304)
+    paid = world.one_off(4000, "gbp")
+    disputed = world.dispute(paid.charge, "won")
+    await post_all(client, world.events)
+    assert await pool.fetchval("SELECT status FROM disputes WHERE id = $1",
+                               disputed.dispute) == "won"
+    reversal = next(bt for bt in world.balance_transactions.values()
+                    if bt["reporting_category"] == "dispute_reversal")
+    _drop_bt(world, reversal["id"])  # Stripe never gave the money back
+    async with stripe_against(world) as (_, stripe_client):
+        result = await reconcile.run(pool, stripe_client, OFFER, since=START, now=world.now + 60)
+    assert [(d.kind, d.stripe_id) for d in result.open] == [
+        ("status_mismatch", disputed.dispute)], result.summary()
+
+
+async def test_a_refund_the_ledger_calls_failed_while_stripe_kept_it_refunded_is_reported(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """A refund the ledger has as failed (so the payment counts whole again) while Stripe's
+    balance has the refund's debit and no `refund_failure` crediting it back is a
+    status_mismatch."""
+    world = World(seed=9305)
+    paid = world.one_off(4000, "gbp")
+    refunded = world.refund(paid.charge, 1500)
+    failure = world.fail_refund(refunded.refund)
+    await post_all(client, world.events)
+    assert await pool.fetchval("SELECT status FROM refunds WHERE id = $1",
+                               refunded.refund) == "failed"
+    _drop_bt(world, str(failure.balance_transaction))  # the bank never sent it back
+    async with stripe_against(world) as (_, stripe_client):
+        result = await reconcile.run(pool, stripe_client, OFFER, since=START, now=world.now + 60)
+    assert [(d.kind, d.stripe_id) for d in result.open] == [
+        ("status_mismatch", refunded.refund)], result.summary()
