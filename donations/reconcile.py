@@ -7,8 +7,10 @@ One run, under a PostgreSQL advisory lock so that only one replica reconciles at
    checkpoint to now page by page through the stripe library; any event not stored (or stored but
    failed) goes through `ingest_many` exactly as webhook deliveries do. After each page is applied,
    the window and the page's last event (Stripe's `starting_after` cursor) are saved; the
-   checkpoint itself moves to the window's end only when the whole window is read. A run stopped
-   half-way is resumed by the next one from the saved cursor, so there is never a gap.
+   checkpoint itself moves to the window's end only when the whole window is read, and never
+   past the time Stripe answered the window's first page (its Date header: this replica's clock
+   may run ahead of Stripe's). A run stopped half-way is resumed by the next one from the saved
+   cursor, so there is never a gap.
 2. Balance transactions of the window against payments, refunds and disputes: missing on either
    side, amounts, currencies or statuses that differ, fees not yet filled (filled now, the same
    way the fee worker fills them). A ledger value that disagrees with Stripe is recorded, never
@@ -22,10 +24,11 @@ import contextlib
 import json
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
+from email.utils import parsedate_to_datetime
 from typing import Any, NamedTuple
 
 import asyncpg
@@ -187,11 +190,21 @@ async def call_stripe(make: Callable[[], Awaitable[Any]], what: str) -> Any:
     raise AssertionError("unreachable")
 
 
-async def pages(
+class Page(NamedTuple):
+    """One page of a Stripe list."""
+
+    items: list[dict[str, Any]]  # the plain JSON Stripe sent
+    more: bool  # whether more pages follow
+    # when Stripe answered, by its own clock (the response's Date header): what the page shows
+    # is Stripe's state at that second. None when the answer had no readable Date.
+    listed_at: int | None
+
+
+async def dated_pages(
     client: stripe.StripeClient, path: str, params: dict[str, Any], what: str
-) -> AsyncIterator[tuple[list[dict[str, Any]], bool]]:
+) -> AsyncGenerator[Page, None]:
     """The pages of a Stripe list, the next one fetched while the caller works on the current
-    one: (items, whether more follow). Each item is the plain JSON Stripe sent.
+    one.
 
     Read with the client's `raw_request_async`: the same authentication, API version, retries
     and errors as its `list_async`, without turning every object of every page into a
@@ -199,22 +212,24 @@ async def pages(
     wants the JSON as sent anyway, to store it). Pages follow Stripe's `starting_after` cursor.
     """
 
-    async def fetch(cursor: str | None) -> tuple[list[dict[str, Any]], bool]:
+    async def fetch(cursor: str | None) -> Page:
         query = dict(params, starting_after=cursor) if cursor else dict(params)
         response = await call_stripe(
             lambda: client.raw_request_async("get", path, **query), what)
         body = response.data if isinstance(response.data, dict) else {}
         items = [i for i in body.get("data") or [] if isinstance(i, dict)]
-        return items, bool(body.get("has_more")) and bool(items)
+        return Page(items, bool(body.get("has_more")) and bool(items),
+                    _stripe_time(response.headers))
 
-    items, more = await fetch(None)
+    page = await fetch(None)
     while True:
-        upcoming = asyncio.ensure_future(fetch(str(items[-1]["id"]))) if more else None
+        upcoming = asyncio.ensure_future(fetch(str(page.items[-1]["id"]))) \
+            if page.more else None
         if upcoming is not None:
             # when the caller stops on an error of its own, this fetch's outcome is moot
             upcoming.add_done_callback(lambda t: t.cancelled() or t.exception())
         try:
-            yield items, more
+            yield page
         except BaseException:
             if upcoming is not None:
                 upcoming.cancel()
@@ -223,7 +238,35 @@ async def pages(
             raise
         if upcoming is None:
             return
-        items, more = await upcoming
+        page = await upcoming
+
+
+async def pages(
+    client: stripe.StripeClient, path: str, params: dict[str, Any], what: str
+) -> AsyncIterator[tuple[list[dict[str, Any]], bool]]:
+    """dated_pages without the dates: (items, whether more follow)."""
+    async with contextlib.aclosing(dated_pages(client, path, params, what)) as listing:
+        async for page in listing:
+            yield page.items, page.more
+
+
+def _stripe_time(headers: Mapping[str, str] | None) -> int | None:
+    """Stripe's clock as a response's Date header gives it (unix seconds), if it does."""
+    value = next((v for k, v in (headers or {}).items() if k.lower() == "date"), None)
+    if not value:
+        return None
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return int((when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp())
+
+
+def _capped(end: int, stripe_now: int | None, floor: int) -> int:
+    """How far a listing up to `end` (by the local clock) is known complete: never past the
+    time Stripe answered its first page (a clock ahead of Stripe's would otherwise pass events
+    Stripe stamps later), never before `floor` (the window's start)."""
+    return end if stripe_now is None else max(floor, min(end, stripe_now))
 
 
 # --- one run ---------------------------------------------------------------------------------
@@ -328,7 +371,7 @@ async def _locked_run(
             await _read_events(state, pending[0], pending[1], pending[2])
         await _read_events(state, start, end, None,
                            advance=since is None or through is None or since <= through)
-        await _compare(state, compare_start, end)
+        compared = await _compare(state, compare_start, end)
         async with db.connection(pool) as conn:
             # only forward, and only from a window that reached back to where it stood
             await conn.execute(
@@ -337,7 +380,7 @@ async def _locked_run(
                    SET compared_through = greatest(c.compared_through, $2), updated_at = now()
                  WHERE c.compared_through IS NULL OR $1 <= c.compared_through
                 """,
-                compare_start, end,
+                compare_start, compared,
             )
     except BaseException as exc:
         await _finish(pool, result, f"{type(exc).__name__}: {exc}"[:2000])
@@ -384,21 +427,23 @@ async def _finish(pool: asyncpg.Pool, result: RunResult, error: str | None) -> N
 async def _read_events(state: _Run, start: int, end: int, cursor: str | None,
                        advance: bool = True) -> None:
     """Read (and apply what is missing of) the events created in [start, end]; then move the
-    checkpoint to `end` unless told not to (a --since after the checkpoint: the events in
-    between are not read, so the checkpoint stays where it is)."""
+    checkpoint to `end`, or to when Stripe answered the listing's first page if that is
+    earlier (by Stripe's clock: this replica's may run ahead), unless told not to (a --since
+    after the checkpoint: the events in between are not read, so the checkpoint stays where it
+    is)."""
     # Any: the library types its params as TypedDicts per endpoint
     params: Any = {"created": {"gte": start, "lte": end}, "limit": state.page_size}
     if cursor is not None:
         params["starting_after"] = cursor
     try:
-        await _read_pages(state, start, end, params)
+        end = await _read_pages(state, start, end, params)
     except stripe.InvalidRequestError as exc:
         if cursor is None or exc.param != "starting_after":
             raise
         # the saved cursor's event has aged out of Stripe's list: read the window whole again
         log.warning("reconciliation_cursor_expired", cursor=cursor)
         del params["starting_after"]
-        await _read_pages(state, start, end, params)
+        end = await _read_pages(state, start, end, params)
     async with db.connection(state.pool) as conn:
         # only forward: an explicit --since far back must not pull the checkpoint back
         await conn.execute(
@@ -415,9 +460,18 @@ async def _read_events(state: _Run, start: int, end: int, cursor: str | None,
         )
 
 
-async def _read_pages(state: _Run, start: int, end: int, params: Any) -> None:
+async def _read_pages(state: _Run, start: int, end: int, params: Any) -> int:
+    """Read the window's pages; returns how far it is known complete (see _capped). A window
+    resumed from a cursor was capped when its first page was read, and saved so."""
     result = state.result
-    async for items, _more in pages(state.client, "/v1/events", params, "events.list"):
+    capped: int | None = None
+    async for page in dated_pages(state.client, "/v1/events", params, "events.list"):
+        if capped is None:
+            capped = _capped(end, page.listed_at, start)
+            if capped < end:
+                log.info("reconciliation_window_capped", local_end=_iso(end),
+                         stripe_time=_iso(capped))
+        items = page.items
         if not items:
             continue
         await _apply_page(state, items)
@@ -433,7 +487,7 @@ async def _read_pages(state: _Run, start: int, end: int, params: Any) -> None:
                    SET pending_start = excluded.pending_start, pending_end = excluded.pending_end,
                        pending_cursor = excluded.pending_cursor, updated_at = now()
                 """,
-                start, end, items[-1]["id"],
+                start, capped, items[-1]["id"],
             )
             await conn.execute(
                 """
@@ -444,6 +498,7 @@ async def _read_pages(state: _Run, start: int, end: int, params: Any) -> None:
                 result.run_id, result.pages, result.events_listed, result.events_applied,
                 result.events_failed,
             )
+    return end if capped is None else capped
 
 
 async def _apply_page(state: _Run, items: list[dict[str, Any]]) -> None:
@@ -622,14 +677,20 @@ def _object_of(bt: dict[str, Any]) -> str | None:
     return None
 
 
-async def _compare(state: _Run, start: int, end: int) -> None:
+async def _compare(state: _Run, start: int, end: int) -> int:
+    """Compare the balance transactions created in [start, end] (and the ledger's side of that
+    window) and store what differs; returns how far the comparison is known complete (`end`,
+    or when Stripe answered the listing's first page if earlier: see _capped)."""
     client, result = state.client, state.result
     by_object: dict[str, dict[str, list[dict[str, Any]]]] = {
         "payment": {}, "refund": {}, "dispute": {}}
     params: Any = {"created": {"gte": start, "lte": end}, "limit": 100}
-    async for items, _more in pages(client, "/v1/balance_transactions", params,
-                                    "balance_transactions.list"):
-        for bt in items:
+    compared: int | None = None
+    async for page in dated_pages(client, "/v1/balance_transactions", params,
+                                  "balance_transactions.list"):
+        if compared is None:
+            compared = _capped(end, page.listed_at, start)
+        for bt in page.items:
             kind = _object_of(bt)
             source = ref(bt.get("source"))
             if kind is not None and source:
@@ -769,6 +830,7 @@ async def _compare(state: _Run, start: int, end: int) -> None:
         result.discrepancies_new = await _store_discrepancies(
             conn, result.run_id, discrepancies, examined)
     result.fees_filled = sum(1 for d in discrepancies if d.kind == "fee_missing" and d.repaired)
+    return end if compared is None else compared
 
 
 async def _balance_transactions_of(client: stripe.StripeClient, source: str

@@ -174,7 +174,8 @@ async def test_a_run_stopped_half_way_is_completed_by_the_next(
         assert await dump(pool) == reference(world.events, OFFER, charge_bts(world))
         checkpoint = await pool.fetchrow("SELECT * FROM reconciliation_checkpoint")
         assert checkpoint is not None
-        assert checkpoint["events_through"] == world.now + 60
+        # the window ran to world.now + 60 by the replica's clock; Stripe answered at world.now
+        assert checkpoint["events_through"] == world.now
         assert checkpoint["pending_cursor"] is None
 
 
@@ -719,3 +720,28 @@ async def test_a_refund_the_ledger_calls_failed_while_stripe_kept_it_refunded_is
         result = await reconcile.run(pool, stripe_client, OFFER, since=START, now=world.now + 60)
     assert [(d.kind, d.stripe_id) for d in result.open] == [
         ("status_mismatch", refunded.refund)], result.summary()
+
+
+async def test_a_replica_clock_ahead_of_stripe_costs_a_re_read_never_an_event(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """The checkpoint never passes Stripe's own time (the Date of its list's answer): a
+    replica whose clock runs 15 minutes ahead of Stripe's (NTP broken, a VM resumed) still
+    reads, on its next run, the events Stripe stamped after the first."""
+    world = World(seed=9301)
+    first = world.one_off(1000, "gbp")
+    await post_all(client, first.events)
+    skew = 900
+    async with stripe_against(world) as (fake, stripe_client):
+        fake.use_world_clock()
+        await reconcile.run(pool, stripe_client, OFFER, since=START, now=world.now + skew)
+        checkpoint = await pool.fetchrow("SELECT * FROM reconciliation_checkpoint")
+        assert checkpoint is not None
+        assert (checkpoint["events_through"], checkpoint["compared_through"]) == (
+            world.now, world.now)
+        world.advance(120)
+        lost = world.one_off(2000, "gbp")  # its webhooks never arrive
+        world.advance(3600)
+        later = await reconcile.run(pool, stripe_client, OFFER, now=world.now + skew)
+    assert lost.payment_intent in await payment_keys(pool), later.summary()
+    assert later.matches, later.summary()
