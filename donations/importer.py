@@ -10,10 +10,13 @@ was derived from, `events retry` and every other tool work on it unchanged, and 
 a duplicate event (the id is fixed per object), so the import is idempotent by construction.
 
 How its snapshot ranks (events.snapshot_version: stage, progress, created, type, id): the stage
-and progress are the object's own, so a later state is never lost; `created` is the object's
-creation time less one second, before any real event about it can be stamped. So among snapshots
-at the same stage and progress, every real event outranks the imported one: the import only fills
-in what no event tells, and never overrides what an event says, whatever order they arrive in.
+and progress are the object's own, so a later state is never lost; `created` is the second before
+Stripe answered the page that listed it (by Stripe's clock: the answer's Date header), since the
+object as listed is what Stripe says now. So among snapshots at the same stage and progress, the
+imported one outranks every real event stamped before it was listed (whose changes it already
+holds: an import covering a gap in the events brings in what changed in it) and every real event
+stamped after outranks it, whatever order they arrive in. The id is fixed per object, so an
+import run again stores nothing new and changes nothing.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import structlog
 from donations import db
 from donations.events import PINNED_API_VERSION
 from donations.ledger import FoundingOffer
-from donations.reconcile import pages, store_missing
+from donations.reconcile import dated_pages, store_missing
 
 log = structlog.get_logger(__name__)
 
@@ -75,13 +78,14 @@ class AlreadyImporting(Exception):
     """Another import holds the lock."""
 
 
-def synthetic_event(obj: dict[str, Any], event_type: str) -> dict[str, Any]:
-    """An event-shaped envelope for an object fetched from Stripe (see the module docstring)."""
+def synthetic_event(obj: dict[str, Any], event_type: str, listed_at: int) -> dict[str, Any]:
+    """An event-shaped envelope for an object Stripe listed at `listed_at` (its clock; see the
+    module docstring)."""
     return {
         "id": f"evt_import_{obj['id']}",
         "object": "event",
         "api_version": PINNED_API_VERSION,  # the client is pinned: objects come in this shape
-        "created": max(0, int(obj.get("created") or 0) - 1),
+        "created": max(0, listed_at - 1),
         "data": {"object": obj},
         "livemode": bool(obj.get("livemode")),
         "pending_webhooks": 0,
@@ -214,11 +218,14 @@ async def _import_one(
     bar.show(resource.name, since, until, reached, imported)
     while True:
         try:
-            async for items, _more in pages(client, resource.path, params,
-                                            f"{resource.name}.list"):
+            async for page in dated_pages(client, resource.path, params,
+                                          f"{resource.name}.list"):
+                items = page.items
                 if not items:
                     continue
-                events = [synthetic_event(obj, resource.event_type) for obj in items]
+                # (without a Date from Stripe, the local time the listing was started at)
+                listed_at = page.listed_at if page.listed_at is not None else until
+                events = [synthetic_event(obj, resource.event_type, listed_at) for obj in items]
                 stored = await store_missing(pool, offer, events, "import")
                 result.applied += stored.applied
                 result.failed += stored.failed
