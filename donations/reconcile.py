@@ -219,7 +219,7 @@ async def dated_pages(
         body = response.data if isinstance(response.data, dict) else {}
         items = [i for i in body.get("data") or [] if isinstance(i, dict)]
         return Page(items, bool(body.get("has_more")) and bool(items),
-                    _stripe_time(response.headers))
+                    stripe_time(response.headers))
 
     page = await fetch(None)
     while True:
@@ -250,7 +250,7 @@ async def pages(
             yield page.items, page.more
 
 
-def _stripe_time(headers: Mapping[str, str] | None) -> int | None:
+def stripe_time(headers: Mapping[str, str] | None) -> int | None:
     """Stripe's clock as a response's Date header gives it (unix seconds), if it does."""
     value = next((v for k, v in (headers or {}).items() if k.lower() == "date"), None)
     if not value:

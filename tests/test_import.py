@@ -55,7 +55,7 @@ async def test_importing_again_changes_nothing(pool: asyncpg.Pool) -> None:
         events = await pool.fetchval("SELECT count(*) FROM stripe_events")
         fake.requests.clear()
         again = await importer.run(pool, stripe_client, OFFER, SINCE, now=world.now + 60)
-        assert set(again.skipped) == {r.name for r in importer.RESOURCES}
+        assert set(again.skipped) == {r.name for r in importer.RESOURCES} | {importer.REFERENCES}
         assert fake.requests == []
         # another --since lists everything again: all of it already stored
         wider = await importer.run(pool, stripe_client, OFFER, SINCE - 86400,
@@ -212,7 +212,7 @@ async def test_an_import_that_skipped_everything_does_not_clear_a_later_gap(
     async with stripe_against(world) as (_, stripe_client):
         again = await importer.run(pool, stripe_client, FoundingOffer(), since,
                                    now=world.now + 60)
-    assert set(again.skipped) == {r.name for r in importer.RESOURCES}
+    assert set(again.skipped) == {r.name for r in importer.RESOURCES} | {importer.REFERENCES}
     status = await pool.fetchval("SELECT status FROM subscriptions WHERE id = $1",
                                  sub.subscription)
     gap = await pool.fetchval("SELECT gap_from FROM reconciliation_checkpoint")
@@ -279,3 +279,32 @@ async def test_an_import_covering_a_gap_brings_in_a_subscription_changed_in_it(
     assert (again.applied, again.failed) == (0, 0)
     assert await dump(pool) == before
     assert await pool.fetchval("SELECT count(*) FROM stripe_events") == events
+
+
+async def test_import_since_between_a_failed_renewal_and_its_retry_keeps_it_recurring(
+    pool: asyncpg.Pool,
+) -> None:
+    """`import --since D` in the middle of a subscription's life: a renewal invoiced (its
+    first attempt failed) before D and paid by Smart Retries after D is in the ledger as the
+    events would give it (recurring, of its subscription, for its campaign): the payment
+    intent, invoice payment and invoice a listed charge refers to are imported whenever they
+    were made."""
+    world = World(seed=9303)
+    sub = world.subscribe(1500, "gbp", campaign="winter")
+    world.fail_renewal(sub.subscription)
+    world.advance(DAY)
+    since = world.now
+    retried = world.retry_renewal(sub.subscription, after=2 * DAY)
+    async with stripe_against(world) as (fake, stripe_client):
+        result = await importer.run(pool, stripe_client, OFFER, since, now=world.now + 60)
+        assert result.failed == 0
+        row = await pool.fetchrow(
+            "SELECT kind, subscription, campaign FROM payments WHERE charge = $1",
+            retried.charge)
+        assert row is not None
+        assert dict(row) == {"kind": "recurring", "subscription": sub.subscription,
+                             "campaign": "winter"}
+        # finished: run again, nothing is asked of Stripe
+        fake.requests.clear()
+        again = await importer.run(pool, stripe_client, OFFER, since, now=world.now + 60)
+        assert importer.REFERENCES in again.skipped and fake.requests == []

@@ -499,6 +499,11 @@ class FakeStripe:
             types = params.get("types")
             if types is not None and obj["type"] not in types:
                 return False
+        # Invoice payments by how they were paid: `payment[type]`, `payment[payment_intent]`
+        if collection == "invoice_payments" and isinstance(params.get("payment"), dict):
+            paid_by = obj.get("payment") or {}
+            if any(paid_by.get(k) != v for k, v in params["payment"].items()):
+                return False
         if collection == "balance_transactions" and "payout" in params:
             members = self.world.payout_members.get(params["payout"], []) if self.world else []
             if obj["id"] not in members:
