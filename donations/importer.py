@@ -3,17 +3,22 @@
 Stripe lists events for 30 days only; a publisher moving an existing account onto the service has
 years of charges, subscriptions and refunds. Those are listed (newest first, through the stripe
 library) and each object is stored as a synthetic event, `evt_import_<object id>`, applied by
-`ingest` like any other, with source `import`.
+`ingest` like any other, with source `import`. Then what the charges and invoice payments listed
+refer to is fetched whenever it was made (REFERENCES), so that a payment made after --since is
+tied to the invoice and subscription it paid even when they are older.
 
 Why a synthetic event and not a snapshot written directly: the event store keeps what the ledger
 was derived from, `events retry` and every other tool work on it unchanged, and importing twice is
 a duplicate event (the id is fixed per object), so the import is idempotent by construction.
 
 How its snapshot ranks (events.snapshot_version: stage, progress, created, type, id): the stage
-and progress are the object's own, so a later state is never lost; `created` is the object's
-creation time less one second, before any real event about it can be stamped. So among snapshots
-at the same stage and progress, every real event outranks the imported one: the import only fills
-in what no event tells, and never overrides what an event says, whatever order they arrive in.
+and progress are the object's own, so a later state is never lost; `created` is the second before
+Stripe answered the page that listed it (by Stripe's clock: the answer's Date header), since the
+object as listed is what Stripe says now. So among snapshots at the same stage and progress, the
+imported one outranks every real event stamped before it was listed (whose changes it already
+holds: an import covering a gap in the events brings in what changed in it) and every real event
+stamped after outranks it, whatever order they arrive in. The id is fixed per object, so an
+import run again stores nothing new and changes nothing.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import structlog
 from donations import db
 from donations.events import PINNED_API_VERSION
 from donations.ledger import FoundingOffer
-from donations.reconcile import pages, store_missing
+from donations.reconcile import call_stripe, dated_pages, store_missing, stripe_time
 
 log = structlog.get_logger(__name__)
 
@@ -68,6 +73,11 @@ RESOURCES: tuple[Resource, ...] = (
     Resource("payouts", "payout.updated", "/v1/payouts", every=True),
 )
 
+# After the listings, what a listed charge or invoice payment refers to that --since left out:
+# a renewal invoiced (and its payment intent and invoice payment made) before --since and paid
+# after it (Smart Retries, a bank debit) would otherwise be a one-off with no subscription.
+REFERENCES = "references"
+
 LOCK_KEY = 0x696D706F7274696E  # "importin": one import at a time across replicas
 
 
@@ -75,13 +85,14 @@ class AlreadyImporting(Exception):
     """Another import holds the lock."""
 
 
-def synthetic_event(obj: dict[str, Any], event_type: str) -> dict[str, Any]:
-    """An event-shaped envelope for an object fetched from Stripe (see the module docstring)."""
+def synthetic_event(obj: dict[str, Any], event_type: str, listed_at: int) -> dict[str, Any]:
+    """An event-shaped envelope for an object Stripe listed at `listed_at` (its clock; see the
+    module docstring)."""
     return {
         "id": f"evt_import_{obj['id']}",
         "object": "event",
         "api_version": PINNED_API_VERSION,  # the client is pinned: objects come in this shape
-        "created": max(0, int(obj.get("created") or 0) - 1),
+        "created": max(0, listed_at - 1),
         "data": {"object": obj},
         "livemode": bool(obj.get("livemode")),
         "pending_webhooks": 0,
@@ -151,29 +162,20 @@ async def _locked_run(
     bar = Progress(progress if progress is not None and progress.isatty() else None)
     result = ImportResult(imported={})
     skipped: list[str] = []
+    until = max(since, until_default)
     for resource in resources:
-        async with db.connection(pool) as conn:
-            row = await conn.fetchrow(
-                "SELECT * FROM import_progress WHERE resource = $1", resource.name
-            )
-            if row is not None and row["since"] == since and row["finished_at"] is not None:
-                skipped.append(resource.name)
-                result.imported[resource.name] = row["imported"]
-                continue
-            if row is None or row["since"] != since:
-                # a new --since starts the listing over; what is stored stays (it is idempotent)
-                row = await conn.fetchrow(
-                    """
-                    INSERT INTO import_progress (resource, since, until) VALUES ($1, $2, $3)
-                    ON CONFLICT (resource) DO UPDATE
-                       SET since = excluded.since, until = excluded.until, cursor = NULL,
-                           imported = 0, finished_at = NULL
-                    RETURNING *
-                    """,
-                    resource.name, since, max(since, until_default),
-                )
-        assert row is not None
+        row = await _progress(pool, resource.name, since, until)
+        if row["finished_at"] is not None:
+            skipped.append(resource.name)
+            result.imported[resource.name] = row["imported"]
+            continue
         await _import_one(pool, client, offer, resource, row, bar, result, page_size)
+    row = await _progress(pool, REFERENCES, since, until)
+    if row["finished_at"] is not None:
+        skipped.append(REFERENCES)
+        result.imported[REFERENCES] = row["imported"]
+    else:
+        await _import_references(pool, client, offer, since, until, result)
     result.skipped = tuple(skipped)
     if resources == RESOURCES and result.failed == 0:
         async with db.connection(pool) as conn:
@@ -186,9 +188,9 @@ async def _locked_run(
                        bool_and(finished_at IS NOT NULL) AS finished
                   FROM import_progress WHERE since = $1 AND resource = any($2::text[])
                 """,
-                since, [r.name for r in RESOURCES],
+                since, [r.name for r in RESOURCES] + [REFERENCES],
             )
-            if covered is not None and covered["kinds"] == len(RESOURCES) \
+            if covered is not None and covered["kinds"] == len(RESOURCES) + 1 \
                     and covered["finished"]:
                 await conn.execute(
                     """
@@ -214,14 +216,17 @@ async def _import_one(
     bar.show(resource.name, since, until, reached, imported)
     while True:
         try:
-            async for items, _more in pages(client, resource.path, params,
-                                            f"{resource.name}.list"):
+            async for page in dated_pages(client, resource.path, params,
+                                          f"{resource.name}.list"):
+                items = page.items
                 if not items:
                     continue
-                events = [synthetic_event(obj, resource.event_type) for obj in items]
-                applied, failed = await store_missing(pool, offer, events, "import")
-                result.applied += applied
-                result.failed += failed
+                # (without a Date from Stripe, the local time the listing was started at)
+                listed_at = page.listed_at if page.listed_at is not None else until
+                events = [synthetic_event(obj, resource.event_type, listed_at) for obj in items]
+                stored = await store_missing(pool, offer, events, "import")
+                result.applied += stored.applied
+                result.failed += stored.failed
                 imported += len(items)
                 reached = max(since, min(reached, *(int(o.get("created") or until)
                                                     for o in items)))
@@ -250,3 +255,124 @@ async def _import_one(
     result.imported[resource.name] = imported
     log.info("import_finished", resource=resource.name, imported=imported)
 
+
+
+async def _progress(pool: asyncpg.Pool, name: str, since: int, until: int) -> asyncpg.Record:
+    """The progress row of one step of the import, started over under a new --since (what is
+    stored stays: storing it again changes nothing)."""
+    async with db.connection(pool) as conn:
+        row = await conn.fetchrow("SELECT * FROM import_progress WHERE resource = $1", name)
+        if row is None or row["since"] != since:
+            row = await conn.fetchrow(
+                """
+                INSERT INTO import_progress (resource, since, until) VALUES ($1, $2, $3)
+                ON CONFLICT (resource) DO UPDATE
+                   SET since = excluded.since, until = excluded.until, cursor = NULL,
+                       imported = 0, finished_at = NULL
+                RETURNING *
+                """,
+                name, since, until,
+            )
+    assert row is not None
+    return row
+
+
+# The payment intents of the charges and invoice payments made since --since that are not
+# stored (made before it).
+_MISSING_INTENTS = """
+SELECT DISTINCT r.id FROM (
+       SELECT data ->> 'payment_intent' AS id FROM stripe_objects
+        WHERE object = 'charge' AND (data ->> 'created')::bigint >= $1
+       UNION ALL
+       SELECT data -> 'payment' ->> 'payment_intent' FROM stripe_objects
+        WHERE object = 'invoice_payment' AND (data ->> 'created')::bigint >= $1
+       ) AS r
+ WHERE r.id IS NOT NULL
+   AND NOT EXISTS (SELECT 1 FROM stripe_objects o WHERE o.id = r.id)
+ ORDER BY r.id
+"""
+
+# Payment intents made before --since and charged after it, with no invoice payment nor checkout
+# session stored: whether an invoice was paid through them is asked of Stripe.
+_INTENTS_TO_PLACE = """
+SELECT DISTINCT p.id FROM stripe_objects c
+  JOIN stripe_objects p ON p.id = c.data ->> 'payment_intent' AND p.object = 'payment_intent'
+ WHERE c.object = 'charge' AND (c.data ->> 'created')::bigint >= $1
+   AND (p.data ->> 'created')::bigint < $1
+   AND NOT EXISTS (SELECT 1 FROM stripe_objects l
+                    WHERE l.payment_key = p.id
+                      AND l.object IN ('invoice_payment', 'checkout.session'))
+ ORDER BY p.id
+"""
+
+# The invoices of stored invoice payments that are not stored.
+_MISSING_INVOICES = """
+SELECT DISTINCT data ->> 'invoice' AS id FROM stripe_objects i
+ WHERE object = 'invoice_payment' AND data ->> 'invoice' IS NOT NULL
+   AND NOT EXISTS (SELECT 1 FROM stripe_objects o WHERE o.id = i.data ->> 'invoice')
+ ORDER BY 1
+"""
+
+
+async def _import_references(
+    pool: asyncpg.Pool, client: stripe.StripeClient, offer: FoundingOffer, since: int,
+    until: int, result: ImportResult,
+) -> None:
+    """Bring in, whenever they were made, the payment intents, invoice payments and invoices
+    that the charges and invoice payments listed since --since refer to (see REFERENCES).
+    Driven by what is stored, so an interrupted import does it all again on resuming."""
+    imported = 0
+
+    async def store(objs: list[tuple[dict[str, Any], int]], event_type: str) -> None:
+        nonlocal imported
+        if not objs:
+            return
+        events = [synthetic_event(obj, event_type, at) for obj, at in objs]
+        stored = await store_missing(pool, offer, events, "import")
+        result.applied += stored.applied
+        result.failed += stored.failed
+        imported += len(objs)
+
+    async def ids(query: str, *args: Any) -> list[str]:
+        async with db.connection(pool) as conn:
+            return [r["id"] for r in await conn.fetch(query, *args)]
+
+    intents = [await _retrieve(client, f"/v1/payment_intents/{i}", "payment_intents.retrieve",
+                               until) for i in await ids(_MISSING_INTENTS, since)]
+    await store([o for o in intents if o is not None], "payment_intent.succeeded")
+    payments: list[tuple[dict[str, Any], int]] = []
+    for intent in await ids(_INTENTS_TO_PLACE, since):
+        params: Any = {"payment": {"type": "payment_intent", "payment_intent": intent},
+                       "limit": PAGE_SIZE}
+        async for page in dated_pages(client, "/v1/invoice_payments", params,
+                                      "invoice_payments.list"):
+            at = page.listed_at if page.listed_at is not None else until
+            payments += [(obj, at) for obj in page.items]
+    await store(payments, "invoice_payment.paid")
+    invoices = [await _retrieve(client, f"/v1/invoices/{i}", "invoices.retrieve", until)
+                for i in await ids(_MISSING_INVOICES)]
+    await store([o for o in invoices if o is not None], "invoice.finalized")
+    async with db.connection(pool) as conn:
+        await conn.execute(
+            "UPDATE import_progress SET imported = $2, finished_at = now() WHERE resource = $1",
+            REFERENCES, imported,
+        )
+    result.imported[REFERENCES] = imported
+    log.info("import_finished", resource=REFERENCES, imported=imported)
+
+
+async def _retrieve(client: stripe.StripeClient, path: str, what: str, until: int
+                    ) -> tuple[dict[str, Any], int] | None:
+    """One object and when Stripe answered (else `until`); None when Stripe has it no more."""
+    try:
+        response = await call_stripe(lambda: client.raw_request_async("get", path), what)
+    except stripe.InvalidRequestError as exc:
+        if exc.code != "resource_missing":
+            raise
+        log.warning("import_reference_gone", path=path)
+        return None
+    obj = response.data if isinstance(response.data, dict) else None
+    if obj is None or not obj.get("id"):
+        return None
+    at = stripe_time(response.headers)
+    return obj, at if at is not None else until

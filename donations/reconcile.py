@@ -7,8 +7,10 @@ One run, under a PostgreSQL advisory lock so that only one replica reconciles at
    checkpoint to now page by page through the stripe library; any event not stored (or stored but
    failed) goes through `ingest_many` exactly as webhook deliveries do. After each page is applied,
    the window and the page's last event (Stripe's `starting_after` cursor) are saved; the
-   checkpoint itself moves to the window's end only when the whole window is read. A run stopped
-   half-way is resumed by the next one from the saved cursor, so there is never a gap.
+   checkpoint itself moves to the window's end only when the whole window is read, and never
+   past the time Stripe answered the window's first page (its Date header: this replica's clock
+   may run ahead of Stripe's). A run stopped half-way is resumed by the next one from the saved
+   cursor, so there is never a gap.
 2. Balance transactions of the window against payments, refunds and disputes: missing on either
    side, amounts, currencies or statuses that differ, fees not yet filled (filled now, the same
    way the fee worker fills them). A ledger value that disagrees with Stripe is recorded, never
@@ -22,11 +24,12 @@ import contextlib
 import json
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
-from typing import Any
+from email.utils import parsedate_to_datetime
+from typing import Any, NamedTuple
 
 import asyncpg
 import stripe
@@ -106,7 +109,8 @@ class RunResult:
     pages: int = 0
     events_listed: int = 0
     events_applied: int = 0
-    events_failed: int = 0
+    events_failed: int = 0  # failed to apply (stored as failed), or not an event at all
+    events_unreadable: int = 0  # of those, not events (never stored)
     balance_transactions: int = 0
     fees_filled: int = 0
     discrepancies: list[Discrepancy] = field(default_factory=list)  # found by this run
@@ -123,6 +127,12 @@ class RunResult:
     def matches(self) -> bool:
         return (not self.open and not self.events_failed and not self.events_unapplied
                 and self.gap is None)
+
+    @property
+    def events_not_applied(self) -> int:
+        """Each once: the stored ones not applied (this run's failures among them) and those
+        Stripe listed that were not events at all (never stored)."""
+        return self.events_unapplied + self.events_unreadable
 
     def summary(self) -> str:
         lines = [
@@ -150,7 +160,7 @@ class RunResult:
         lines += [f"  {d.describe()}" for d in self.open]
         lines.append("the ledger matches Stripe" if self.matches else
                      f"the ledger does not match yet: {len(self.open)} unresolved "
-                     f"discrepancies, {self.events_failed + self.events_unapplied} events not "
+                     f"discrepancies, {self.events_not_applied} events not "
                      f"applied{', a gap in the events' if self.gap else ''}")
         return "\n".join(lines)
 
@@ -180,11 +190,21 @@ async def call_stripe(make: Callable[[], Awaitable[Any]], what: str) -> Any:
     raise AssertionError("unreachable")
 
 
-async def pages(
+class Page(NamedTuple):
+    """One page of a Stripe list."""
+
+    items: list[dict[str, Any]]  # the plain JSON Stripe sent
+    more: bool  # whether more pages follow
+    # when Stripe answered, by its own clock (the response's Date header): what the page shows
+    # is Stripe's state at that second. None when the answer had no readable Date.
+    listed_at: int | None
+
+
+async def dated_pages(
     client: stripe.StripeClient, path: str, params: dict[str, Any], what: str
-) -> AsyncIterator[tuple[list[dict[str, Any]], bool]]:
+) -> AsyncGenerator[Page, None]:
     """The pages of a Stripe list, the next one fetched while the caller works on the current
-    one: (items, whether more follow). Each item is the plain JSON Stripe sent.
+    one.
 
     Read with the client's `raw_request_async`: the same authentication, API version, retries
     and errors as its `list_async`, without turning every object of every page into a
@@ -192,22 +212,24 @@ async def pages(
     wants the JSON as sent anyway, to store it). Pages follow Stripe's `starting_after` cursor.
     """
 
-    async def fetch(cursor: str | None) -> tuple[list[dict[str, Any]], bool]:
+    async def fetch(cursor: str | None) -> Page:
         query = dict(params, starting_after=cursor) if cursor else dict(params)
         response = await call_stripe(
             lambda: client.raw_request_async("get", path, **query), what)
         body = response.data if isinstance(response.data, dict) else {}
         items = [i for i in body.get("data") or [] if isinstance(i, dict)]
-        return items, bool(body.get("has_more")) and bool(items)
+        return Page(items, bool(body.get("has_more")) and bool(items),
+                    stripe_time(response.headers))
 
-    items, more = await fetch(None)
+    page = await fetch(None)
     while True:
-        upcoming = asyncio.ensure_future(fetch(str(items[-1]["id"]))) if more else None
+        upcoming = asyncio.ensure_future(fetch(str(page.items[-1]["id"]))) \
+            if page.more else None
         if upcoming is not None:
             # when the caller stops on an error of its own, this fetch's outcome is moot
             upcoming.add_done_callback(lambda t: t.cancelled() or t.exception())
         try:
-            yield items, more
+            yield page
         except BaseException:
             if upcoming is not None:
                 upcoming.cancel()
@@ -216,7 +238,35 @@ async def pages(
             raise
         if upcoming is None:
             return
-        items, more = await upcoming
+        page = await upcoming
+
+
+async def pages(
+    client: stripe.StripeClient, path: str, params: dict[str, Any], what: str
+) -> AsyncIterator[tuple[list[dict[str, Any]], bool]]:
+    """dated_pages without the dates: (items, whether more follow)."""
+    async with contextlib.aclosing(dated_pages(client, path, params, what)) as listing:
+        async for page in listing:
+            yield page.items, page.more
+
+
+def stripe_time(headers: Mapping[str, str] | None) -> int | None:
+    """Stripe's clock as a response's Date header gives it (unix seconds), if it does."""
+    value = next((v for k, v in (headers or {}).items() if k.lower() == "date"), None)
+    if not value:
+        return None
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return int((when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp())
+
+
+def _capped(end: int, stripe_now: int | None, floor: int) -> int:
+    """How far a listing up to `end` (by the local clock) is known complete: never past the
+    time Stripe answered its first page (a clock ahead of Stripe's would otherwise pass events
+    Stripe stamps later), never before `floor` (the window's start)."""
+    return end if stripe_now is None else max(floor, min(end, stripe_now))
 
 
 # --- one run ---------------------------------------------------------------------------------
@@ -321,7 +371,7 @@ async def _locked_run(
             await _read_events(state, pending[0], pending[1], pending[2])
         await _read_events(state, start, end, None,
                            advance=since is None or through is None or since <= through)
-        await _compare(state, compare_start, end)
+        compared = await _compare(state, compare_start, end)
         async with db.connection(pool) as conn:
             # only forward, and only from a window that reached back to where it stood
             await conn.execute(
@@ -330,7 +380,7 @@ async def _locked_run(
                    SET compared_through = greatest(c.compared_through, $2), updated_at = now()
                  WHERE c.compared_through IS NULL OR $1 <= c.compared_through
                 """,
-                compare_start, end,
+                compare_start, compared,
             )
     except BaseException as exc:
         await _finish(pool, result, f"{type(exc).__name__}: {exc}"[:2000])
@@ -377,21 +427,23 @@ async def _finish(pool: asyncpg.Pool, result: RunResult, error: str | None) -> N
 async def _read_events(state: _Run, start: int, end: int, cursor: str | None,
                        advance: bool = True) -> None:
     """Read (and apply what is missing of) the events created in [start, end]; then move the
-    checkpoint to `end` unless told not to (a --since after the checkpoint: the events in
-    between are not read, so the checkpoint stays where it is)."""
+    checkpoint to `end`, or to when Stripe answered the listing's first page if that is
+    earlier (by Stripe's clock: this replica's may run ahead), unless told not to (a --since
+    after the checkpoint: the events in between are not read, so the checkpoint stays where it
+    is)."""
     # Any: the library types its params as TypedDicts per endpoint
     params: Any = {"created": {"gte": start, "lte": end}, "limit": state.page_size}
     if cursor is not None:
         params["starting_after"] = cursor
     try:
-        await _read_pages(state, start, end, params)
+        end = await _read_pages(state, start, end, params)
     except stripe.InvalidRequestError as exc:
         if cursor is None or exc.param != "starting_after":
             raise
         # the saved cursor's event has aged out of Stripe's list: read the window whole again
         log.warning("reconciliation_cursor_expired", cursor=cursor)
         del params["starting_after"]
-        await _read_pages(state, start, end, params)
+        end = await _read_pages(state, start, end, params)
     async with db.connection(state.pool) as conn:
         # only forward: an explicit --since far back must not pull the checkpoint back
         await conn.execute(
@@ -408,9 +460,18 @@ async def _read_events(state: _Run, start: int, end: int, cursor: str | None,
         )
 
 
-async def _read_pages(state: _Run, start: int, end: int, params: Any) -> None:
+async def _read_pages(state: _Run, start: int, end: int, params: Any) -> int:
+    """Read the window's pages; returns how far it is known complete (see _capped). A window
+    resumed from a cursor was capped when its first page was read, and saved so."""
     result = state.result
-    async for items, _more in pages(state.client, "/v1/events", params, "events.list"):
+    capped: int | None = None
+    async for page in dated_pages(state.client, "/v1/events", params, "events.list"):
+        if capped is None:
+            capped = _capped(end, page.listed_at, start)
+            if capped < end:
+                log.info("reconciliation_window_capped", local_end=_iso(end),
+                         stripe_time=_iso(capped))
+        items = page.items
         if not items:
             continue
         await _apply_page(state, items)
@@ -426,7 +487,7 @@ async def _read_pages(state: _Run, start: int, end: int, params: Any) -> None:
                    SET pending_start = excluded.pending_start, pending_end = excluded.pending_end,
                        pending_cursor = excluded.pending_cursor, updated_at = now()
                 """,
-                start, end, items[-1]["id"],
+                start, capped, items[-1]["id"],
             )
             await conn.execute(
                 """
@@ -437,19 +498,29 @@ async def _read_pages(state: _Run, start: int, end: int, params: Any) -> None:
                 result.run_id, result.pages, result.events_listed, result.events_applied,
                 result.events_failed,
             )
+    return end if capped is None else capped
 
 
 async def _apply_page(state: _Run, items: list[dict[str, Any]]) -> None:
-    applied, failed = await store_missing(state.pool, state.offer, items, "reconcile")
-    state.result.events_applied += applied
-    state.result.events_failed += failed
+    stored = await store_missing(state.pool, state.offer, items, "reconcile")
+    state.result.events_applied += stored.applied
+    state.result.events_failed += stored.failed
+    state.result.events_unreadable += stored.unreadable
+
+
+class Stored(NamedTuple):
+    """What store_missing did with a page."""
+
+    applied: int
+    failed: int  # not applied: stored as failed, or not an event (below)
+    unreadable: int  # not an event at all: never stored
 
 
 async def store_missing(
     pool: asyncpg.Pool, offer: FoundingOffer, items: list[dict[str, Any]], source: str
-) -> tuple[int, int]:
+) -> Stored:
     """Store and apply, as webhook deliveries would be, the events of a page that are not
-    stored or stored but not applied; (applied, failed)."""
+    stored or stored but not applied."""
     async with db.connection(pool) as conn:
         done = {r["id"] for r in await conn.fetch(
             "SELECT id FROM stripe_events WHERE id = any($1::text[]) AND status = any($2::text[])",
@@ -457,17 +528,17 @@ async def store_missing(
         )}
     todo = [e for e in items if e.get("id") not in done]
     group: list[Item] = []
-    failed = 0
+    unreadable = 0
     for body in todo:
         try:
             group.append((parse_event(body), json.dumps(body)))
         except NotAnEvent:
             log.warning("reconciliation_not_an_event", event_id=str(body.get("id"))[:80])
-            failed += 1
+            unreadable += 1
     # the page's events in one transaction, as the webhooks' group commit applies a group
     outcomes = await ingest_many(pool, group, offer, source=source) if group else []
-    failed += sum(1 for o in outcomes if o is Outcome.FAILED)
-    return len(todo) - failed, failed
+    failed = unreadable + sum(1 for o in outcomes if o is Outcome.FAILED)
+    return Stored(len(todo) - failed, failed, unreadable)
 
 
 # --- 2. balance transactions against the ledger ----------------------------------------------
@@ -502,13 +573,13 @@ def compare_payment(charge: str, bt: dict[str, Any], row: asyncpg.Record | None
     out: list[Discrepancy] = []
     if row["status"] != "succeeded":
         out.append(found("status_mismatch"))
-    settled_currency = row["settlement_currency"] or row["currency"]
-    if row["settlement_currency"] is None and row["currency"] != bt.get("currency"):
-        pass  # settled in another currency, not known yet: the fee fill below brings it
-    elif settled_currency != bt.get("currency"):
+    # The ledger's claim is its own amount, in the payment's currency (from the charge or
+    # invoice); settlement_amount/_currency are copied from this very balance transaction by
+    # the fee worker, so comparing with them would compare Stripe with itself.
+    if row["settlement_currency"] is not None \
+            and row["settlement_currency"] != bt.get("currency"):
         out.append(found("currency_mismatch"))
-    elif (row["settlement_amount"] if row["settlement_amount"] is not None
-          else row["amount"]) != bt.get("amount"):
+    elif not _settles_as(row["amount"], row["currency"], int(bt.get("amount") or 0), bt):
         out.append(found("amount_mismatch"))
     if row["fee"] is not None and (row["fee"], row["net"]) != (bt.get("fee"), bt.get("net")):
         out.append(found("fee_mismatch"))
@@ -564,6 +635,32 @@ def compare_dispute(dispute: str, bt: dict[str, Any], row: asyncpg.Record | None
     return []
 
 
+def _puts_back(obj: str, bt: dict[str, Any]) -> bool:
+    """Whether the balance transaction gives back what a refund or dispute took out of the
+    balance: a refund's failure, a dispute's reversal."""
+    category = bt.get("reporting_category")
+    if obj == "refund":
+        return bt.get("type") in _REFUND_FAILURE_TYPES or category == "refund_failure"
+    return obj == "dispute" and category == "dispute_reversal"
+
+
+def compare_outcome(obj: str, stripe_id: str, bts: list[dict[str, Any]],
+                    row: asyncpg.Record | None) -> list[Discrepancy]:
+    """A refund the ledger has as failed or canceled, or a dispute it has as won (so the money
+    counts again), while Stripe took the money out of the balance and never put it back (its
+    balance transactions, all of them: pure, no look-up here)."""
+    if row is None:
+        return []
+    undone = row["status"] in ("failed", "canceled") if obj == "refund" \
+        else row["status"] == "won"
+    taken = [bt for bt in bts if not _puts_back(obj, bt) and int(bt.get("amount") or 0) < 0]
+    if not undone or not taken or any(_puts_back(obj, bt) for bt in bts):
+        return []
+    fields = _REFUND_FIELDS if obj == "refund" else _DISPUTE_FIELDS
+    return [Discrepancy("status_mismatch", obj, stripe_id, taken[0]["id"],
+                        _record(row, *fields), _stripe_side(taken[0]))]
+
+
 def _object_of(bt: dict[str, Any]) -> str | None:
     source = ref(bt.get("source")) or ""
     kind = bt.get("type")
@@ -580,14 +677,20 @@ def _object_of(bt: dict[str, Any]) -> str | None:
     return None
 
 
-async def _compare(state: _Run, start: int, end: int) -> None:
+async def _compare(state: _Run, start: int, end: int) -> int:
+    """Compare the balance transactions created in [start, end] (and the ledger's side of that
+    window) and store what differs; returns how far the comparison is known complete (`end`,
+    or when Stripe answered the listing's first page if earlier: see _capped)."""
     client, result = state.client, state.result
     by_object: dict[str, dict[str, list[dict[str, Any]]]] = {
         "payment": {}, "refund": {}, "dispute": {}}
     params: Any = {"created": {"gte": start, "lte": end}, "limit": 100}
-    async for items, _more in pages(client, "/v1/balance_transactions", params,
-                                    "balance_transactions.list"):
-        for bt in items:
+    compared: int | None = None
+    async for page in dated_pages(client, "/v1/balance_transactions", params,
+                                  "balance_transactions.list"):
+        if compared is None:
+            compared = _capped(end, page.listed_at, start)
+        for bt in page.items:
             kind = _object_of(bt)
             source = ref(bt.get("source"))
             if kind is not None and source:
@@ -630,6 +733,24 @@ async def _compare(state: _Run, start: int, end: int) -> None:
              LIMIT $1
             """,
             REEXAMINE)
+        # A refund the ledger has as failed or canceled, or a dispute it has as won, says the
+        # money came back: the transaction that put it back may lie outside the window, so
+        # when only the one that took it out is listed, all of the object's are asked for.
+        undone = await conn.fetch(
+            """
+            SELECT 'refund' AS object, id FROM refunds
+             WHERE id = any($1::text[]) AND status IN ('failed', 'canceled')
+            UNION ALL
+            SELECT 'dispute', id FROM disputes WHERE id = any($2::text[]) AND status = 'won'
+            """,
+            list(by_object["refund"]), list(by_object["dispute"]))
+    for r in undone:
+        listed = by_object[r["object"]][r["id"]]
+        if not any(_puts_back(r["object"], bt) for bt in listed):
+            everything = [bt for bt in await _balance_transactions_of(client, r["id"])
+                          if _object_of(bt) == r["object"]]
+            result.balance_transactions += len(everything) - len(listed)
+            by_object[r["object"]][r["id"]] = everything or listed
     to_confirm = {(r["object"], r["id"]) for r in unlisted}
     to_confirm |= {(r["object"], r["id"]) for r in still_open
                    if r["id"] not in by_object.get(r["object"], {})}
@@ -676,12 +797,14 @@ async def _compare(state: _Run, start: int, end: int) -> None:
                 discrepancies += found
                 if not found:
                     agreeing.append(bt)
+            discrepancies += compare_outcome("refund", refund, bts, refunds.get(refund))
         for dispute, bts in by_object["dispute"].items():
             for bt in bts:
                 found = compare_dispute(dispute, bt, disputes.get(dispute))
                 discrepancies += found
                 if not found:
                     agreeing.append(bt)
+            discrepancies += compare_outcome("dispute", dispute, bts, disputes.get(dispute))
         stored = {r["id"] for r in await conn.fetch(
             "SELECT id FROM balance_transactions WHERE id = any($1::text[])",
             [bt["id"] for bt in agreeing])}
@@ -707,6 +830,7 @@ async def _compare(state: _Run, start: int, end: int) -> None:
         result.discrepancies_new = await _store_discrepancies(
             conn, result.run_id, discrepancies, examined)
     result.fees_filled = sum(1 for d in discrepancies if d.kind == "fee_missing" and d.repaired)
+    return end if compared is None else compared
 
 
 async def _balance_transactions_of(client: stripe.StripeClient, source: str

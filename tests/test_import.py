@@ -1,5 +1,6 @@
 """`donations import`: history from Stripe's objects gives the ledger its events would, is
-idempotent, resumes where it stopped, and never overrides what a real event says."""
+idempotent, resumes where it stopped, and ranks what it lists at the time Stripe listed it:
+above the real events stamped before, below those stamped after."""
 
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ async def test_importing_again_changes_nothing(pool: asyncpg.Pool) -> None:
         events = await pool.fetchval("SELECT count(*) FROM stripe_events")
         fake.requests.clear()
         again = await importer.run(pool, stripe_client, OFFER, SINCE, now=world.now + 60)
-        assert set(again.skipped) == {r.name for r in importer.RESOURCES}
+        assert set(again.skipped) == {r.name for r in importer.RESOURCES} | {importer.REFERENCES}
         assert fake.requests == []
         # another --since lists everything again: all of it already stored
         wider = await importer.run(pool, stripe_client, OFFER, SINCE - 86400,
@@ -100,7 +101,8 @@ async def test_real_events_outrank_imported_snapshots_in_any_order(
     snapshot_world.subscribe(1500, "gbp", founding=True)
     world.refund(paid.charge, 1000)
     world.change_amount(sub.subscription, 2500)
-    async with stripe_against(snapshot_world) as (_, stripe_client):
+    async with stripe_against(snapshot_world) as (fake, stripe_client):
+        fake.use_world_clock()  # listed at the snapshot's time, before the later changes
         await importer.run(pool, stripe_client, OFFER, SINCE, now=snapshot_world.now + 60)
     rng = random.Random(4)
     shuffled = list(world.events)
@@ -210,7 +212,7 @@ async def test_an_import_that_skipped_everything_does_not_clear_a_later_gap(
     async with stripe_against(world) as (_, stripe_client):
         again = await importer.run(pool, stripe_client, FoundingOffer(), since,
                                    now=world.now + 60)
-    assert set(again.skipped) == {r.name for r in importer.RESOURCES}
+    assert set(again.skipped) == {r.name for r in importer.RESOURCES} | {importer.REFERENCES}
     status = await pool.fetchval("SELECT status FROM subscriptions WHERE id = $1",
                                  sub.subscription)
     gap = await pool.fetchval("SELECT gap_from FROM reconciliation_checkpoint")
@@ -237,3 +239,72 @@ async def test_an_interrupted_import_starts_over_when_its_cursor_object_is_gone(
     stored = {r["id"] for r in await pool.fetch(
         "SELECT data ->> 'id' AS id FROM stripe_objects WHERE object = 'charge'")}
     assert stored >= set(charges) - {cursor}
+
+
+async def test_an_import_covering_a_gap_brings_in_a_subscription_changed_in_it(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """An imported snapshot is what Stripe said when it was listed: it outranks every real
+    event stamped before. A subscription upgraded from 15.00 to 25.00 a month (and set to
+    cancel at the period's end) during a reconciliation gap has, after the import covering the
+    gap, the new price and the cancellation, not its `customer.subscription.created` event's;
+    importing again changes nothing."""
+    world = World(seed=9302)
+    sub = world.subscribe(1500, "gbp")
+    await post_all(client, world.events)  # delivered before the service went away
+    world.advance(2 * DAY)
+    gap_from = world.now
+    world.change_amount(sub.subscription, 2500)  # webhooks lost, beyond Stripe's 30 days
+    world.cancel(sub.subscription, at_period_end=True)
+    world.advance(DAY)
+    await pool.execute(
+        "INSERT INTO reconciliation_checkpoint (events_through, gap_from, gap_to)"
+        " VALUES ($1, $1, $2) ON CONFLICT (id) DO UPDATE SET gap_from = $1, gap_to = $2",
+        gap_from, world.now)
+    async with stripe_against(world) as (fake, stripe_client):
+        fake.use_world_clock()
+        done = await importer.run(pool, stripe_client, OFFER, gap_from, now=world.now + 60)
+        assert done.failed == 0
+        assert await pool.fetchval("SELECT gap_from FROM reconciliation_checkpoint") is None
+        row = await pool.fetchrow(
+            "SELECT amount, cancel_at_period_end FROM subscriptions WHERE id = $1",
+            sub.subscription)
+        assert row is not None
+        assert dict(row) == {"amount": 2500, "cancel_at_period_end": True}
+        before = await dump(pool)
+        events = await pool.fetchval("SELECT count(*) FROM stripe_events")
+        world.advance(3600)
+        again = await importer.run(pool, stripe_client, OFFER, gap_from - DAY,
+                                   now=world.now + 60)
+    assert (again.applied, again.failed) == (0, 0)
+    assert await dump(pool) == before
+    assert await pool.fetchval("SELECT count(*) FROM stripe_events") == events
+
+
+async def test_import_since_between_a_failed_renewal_and_its_retry_keeps_it_recurring(
+    pool: asyncpg.Pool,
+) -> None:
+    """`import --since D` in the middle of a subscription's life: a renewal invoiced (its
+    first attempt failed) before D and paid by Smart Retries after D is in the ledger as the
+    events would give it (recurring, of its subscription, for its campaign): the payment
+    intent, invoice payment and invoice a listed charge refers to are imported whenever they
+    were made."""
+    world = World(seed=9303)
+    sub = world.subscribe(1500, "gbp", campaign="winter")
+    world.fail_renewal(sub.subscription)
+    world.advance(DAY)
+    since = world.now
+    retried = world.retry_renewal(sub.subscription, after=2 * DAY)
+    async with stripe_against(world) as (fake, stripe_client):
+        result = await importer.run(pool, stripe_client, OFFER, since, now=world.now + 60)
+        assert result.failed == 0
+        row = await pool.fetchrow(
+            "SELECT kind, subscription, campaign FROM payments WHERE charge = $1",
+            retried.charge)
+        assert row is not None
+        assert dict(row) == {"kind": "recurring", "subscription": sub.subscription,
+                             "campaign": "winter"}
+        # finished: run again, nothing is asked of Stripe
+        fake.requests.clear()
+        again = await importer.run(pool, stripe_client, OFFER, since, now=world.now + 60)
+        assert importer.REFERENCES in again.skipped and fake.requests == []

@@ -14,9 +14,10 @@ import pytest
 import stripe
 from pytest_aiohttp import AiohttpClient
 
-from donations import auth, importer, reconcile
+from donations import auth, fees, importer, reconcile
 from donations.app import create_app
 from donations.ledger import BalanceTransaction, FoundingOffer
+from donations.metrics import Metrics
 from donations.settings import Secret
 from tests.conftest import Client, make_settings
 from tests.fakestripe.world import World
@@ -173,7 +174,8 @@ async def test_a_run_stopped_half_way_is_completed_by_the_next(
         assert await dump(pool) == reference(world.events, OFFER, charge_bts(world))
         checkpoint = await pool.fetchrow("SELECT * FROM reconciliation_checkpoint")
         assert checkpoint is not None
-        assert checkpoint["events_through"] == world.now + 60
+        # the window ran to world.now + 60 by the replica's clock; Stripe answered at world.now
+        assert checkpoint["events_through"] == world.now
         assert checkpoint["pending_cursor"] is None
 
 
@@ -624,3 +626,122 @@ async def test_an_acknowledgement_note_holding_nul_is_400_and_changes_nothing(
     assert await pool.fetchval(
         "SELECT count(*) FROM reconciliation_discrepancies WHERE acknowledged_by IS NOT NULL"
     ) == 0
+
+
+async def test_a_payment_amount_stripe_disagrees_with_is_found_after_the_fee_is_fetched(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """A payment's amount is compared, in its own currency, with the balance transaction's:
+    once the fee worker has copied the transaction into `settlement_amount`, a charge of 40.00
+    that Stripe settled as 40.01 is still an amount_mismatch (settlement_amount is Stripe's
+    number, not the ledger's claim)."""
+    world = World(seed=9307)
+    paid = world.one_off(4000, "gbp")
+    await post_all(client, world.events)
+    bt = world.balance_transactions[str(paid.balance_transaction)]
+    bt["amount"] += 1  # Stripe settled another amount than the ledger says was paid
+    bt["net"] += 1
+    async with stripe_against(world) as (_, stripe_client):
+        assert await fees.run_once(pool, stripe_client, Metrics()) == 1  # the fee worker
+        result = await reconcile.run(pool, stripe_client, OFFER, since=START, now=world.now + 60)
+    assert await pool.fetchval("SELECT amount FROM payments WHERE charge = $1",
+                               paid.charge) == 4000
+    assert [(d.kind, d.stripe_id) for d in result.open] == [
+        ("amount_mismatch", paid.charge)], result.summary()
+
+
+async def test_the_summary_counts_each_event_not_applied_once(pool: asyncpg.Pool) -> None:
+    """An event the run replays and fails to apply is stored as `failed`: it is in the run's
+    `events_failed` and among the stored events not applied, and the summary's last line
+    counts it once."""
+    world = World(seed=9306)
+    world.one_off(1200, "gbp")
+    world.one_off(150_000, "jpy")
+    await pool.execute("""
+        CREATE FUNCTION test_refuse_yen() RETURNS trigger LANGUAGE plpgsql AS
+        $$ BEGIN RAISE EXCEPTION 'yen payments are refused for this test'; END $$;
+        CREATE TRIGGER test_refuse BEFORE INSERT OR UPDATE ON payments
+            FOR EACH ROW WHEN (NEW.currency = 'jpy') EXECUTE FUNCTION test_refuse_yen();
+    """)
+    try:
+        async with stripe_against(world) as (_, stripe_client):
+            result = await reconcile.run(pool, stripe_client, OFFER, since=START,
+                                         now=world.now + 60)
+    finally:
+        await pool.execute(
+            "DROP TRIGGER test_refuse ON payments; DROP FUNCTION test_refuse_yen()")
+    failed = await pool.fetchval("SELECT count(*) FROM stripe_events WHERE status = 'failed'")
+    assert failed > 0 and result.events_failed == failed
+    assert f"{failed} events not applied" in result.summary().splitlines()[-1], \
+        result.summary()
+
+
+def _drop_bt(world: World, bt_id: str) -> None:
+    del world.balance_transactions[bt_id]
+    del world.objects[bt_id]
+
+
+async def test_a_dispute_the_ledger_calls_won_without_funds_reinstated_at_stripe_is_reported(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """A dispute the ledger has as won (its amount counted in `raised` again) whose funds
+    Stripe withdrew (a `dispute` balance transaction) and never reinstated (no
+    `dispute_reversal`) is a status_mismatch."""
+    world = World(seed=9304)
+    paid = world.one_off(4000, "gbp")
+    disputed = world.dispute(paid.charge, "won")
+    await post_all(client, world.events)
+    assert await pool.fetchval("SELECT status FROM disputes WHERE id = $1",
+                               disputed.dispute) == "won"
+    reversal = next(bt for bt in world.balance_transactions.values()
+                    if bt["reporting_category"] == "dispute_reversal")
+    _drop_bt(world, reversal["id"])  # Stripe never gave the money back
+    async with stripe_against(world) as (_, stripe_client):
+        result = await reconcile.run(pool, stripe_client, OFFER, since=START, now=world.now + 60)
+    assert [(d.kind, d.stripe_id) for d in result.open] == [
+        ("status_mismatch", disputed.dispute)], result.summary()
+
+
+async def test_a_refund_the_ledger_calls_failed_while_stripe_kept_it_refunded_is_reported(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """A refund the ledger has as failed (so the payment counts whole again) while Stripe's
+    balance has the refund's debit and no `refund_failure` crediting it back is a
+    status_mismatch."""
+    world = World(seed=9305)
+    paid = world.one_off(4000, "gbp")
+    refunded = world.refund(paid.charge, 1500)
+    failure = world.fail_refund(refunded.refund)
+    await post_all(client, world.events)
+    assert await pool.fetchval("SELECT status FROM refunds WHERE id = $1",
+                               refunded.refund) == "failed"
+    _drop_bt(world, str(failure.balance_transaction))  # the bank never sent it back
+    async with stripe_against(world) as (_, stripe_client):
+        result = await reconcile.run(pool, stripe_client, OFFER, since=START, now=world.now + 60)
+    assert [(d.kind, d.stripe_id) for d in result.open] == [
+        ("status_mismatch", refunded.refund)], result.summary()
+
+
+async def test_a_replica_clock_ahead_of_stripe_costs_a_re_read_never_an_event(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """The checkpoint never passes Stripe's own time (the Date of its list's answer): a
+    replica whose clock runs 15 minutes ahead of Stripe's (NTP broken, a VM resumed) still
+    reads, on its next run, the events Stripe stamped after the first."""
+    world = World(seed=9301)
+    first = world.one_off(1000, "gbp")
+    await post_all(client, first.events)
+    skew = 900
+    async with stripe_against(world) as (fake, stripe_client):
+        fake.use_world_clock()
+        await reconcile.run(pool, stripe_client, OFFER, since=START, now=world.now + skew)
+        checkpoint = await pool.fetchrow("SELECT * FROM reconciliation_checkpoint")
+        assert checkpoint is not None
+        assert (checkpoint["events_through"], checkpoint["compared_through"]) == (
+            world.now, world.now)
+        world.advance(120)
+        lost = world.one_off(2000, "gbp")  # its webhooks never arrive
+        world.advance(3600)
+        later = await reconcile.run(pool, stripe_client, OFFER, now=world.now + skew)
+    assert lost.payment_intent in await payment_keys(pool), later.summary()
+    assert later.matches, later.summary()

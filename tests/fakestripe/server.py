@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import copy
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from email.utils import formatdate
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -207,6 +209,13 @@ class FakeStripe:
         self._objects: dict[str, Obj] = world.objects if world else {}
         self._events: list[Obj] = world.events if world else []
         self.requests: list[RecordedRequest] = []
+        # Stripe's own clock, as the Date header of every answer gives it (unix seconds). With
+        # a World: never before the last thing the World did (a World whose clock jumps months
+        # ahead), nor before the machine's time (a World built in the past is history seen from
+        # today); `use_world_clock` makes it exactly the World's. Without one: aiohttp's Date.
+        self.clock: Callable[[], int] | None = None
+        if world is not None:
+            self.clock = lambda: max(world.now, int(time.time()))
         self._failures: list[_Failure] = []
         self._list_cache: dict[tuple[str, int, int], tuple[list[Obj], dict[str, int]]] = {}
         self._ids = IdGenerator(4242)
@@ -251,6 +260,12 @@ class FakeStripe:
         `after` lets that many matching requests through first (fail from the third page).
         A 400 is an invalid_request_error with `code` and `param`."""
         self._failures.append(_Failure(n, status, path_prefix, should_retry, after, code, param))
+
+    def use_world_clock(self) -> None:
+        """Answer with the World's time in the Date header, as Stripe answers with its own."""
+        world = self.world
+        assert world is not None, "a FakeStripe without a World has no clock of its own"
+        self.clock = lambda: world.now
 
     def requests_to(self, path_prefix: str) -> list[RecordedRequest]:
         return [r for r in self.requests if r.path.startswith(path_prefix)]
@@ -300,6 +315,8 @@ class FakeStripe:
         except StripeError as e:
             response = web.json_response({"error": e.body}, status=e.status, headers=e.headers)
         response.headers["Request-Id"] = request_id
+        if self.clock is not None:
+            response.headers["Date"] = formatdate(self.clock(), usegmt=True)
         response.headers["Stripe-Version"] = request.headers.get("Stripe-Version", API_VERSION)
         return response
 
@@ -481,6 +498,11 @@ class FakeStripe:
         if collection == "events":
             types = params.get("types")
             if types is not None and obj["type"] not in types:
+                return False
+        # Invoice payments by how they were paid: `payment[type]`, `payment[payment_intent]`
+        if collection == "invoice_payments" and isinstance(params.get("payment"), dict):
+            paid_by = obj.get("payment") or {}
+            if any(paid_by.get(k) != v for k, v in params["payment"].items()):
                 return False
         if collection == "balance_transactions" and "payout" in params:
             members = self.world.payout_members.get(params["payout"], []) if self.world else []
