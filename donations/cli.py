@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
 import gc
 import io
@@ -217,8 +218,17 @@ async def _with_database(settings: Settings) -> tuple[str, db.EmbeddedPostgres |
     if settings.database_url is not None:
         return settings.database_url.reveal(), None
     embedded = db.EmbeddedPostgres(settings.data_dir)
-    dsn = await asyncio.to_thread(embedded.start)
-    await embedded.ensure_database()
+    # the server is started in a thread, which a cancellation (SIGTERM) does not stop: stopped
+    # or failed while starting, the command lets the start finish and stops what it started
+    start = asyncio.ensure_future(asyncio.to_thread(embedded.start))
+    try:
+        dsn = await asyncio.shield(start)
+        await embedded.ensure_database()
+    except BaseException:
+        with contextlib.suppress(BaseException):
+            await start
+        embedded.stop()
+        raise
     return dsn, embedded
 
 

@@ -386,7 +386,7 @@ async def test_sigterm_to_a_command_stops_the_embedded_postgres_it_started(
                 break
             await asyncio.sleep(0.1)
         assert _postmaster(data_dir) is not None, "the embedded server never started"
-        await asyncio.sleep(3)
+        await asyncio.sleep(0.5)  # whether it is still starting, migrating or waiting on Stripe
         process.send_signal(signal.SIGTERM)
         await asyncio.wait_for(process.wait(), timeout=30)
         for _ in range(100):
@@ -400,4 +400,30 @@ async def test_sigterm_to_a_command_stops_the_embedded_postgres_it_started(
             process.kill()
             await process.wait()
         listener.close()
+        _stop_postmaster(data_dir)
+
+
+async def test_sigterm_while_the_embedded_postgres_starts_leaves_no_server_running(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM while a command is still starting its embedded PostgreSQL (initdb, the first
+    start): the start is let finish and the server stopped, never left running."""
+    data_dir = tmp_path / "data"
+    env = _env(DONATIONS_DATA_DIR=str(data_dir), LOG_LEVEL="warning")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "donations", "events", "list", env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        for _ in range(600):  # until initdb is under way
+            if (data_dir / "pgdata").exists():
+                break
+            await asyncio.sleep(0.01)
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), timeout=60) == 128 + signal.SIGTERM
+        await asyncio.sleep(1)
+        assert _postmaster(data_dir) is None
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
         _stop_postmaster(data_dir)
