@@ -208,6 +208,9 @@ async def run(args: argparse.Namespace) -> int:
             "STRIPE_SECRET_KEY": TEST_KEY, "STRIPE_API_BASE": fake_url,
             "SITE_ORIGINS": SITE, "FOUNDING_SEATS": str(args.founding_seats),
             "CHECKOUT_RATE_PER_IP": "1000000", "CHECKOUT_RATE_OVERALL": "100000000",
+            # each checkout from a reader of its own network (X-Forwarded-For below), as on the
+            # site: one network holds at most two founding seats at a time (sql/022)
+            "PROXY_HOPS": "1",
         }
         async with running_service(dsn, env=env) as service:
             conn = await asyncpg.connect(dsn)
@@ -222,7 +225,8 @@ async def run(args: argparse.Namespace) -> int:
             def via_service(i: int) -> bytes:
                 path, payload = body(i)
                 headers = {"Content-Type": "application/json",
-                           "Idempotency-Key": keys.setdefault(("service", i), key("service", i))}
+                           "Idempotency-Key": keys.setdefault(("service", i), key("service", i)),
+                           "X-Forwarded-For": f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}"}
                 return KeepAlive.request("POST", path, headers, json.dumps(payload).encode())
 
             def stripe_alone(i: int) -> bytes:

@@ -155,8 +155,7 @@ def install_routes(
 ) -> None:
     """Add the routes, each handler wrapped in the request context (request id, error shapes,
     CORS, metrics, the request line), and last a catch-all that answers, in the same way, what
-    no route matches (404) or matches with another method (405). X-Request-ID is added to
-    every answer as it is sent (aiohttp's on_response_prepare), streamed ones included.
+    no route matches (404) or matches with another method (405).
 
     A wrapper per route rather than a middleware: aiohttp runs a middleware through two more
     coroutines per request (its own, which it adds as soon as there is one, and ours), which cost
@@ -168,15 +167,6 @@ def install_routes(
             web.RouteDef(route.method, route.path, context(route.handler, route.path),
                          route.kwargs).register(app.router)
     app.router.add_route("*", "/{path:.*}", context(_no_route, UNMATCHED), name="unmatched")
-    app.on_response_prepare.append(_send_request_id)
-
-
-async def _send_request_id(request: web.Request, response: web.StreamResponse) -> None:
-    """X-Request-ID on every answer, added as its headers are about to go out: so also on one
-    whose headers leave inside its handler (a streamed report) and on a raised redirect."""
-    request_id = REQUEST_ID.get()
-    if request_id is not None:
-        response.headers["X-Request-ID"] = request_id
 
 
 UNMATCHED = "unmatched"  # the route label of what no route answers
@@ -210,20 +200,24 @@ def request_context(metrics: Metrics) -> Callable[[Handler, str], Handler]:
             given = request.headers.get("X-Request-ID")
             request_id = given if given and _REQUEST_ID.fullmatch(given) else _request_ids.next()
             started = time.perf_counter()
-            # in every line logged while the request runs (donations/logging.py), and in the
-            # answer's X-Request-ID (_send_request_id); nothing to clear at the end: the
-            # request's task, and its copy of the context, end with it
+            # in every line logged while the request runs (donations/logging.py), and in a
+            # streamed answer's headers (reports.stream_response sets it before they leave);
+            # nothing to clear at the end: the request's task, and its copy of the context,
+            # end with it
             REQUEST_ID.set(request_id)
             try:
                 response = await handler(request)
             except web.HTTPException as exc:
                 if exc.status < 400:
                     # a redirect goes out as it is, raised (aiohttp's way), once counted
+                    exc.headers["X-Request-ID"] = request_id
                     finish(request, exc, started)
                     raise
                 response = error_answer(request, exc)
             except Exception as exc:
                 response = error_answer(request, exc)
+            if not response.prepared:  # (a streamed answer's headers are sent already)
+                response.headers["X-Request-ID"] = request_id
             finish(request, response, started)
             return response
 

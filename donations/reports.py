@@ -20,6 +20,7 @@ from donations import auth, db
 from donations.appkeys import POOL, SETTINGS
 from donations.errors import BadRequest, Unprocessable
 from donations.inputs import utc_seconds
+from donations.logging import REQUEST_ID
 from donations.money import THREE_DECIMAL, ZERO_DECIMAL, apply_percent_off, exponent, to_major
 
 log = structlog.get_logger(__name__)
@@ -590,6 +591,8 @@ async def stream_response(
             f'attachment; filename="{win.filename("contributions", fmt)}"',
         "Cache-Control": "no-store",
         "X-Content-Type-Options": "nosniff",
+        # its headers leave from here, before the request context could add it
+        "X-Request-ID": REQUEST_ID.get() or "",
     })
     response.enable_chunked_encoding()
     async with db.connection(request.app[POOL]) as conn:
