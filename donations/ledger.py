@@ -269,9 +269,12 @@ def derive_payment(key: str, cluster: Cluster) -> PaymentRow | None:
         return None
     amount, currency = witness
 
-    succeeded = any((good_charge, paid_inpay, paid_session, refunds, disputes)) or (
-        intent is not None and intent.get("status") == "succeeded"
-    ) or key.startswith("in_")
+    # A refund or dispute tells that money was taken, unless every charge known was only ever
+    # authorised: a released authorisation is refunded too, and took nothing.
+    authorised_only = bool(charges) and all(c.get("captured") is False for c in charges)
+    succeeded = any((good_charge, paid_inpay, paid_session)) or (
+        not authorised_only and any((refunds, disputes))
+    ) or (intent is not None and intent.get("status") == "succeeded") or key.startswith("in_")
     if succeeded:
         status = "succeeded"
     elif intent is not None and intent.get("status") == "canceled":

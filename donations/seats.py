@@ -49,10 +49,10 @@ class FoundingSeats:
         if self._sold_out:
             return None
         row = await conn.fetchrow(
-            "SELECT hold_id, taken FROM founding_seat_hold($1, $2, $3, $4)",
-            self.seats, until, client, HOLDS_PER_CLIENT)
+            "SELECT hold_id, taken, closed FROM founding_seat_hold($1, $2, $3, $4, $5)",
+            self.seats, until, client, HOLDS_PER_CLIENT, self.coupon_id)
         assert row is not None
-        if row["taken"] >= self.seats:
+        if row["taken"] >= self.seats or row["closed"]:
             self._sold_out = True
         hold_id: int | None = row["hold_id"]
         return hold_id

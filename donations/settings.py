@@ -217,7 +217,8 @@ class _Reader:
         try:
             ipaddress.ip_address(raw)
         except ValueError:
-            if not _HOST_NAME.fullmatch(raw):
+            # a name's last label is never all digits (RFC 1123 2.1): 999.1.1.1 is neither
+            if not _HOST_NAME.fullmatch(raw) or raw.rstrip(".").rsplit(".", 1)[-1].isdigit():
                 raise ConfigError(f"{name} must be an IP address or a host name such as "
                                   f"0.0.0.0, ::1 or localhost, got {raw!r}") from None
         return raw

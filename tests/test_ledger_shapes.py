@@ -147,3 +147,29 @@ def test_a_charge_authorised_but_not_captured_is_no_money_until_captured() -> No
     events.append(_ev("charge.captured", captured, T0 + 3600, 3))
     payments = reference(events)["payments"]
     assert payments[pi]["status"] == "succeeded" and payments[pi]["amount"] == 2000
+
+
+def test_an_authorisation_released_without_capture_is_no_payment() -> None:
+    """A charge authorised but never captured whose authorisation is released (the intent
+    canceled; Stripe marks the charge refunded and makes a Refund for the released amount) took no
+    money: the payment is canceled, not a succeeded payment refunded."""
+    pi, ch = "pi_shape_released", "ch_shape_released"
+    intent = o.payment_intent(amount=2000, currency="gbp", created=T0, id=pi, latest_charge=ch,
+                              customer="cus_shape_released")
+    intent["status"] = "requires_capture"
+    held = o.charge(amount=2000, currency="gbp", created=T0, id=ch, payment_intent=pi,
+                    customer="cus_shape_released", balance_transaction=None)
+    held.update(captured=False, amount_captured=0)
+    canceled = dict(intent, status="canceled", cancellation_reason="requested_by_customer")
+    released = dict(held, amount_refunded=2000, refunded=True)
+    refund = o.refund(amount=2000, currency="gbp", created=T0 + 3600, charge=ch,
+                      payment_intent=pi, id="re_shape_released", reason=None)
+    events = [
+        _ev("payment_intent.amount_capturable_updated", intent, T0, 1),
+        _ev("charge.succeeded", held, T0, 2),
+        _ev("payment_intent.canceled", canceled, T0 + 3600, 3),
+        _ev("charge.refunded", released, T0 + 3600, 4),
+        _ev("refund.created", refund, T0 + 3600, 5),
+    ]
+    payments = reference(events)["payments"]
+    assert {k: p["status"] for k, p in payments.items()} == {pi: "canceled"}

@@ -207,3 +207,26 @@ async def test_holds_taken_in_overlapping_transactions_never_exceed_the_seats(
     holds = await asyncio.gather(*(checkout() for _ in range(9)))
     assert sum(h is not None for h in holds) == 3
     assert await pool.fetchval("SELECT count(*) FROM founding_holds") == 3
+
+
+async def test_a_replica_that_did_not_see_the_refusal_does_not_ask_for_a_used_up_coupon(
+    pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
+) -> None:
+    """Stripe's refusal of the founding coupon as used up is read by every replica when it holds
+    a seat: one that never heard the refusal itself (a fresh process) does not ask Stripe for the
+    coupon again."""
+    world = World(seed=9101)
+    async with checkout_service(aiohttp_client, dsn, world, founding_seats=3) as (client, _):
+        world.objects["founding-supporter"]["times_redeemed"] = 3
+        first = await client.post(SUBSCRIPTIONS, json=subscription())
+        assert first.status == 201, await first.text()
+    assert await pool.fetchval("SELECT count(*) FROM founding_coupons_used_up") == 1
+    # another replica (a fresh process): its first request is a subscription checkout
+    async with checkout_service(aiohttp_client, dsn, world, founding_seats=3) as (other, fake):
+        world.objects["founding-supporter"]["times_redeemed"] = 3  # (stocked afresh)
+        response = await other.post(SUBSCRIPTIONS, json=subscription())
+        body = await response.json()
+        sent = created_sessions(fake)
+    assert response.status == 201, body
+    assert body["founding_discount"] is False
+    assert ["discounts" in r.form for r in sent] == [False]

@@ -195,3 +195,11 @@ def test_a_reporting_currency_that_is_no_currency_stops_the_start(code: str) -> 
     with one line naming it, instead of totals that stay 0 for ever."""
     with pytest.raises(ConfigError, match="REPORTING_CURRENCY"):
         Settings.from_env({"REPORTING_CURRENCY": code})
+
+
+@pytest.mark.parametrize("host", ["999.1.1.1", "256.256.256.256", "1.2.3.4.5"])
+def test_a_host_that_is_neither_an_address_nor_a_host_name_stops_the_start(host: str) -> None:
+    """HOST is an IP address or a host name: a dotted-decimal form that is no IPv4 address is
+    neither (RFC 1123 2.1: a name's last label is never all digits), and stops the start."""
+    with pytest.raises(ConfigError, match="HOST"):
+        Settings.from_env({"HOST": host})
