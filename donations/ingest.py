@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -86,7 +87,7 @@ async def ingest_many(
     only the one at fault is recorded as failed (in a transaction of its own, with its error)
     for Stripe's retry, or `events retry`, to apply later. An outage is raised to the caller.
     """
-    items = [_without_nul(item) for item in items]
+    items = [_keepable(item) for item in items]
     first: dict[str, int] = {}  # the same event twice in a group: the later copies are duplicates
     for i, (event, _) in enumerate(items):
         first.setdefault(event.id, i)
@@ -113,25 +114,31 @@ async def ingest_many(
             else Outcome.DUPLICATE for i, (event, _) in enumerate(items)]
 
 
-def _without_nul(item: Item) -> Item:
-    """The event with every U+0000 in its strings replaced by U+FFFD: PostgreSQL keeps no NUL in
-    text or jsonb, and an event holding one would otherwise fail on every retry. (In JSON text a
-    NUL can only be the escape `\\u0000`; its body is stored re-encoded, the one case where it
-    is not stored as received.)"""
+# What PostgreSQL cannot keep in text or jsonb: U+0000, and half a surrogate pair. In JSON text
+# either can only be an escape (`\\u0000`, `\\ud800`…; a surrogate escape found may also be
+# half of a valid pair, which decodes to one character and is kept).
+_UNKEEPABLE_ESCAPE = re.compile(r"\\u(?:0000|[dD][89a-fA-F][0-9a-fA-F]{2})")
+_UNKEEPABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def _keepable(item: Item) -> Item:
+    """The event with every U+0000 and lone surrogate in its strings replaced by U+FFFD: an
+    event holding one would otherwise fail on every retry. Its body is then stored re-encoded,
+    the one case where it is not stored as received."""
     raw = item[1]
-    if "\\u0000" not in raw:
+    if not _UNKEEPABLE_ESCAPE.search(raw):
         return item
-    body = _replace_nul(json.loads(raw))
+    body = _replace_unkeepable(json.loads(raw))
     return parse_event(body), json.dumps(body, separators=(",", ":"))
 
 
-def _replace_nul(value: Any) -> Any:
+def _replace_unkeepable(value: Any) -> Any:
     if isinstance(value, str):
-        return value.replace("\x00", "\ufffd")
+        return _UNKEEPABLE.sub("\ufffd", value)
     if isinstance(value, dict):
-        return {_replace_nul(k): _replace_nul(v) for k, v in value.items()}
+        return {_replace_unkeepable(k): _replace_unkeepable(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_replace_nul(v) for v in value]
+        return [_replace_unkeepable(v) for v in value]
     return value
 
 

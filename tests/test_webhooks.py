@@ -585,17 +585,20 @@ async def test_events_retry_survives_a_stored_failed_event_whose_object_has_no_i
 async def test_an_event_holding_nul_characters_is_stored_and_applied(
     client: Client, pool: asyncpg.Pool
 ) -> None:
-    """PostgreSQL cannot keep U+0000 in text or jsonb. An event with one in a string (a name, a
-    metadata value) is still stored and applied once, the character replaced by U+FFFD, rather
-    than failing on every one of Stripe's retries."""
+    """PostgreSQL cannot keep U+0000, or half a surrogate pair, in text or jsonb. An event with
+    one in a string (a name, a metadata value) is still stored and applied once, the character
+    replaced by U+FFFD, rather than failing on every one of Stripe's retries."""
     world = World(seed=91)
-    paid = world.one_off(1500, "gbp", metadata={"note": "a\x00b"})
+    paid = world.one_off(1500, "gbp", metadata={"note": "a\x00b", "half": "c\ud800d",
+                                                "whole": "e\U0001f600"})
     await post_all(client, world.events)
     statuses = {r["status"] for r in await pool.fetch("SELECT status FROM stripe_events")}
     assert statuses <= {"processed", "ignored"}
     row = await pool.fetchrow("SELECT metadata FROM payments WHERE payment_intent = $1",
                               paid.payment_intent)
     assert row is not None and row["metadata"]["note"] == "a\ufffdb"
+    # half a surrogate pair cannot be kept either; a whole one (an emoji) is kept as it is
+    assert (row["metadata"]["half"], row["metadata"]["whole"]) == ("c\ufffdd", "e\U0001f600")
     stored = await pool.fetchval("SELECT count(*) FROM stripe_events WHERE payload::text LIKE $1",
                                  "%\\u0000%")
     assert stored == 0

@@ -36,8 +36,13 @@ def sign(
 
 
 def encode_event(event: Mapping[str, Any]) -> bytes:
-    """An event's body as Stripe posts it: pretty-printed JSON, UTF-8."""
-    return json.dumps(event, indent=2, ensure_ascii=False).encode("utf-8")
+    """An event's body as Stripe posts it: pretty-printed JSON, UTF-8 (with escapes where a
+    string holds what UTF-8 cannot: half a surrogate pair)."""
+    text = json.dumps(event, indent=2, ensure_ascii=False)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(event, indent=2).encode("utf-8")
 
 
 def signed_request(
