@@ -372,20 +372,23 @@ async def reapply(
 
         if await db.transaction(pool, work):
             changed.add(snapshot.id)
+    derived = 0
     for object_id in objects:
 
-        async def derive(conn: asyncpg.Connection, object_id: str = object_id) -> None:
+        async def derive(conn: asyncpg.Connection, object_id: str = object_id) -> bool:
             kept = await store.load_snapshot(conn, object_id)
-            if kept is not None:
-                plan = Plan.of([kept])
-                await plan.look(conn)
-                locks = plan.lock_order()
-                await db.lock(conn, locks)
-                plan.locked.update(locks)
-                await apply_snapshots(conn, [kept], offer, plan)
+            if kept is None:
+                return False
+            plan = Plan.of([kept])
+            await plan.look(conn)
+            locks = plan.lock_order()
+            await db.lock(conn, locks)
+            plan.locked.update(locks)
+            await apply_snapshots(conn, [kept], offer, plan)
+            return True
 
-        await db.transaction(pool, derive)
-    return len(changed), len(objects)
+        derived += await db.transaction(pool, derive)
+    return len(changed), derived
 
 
 async def _reapply_attention(pool: asyncpg.Pool, event: Event, offer: FoundingOffer) -> Outcome:
