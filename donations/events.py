@@ -199,10 +199,12 @@ def snapshot_version(event: Event) -> Version:
     if kind == "checkout.session" and obj.get("payment_status") in ("paid", "no_payment_required"):
         progress = 1  # an async payment that succeeded never goes back to unpaid
     elif kind == "charge":
-        # refunds only add up (a failed refund is told by the refund itself), and a balance
-        # transaction, once attached, stays
+        # refunds only add up (a failed refund is told by the refund itself), an authorised
+        # charge once captured stays captured, and a balance transaction once attached stays
+        # (sql/023 gave the stored charges this figure)
+        captured = 0 if obj.get("captured") is False else 1
         attached = 1 if obj.get("balance_transaction") else 0
-        progress = 2 * _int(obj.get("amount_refunded")) + attached
+        progress = 4 * _int(obj.get("amount_refunded")) + 2 * captured + attached
     elif kind == "payout":
         # a paid payout whose transactions Stripe has finished attaching is further along
         progress = 1 if obj.get("reconciliation_status") == "completed" else 0

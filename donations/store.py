@@ -80,7 +80,7 @@ async def store_events(
                         payment_key, invoice_id, subscription_id)
               JOIN event ON event.id = s.event_id
              ORDER BY s.id, s.rank DESC, s.progress DESC, s.event_created DESC,
-                      s.type_rank DESC, s.event_id DESC
+                      s.type_rank DESC, s.event_id COLLATE "C" DESC
             {_KEEP_GREATER}
             RETURNING o.id, o.event_id
         )

@@ -1,0 +1,432 @@
+"""The upgrade path from 018 on a populated database, a rolling deploy with 018-era
+replicas still running, and the background workers that fill payments.settled_at.
+
+The 018 database is built and filled by the code as of commit 43f94b7 (extracted with
+`git archive`, run in a subprocess from that tree): webhooks through its app, fees through its fee
+worker, a payout through its payout worker, a few look-ups still queued. Each test upgrades a copy
+of it (CREATE DATABASE … TEMPLATE) with this tree's migrations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import secrets
+import subprocess
+import sys
+import tarfile
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from donations import auth, db, fees, payouts, reports, seats, totals
+from donations.metrics import Metrics
+from tests.conftest import Client, _with_database
+from tests.fakestripe.world import World
+from tests.test_fees import stripe_against
+from tests.webhook_helpers import post_all
+
+REPO = Path(__file__).resolve().parent.parent
+OLD_COMMIT = "43f94b7"
+UPGRADE = ("019_payments_settled_at.sql", "020_founding_coupon_used_up.sql",
+           "021_staff_sessions.sql", "022_founding_holds_per_client.sql",
+           "023_ledger_ties_and_settlement.sql")
+
+# Run with the 018-era code (cwd: its tree): fill a database at 018 as that code would.
+POPULATE = r'''
+import asyncio, json, sys
+from aiohttp.test_utils import TestClient, TestServer
+from donations import db, fees, payouts, campaigns, auth
+from donations.app import create_app
+from donations.metrics import Metrics
+from tests.conftest import make_settings
+from tests.fakestripe.world import World
+from tests.webhook_helpers import post_all
+from tests.test_fees import stripe_against
+
+async def main(dsn, out_path):
+    await db.migrate(dsn)
+    pool = await db.create_pool(dsn)
+    async with db.connection(pool) as conn:
+        await campaigns.create(conn, "spring", "Spring", None, None, None, None, "gbp")
+        await auth.create_token(conn, "finance", ["reports:read"])
+    world = World(seed=18)
+    posted = 0
+    app = create_app(make_settings(dsn))
+    async with TestClient(TestServer(app)) as client:
+        async def flush():
+            nonlocal posted
+            await post_all(client, world.events[posted:])
+            posted = len(world.events)
+        # fees fetched by the 018 fee worker
+        a = world.one_off(2500, "gbp", email="a@example.org")
+        world.one_off(1500, "usd", campaign="spring", email="b@example.org")
+        c = world.one_off(1000, "jpy", email="c@example.org")
+        world.async_checkout(3000, "eur", True, email="d@example.org")
+        sub = world.subscribe(500, "gbp", founding=True, email="e@example.org", campaign="spring")
+        world.renew(sub.subscription)
+        world.refund(a.charge, 500)
+        world.dispute(c.charge, "lost")
+        await flush()
+        async with stripe_against(world) as (fake, sc):
+            while await fees.run_once(pool, sc, Metrics()):
+                pass
+        # balance transactions stored by the 018 payout worker only
+        world.one_off(4200, "gbp", email="f@example.org")
+        world.async_checkout(2200, "eur", True, email="g@example.org", campaign="spring")
+        await flush()
+        world.payout()
+        await flush()
+        async with stripe_against(world) as (fake, sc):
+            while await payouts.run_once(pool, sc):
+                pass
+        # still queued at the upgrade: a card payment and a SEPA debit
+        late_card = world.one_off(900, "gbp", email="h@example.org")
+        late_sepa = world.async_checkout(1800, "eur", True, email="i@example.org")
+        await flush()
+    await pool.close()
+    with open(out_path, "w") as out:
+        json.dump({"balance_transactions": world.balance_transactions,
+                   "late_sepa": late_sepa.payment_intent,
+                   "late_card": late_card.payment_intent}, out, default=str)
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+'''
+
+
+# --- fixtures ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def old_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The code as of 43f94b7 (the 018-era replicas), extracted read-only with git archive."""
+    target = tmp_path_factory.mktemp("old-donations")
+    try:
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", OLD_COMMIT],  # noqa: S603, S607
+                                 check=True, capture_output=True).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:  # a tree without its git history
+        pytest.skip(f"the upgrade tests need git and commit {OLD_COMMIT} in the history: {exc}")
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(target, filter="data")
+    return target
+
+
+def run_old(old_tree: Path, code: str, *args: str) -> str:
+    """Run `code` with the 018-era code importable as `donations` (and its `tests`)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DATABASE_URL")}
+    env["PYTHONPATH"] = str(old_tree)
+    done = subprocess.run([sys.executable, "-c", code, *args], cwd=old_tree, env=env,  # noqa: S603
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done.stdout
+
+
+async def _admin(server_dsn: str, sql: str) -> None:
+    admin = await asyncpg.connect(server_dsn)
+    try:
+        await admin.execute(sql)
+    finally:
+        await admin.close()
+
+
+@pytest.fixture(scope="session")
+def template_018(server_dsn: str, old_tree: Path,
+                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, Any]]]:
+    """A database at 018 filled by the 018-era code; the World's data beside it."""
+    name = f"upgrade_018_{secrets.token_hex(4)}"
+    asyncio.run(_admin(server_dsn, f'CREATE DATABASE "{name}"'))
+    out = tmp_path_factory.mktemp("world") / "world.json"
+    try:
+        run_old(old_tree, POPULATE, _with_database(server_dsn, name), str(out))
+        yield name, json.loads(out.read_text())
+    finally:
+        asyncio.run(_admin(server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+async def at_018(server_dsn: str, template_018: tuple[str, dict[str, Any]]
+                 ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    """A fresh copy of the populated 018 database, dropped after the test."""
+    template, world = template_018
+    name = f"upgrade_copy_{secrets.token_hex(4)}"
+    await _admin(server_dsn, f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    try:
+        yield _with_database(server_dsn, name), world
+    finally:
+        await _admin(server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def _rows(conn: asyncpg.Connection, table: str, drop: tuple[str, ...] = ()) -> list[Any]:
+    rows = await conn.fetch(f"SELECT * FROM {table}")  # noqa: S608
+    return sorted(
+        json.dumps({k: v for k, v in dict(r).items() if k not in drop}, default=str,
+                    sort_keys=True) for r in rows)
+
+
+LEDGER = ("payments", "refunds", "disputes", "subscriptions", "customers", "payouts",
+          "balance_transactions", "balance_transaction_fetches", "payout_balance_transactions",
+          "payout_fetches", "totals", "totals_deltas", "totals_supporters", "totals_scopes",
+          "founding_holds", "campaigns", "api_tokens", "stripe_objects")
+
+
+# --- the migrations on populated tables ------------------------------------------------------
+
+
+async def test_upgrade_backfills_settled_at_from_balance_transactions_and_nothing_else(
+    at_018: tuple[str, dict[str, Any]]
+) -> None:
+    """019-022 apply to a populated 018 database; settled_at is the balance transaction's time
+    where one is stored and NULL where not; every other column and table (the kept totals and
+    their deltas among them) is as it was, and `totals verify` still finds no difference."""
+    dsn, _ = at_018
+    conn = await asyncpg.connect(dsn)
+    try:
+        assert await conn.fetchval("SELECT max(version) FROM schema_migrations") == 18
+        # (sql/023 puts the stored charges' progress on a new scale: checked below)
+        before = {t: await _rows(conn, t, ("progress",) if t == "stripe_objects" else ())
+                  for t in LEDGER}
+        assert await conn.fetchval("SELECT count(*) FROM payments") >= 10
+        assert await conn.fetchval("SELECT count(*) FROM balance_transaction_fetches") == 2
+    finally:
+        await conn.close()
+
+    assert await db.migrate(dsn) == list(UPGRADE)
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        for table in LEDGER:
+            drop = {"payments": ("settled_at",), "founding_holds": ("client",),
+                    "stripe_objects": ("progress",)}.get(table, ())
+            assert await _rows(conn, table, drop) == before[table], table
+        rows = await conn.fetch(
+            """SELECT p.payment_key, p.settled_at, b.created_at AS bt_created FROM payments p
+                 LEFT JOIN balance_transactions b ON b.id = p.balance_transaction""")
+        assert all(r["settled_at"] == r["bt_created"] for r in rows), rows
+        assert sum(r["settled_at"] is not None for r in rows) == len(rows) - 2
+        # a debit settled days after its charge was made is dated by its settlement
+        assert await conn.fetchval(
+            "SELECT count(*) FROM payments WHERE settled_at - created_at > interval '1 day'") == 2
+        # the stored charges' progress is on the scale events.snapshot_version now uses
+        charges = await conn.fetch("SELECT progress, data FROM stripe_objects"
+                                   " WHERE object = 'charge'")
+        datas = [(r["progress"], json.loads(r["data"])) for r in charges]
+        assert datas and all(
+            progress == 4 * int(data["amount_refunded"]) + (0 if data["captured"] is False else 2)
+            + (1 if data["balance_transaction"] else 0) for progress, data in datas)
+        result = await totals.verify(conn)
+        assert result.differences == (), totals.describe(result)
+    finally:
+        await conn.close()
+
+
+async def test_report_payment_branch_can_use_the_booked_at_index(
+    at_018: tuple[str, dict[str, Any]]
+) -> None:
+    """The report's payment branch (coalesce(settled_at, created_at) in a window, succeeded
+    only) matches payments_booked_at's expression and predicate, as the report runs it
+    (prepared, with parameters): with sequential scans priced out the index is what is used."""
+    dsn, _ = at_018
+    await db.migrate(dsn)
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():
+            await conn.execute("SET LOCAL enable_seqscan = off")
+            await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+            plan = "\n".join(r[0] for r in await conn.fetch(
+                f"EXPLAIN {reports.CONTRIBUTIONS}",
+                datetime(2026, 12, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC)))
+        assert "payments_booked_at" in plan, plan
+    finally:
+        await conn.close()
+
+
+# --- a rolling deploy: 018-era replicas against the upgraded database -------------------------
+
+OLD_FEE_WORKER = r'''
+import asyncio, json, sys
+import asyncpg
+from donations import db, fees
+async def main(dsn, bt):
+    pool = await db.create_pool(dsn, min_size=1, max_size=2)
+    async with db.connection(pool) as conn:
+        await fees.store_balance_transaction(conn, json.loads(bt))
+    await pool.close()
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+'''
+
+OLD_PAYOUT_WORKER = r'''
+import asyncio, json, sys
+from donations import db, payouts
+async def main(dsn, bt):
+    pool = await db.create_pool(dsn, min_size=1, max_size=2)
+    async with db.connection(pool) as conn:
+        await payouts.store_members(conn, "po_upgradelate", [json.loads(bt)])
+    await pool.close()
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+'''
+
+
+@pytest.mark.parametrize("worker", ["fee", "payout"])
+async def test_a_fee_stored_by_an_018_replica_after_the_upgrade_still_dates_the_payment(
+    at_018: tuple[str, dict[str, Any]], old_tree: Path, server_dsn: str, worker: str
+) -> None:
+    """During a rolling deploy an 018-era replica's fee (or payout) worker stores a balance
+    transaction queued before the upgrade, knowing nothing of settled_at: the payments trigger
+    (sql/023) fills it, so the payment is dated by its settlement (February, when its money
+    arrived), not by its charge's creation."""
+    dsn, world = at_018
+    await db.migrate(dsn)
+    pool = await db.create_pool(dsn, min_size=1, max_size=4)
+    try:
+        key = world["late_sepa"]
+        bt_id = await pool.fetchval(
+            "SELECT balance_transaction FROM payments WHERE payment_key = $1", key)
+        bt = world["balance_transactions"][bt_id]
+        run_old(old_tree, OLD_FEE_WORKER if worker == "fee" else OLD_PAYOUT_WORKER, dsn,
+                json.dumps(bt))
+        # the new replicas take over: their fee worker has nothing queued for it any more
+        assert await pool.fetchval(
+            "SELECT count(*) FROM balance_transaction_fetches WHERE id = $1", bt_id) == 0
+        row = await pool.fetchrow(
+            "SELECT fee, created_at, settled_at FROM payments WHERE payment_key = $1", key)
+        assert row is not None and row["fee"] == bt["fee"]  # the 018 worker did store it
+        settled = datetime.fromtimestamp(int(bt["created"]), UTC)
+        assert row["created_at"].month != settled.month  # made in one month, settled the next
+        assert row["settled_at"] == settled
+    finally:
+        await pool.close()
+
+
+OLD_HOLD = r'''
+import asyncio, sys
+from datetime import UTC, datetime, timedelta
+import asyncpg
+from donations.seats import FoundingSeats
+async def main(dsn):
+    conn = await asyncpg.connect(dsn)
+    seats = FoundingSeats(100)
+    got = [await seats.hold(conn, datetime.now(UTC) + timedelta(hours=1)) for _ in range(3)]
+    print(",".join(str(g) for g in got))
+    await conn.close()
+asyncio.run(main(sys.argv[1]))
+'''
+
+
+async def test_the_018_two_argument_seat_hold_still_works_after_022(
+    at_018: tuple[str, dict[str, Any]], old_tree: Path
+) -> None:
+    """An 018-era replica's FoundingSeats.hold (founding_seat_hold(seats, until)) still holds
+    seats after 022 (client NULL: counted for nobody), and a new replica's five-argument call
+    sees those holds in its count and still caps its own client."""
+    dsn, _ = at_018
+    await db.migrate(dsn)
+    held = run_old(old_tree, OLD_HOLD, dsn).strip().split(",")
+    assert all(h.isdigit() for h in held), held
+    conn = await asyncpg.connect(dsn)
+    try:
+        assert await conn.fetchval(
+            "SELECT count(*) FROM founding_holds WHERE client IS NULL AND expires_at > now()") == 3
+        new = seats.FoundingSeats(7)
+        until = datetime.now(UTC) + timedelta(hours=1)
+        mine = [await new.hold(conn, until, "198.51.100.7") for _ in range(3)]
+        assert mine[0] is not None and mine[1] is not None
+        assert mine[2] is None  # the client's cap, not the seats: one is still free
+        assert await new.left(conn) == 1  # 7 less 1 founding subscription, 3 old holds, 2 new
+        # lapsed holds, with a client or not, are cleared as before
+        await conn.execute("UPDATE founding_holds SET created_at = now() - interval '3 days',"
+                           " expires_at = now() - interval '2 days'")
+        assert await seats.forget_lapsed(conn, timedelta(days=1)) == 5
+    finally:
+        await conn.close()
+
+
+async def test_an_018_cookie_holding_the_token_is_no_session(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """The 018 staff page kept the token itself in the cookie. After the upgrade such a cookie
+    opens nothing (it is no session), and the page answers with the login form, not a 500."""
+    async with db.connection(pool) as conn:
+        token = await auth.create_token(conn, "finance", ["reports:read"])
+    response = await client.get("/staff/", headers={"Cookie": f"donations_staff={token}"})
+    assert response.status == 200
+    html = await response.text()
+    assert 'action="/staff/login"' in html
+    csv = await client.get("/staff/contributions.csv?from=2026-01-01&to=2026-02-01",
+                           headers={"Cookie": f"donations_staff={token}"},
+                           allow_redirects=False)
+    assert csv.status == 303
+
+
+async def test_staff_sessions_long_ended_are_cleared_at_the_next_sign_in(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """Sessions that ended more than a day ago are deleted when someone signs in; live ones
+    and a token's revocation are respected."""
+    async with db.connection(pool) as conn:
+        token = await auth.create_token(conn, "finance", ["reports:read"])
+        token_id = await conn.fetchval("SELECT id FROM api_tokens")
+        await conn.execute(
+            "INSERT INTO staff_sessions (session_hash, token_id, created_at, expires_at)"
+            " VALUES ($1, $2, now() - interval '3 days', now() - interval '2 days')",
+            b"x" * 32, token_id)
+    response = await client.post("/staff/login", data={"token": token}, allow_redirects=False)
+    assert response.status == 303
+    assert await pool.fetchval("SELECT count(*) FROM staff_sessions") == 1
+
+
+# --- the workers and derivation agree on settled_at, whichever comes first --------------------
+
+
+async def _payment(pool: asyncpg.Pool, key: str) -> asyncpg.Record:
+    row = await pool.fetchrow("SELECT * FROM payments WHERE payment_key = $1", key)
+    assert row is not None
+    return row
+
+
+async def test_settled_at_is_the_same_whether_the_fee_worker_or_derivation_comes_first(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """A SEPA debit: derived first (settled_at NULL), then the fee worker (settled_at = the
+    balance transaction's time), then derived again after a refund (unchanged). A second one
+    whose balance transaction the payout worker stored before the charge.updated naming it
+    arrived: derivation fills the same value and queues no look-up."""
+    world = World(seed=4401)
+    first = world.async_checkout(3000, "eur", True, email="x@example.org")
+    await post_all(client, world.events)
+    row = await _payment(pool, first.payment_intent)
+    assert row["settled_at"] is None and row["fee"] is None
+    bt = world.balance_transactions[row["balance_transaction"]]
+    settled = datetime.fromtimestamp(int(bt["created"]), UTC)
+    async with stripe_against(world) as (_, stripe_client):
+        assert await fees.run_once(pool, stripe_client, Metrics()) == 1
+    assert (await _payment(pool, first.payment_intent))["settled_at"] == settled
+    posted = len(world.events)
+    world.refund(str(first.charge), 1000)
+    await post_all(client, world.events[posted:])
+    again = await _payment(pool, first.payment_intent)
+    assert again["amount_refunded"] == 1000 and again["settled_at"] == settled
+    assert again["fee"] == bt["fee"]
+
+    # the balance transaction first (payout worker), the event naming it after
+    posted = len(world.events)
+    second = world.async_checkout(2000, "eur", True, email="y@example.org")
+    mine = world.events[posted:]
+    last = max(i for i, e in enumerate(mine) if e["type"] == "charge.updated")
+    await post_all(client, mine[:last])
+    world.payout()
+    payout_events = world.events[posted + len(mine):]
+    await post_all(client, payout_events)
+    async with stripe_against(world) as (_, stripe_client):
+        assert await payouts.run_once(pool, stripe_client) == 1
+    await post_all(client, mine[last:])
+    row = await _payment(pool, second.payment_intent)
+    bt2 = world.balance_transactions[row["balance_transaction"]]
+    assert row["settled_at"] == datetime.fromtimestamp(int(bt2["created"]), UTC)
+    assert row["fee"] == bt2["fee"]
+    assert await pool.fetchval("SELECT count(*) FROM balance_transaction_fetches") == 0
