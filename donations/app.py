@@ -26,12 +26,22 @@ from donations import (
     reconcile,
     reports,
     staff_page,
+    stripe_api,
     tasks,
     totals_api,
     webhooks,
 )
 from donations import embed as embed_widget
-from donations.appkeys import METRICS, MIGRATIONS, OFFER, POOL, SEATS, SETTINGS, STRIPE
+from donations.appkeys import (
+    METRICS,
+    MIGRATIONS,
+    OFFER,
+    POOL,
+    SEATS,
+    SETTINGS,
+    STRIPE,
+    STRIPE_BACKGROUND,
+)
 from donations.errors import ApiError
 from donations.ledger import FoundingOffer
 from donations.logging import REQUEST_ID
@@ -105,14 +115,18 @@ async def database(app: web.Application) -> AsyncIterator[None]:
 
 
 async def stripe_client(app: web.Application) -> AsyncIterator[None]:
-    http_client = stripe.AIOHTTPClient(timeout=20)
-    app[STRIPE] = make_client(app[SETTINGS], http_client)
+    reader = stripe.AIOHTTPClient(timeout=stripe_api.READER_TIMEOUT)
+    background = stripe.AIOHTTPClient(timeout=stripe_api.BACKGROUND_TIMEOUT)
+    app[STRIPE] = make_client(app[SETTINGS], reader,
+                              max_network_retries=stripe_api.READER_RETRIES)
+    app[STRIPE_BACKGROUND] = make_client(app[SETTINGS], background)
     yield
-    await http_client.close_async()  # type: ignore[no-untyped-call]  # unannotated upstream
+    for http_client in (reader, background):
+        await http_client.close_async()  # type: ignore[no-untyped-call]  # unannotated upstream
 
 
 async def balance_transaction_worker(app: web.Application) -> AsyncIterator[None]:
-    client = app[STRIPE]
+    client = app[STRIPE_BACKGROUND]
     if client is None:  # without a key, fees stay unknown; the rest of the service works
         yield
         return
@@ -125,7 +139,7 @@ async def balance_transaction_worker(app: web.Application) -> AsyncIterator[None
 
 async def payout_worker(app: web.Application) -> AsyncIterator[None]:
     """Fetches each paid or failed payout's balance transactions (see donations/payouts.py)."""
-    client = app[STRIPE]
+    client = app[STRIPE_BACKGROUND]
     if client is None:  # without a key, payouts are listed but not yet tied to their parts
         yield
         return
@@ -137,7 +151,7 @@ async def payout_worker(app: web.Application) -> AsyncIterator[None]:
 
 async def reconciliation_schedule(app: web.Application) -> AsyncIterator[None]:
     """Reconciles with Stripe every RECONCILE_INTERVAL, one replica at a time."""
-    client, interval = app[STRIPE], app[SETTINGS].reconcile_interval
+    client, interval = app[STRIPE_BACKGROUND], app[SETTINGS].reconcile_interval
     if client is None or interval <= 0:
         yield
         return

@@ -20,7 +20,9 @@ if TYPE_CHECKING:
 
 SETTINGS = web.AppKey("settings", Settings)
 POOL = web.AppKey("pool", asyncpg.Pool)
+# for what a reader waits on (checkout, the portal); STRIPE_BACKGROUND for the workers
 STRIPE: web.AppKey[stripe.StripeClient | None] = web.AppKey("stripe")
+STRIPE_BACKGROUND: web.AppKey[stripe.StripeClient | None] = web.AppKey("stripe_background")
 METRICS = web.AppKey("metrics", Metrics)
 OFFER = web.AppKey("founding_offer", FoundingOffer)
 SEATS = web.AppKey("founding_seats", FoundingSeats)

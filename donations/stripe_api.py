@@ -12,9 +12,17 @@ from donations.errors import ApiError, BadGateway, ServiceUnavailable, Unprocess
 from donations.events import PINNED_API_VERSION
 from donations.settings import Settings
 
+# A reader waits on checkout and the portal: each try at most READER_TIMEOUT seconds, tried again
+# once, so that a Stripe that does not answer is a 503 within about 17 s, before the browser or
+# a proxy gives up. The background work (fees, payouts, reconciliation, the commands) waits
+# longer and tries more often.
+READER_TIMEOUT, READER_RETRIES = 8.0, 1
+BACKGROUND_TIMEOUT, BACKGROUND_RETRIES = 20.0, 3
+
 
 def make_client(
-    settings: Settings, http_client: stripe.HTTPClient | None = None
+    settings: Settings, http_client: stripe.HTTPClient | None = None,
+    *, max_network_retries: int = BACKGROUND_RETRIES,
 ) -> stripe.StripeClient | None:
     """A client for the configured key, or None when no key is set (those features answer 503)."""
     if settings.stripe_secret_key is None:
@@ -25,8 +33,8 @@ def make_client(
         stripe_version=PINNED_API_VERSION,
         # The library retries connection errors, 409s, 429s and 5xx with backoff, and sends an
         # idempotency key on POSTs so a retried create never happens twice.
-        max_network_retries=3,
-        http_client=http_client or stripe.AIOHTTPClient(timeout=20),
+        max_network_retries=max_network_retries,
+        http_client=http_client or stripe.AIOHTTPClient(timeout=BACKGROUND_TIMEOUT),
         base_addresses={"api": base, "files": base, "connect": base} if base else None,
     )
 

@@ -4,6 +4,7 @@ reached Stripe, what the form is answered, and the ledger once Stripe's webhooks
 from __future__ import annotations
 
 import json
+import socket
 import time
 from typing import Any
 
@@ -12,11 +13,14 @@ import pytest
 from aiohttp.test_utils import make_mocked_request
 from pytest_aiohttp import AiohttpClient
 
-from donations import ratelimit
+from donations import ratelimit, stripe_api
+from donations.app import create_app
 from donations.events import PINNED_API_VERSION
+from donations.settings import Secret
 from tests.checkout_helpers import (
     SESSIONS,
     SITE,
+    TEST_KEY,
     add_campaign,
     checkout_service,
     created_sessions,
@@ -24,7 +28,7 @@ from tests.checkout_helpers import (
     sessions_in,
     subscription,
 )
-from tests.conftest import Client
+from tests.conftest import Client, make_settings
 from tests.fakestripe.world import World
 from tests.webhook_helpers import post_all
 
@@ -599,8 +603,6 @@ async def test_options_give_the_form_currencies_amounts_and_the_offer(
 
 
 def _secret(value: str) -> object:
-    from donations.settings import Secret
-
     return Secret(value)
 
 
@@ -618,3 +620,30 @@ def test_the_client_behind_a_proxy_is_its_address_whatever_the_port(
     request = make_mocked_request("POST", CONTRIBUTIONS,
                                   headers={"X-Forwarded-For": f"10.0.0.1, {forwarded}"})
     assert ratelimit.client_network(request, proxy_hops=1) == bucket
+
+
+async def test_a_stripe_that_never_answers_is_a_503_before_the_reader_gives_up(
+    pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A reader waits on checkout: a Stripe that takes the connection and never answers is a 503
+    `stripe_unavailable` once each try's timeout has passed twice (READER_TIMEOUT, tried again
+    READER_RETRIES times: about 17 s as shipped, shortened here), not after the background
+    workers' longer patience."""
+    monkeypatch.setattr(stripe_api, "READER_TIMEOUT", 0.4)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    try:
+        settings = make_settings(
+            dsn, stripe_secret_key=Secret(TEST_KEY), site_origins=(SITE,),
+            stripe_api_base=f"http://127.0.0.1:{listener.getsockname()[1]}")
+        client = await aiohttp_client(create_app(settings))
+        started = time.monotonic()
+        response = await client.post(CONTRIBUTIONS, json=order())
+        waited = time.monotonic() - started
+    finally:
+        listener.close()
+    assert response.status == 503
+    assert (await response.json())["error"]["code"] == "stripe_unavailable"
+    assert waited < 5, waited
