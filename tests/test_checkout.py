@@ -10,6 +10,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from pytest_aiohttp import AiohttpClient
 
@@ -647,3 +648,108 @@ async def test_a_stripe_that_never_answers_is_a_503_before_the_reader_gives_up(
     assert response.status == 503
     assert (await response.json())["error"]["code"] == "stripe_unavailable"
     assert waited < 5, waited
+
+
+async def test_a_subscription_carries_campaign_and_metadata_on_session_and_subscription(
+    pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
+) -> None:
+    """A subscription checkout asks Stripe for a session whose metadata, and whose
+    `subscription_data.metadata`, both hold the form's metadata and the campaign, and which
+    pre-fills `customer_email` with the reader's address."""
+    await add_campaign(pool, "spring")
+    world = World(seed=43)
+    async with checkout_service(aiohttp_client, dsn, world) as (client, fake):
+        response = await client.post(SUBSCRIPTIONS, json=subscription(
+            email="jane.doe@example.org", campaign="spring",
+            metadata={"referrer": "newsletter", "variant": "b"}))
+        body = await response.json()
+        assert response.status == 201, body
+        [sent] = created_sessions(fake)
+        [session] = sessions_in(world)
+
+    metadata = {"referrer": "newsletter", "variant": "b", "campaign": "spring",
+                "founding_supporter": "true"}  # the first seats are founding ones
+    form = sent.form
+    assert form["mode"] == "subscription"
+    assert form["metadata"] == metadata
+    assert form["subscription_data"] == {"metadata": metadata}
+    assert form["customer_email"] == "jane.doe@example.org"
+    assert "payment_intent_data" not in form
+    assert (body["id"], body["campaign"], body["founding_discount"]) == (
+        session["id"], "spring", True)
+    # what the fake Stripe made of it: the session carries both, as Stripe's would
+    assert session["metadata"] == metadata
+    assert session["customer_email"] == "jane.doe@example.org"
+
+
+@pytest.mark.parametrize("path", [SUBSCRIPTIONS, "/v1/checkout/options"])
+async def test_the_preflight_of_subscriptions_and_options_is_for_the_site_only(
+    path: str, pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
+) -> None:
+    """A CORS preflight on /v1/checkout/subscriptions and /v1/checkout/options is answered 204
+    with Access-Control-Allow-Origin for an origin in SITE_ORIGINS, and 403 without that header
+    for a foreign origin."""
+    method = "GET" if path.endswith("options") else "POST"
+    async with checkout_service(aiohttp_client, dsn) as (client, fake):
+        site = await client.options(path, headers={
+            "Origin": SITE, "Access-Control-Request-Method": method,
+            "Access-Control-Request-Headers": "content-type"})
+        foreign = await client.options(path, headers={
+            "Origin": "https://evil.example.com", "Access-Control-Request-Method": method})
+        foreign_body = await foreign.json()
+        reached_stripe = list(fake.requests)
+
+    assert site.status == 204
+    assert site.headers["Access-Control-Allow-Origin"] == SITE
+    assert method in site.headers["Access-Control-Allow-Methods"]
+    assert "Content-Type" in site.headers["Access-Control-Allow-Headers"]
+    assert foreign.status == 403
+    assert foreign_body["error"]["code"] == "origin_not_allowed"
+    assert "Access-Control-Allow-Origin" not in foreign.headers
+    assert reached_stripe == []
+
+
+@pytest.mark.parametrize("path", [CONTRIBUTIONS, SUBSCRIPTIONS])
+async def test_a_stripe_refusal_is_a_502_stripe_rejected_request_in_the_contracts_shape(
+    path: str, pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
+) -> None:
+    """A 4xx refusal from Stripe that is not the reader's doing (here 400
+    `parameter_invalid_integer`) is answered 502 `stripe_rejected_request` in the contract's
+    error shape ({"error": {"code", "message"}}), with neither a traceback nor Stripe's own
+    words in the body."""
+    stripe_words = "Invalid integer: 25.00 (parameter_invalid_integer)"
+    asked: list[str] = []
+
+    async def refuse(request: web.Request) -> web.Response:
+        asked.append(request.path)
+        return web.json_response({"error": {
+            "type": "invalid_request_error", "code": "parameter_invalid_integer",
+            "param": "line_items[0][price_data][unit_amount]", "message": stripe_words,
+            "doc_url": "https://stripe.com/docs/error-codes/parameter-invalid-integer"}},
+            status=400, headers={"Request-Id": "req_refused"})
+
+    stripe_app = web.Application()
+    stripe_app.router.add_post(SESSIONS, refuse)
+    fake = await aiohttp_client(stripe_app)
+    settings = make_settings(dsn, stripe_secret_key=Secret(TEST_KEY),
+                             stripe_api_base=str(fake.make_url("")).rstrip("/"),
+                             site_origins=(SITE,), checkout_rate_per_ip=1000,
+                             founding_seats=0)
+    client = await aiohttp_client(create_app(settings))
+    body = order() if path == CONTRIBUTIONS else subscription()
+    response = await client.post(path, json=body, headers={"Origin": SITE})
+    text = await response.text()
+
+    assert response.status == 502, text
+    assert response.content_type == "application/json"
+    answer = json.loads(text)
+    assert list(answer) == ["error"]
+    assert set(answer["error"]) == {"code", "message"}
+    assert answer["error"]["code"] == "stripe_rejected_request"
+    assert answer["error"]["message"]
+    for leak in ("Traceback", "parameter_invalid_integer", "Invalid integer", "req_refused",
+                 'File "', TEST_KEY):
+        assert leak not in text, leak
+    assert len(response.headers["X-Request-ID"]) == 32
+    assert response.headers["Access-Control-Allow-Origin"] == SITE  # the form can read it
+    assert asked == [SESSIONS]  # a 400 is not retried

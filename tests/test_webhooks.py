@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import datetime as dt
 import io
 import json
 import time
@@ -23,6 +24,7 @@ from donations.openapi import SPEC
 from donations.settings import Secret
 from tests.checkout_helpers import checkout_service, token
 from tests.conftest import WEBHOOK_SECRET, Client, make_settings
+from tests.fakestripe import objects as shapes
 from tests.fakestripe.signing import sign, signed_request
 from tests.fakestripe.world import World
 from tests.ledger_check import dump, reference
@@ -602,3 +604,50 @@ async def test_an_event_holding_nul_characters_is_stored_and_applied(
     stored = await pool.fetchval("SELECT count(*) FROM stripe_events WHERE payload::text LIKE $1",
                                  "%\\u0000%")
     assert stored == 0
+
+
+async def test_a_customer_updated_before_it_was_created_ends_with_the_newer_name_and_email(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """customer.updated delivered before customer.created, and each delivered again, leaves the
+    customers row with the updated name and e-mail: whether the update came in the same second
+    as the creation or an hour later, the creation never takes the row back."""
+    world = World(seed=92)
+
+    def customer_events(email: str, later: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """customer.created (no name yet), then `later` seconds on, customer.updated with a
+        name and another e-mail (previous_attributes as Stripe gives them)."""
+        customer = shapes.customer(ids=world.ids, created=world.now, email=email)
+        created = shapes.event("customer.created", customer, created=world.now, ids=world.ids,
+                          request_id=world.ids.new("req"), idempotency_key=world.ids.uuid())
+        world.advance(later)
+        updated = shapes.event(
+            "customer.updated",
+            {**customer, "email": f"new.{email}", "name": "Jane Doe"},
+            created=world.now, ids=world.ids,
+            previous_attributes={"email": email, "name": None},
+            request_id=world.ids.new("req"), idempotency_key=world.ids.uuid())
+        return created, updated
+
+    same_second = customer_events("ann@example.org", 0)
+    an_hour_on = customer_events("bob@example.org", 3600)
+    assert same_second[0]["created"] == same_second[1]["created"]
+    answers = []
+    for created, updated in (same_second, an_hour_on):
+        for event in (updated, created, updated, created):
+            status, body = await post_event(client, event)
+            answers.append((status, body["outcome"]))
+    assert answers == [(200, "processed"), (200, "processed"),
+                       (200, "duplicate"), (200, "duplicate")] * 2
+
+    rows = {r["id"]: dict(r) for r in await pool.fetch(
+        "SELECT id, email, name, deleted, created_at FROM customers")}
+    expected = {}
+    for created, _updated in (same_second, an_hour_on):
+        obj = created["data"]["object"]
+        expected[obj["id"]] = {
+            "id": obj["id"], "email": f"new.{obj['email']}", "name": "Jane Doe",
+            "deleted": False,
+            "created_at": dt.datetime.fromtimestamp(obj["created"], dt.UTC)}
+    assert rows == expected
+    assert await dump(pool) == reference([e for pair in (same_second, an_hour_on) for e in pair])
