@@ -4,6 +4,7 @@ gives, resumable runs, balance transactions compared and differences recorded, n
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -12,6 +13,8 @@ from typing import Any, cast
 import asyncpg
 import pytest
 import stripe
+import structlog
+from aiohttp import web
 from pytest_aiohttp import AiohttpClient
 
 from donations import auth, fees, importer, reconcile
@@ -20,6 +23,7 @@ from donations.ledger import BalanceTransaction, FoundingOffer
 from donations.metrics import Metrics
 from donations.settings import Secret
 from tests.conftest import Client, make_settings
+from tests.fakestripe.server import FakeStripe, running_fake_stripe
 from tests.fakestripe.world import World
 from tests.ledger_check import dump, reference
 from tests.test_fees import TEST_KEY, stripe_against
@@ -745,3 +749,95 @@ async def test_a_replica_clock_ahead_of_stripe_costs_a_re_read_never_an_event(
         later = await reconcile.run(pool, stripe_client, OFFER, now=world.now + skew)
     assert lost.payment_intent in await payment_keys(pool), later.summary()
     assert later.matches, later.summary()
+
+
+async def test_refunds_and_disputes_missing_on_either_side_are_reported(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """Refunds and disputes are reported missing as payments are: one whose balance
+    transaction Stripe lists but whose events are beyond Stripe's 30 days (so the ledger never
+    had it) is `missing_in_ledger`; one the ledger has whose balance transactions Stripe no
+    longer lists is `missing_at_stripe`."""
+    world = World(seed=9401)
+    refunded_old = world.refund(world.one_off(1500, "gbp").charge, 500)
+    disputed_old = world.dispute(world.one_off(1600, "gbp").charge)
+    refunded_lost = world.refund(world.one_off(2500, "gbp").charge, 700)
+    disputed_lost = world.dispute(world.one_off(2600, "gbp").charge)
+    old = refunded_old.events + disputed_old.events
+    await post_all(client, [e for e in world.events if e not in old])
+    world.events[:] = [e for e in world.events if e not in old]  # past Stripe's 30 days
+    _drop_bt(world, str(refunded_lost.balance_transaction))
+    for bt_id in disputed_lost.balance_transactions:
+        _drop_bt(world, bt_id)
+    assert await pool.fetchval("SELECT count(*) FROM refunds") == 1
+    assert await pool.fetchval("SELECT count(*) FROM disputes") == 1
+
+    async with stripe_against(world) as (_, stripe_client):
+        result = await reconcile_world(pool, stripe_client, world)
+    found = sorted((d.kind, d.object, d.stripe_id) for d in result.open)
+    assert found == sorted([
+        ("missing_in_ledger", "refund", refunded_old.refund),
+        ("missing_in_ledger", "dispute", disputed_old.dispute),
+        ("missing_at_stripe", "refund", refunded_lost.refund),
+        ("missing_at_stripe", "dispute", disputed_lost.dispute),
+    ]), result.summary()
+    by_id = {d.stripe_id: d for d in result.open}
+    for missing in (by_id[refunded_old.refund], by_id[disputed_old.dispute]):
+        assert missing.ledger is None and missing.stripe is not None
+    assert (by_id[refunded_old.refund].stripe or {})["amount"] == -500
+    for gone in (by_id[refunded_lost.refund], by_id[disputed_lost.dispute]):
+        assert gone.stripe is None and gone.ledger is not None
+    assert (by_id[refunded_lost.refund].ledger or {})["amount"] == 700
+    assert (by_id[disputed_lost.dispute].ledger or {})["amount"] == 2600
+    stored = {(r["kind"], r["stripe_id"]) for r in await discrepancy_rows(pool)
+              if r["resolved_at"] is None}
+    assert stored == {(kind, stripe_id) for kind, _, stripe_id in found}
+    assert "unresolved" in result.summary()
+
+
+async def test_two_replicas_never_reconcile_at_the_same_time(
+    pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
+) -> None:
+    """Two replicas of `serve` with a short RECONCILE_INTERVAL, each with runs longer than the
+    interval, both reconcile in turn and never at the same time: no two rows of
+    reconciliation_runs overlap in time (each starts after the one before it finished), the
+    other replica's attempts meanwhile being skipped."""
+    world = World(seed=9402, start=int(time.time()) - 3600)
+    world.one_off(1200, "gbp")
+
+    @web.middleware
+    async def slow_lists(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.method == "GET" and request.path in ("/v1/events", "/v1/balance_transactions"):
+            await asyncio.sleep(0.15)  # each run now lasts longer than the interval
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    def slowed(fake: FakeStripe) -> None:
+        fake.app.middlewares.append(slow_lists)
+
+    with structlog.testing.capture_logs() as logs:
+        async with running_fake_stripe(world, configure=slowed) as fake_a, \
+                running_fake_stripe(world, configure=slowed) as fake_b:
+            replicas = []
+            for fake in (fake_a, fake_b):  # one Stripe address each: who ran is told apart
+                settings = make_settings(dsn, stripe_secret_key=Secret(TEST_KEY),
+                                         stripe_api_base=fake.base_url, reconcile_interval=0.2,
+                                         fee_worker_interval=3600.0,
+                                         payout_worker_interval=3600.0)
+                replicas.append(await aiohttp_client(create_app(settings)))
+            await eventually(lambda: pool.fetchval(
+                "SELECT count(*) >= 5 FROM reconciliation_runs WHERE status = 'succeeded'"),
+                within=8)
+            for replica in replicas:  # a run cut short by the shutdown is finished as failed
+                await replica.close()
+            ran = [fake.requests_to("/v1/events") for fake in (fake_a, fake_b)]
+
+    runs = await pool.fetch(
+        "SELECT id, status, started_at, finished_at FROM reconciliation_runs ORDER BY started_at")
+    assert len([r for r in runs if r["status"] == "succeeded"]) >= 5, runs
+    assert all(r["finished_at"] is not None for r in runs), runs
+    overlapping = [(a["id"], b["id"]) for a, b in itertools.pairwise(runs)
+                   if b["started_at"] < a["finished_at"]]
+    assert overlapping == [], runs
+    assert all(ran), "both replicas reconciled in turn"
+    assert any(e["event"] == "reconciliation_skipped" for e in logs)
