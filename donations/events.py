@@ -191,6 +191,31 @@ def shape_understood(event: Event) -> bool:
     return date >= _SHAPE_SINCE.get(kind, _OLDEST_UNDERSTOOD)
 
 
+# Objects whose ledger row needs a currency: without one Stripe never writes them.
+_NEEDS_CURRENCY = frozenset({"payment_intent", "charge", "refund", "dispute", "subscription",
+                             "invoice", "payout"})
+_CURRENCY = re.compile(r"[a-z]{3}")
+
+
+def written_as_stripe_writes(kind: str, obj: dict[str, Any]) -> bool:
+    """Whether the fields the ledger reads have the types Stripe writes them with (a signed
+    event shaped otherwise, forged or broken, is set aside for attention rather than failing on
+    every retry): a text status, a currency where the object needs one, objects for metadata
+    and a subscription's items."""
+    status = obj.get("status")
+    if status is not None and not isinstance(status, str):
+        return False
+    currency = obj.get("currency")
+    if kind in _NEEDS_CURRENCY and not (isinstance(currency, str)
+                                        and _CURRENCY.fullmatch(currency)):
+        return False
+    if not isinstance(obj.get("metadata") or {}, dict):
+        return False
+    items = obj.get("items") if kind == "subscription" else None
+    return items is None or (isinstance(items, dict)
+                             and isinstance(items.get("data") or [], list))
+
+
 def snapshot_version(event: Event) -> Version:
     """Where this event's snapshot stands among all snapshots of the same object."""
     kind = event.object_kind or ""

@@ -21,6 +21,7 @@ from donations.events import (
     ref,
     shape_understood,
     snapshot_version,
+    written_as_stripe_writes,
 )
 
 # A dispute lost, or lost and under appeal: the money is gone unless an appeal wins it back.
@@ -50,7 +51,8 @@ class Snapshot:
 def snapshot_of(event: Event) -> Snapshot | None:
     """The event's snapshot, when it is of an object the ledger reads, in a shape we understand."""
     kind = event.object_kind
-    if kind is None or not shape_understood(event):
+    if (kind is None or not shape_understood(event)
+            or not written_as_stripe_writes(kind, event.obj)):
         return None
     return Snapshot(kind, event.obj, snapshot_version(event))
 

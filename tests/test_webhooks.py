@@ -17,7 +17,7 @@ import pytest
 from pytest_aiohttp import AiohttpClient
 
 from donations.app import create_app
-from donations.events import NotAnEvent, parse_event
+from donations.events import PINNED_API_VERSION, NotAnEvent, parse_event
 from donations.ingest import Outcome, ingest_many, retry_unfinished
 from donations.ledger import FoundingOffer
 from donations.openapi import SPEC
@@ -651,3 +651,29 @@ async def test_a_customer_updated_before_it_was_created_ends_with_the_newer_name
             "created_at": dt.datetime.fromtimestamp(obj["created"], dt.UTC)}
     assert rows == expected
     assert await dump(pool) == reference([e for pair in (same_second, an_hour_on) for e in pair])
+
+
+@pytest.mark.parametrize("obj", [
+    {"id": "dp_bad", "object": "dispute", "amount": 500, "currency": "gbp", "status": {"x": 1}},
+    {"id": "sub_bad", "object": "subscription", "currency": "gbp", "status": "active",
+     "items": [{}]},
+    {"id": "sub_bad", "object": "subscription", "currency": "gbp", "status": "active",
+     "metadata": [1]},
+    {"id": "re_bad", "object": "refund"},
+    {"id": "po_bad", "object": "payout", "amount": 100, "status": "paid"},
+])
+async def test_a_signed_event_not_shaped_as_stripe_writes_it_is_set_aside_not_failed(
+    client: Client, pool: asyncpg.Pool, obj: dict[str, Any]
+) -> None:
+    """A signed event whose object's fields do not have the types Stripe writes (a status that is
+    not text, no currency where the object needs one, metadata or items that are not objects:
+    forged by someone holding the secret, or broken) is stored and set aside for attention
+    (200, counted), never a 500 that Stripe would retry for days and no retry could apply."""
+    kind = {"dispute": "charge.dispute.created", "subscription": "customer.subscription.updated",
+            "refund": "refund.created", "payout": "payout.paid"}[obj["object"]]
+    event = {"id": "evt_badshape", "object": "event", "type": kind, "created": int(time.time()),
+             "livemode": False, "api_version": PINNED_API_VERSION, "data": {"object": obj}}
+    status, body = await post_event(client, event)
+    assert (status, body.get("outcome")) == (200, "needs_attention"), body
+    row = await pool.fetchrow("SELECT status FROM stripe_events WHERE id = 'evt_badshape'")
+    assert row is not None and row["status"] == "needs_attention"
