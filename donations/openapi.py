@@ -164,7 +164,9 @@ SPEC: dict[str, Any] = {
             "summary": "Finance staff page: token login (cookie), a month's summary, a 12-month "
             "chart, CSV downloads",
             "parameters": [{"name": "month", "in": "query", "schema": {
-                "type": "string", "pattern": "^[0-9]{4}-[0-9]{2}$"}}],
+                "type": "string", "pattern": "^[0-9]{4}-[0-9]{2}$"},
+                "description": "read once signed in (400 when not a month); the sign-in page "
+                               "ignores it"}],
             "responses": {"200": {"description": "HTML",
                                   "content": {"text/html": {"schema": {"type": "string"}}}}}}},
         "/openapi.json": {"get": {"summary": "This document", "responses": {
@@ -319,8 +321,9 @@ _SVG_QUERY: list[dict[str, Any]] = [
     {"name": "width", "in": "query", "schema": {"type": "integer", "minimum": 200,
                                                  "maximum": 1200, "default": 480}},
     *({"name": n, "in": "query",
-       "schema": {"type": "string", "pattern": "^#?([0-9a-fA-F]{3}|[0-9a-fA-F]{6})$"},
-       "description": f"{n} colour, hex"} for n in ("bar", "track", "text", "background")),
+       "schema": {"type": "string", "pattern": "^(#?([0-9a-fA-F]{3}|[0-9a-fA-F]{6}))?$"},
+       "description": f"{n} colour, hex (empty: the default)"}
+      for n in ("bar", "track", "text", "background")),
 ]
 
 
@@ -391,9 +394,11 @@ SPEC["paths"].update({
                 "type": "object", "required": ["slug", "title"], "properties": {
                     "slug": {"type": "string", "pattern": "^[a-z0-9][a-z0-9-]{0,62}$"},
                     "title": {"type": "string", "minLength": 1, "maxLength": 200},
-                    "goal": _MONEY,
-                    "starts": {"type": "string", "description": "RFC 3339 or a date"},
-                    "ends": {"type": "string", "description": "RFC 3339 or a date"}},
+                    "goal": {"oneOf": [_MONEY, {"type": "null"}]},
+                    "starts": {"type": ["string", "null"],
+                               "description": "RFC 3339 or a date; null or absent: no start"},
+                    "ends": {"type": ["string", "null"],
+                             "description": "RFC 3339 or a date; null or absent: no end"}},
                 "additionalProperties": False}}}},
             "responses": {
                 "201": _json(_CAMPAIGN, "The campaign"),
