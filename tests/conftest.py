@@ -4,6 +4,7 @@ for the session with migrations applied, tables emptied before each test, and th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import tempfile
@@ -55,23 +56,37 @@ def _with_database(dsn: str, name: str) -> str:
     return urlunsplit(parts._replace(path=f"/{name}"))
 
 
+async def _admin(server_dsn: str, sql: str) -> None:
+    admin = await asyncpg.connect(server_dsn)
+    try:
+        await admin.execute(sql)
+    finally:
+        await admin.close()
+
+
+@contextlib.asynccontextmanager
+async def scratch_database(
+    server_dsn: str, prefix: str, *, migrated: bool = True
+) -> AsyncIterator[tuple[str, str]]:
+    """A database of its own on the suite's server (migrated unless told not), its URL and
+    name; dropped at the end, whatever was done to it (its connections refused, say)."""
+    name = f"{prefix}_{secrets.token_hex(4)}"
+    await _admin(server_dsn, f'CREATE DATABASE "{name}"')
+    try:
+        url = _with_database(server_dsn, name)
+        if migrated:
+            await db.migrate(url)
+        yield url, name
+    finally:
+        await _admin(server_dsn, f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        await _admin(server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.fixture(scope="session")
 async def dsn(server_dsn: str) -> AsyncIterator[str]:
     """A database of the suite's own, created fresh and dropped at the end."""
-    name = f"donations_test_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(server_dsn)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    url = _with_database(server_dsn, name)
-    await db.migrate(url)
-    yield url
-    admin = await asyncpg.connect(server_dsn)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    async with scratch_database(server_dsn, "donations_test") as (url, _):
+        yield url
 
 
 async def empty_tables(pool: asyncpg.Pool) -> None:

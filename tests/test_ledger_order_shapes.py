@@ -60,9 +60,18 @@ def _card(pi: str, ch: str, amount: int, created: int, bt: str | None, **charge:
     return intent, chg
 
 
+def _authorised(pi: str, ch: str, amount: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A manual-capture payment intent waiting for capture, and its charge not captured."""
+    intent, held = _card(pi, ch, amount, T0, None, captured=False, amount_captured=0)
+    intent.update(status="requires_capture", amount_capturable=amount, amount_received=0,
+                  capture_method="manual")
+    return intent, held
+
+
 def _charge_bt(bt: str, ch: str, amount: int, created: int) -> dict[str, Any]:
+    # 1.5 % + 20p, rounded half up, in integers
     return o.balance_transaction(amount=amount, currency="gbp", created=created, source=ch,
-                                 type="charge", id=bt, fee=round(amount * 0.015) + 20,
+                                 type="charge", id=bt, fee=(amount * 15 + 500) // 1000 + 20,
                                  reporting_category="charge")
 
 
@@ -121,9 +130,7 @@ def captured_later() -> Scenario:
     (charge.captured; since 2024-04-10 often without its balance transaction yet), then
     payment_intent.succeeded and charge.updated attaching the balance transaction."""
     pi, ch, txn = "pi_rv_cap", "ch_rv_cap", "txn_rv_cap"
-    intent, held = _card(pi, ch, 3000, T0, None, captured=False, amount_captured=0)
-    intent.update(status="requires_capture", amount_capturable=3000, amount_received=0,
-                  capture_method="manual")
+    intent, held = _authorised(pi, ch, 3000)
     captured = dict(held, captured=True, amount_captured=3000)
     attached = dict(captured, balance_transaction=txn)
     done = dict(intent, status="succeeded", amount_capturable=0, amount_received=3000)
@@ -146,9 +153,7 @@ def released() -> Scenario:
     """An authorisation released without capture: the intent canceled, Stripe marks the charge
     refunded (captured: false) and makes a Refund for the released amount."""
     pi, ch = "pi_rv_rel", "ch_rv_rel"
-    intent, held = _card(pi, ch, 2000, T0, None, captured=False, amount_captured=0)
-    intent.update(status="requires_capture", amount_capturable=2000, amount_received=0,
-                  capture_method="manual")
+    intent, held = _authorised(pi, ch, 2000)
     canceled = dict(intent, status="canceled", cancellation_reason="requested_by_customer",
                     amount_capturable=0, canceled_at=T0 + 3600)
     refunded = dict(held, amount_refunded=2000, refunded=True)

@@ -125,18 +125,25 @@ def test_dispute_appeal_after_a_loss_is_followed() -> None:
     assert ledger["payments"][pi]["dispute_lost"] is False
 
 
+def _authorised(name: str, amount: int = 2000) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A payment intent waiting for capture and its charge, authorised and not captured."""
+    pi, ch = f"pi_shape_{name}", f"ch_shape_{name}"
+    intent = o.payment_intent(amount=amount, currency="gbp", created=T0, id=pi, latest_charge=ch,
+                              customer=f"cus_shape_{name}")
+    intent["status"] = "requires_capture"
+    held = o.charge(amount=amount, currency="gbp", created=T0, id=ch, payment_intent=pi,
+                    customer=f"cus_shape_{name}", balance_transaction=None)
+    held.update(captured=False, amount_captured=0)
+    return intent, held
+
+
 def test_a_charge_authorised_but_not_captured_is_no_money_until_captured() -> None:
     """A charge with `captured: false` (manual capture: stripe/_charge.py `captured`, "If the
     charge was created without capturing, this Boolean represents whether it is still
     uncaptured or has since been captured") is an authorisation: no payment has succeeded until
     charge.captured says it was."""
-    pi, ch = "pi_shape_auth", "ch_shape_auth"
-    intent = o.payment_intent(amount=2000, currency="gbp", created=T0, id=pi, latest_charge=ch,
-                              customer="cus_shape_auth")
-    intent["status"] = "requires_capture"
-    held = o.charge(amount=2000, currency="gbp", created=T0, id=ch, payment_intent=pi,
-                    customer="cus_shape_auth", balance_transaction=None)
-    held.update(captured=False, amount_captured=0)
+    intent, held = _authorised("auth")
+    pi, ch = intent["id"], held["id"]
     events = [_ev("payment_intent.amount_capturable_updated", intent, T0, 1),
               _ev("charge.succeeded", held, T0, 2)]
     payments = reference(events)["payments"]
@@ -153,13 +160,8 @@ def test_an_authorisation_released_without_capture_is_no_payment() -> None:
     """A charge authorised but never captured whose authorisation is released (the intent
     canceled; Stripe marks the charge refunded and makes a Refund for the released amount) took no
     money: the payment is canceled, not a succeeded payment refunded."""
-    pi, ch = "pi_shape_released", "ch_shape_released"
-    intent = o.payment_intent(amount=2000, currency="gbp", created=T0, id=pi, latest_charge=ch,
-                              customer="cus_shape_released")
-    intent["status"] = "requires_capture"
-    held = o.charge(amount=2000, currency="gbp", created=T0, id=ch, payment_intent=pi,
-                    customer="cus_shape_released", balance_transaction=None)
-    held.update(captured=False, amount_captured=0)
+    intent, held = _authorised("released")
+    pi, ch = intent["id"], held["id"]
     canceled = dict(intent, status="canceled", cancellation_reason="requested_by_customer")
     released = dict(held, amount_refunded=2000, refunded=True)
     refund = o.refund(amount=2000, currency="gbp", created=T0 + 3600, charge=ch,

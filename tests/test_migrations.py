@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import secrets
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,7 +15,7 @@ from pytest_aiohttp import AiohttpClient
 from donations import db
 from donations.app import create_app
 from donations.appkeys import MIGRATIONS
-from tests.conftest import _with_database, make_settings
+from tests.conftest import make_settings, scratch_database
 
 NEW_MIGRATION = "CREATE TABLE campaign_goals (campaign text PRIMARY KEY, goal bigint NOT NULL);\n"
 ON_DISK = db.load_migrations()
@@ -27,18 +26,8 @@ NEW_NAME = f"{NEXT:03d}_campaign_goals.sql"
 @pytest.fixture
 async def scratch_dsn(server_dsn: str) -> AsyncIterator[str]:
     """An empty database of the test's own, dropped after it."""
-    name = f"donations_migrations_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(server_dsn)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    yield _with_database(server_dsn, name)
-    admin = await asyncpg.connect(server_dsn)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    async with scratch_database(server_dsn, "donations_migrations", migrated=False) as (url, _):
+        yield url
 
 
 @pytest.fixture

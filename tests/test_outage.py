@@ -7,13 +7,11 @@ rest of the suite's database is never touched, with or without DATABASE_URL.
 from __future__ import annotations
 
 import asyncio
-import secrets
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, MutableMapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -24,7 +22,13 @@ from pytest_aiohttp import AiohttpClient
 from donations import db
 from donations.app import create_app
 from donations.appkeys import POOL
-from tests.conftest import WEBHOOK_SECRET, Client, empty_tables, make_settings
+from tests.conftest import (
+    WEBHOOK_SECRET,
+    Client,
+    empty_tables,
+    make_settings,
+    scratch_database,
+)
 from tests.fakestripe.signing import signed_request
 from tests.fakestripe.world import World
 from tests.ledger_check import dump, reference
@@ -231,23 +235,8 @@ def _signed(event: dict[str, Any]) -> dict[str, Any]:
 @pytest.fixture
 async def refusing_database(server_dsn: str) -> AsyncIterator[tuple[str, str]]:
     """A migrated database of this test's own on the suite's server, and its name."""
-    name = f"donations_refusing_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(server_dsn)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    url = urlunsplit(urlsplit(server_dsn)._replace(path=f"/{name}"))
-    await db.migrate(url)
-    try:
-        yield url, name
-    finally:
-        admin = await asyncpg.connect(server_dsn)
-        try:
-            await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
+    async with scratch_database(server_dsn, "donations_refusing") as made:
+        yield made
 
 
 async def test_a_database_not_accepting_connections_is_503_not_500(

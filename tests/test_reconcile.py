@@ -109,6 +109,12 @@ async def eventually(check: Callable[[], Awaitable[bool]], within: float = 10) -
         await asyncio.sleep(0.02)
 
 
+
+async def _run(pool: asyncpg.Pool, world: World) -> reconcile.RunResult:
+    """One reconciliation run against the World's fake Stripe, from START to just after now."""
+    async with stripe_against(world) as (_, stripe_client):
+        return await reconcile.run(pool, stripe_client, OFFER, since=START, now=world.now + 60)
+
 async def test_reconcile_after_losing_30_percent_of_webhooks_gives_the_full_ledger(
     client: Client, pool: asyncpg.Pool
 ) -> None:
@@ -543,8 +549,7 @@ async def test_events_listed_in_an_api_version_not_understood_are_not_a_match(
     cancelled = world.cancel(sub.subscription, at_period_end=False)
     for event in cancelled.events:  # its webhook was lost; Stripe lists it in the account's version
         event["api_version"] = "2024-06-20"
-    async with stripe_against(world) as (_, stripe_client):
-        result = await reconcile.run(pool, stripe_client, OFFER, since=START, now=world.now + 60)
+    result = await _run(pool, world)
     status = await pool.fetchval("SELECT status FROM subscriptions WHERE id = $1",
                                  sub.subscription)
     assert status == "active"  # Stripe says canceled
@@ -562,8 +567,7 @@ async def test_a_refund_of_a_non_card_payment_is_compared_as_a_refund(
     await post_all(client, world.events)
     world.balance_transactions[str(paid.balance_transaction)]["type"] = "payment"
     world.balance_transactions[str(refunded.balance_transaction)]["type"] = "payment_refund"
-    async with stripe_against(world) as (_, stripe_client):
-        result = await reconcile.run(pool, stripe_client, OFFER, since=START, now=world.now + 60)
+    result = await _run(pool, world)
     assert [(d.kind, d.stripe_id) for d in result.open] == []
 
 
@@ -580,8 +584,7 @@ async def test_a_refund_in_another_currency_than_the_settlement_one_is_compared_
     assert bt["currency"] == "gbp" and bt["exchange_rate"] is not None
     bt["amount"] -= 100  # Stripe settled another amount than the refund's
     bt["net"] -= 100
-    async with stripe_against(world) as (_, stripe_client):
-        result = await reconcile.run(pool, stripe_client, OFFER, since=START, now=world.now + 60)
+    result = await _run(pool, world)
     assert [(d.kind, d.stripe_id) for d in result.open] == [("amount_mismatch", refunded.refund)]
 
 
@@ -700,8 +703,7 @@ async def test_a_dispute_the_ledger_calls_won_without_funds_reinstated_at_stripe
     reversal = next(bt for bt in world.balance_transactions.values()
                     if bt["reporting_category"] == "dispute_reversal")
     _drop_bt(world, reversal["id"])  # Stripe never gave the money back
-    async with stripe_against(world) as (_, stripe_client):
-        result = await reconcile.run(pool, stripe_client, OFFER, since=START, now=world.now + 60)
+    result = await _run(pool, world)
     assert [(d.kind, d.stripe_id) for d in result.open] == [
         ("status_mismatch", disputed.dispute)], result.summary()
 
@@ -720,8 +722,7 @@ async def test_a_refund_the_ledger_calls_failed_while_stripe_kept_it_refunded_is
     assert await pool.fetchval("SELECT status FROM refunds WHERE id = $1",
                                refunded.refund) == "failed"
     _drop_bt(world, str(failure.balance_transaction))  # the bank never sent it back
-    async with stripe_against(world) as (_, stripe_client):
-        result = await reconcile.run(pool, stripe_client, OFFER, since=START, now=world.now + 60)
+    result = await _run(pool, world)
     assert [(d.kind, d.stripe_id) for d in result.open] == [
         ("status_mismatch", refunded.refund)], result.summary()
 

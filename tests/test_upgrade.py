@@ -27,7 +27,7 @@ import pytest
 
 from donations import auth, db, fees, payouts, reports, seats, totals
 from donations.metrics import Metrics
-from tests.conftest import Client, _with_database
+from tests.conftest import Client, _admin, _with_database
 from tests.fakestripe.world import World
 from tests.test_fees import stripe_against
 from tests.webhook_helpers import post_all
@@ -125,14 +125,6 @@ def run_old(old_tree: Path, code: str, *args: str) -> str:
                           capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-4000:]
     return done.stdout
-
-
-async def _admin(server_dsn: str, sql: str) -> None:
-    admin = await asyncpg.connect(server_dsn)
-    try:
-        await admin.execute(sql)
-    finally:
-        await admin.close()
 
 
 @pytest.fixture(scope="session")
