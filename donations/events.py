@@ -8,6 +8,8 @@ from typing import Any
 
 from stripe._api_version import _ApiVersion
 
+from donations.money import is_currency_code
+
 # The API version this code reads: the stripe library's own pin. Webhook endpoints should be created
 # with it (`stripe-setup` does), so every event arrives in exactly this shape.
 PINNED_API_VERSION: str = _ApiVersion.CURRENT
@@ -194,7 +196,6 @@ def shape_understood(event: Event) -> bool:
 # Objects whose ledger row needs a currency: without one Stripe never writes them.
 _NEEDS_CURRENCY = frozenset({"payment_intent", "charge", "refund", "dispute", "subscription",
                              "invoice", "payout"})
-_CURRENCY = re.compile(r"[a-z]{3}")
 
 
 def written_as_stripe_writes(kind: str, obj: dict[str, Any]) -> bool:
@@ -206,8 +207,8 @@ def written_as_stripe_writes(kind: str, obj: dict[str, Any]) -> bool:
     if status is not None and not isinstance(status, str):
         return False
     currency = obj.get("currency")
-    if kind in _NEEDS_CURRENCY and not (isinstance(currency, str)
-                                        and _CURRENCY.fullmatch(currency)):
+    if kind in _NEEDS_CURRENCY and not (isinstance(currency, str) and currency.islower()
+                                        and is_currency_code(currency)):
         return False
     if not isinstance(obj.get("metadata") or {}, dict):
         return False
