@@ -29,6 +29,9 @@ log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
+# How long `serve` lets the requests in flight finish after SIGTERM or SIGINT (README: 30 s).
+SHUTDOWN_TIMEOUT = 30.0
+
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
     """uvloop's event loop where it is installed (every platform but Windows): the same asyncio
@@ -208,8 +211,11 @@ def serve(settings: Settings) -> int:
     gc.freeze()
     # run_app handles SIGINT and SIGTERM: it stops accepting, lets requests in flight finish
     # (up to shutdown_timeout), then runs the cleanup contexts (pool, worker, embedded server).
+    # A client that hangs up does not cancel its request (handler_cancellation): a checkout goes
+    # on to store the session Stripe made, so that the reader's retry with its key gets it.
     web.run_app(app, host=settings.host, port=settings.port, loop=new_event_loop(),
-                access_log=None, print=None, shutdown_timeout=30)
+                access_log=None, print=None, shutdown_timeout=SHUTDOWN_TIMEOUT,
+                handler_cancellation=False)
     log.info("stopped")
     return 0
 
