@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -441,6 +442,40 @@ async def test_a_reader_who_hangs_up_while_stripe_makes_the_session_gets_it_on_r
     assert [r["checkout_session"] for r in await pool.fetch(
         "SELECT checkout_session FROM founding_holds")] == [body["id"]]
 
+
+
+async def test_a_client_gone_mid_body_is_not_logged_as_a_crash(
+    pool: asyncpg.Pool, dsn: str, tmp_path: Path
+) -> None:
+    """A delivery cut off half-way through its body (Stripe's own timeout, a network cut, a
+    load balancer's): nothing is stored, and, nothing of ours having failed, it is logged as
+    `client_disconnected` (info) and counted with status 499, not as a crash with a traceback
+    and a 500 that would page someone."""
+    env = _env(DATABASE_URL=dsn, PORT=str(_free_port()), STRIPE_WEBHOOK_SECRET=WEBHOOK_SECRET,
+               LOG_LEVEL="info")
+    log = tmp_path / "serve.log"
+    body, headers = signed_request(World(seed=96).one_off(900, "gbp").events[0],
+                                   WEBHOOK_SECRET)
+    async with _serving(env, log) as process:
+        _, writer = await asyncio.open_connection("127.0.0.1", int(env["PORT"]))
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        writer.write(f"POST /webhooks/stripe HTTP/1.1\r\nHost: x\r\n{head}"
+                     f"Content-Length: {len(body)}\r\n\r\n".encode() + body[: len(body) // 2])
+        await writer.drain()
+        writer.close()
+
+        async def logged() -> bool:
+            return '"path": "/webhooks/stripe", "status"' in log.read_text()
+
+        await wait_until(logged)
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 30) == 0
+    lines = [json.loads(line) for line in log.read_text().splitlines()
+             if '"path": "/webhooks/stripe"' in line]
+    assert [(x["event"], x["level"], x.get("status")) for x in lines] == [
+        ("client_disconnected", "info", None), ("request", "info", 499)], lines
+    assert _loud(log) == []
+    assert await pool.fetchval("SELECT count(*) FROM stripe_events") == 0
 
 # --- migrations ----------------------------------------------------------------------------------
 
