@@ -281,8 +281,18 @@ _request_ids = _RequestIds()
 os.register_at_fork(after_in_child=_request_ids.draw)
 
 
+# nginx's "client closed request": what the metrics and the request's log line say of a request
+# whose client went away before it was read whole (no answer can reach it)
+CLIENT_CLOSED_REQUEST = 499
+
+
 def error_answer(request: web.Request, exc: Exception) -> web.Response:
     """An error in the contract's shape (called while it is being handled, for log.exception)."""
+    if isinstance(exc, ConnectionResetError) and _client_gone(request):
+        # aiohttp's "Connection lost" from reading the body of a client that hung up (a
+        # timeout of Stripe's, a reader who closed the tab): nothing of ours failed
+        log.info("client_disconnected", method=request.method, path=request.path)
+        return web.Response(status=CLIENT_CLOSED_REQUEST)
     if isinstance(exc, ApiError):
         if exc.status >= 500:
             log.warning("request_failed", code=exc.code)
@@ -312,6 +322,11 @@ def error_answer(request: web.Request, exc: Exception) -> web.Response:
         {"error": {"code": "internal_error", "message": "something went wrong on our side"}},
         status=500,
     )
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
 
 
 # --- operational endpoints ------------------------------------------------------------------

@@ -9,10 +9,13 @@ import csv
 import gc
 import io
 import json
+import os
 import signal
+import stat
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any, BinaryIO, TypeVar
 
 import asyncpg
 import structlog
@@ -28,6 +31,9 @@ from donations.settings import ConfigError, Settings
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
+
+# How long `serve` lets the requests in flight finish after SIGTERM or SIGINT (README: 30 s).
+SHUTDOWN_TIMEOUT = 30.0
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -208,8 +214,11 @@ def serve(settings: Settings) -> int:
     gc.freeze()
     # run_app handles SIGINT and SIGTERM: it stops accepting, lets requests in flight finish
     # (up to shutdown_timeout), then runs the cleanup contexts (pool, worker, embedded server).
+    # A client that hangs up does not cancel its request (handler_cancellation): a checkout goes
+    # on to store the session Stripe made, so that the reader's retry with its key gets it.
     web.run_app(app, host=settings.host, port=settings.port, loop=new_event_loop(),
-                access_log=None, print=None, shutdown_timeout=30)
+                access_log=None, print=None, shutdown_timeout=SHUTDOWN_TIMEOUT,
+                handler_cancellation=False)
     log.info("stopped")
     return 0
 
@@ -380,7 +389,8 @@ async def _report(settings: Settings, args: argparse.Namespace) -> int:
 
     win = reports.window(args.start, args.end, args.tz)
     dsn, embedded = await _with_database(settings)
-    out = open(args.out, "wb") if getattr(args, "out", None) else sys.stdout.buffer  # noqa: SIM115, ASYNC230
+    out, partial = _output(getattr(args, "out", None))
+    finished, code = False, 0
     try:
         await db.migrate(dsn)
         conn = await asyncpg.connect(dsn)
@@ -417,16 +427,49 @@ async def _report(settings: Settings, args: argparse.Namespace) -> int:
                           "(see donations lookups list): " + ", ".join(unfetched),
                           file=sys.stderr)
                 if unbalanced or unfetched:
-                    return 1
-            return 0
+                    code = 1
+            finished = True  # (a payout report that does not tie is whole all the same)
+            return code
         finally:
             await conn.close()
     finally:
         out.flush()
         if out is not sys.stdout.buffer:
             out.close()
-        if embedded is not None:
-            embedded.stop()
+        try:
+            if partial is not None:
+                _put_in_place(partial, Path(args.out), finished)
+        finally:
+            if embedded is not None:
+                embedded.stop()
+
+
+def _output(path: str | None) -> tuple[BinaryIO, Path | None]:
+    """Where a report goes: standard output, or --out. A regular file (or one still to make) is
+    written beside it under a name of its own and put in place only once the report is whole
+    (`_put_in_place`), so that a run stopped or failed half-way leaves the file as it was, never
+    a shorter report that could pass for the whole; a device or pipe is written as it goes."""
+    if path is None:
+        return sys.stdout.buffer, None
+    target = Path(path)
+    if target.exists() and not target.is_file():
+        return open(target, "wb"), None
+    real = target.resolve()  # (through a symbolic link: the file it names is replaced)
+    partial = real.with_name(f".{real.name}.{os.getpid()}.partial")
+    try:
+        out = open(partial, "xb")  # noqa: SIM115 - closed by the caller
+    except OSError:  # a folder we may not write in, the file in it we may: as it goes
+        return open(target, "wb"), None
+    if real.exists():  # the report that replaces it keeps its permissions
+        os.chmod(partial, stat.S_IMODE(real.stat().st_mode))
+    return out, partial
+
+
+def _put_in_place(partial: Path, target: Path, finished: bool) -> None:
+    if finished:
+        os.replace(partial, target.resolve())
+    else:
+        partial.unlink(missing_ok=True)
 
 
 async def _with_stripe(settings: Settings, args: argparse.Namespace) -> int:

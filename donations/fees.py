@@ -7,6 +7,7 @@ Stripe is slow or down, and stays unknown (NULL) without a Stripe key.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -136,6 +137,27 @@ async def postpone(
     return None if row is not None and row["set_aside"] else delay
 
 
+async def give_back(pool: asyncpg.Pool, queue: str, key_column: str, keys: list[str]) -> None:
+    """The leases of look-ups a worker claimed but had not finished when it was stopped (a
+    shutdown, a deploy): due again at once, the attempt not counted, so that the next replica
+    up, or another one, does them now rather than once the lease runs out. Best effort: when the
+    database will not take it, the lease runs out as after a crash.
+
+    Shared by the queues of look-ups at Stripe (balance transactions, payouts' members)."""
+    if not keys:
+        return
+    with contextlib.suppress(Exception):
+        async with db.connection(pool, wait=1) as conn:
+            await conn.execute(
+                f"""
+                UPDATE {queue}
+                   SET attempts = greatest(attempts - 1, 0), next_attempt_at = now()
+                 WHERE {key_column} = any($1::text[])
+                """,  # noqa: S608 - the table and column are constants of the callers
+                keys,
+            )
+
+
 def _error_text(error: stripe.StripeError) -> str:
     return f"{type(error).__name__}: {error.user_message or error}"[:400]
 
@@ -175,19 +197,27 @@ async def run_once(
     async with db.connection(pool) as conn:
         claimed = await claim(conn, batch)
     stored = 0
-    for bt_id, attempts in claimed:
-        try:
-            bt = plain(await client.v1.balance_transactions.retrieve_async(bt_id))
-        except stripe.StripeError as exc:
-            metrics.balance_fetches.inc(outcome="error")
-            delay = await postpone(pool, "balance_transaction_fetches", "id", bt_id, attempts, exc)
-            log_failure("balance_transaction_fetch_failed", attempts, exc, delay,
-                        balance_transaction=bt_id)
-            continue
-        async with db.connection(pool) as conn:
-            await store_balance_transaction(conn, bt)
-        metrics.balance_fetches.inc(outcome="stored")
-        stored += 1
+    left = [bt_id for bt_id, _ in claimed]  # claimed and not yet stored or postponed
+    try:
+        for bt_id, attempts in claimed:
+            try:
+                bt = plain(await client.v1.balance_transactions.retrieve_async(bt_id))
+            except stripe.StripeError as exc:
+                metrics.balance_fetches.inc(outcome="error")
+                delay = await postpone(pool, "balance_transaction_fetches", "id", bt_id,
+                                       attempts, exc)
+                log_failure("balance_transaction_fetch_failed", attempts, exc, delay,
+                            balance_transaction=bt_id)
+                left.remove(bt_id)
+                continue
+            async with db.connection(pool) as conn:
+                await store_balance_transaction(conn, bt)
+            left.remove(bt_id)
+            metrics.balance_fetches.inc(outcome="stored")
+            stored += 1
+    except asyncio.CancelledError:
+        await give_back(pool, "balance_transaction_fetches", "id", left)
+        raise
     return stored
 
 

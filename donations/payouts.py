@@ -6,6 +6,7 @@ share the work, retried with backoff while Stripe is slow or down.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Any
 
@@ -109,18 +110,26 @@ async def run_once(pool: asyncpg.Pool, client: stripe.StripeClient, batch: int =
         await enqueue(conn)
         claimed = await claim(conn, batch)
     stored = 0
-    for payout_id, attempts in claimed:
-        try:
-            members = await fetch_members(client, payout_id)
-        except stripe.StripeError as exc:
-            delay = await fees.postpone(pool, "payout_fetches", "payout", payout_id, attempts, exc)
-            fees.log_failure("payout_transactions_fetch_failed", attempts, exc, delay,
-                             payout=payout_id)
-            continue
-        async with db.connection(pool) as conn:
-            await store_members(conn, payout_id, members)
-        log.info("payout_transactions_stored", payout=payout_id, transactions=len(members))
-        stored += 1
+    left = [payout_id for payout_id, _ in claimed]  # claimed and not yet stored or postponed
+    try:
+        for payout_id, attempts in claimed:
+            try:
+                members = await fetch_members(client, payout_id)
+            except stripe.StripeError as exc:
+                delay = await fees.postpone(pool, "payout_fetches", "payout", payout_id,
+                                            attempts, exc)
+                fees.log_failure("payout_transactions_fetch_failed", attempts, exc, delay,
+                                 payout=payout_id)
+                left.remove(payout_id)
+                continue
+            async with db.connection(pool) as conn:
+                await store_members(conn, payout_id, members)
+            left.remove(payout_id)
+            log.info("payout_transactions_stored", payout=payout_id, transactions=len(members))
+            stored += 1
+    except asyncio.CancelledError:
+        await fees.give_back(pool, "payout_fetches", "payout", left)
+        raise
     return stored
 
 

@@ -8,8 +8,10 @@ import contextlib
 import os
 import secrets
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -147,3 +149,36 @@ async def staff_cookie(client: Client, token: str) -> dict[str, str]:
     response = await client.post("/staff/login", data={"token": token}, allow_redirects=False)
     assert response.status == 303, await response.text()
     return {"Cookie": f"donations_staff={response.cookies['donations_staff'].value}"}
+
+
+async def wait_until(check: Callable[[], Awaitable[Any]], within: float = 10.0) -> Any:
+    """Poll `check` until it gives something true (which is returned); fail after `within` s."""
+    deadline = time.monotonic() + within
+    while not (value := await check()):
+        assert time.monotonic() < deadline, f"not so within {within} s"
+        await asyncio.sleep(0.02)
+    return value
+
+
+@contextlib.asynccontextmanager
+async def payments_held(dsn: str) -> AsyncIterator[None]:
+    """Another connection's transaction that keeps every write to the payments table waiting
+    (reads go on): a ledger transaction caught half-way for as long as the test needs."""
+    blocker = await asyncpg.connect(dsn)
+    try:
+        await blocker.execute("BEGIN; LOCK TABLE payments IN SHARE ROW EXCLUSIVE MODE")
+        yield
+    finally:
+        await blocker.close()  # (and its transaction is rolled back)
+
+
+async def waiting_on_a_lock(pool: asyncpg.Pool, query_like: str) -> int:
+    """The process id of the backend whose statement (SQL LIKE `query_like`) waits on a lock."""
+    async def find() -> int | None:
+        pid: int | None = await pool.fetchval(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+            " AND wait_event_type = 'Lock' AND query LIKE $1", query_like)
+        return pid
+
+    found: int = await wait_until(find)
+    return found

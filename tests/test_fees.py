@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
+import pytest
 import stripe
 from pytest_aiohttp import AiohttpClient
 
@@ -370,3 +371,28 @@ async def test_the_background_worker_fills_the_fee_soon_after_the_webhook(
         assert 'donations_balance_transaction_fetches_total{outcome="stored"} 1' in metrics
         assert "donations_balance_transactions_queued 0" in metrics
         await app_client.close()
+
+
+async def test_a_worker_stopped_mid_fetch_leaves_what_it_leased_due_at_once(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """The worker stopped by a shutdown (a deploy) while Stripe answers its first look-up: the
+    look-ups it had leased are due again at once, their attempt not counted, for the next
+    replica up (or another one) to do now rather than once the two-minute lease runs out."""
+    world = World(seed=108)
+    for i in range(3):
+        world.one_off(1500 + i, "gbp")
+    await post_all(client, world.events)
+    async with stripe_against(world) as (fake, stripe_client):
+        in_flight = fake.hold("/v1/balance_transactions/")
+        worker = asyncio.create_task(fees.worker(pool, stripe_client, Metrics(), 60))
+        await asyncio.wait_for(in_flight.arrived.wait(), 10)
+        worker.cancel()  # as the app's shutdown stops it
+        with pytest.raises(asyncio.CancelledError):
+            await worker
+        in_flight.release()
+        queued = await pool.fetch("SELECT attempts, next_attempt_at <= now() AS due"
+                                  " FROM balance_transaction_fetches")
+        assert [tuple(r) for r in queued] == [(0, True)] * 3
+        assert await fees.run_once(pool, stripe_client, Metrics()) == 3
+    assert await pool.fetchval("SELECT count(*) FROM payments WHERE fee IS NULL") == 0

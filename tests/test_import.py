@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import random
+import signal
 
 import asyncpg
 import pytest
@@ -14,11 +15,12 @@ import stripe
 from donations import importer
 from donations.ledger import FoundingOffer
 from tests.conftest import Client
+from tests.fakestripe.server import running_fake_stripe
 from tests.fakestripe.world import DAY, World
 from tests.ledger_check import dump, reference
 from tests.test_cli import _env, _run
 from tests.test_fees import TEST_KEY, stripe_against
-from tests.test_reconcile import scenario
+from tests.test_reconcile import scenario, signalled_half_way
 from tests.webhook_helpers import post_all
 
 OFFER = FoundingOffer()
@@ -87,6 +89,39 @@ async def test_an_interrupted_import_resumes_where_it_stopped(pool: asyncpg.Pool
         assert {"customers", "checkout_sessions", "payment_intents"} <= set(result.skipped)
         assert fake.requests_to("/v1/customers") == []
     assert result.imported["charges"] == charges
+    assert await dump(pool) == reference(world.events, OFFER)
+
+
+async def test_the_import_command_stopped_half_way_resumes_where_it_stopped(
+    pool: asyncpg.Pool, dsn: str
+) -> None:
+    """`donations import` stopped by Ctrl-C (SIGINT; SIGTERM is the reconcile command's test)
+    between two pages of charges (the second in flight at Stripe) exits 130 with the first page
+    stored and its cursor saved; the next import goes on from that cursor and the ledger is
+    whole."""
+    sig = signal.SIGINT
+    world = World(seed=705)
+    for i in range(130):
+        world.one_off(600 + i, ("gbp", "usd")[i % 2])
+    async with running_fake_stripe(world) as fake:
+        second_page = fake.hold("/v1/charges", after=1)
+
+        async def first_page_stored() -> bool:
+            return second_page.arrived.is_set() and bool(await pool.fetchval(
+                "SELECT imported = 100 FROM import_progress WHERE resource = 'charges'"))
+
+        code, err = await signalled_half_way(
+            ["import", "--since", "2026-11-01"],
+            _env(DATABASE_URL=dsn, STRIPE_SECRET_KEY=TEST_KEY, STRIPE_API_BASE=fake.base_url,
+                 LOG_LEVEL="warning"), sig, first_page_stored)
+        second_page.release()
+    assert code == 128 + sig, err[-2000:]
+    row = await pool.fetchrow("SELECT * FROM import_progress WHERE resource = 'charges'")
+    assert row is not None and row["finished_at"] is None and row["cursor"] is not None
+    async with stripe_against(world) as (fake, stripe_client):
+        result = await importer.run(pool, stripe_client, OFFER, int(row["since"]))
+        assert fake.requests_to("/v1/charges")[0].query["starting_after"] == row["cursor"]
+    assert (result.failed, result.imported["charges"]) == (0, 130)
     assert await dump(pool) == reference(world.events, OFFER)
 
 

@@ -27,7 +27,9 @@ from tests.conftest import (
     Client,
     empty_tables,
     make_settings,
+    payments_held,
     scratch_database,
+    waiting_on_a_lock,
 )
 from tests.fakestripe.signing import signed_request
 from tests.fakestripe.world import World
@@ -264,3 +266,30 @@ async def test_a_database_not_accepting_connections_is_503_not_500(
     assert (webhook, readyz.status, metrics.status) == (503, 503, 200), (
         webhook, readyz.status, metrics.status)
     assert "donations_database_up 0" in metrics_text
+
+
+async def test_a_webhook_groups_connection_killed_mid_transaction_is_503_and_rolled_back(
+    client: Client, pool: asyncpg.Pool, dsn: str
+) -> None:
+    """One connection killed (`pg_terminate_backend`, a failover, a proxy's idle cut) while a
+    webhook group's transaction is half-way (its event stored, its ledger write waiting): the
+    delivery is answered 503 so that Stripe delivers it again, nothing of it is committed, and
+    the group commit and the pool carry on: the redelivery is applied and the ledger is whole."""
+    world = World(seed=204)
+    paid = world.one_off(2500, "gbp")
+    first, rest = paid.events[0], list(paid.events[1:])
+    assert (await post_event(client, first))[0] == 200
+    async with payments_held(dsn):
+        delivery = asyncio.create_task(post_event(client, rest[0]))
+        pid = await waiting_on_a_lock(pool, "%payments%")
+        assert await pool.fetchval("SELECT pg_terminate_backend($1)", pid)
+        status, body = await asyncio.wait_for(delivery, ANSWER_TIMEOUT)
+    assert (status, body["error"]["code"]) == (503, "database_unavailable"), body
+    assert await pool.fetchval("SELECT count(*) FROM stripe_events WHERE id = $1",
+                               rest[0]["id"]) == 0
+    assert await dump(pool) == reference([first])
+    for event in rest:
+        status, body = await post_event(client, event)
+        assert status == 200, body
+    assert await dump(pool) == reference(paid.events)
+    assert (await client.get("/readyz")).status == 200

@@ -8,6 +8,7 @@ import csv
 import io
 
 import asyncpg
+import pytest
 import stripe
 from pytest_aiohttp import AiohttpClient
 
@@ -353,3 +354,28 @@ async def test_payout_put_back_by_a_status_change_is_not_set_aside_by_one_404(
                                   " FROM payout_fetches")
     assert row is not None
     assert row["gave_up_at"] is None, (row["not_found_in_a_row"], row["last_error"])
+
+
+async def test_a_worker_stopped_mid_fetch_leaves_the_payouts_it_leased_due_at_once(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """As for the fee worker: stopped by a shutdown while Stripe lists a payout's transactions,
+    the payouts it had leased are due again at once, not after the five-minute lease."""
+    world = World(seed=611)
+    world.one_off(2500, "gbp")
+    first = world.payout()
+    world.one_off(3500, "gbp")
+    second = world.payout()
+    await post_all(client, world.events)
+    async with stripe_against(world) as (fake, stripe_client):
+        in_flight = fake.hold("/v1/balance_transactions")
+        worker = asyncio.create_task(payouts.worker(pool, stripe_client, 60))
+        await asyncio.wait_for(in_flight.arrived.wait(), 10)
+        worker.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await worker
+        in_flight.release()
+        assert await payouts.run_once(pool, stripe_client) == 2
+    assert await pool.fetchval(
+        "SELECT count(*) FROM payout_fetches WHERE fetched_at IS NOT NULL AND payout = any($1)",
+        [first.payout, second.payout]) == 2

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
@@ -17,15 +19,16 @@ import structlog
 from aiohttp import web
 from pytest_aiohttp import AiohttpClient
 
-from donations import auth, fees, importer, reconcile
+from donations import auth, db, fees, importer, reconcile
 from donations.app import create_app
 from donations.ledger import BalanceTransaction, FoundingOffer
 from donations.metrics import Metrics
 from donations.settings import Secret
-from tests.conftest import Client, make_settings
+from tests.conftest import Client, make_settings, payments_held, wait_until, waiting_on_a_lock
 from tests.fakestripe.server import FakeStripe, running_fake_stripe
 from tests.fakestripe.world import World
 from tests.ledger_check import dump, reference
+from tests.test_cli import _env
 from tests.test_fees import TEST_KEY, stripe_against
 from tests.webhook_helpers import post_all
 
@@ -204,6 +207,87 @@ async def test_a_cancelled_run_keeps_its_pages_and_the_next_completes_it(
         assert await pool.fetchval("SELECT status FROM reconciliation_runs") == "failed"
         await reconcile.run(pool, stripe_client, OFFER, page_size=20, now=world.now + 60)
         assert await dump(pool) == reference(world.events, OFFER, charge_bts(world))
+
+
+async def test_a_pages_connection_killed_mid_transaction_fails_the_run_and_the_next_completes_it(
+    client: Client, pool: asyncpg.Pool, dsn: str
+) -> None:
+    """The connection applying a page killed half-way (`pg_terminate_backend`, a failover):
+    the page is rolled back whole, the run is recorded as failed with the checkpoint not moved
+    past what was applied, and the next run gives the whole ledger."""
+    world = scenario(seed=611, steps=30)
+    async with stripe_against(world) as (_, stripe_client):
+        async with payments_held(dsn):
+            run = asyncio.create_task(reconcile_world(pool, stripe_client, world, 20))
+            pid = await waiting_on_a_lock(pool, "%payments%")
+            assert await pool.fetchval("SELECT pg_terminate_backend($1)", pid)
+            with pytest.raises(db.DatabaseUnavailable):
+                await asyncio.wait_for(run, 20)
+        assert await pool.fetchval("SELECT status FROM reconciliation_runs") == "failed"
+        assert await pool.fetchval(
+            "SELECT count(*) FROM stripe_events WHERE status NOT IN ('processed', 'ignored')"
+        ) == 0
+        assert await pool.fetchval(
+            "SELECT count(*) FROM reconciliation_checkpoint WHERE events_through IS NOT NULL"
+        ) == 0
+        second = await reconcile_world(pool, stripe_client, world, 20)
+    assert second.matches, second.summary()
+    assert await dump(pool) == reference(world.events, OFFER, charge_bts(world))
+
+
+async def signalled_half_way(
+    args: list[str], env: dict[str, str], sig: signal.Signals,
+    under_way: Callable[[], Awaitable[Any]],
+) -> tuple[int, str]:
+    """Run a `donations` command until `under_way()` is true, then send it `sig`; its exit
+    status and standard error."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "donations", *args, env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    try:
+        await wait_until(under_way, within=30)
+        process.send_signal(sig)
+        assert process.stderr is not None
+        err = (await asyncio.wait_for(process.stderr.read(), 30)).decode()
+        return await asyncio.wait_for(process.wait(), 30), err
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_the_reconcile_command_stopped_half_way_is_completed_by_the_next_run(
+    pool: asyncpg.Pool, dsn: str, sig: signal.Signals
+) -> None:
+    """README: a command stops cleanly on SIGTERM or SIGINT (143, 130). `donations reconcile`
+    stopped between pages (its third page in flight at Stripe) keeps the two it applied, saved
+    as its checkpoint's cursor, and records the run as failed; the next run, from that cursor,
+    completes the ledger."""
+    world = World(seed=612)
+    for i in range(50):
+        world.one_off(600 + i, ("gbp", "usd")[i % 2])
+    assert len(world.events) > 200  # three pages of 100
+    async with running_fake_stripe(world) as fake:
+        third = fake.hold("/v1/events", after=2)
+
+        async def two_pages_applied() -> bool:
+            return third.arrived.is_set() and bool(await pool.fetchval(
+                "SELECT pages = 2 FROM reconciliation_runs"))
+
+        code, err = await signalled_half_way(
+            ["reconcile", "--since", "2026-11-01"],
+            _env(DATABASE_URL=dsn, STRIPE_SECRET_KEY=TEST_KEY, STRIPE_API_BASE=fake.base_url,
+                 LOG_LEVEL="warning"), sig, two_pages_applied)
+        third.release()
+    assert code == 128 + sig, err[-2000:]
+    assert await pool.fetchval("SELECT status FROM reconciliation_runs") == "failed"
+    assert await pool.fetchval("SELECT pending_cursor FROM reconciliation_checkpoint")
+    assert await pool.fetchval("SELECT count(*) FROM stripe_events") == 200
+    async with stripe_against(world) as (_, stripe_client):
+        second = await reconcile.run(pool, stripe_client, OFFER)
+    assert second.matches, second.summary()
+    assert await dump(pool) == reference(world.events, OFFER, charge_bts(world))
 
 
 async def test_rate_limits_are_waited_out_and_the_run_completes(

@@ -6,9 +6,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+import signal
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -21,6 +23,7 @@ from tests.conftest import Client, staff_cookie
 from tests.fakestripe.world import World
 from tests.test_cli import _env, _run
 from tests.test_fees import stripe_against
+from tests.test_reconcile import signalled_half_way
 from tests.webhook_helpers import post_all
 
 START = 1_795_000_000  # 2026-11-18T07:46:40Z, the World's clock at the start
@@ -466,6 +469,35 @@ async def test_the_cli_writes_the_same_reports(
     code, _, err = await _run("report", "summary", "--from", "2026-12-01", "--to", "2026-11-01",
                               env=env)
     assert code == 1 and "to must be after from" in err
+
+
+@pytest.mark.parametrize("report", ["summary", "contributions"])
+async def test_a_cli_report_stopped_before_it_is_whole_leaves_the_out_file_as_it_was(
+    pool: asyncpg.Pool, dsn: str, tmp_path: Path, report: str
+) -> None:
+    """`report … --out FILE` stopped (SIGTERM: a cron job's timeout, a deploy) or failing before
+    the report is whole leaves FILE as it was (last month's report, say), never emptied nor a
+    shorter report that could pass for the whole, and leaves nothing beside it."""
+    out = tmp_path / "report.out"
+    out.write_text("last month's complete report\n")
+    holder = await asyncpg.connect(dsn)
+    try:
+        # the command waits at its migrations, as behind another replica migrating
+        await holder.execute("SELECT pg_advisory_lock($1)", db.MIGRATION_LOCK_KEY)
+
+        async def waiting() -> bool:
+            return bool(await pool.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND application_name = 'donations-migrate'"))
+
+        code, err = await signalled_half_way(
+            ["report", report, "--from", "2026-01-01", "--to", "2026-02-01", "--out", str(out)],
+            _env(DATABASE_URL=dsn, LOG_LEVEL="warning"), signal.SIGTERM, waiting)
+    finally:
+        await holder.close()
+    assert code == 128 + signal.SIGTERM, err
+    assert out.read_text() == "last month's complete report\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.out"]  # noqa: ASYNC240
 
 
 async def test_the_cli_summary_takes_format_json_as_the_other_reports_do(dsn: str) -> None:

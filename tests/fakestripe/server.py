@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.utils import formatdate
 from typing import Any
 from urllib.parse import parse_qsl
@@ -103,6 +104,20 @@ class _Failure:
     after: int = 0  # matching requests to let through first
     code: str | None = None  # for a 400: Stripe's error code (email_invalid…)
     param: str | None = None  # for a 400: the parameter at fault
+
+
+@dataclass
+class Held:
+    """Answers held back by `FakeStripe.hold`: `arrived` is set once one is held, and all are
+    answered once `release` is called."""
+
+    path_prefix: str
+    after: int
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def release(self) -> None:
+        self.released.set()
 
 
 # Retrievable resources: URL collection -> the `object` value its items have.
@@ -217,6 +232,7 @@ class FakeStripe:
         if world is not None:
             self.clock = lambda: max(world.now, int(time.time()))
         self._failures: list[_Failure] = []
+        self._held: list[Held] = []
         self._list_cache: dict[tuple[str, int, int], tuple[list[Obj], dict[str, int]]] = {}
         self._ids = IdGenerator(4242)
         self.base_url = ""
@@ -261,6 +277,14 @@ class FakeStripe:
         A 400 is an invalid_request_error with `code` and `param`."""
         self._failures.append(_Failure(n, status, path_prefix, should_retry, after, code, param))
 
+    def hold(self, path_prefix: str, *, after: int = 0) -> Held:
+        """Hold back the answers to requests whose path starts with `path_prefix` (after letting
+        `after` of them through) until released: a Stripe call in flight for as long as a test
+        needs (a shutdown, a hang-up, a signal meanwhile). Closing the fake releases them."""
+        held = Held(path_prefix, after)
+        self._held.append(held)
+        return held
+
     def use_world_clock(self) -> None:
         """Answer with the World's time in the Date header, as Stripe answers with its own."""
         world = self.world
@@ -280,6 +304,8 @@ class FakeStripe:
         return self.base_url
 
     async def close(self) -> None:
+        for held in self._held:
+            held.release()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -297,6 +323,7 @@ class FakeStripe:
         self.requests.append(recorded)
         request[_RECORDED] = recorded
         request_id = self._ids.new("req")
+        await self._maybe_hold(request.path)
         try:
             self._maybe_fail(request.path)
             self._authenticate(request)
@@ -319,6 +346,16 @@ class FakeStripe:
             response.headers["Date"] = formatdate(self.clock(), usegmt=True)
         response.headers["Stripe-Version"] = request.headers.get("Stripe-Version", API_VERSION)
         return response
+
+    async def _maybe_hold(self, path: str) -> None:
+        for held in self._held:
+            if held.released.is_set() or not path.startswith(held.path_prefix):
+                continue
+            if held.after > 0:
+                held.after -= 1
+                continue
+            held.arrived.set()
+            await held.released.wait()
 
     def _maybe_fail(self, path: str) -> None:
         for failure in self._failures:
@@ -537,6 +574,7 @@ async def running_fake_stripe(
 
 __all__ = [
     "FakeStripe",
+    "Held",
     "RecordedRequest",
     "StripeError",
     "parse_form",
