@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -123,6 +124,45 @@ async def test_an_unusable_data_dir_stops_the_start_with_one_line_naming_it(tmp_
     lines = [line for line in err.splitlines() if line.strip()]
     assert code != 0
     assert len(lines) == 1 and "DONATIONS_DATA_DIR" in lines[0], err[-1500:]
+
+
+async def test_serve_on_a_port_another_process_listens_on_says_so_and_stops_its_database(
+    tmp_path: Path,
+) -> None:
+    """README: a HOST and PORT that cannot be listened on stop `serve` with one line naming the
+    address and the problem, exit status 1; the embedded PostgreSQL it had started (the app
+    starts before it listens) is stopped again, not left running."""
+    data_dir = tmp_path / "data"
+    with socket.socket() as taken:  # the port, held by this (another) process
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = _env(DONATIONS_DATA_DIR=str(data_dir), PORT=str(port), LOG_LEVEL="warning")
+        try:
+            code, _, err = await _run("serve", env=env)
+            left_running = _postmaster(data_dir)
+        finally:
+            _stop_postmaster(data_dir)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert (code, len(lines)) == (1, 1), err[-2000:]
+    line = json.loads(lines[0])
+    assert (line["event"], line["level"], line["address"], line["error"]) == (
+        "cannot_listen", "error", f"127.0.0.1:{port}", "address already in use")
+    assert (data_dir / "pgdata" / "PG_VERSION").exists()  # it had started one ...
+    assert left_running is None  # ... and stopped it
+
+
+async def test_serve_on_a_host_name_that_does_not_resolve_says_so_in_one_line(dsn: str) -> None:
+    """The same for a HOST that is a well-formed name no resolver knows (RFC 6761's .invalid)."""
+    port = _free_port()
+    env = _env(DATABASE_URL=dsn, HOST="no-such-host.invalid", PORT=str(port),
+               LOG_LEVEL="warning")
+    code, _, err = await _run("serve", env=env)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert (code, len(lines)) == (1, 1), err[-2000:]
+    line = json.loads(lines[0])
+    assert (line["event"], line["address"]) == ("cannot_listen", f"no-such-host.invalid:{port}")
+    assert line["error"].startswith("host name does not resolve"), line
 
 
 # --- background tasks inside `serve` -----------------------------------------------------------
