@@ -11,6 +11,7 @@ import io
 import json
 import os
 import signal
+import socket
 import stat
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -203,6 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def serve(settings: Settings) -> int:
+    """Serve until SIGTERM or SIGINT (exit 0); 1 when HOST and PORT cannot be listened on."""
     from donations.app import create_app  # noqa: PLC0415 - keeps `--help` fast
 
     log.info("starting", host=settings.host, port=settings.port,
@@ -212,15 +214,73 @@ def serve(settings: Settings) -> int:
     # collector's sight, so that its full collections stay short pauses on the request path.
     gc.collect()
     gc.freeze()
-    # run_app handles SIGINT and SIGTERM: it stops accepting, lets requests in flight finish
-    # (up to shutdown_timeout), then runs the cleanup contexts (pool, worker, embedded server).
+    # aiohttp's run_app, with the listening told apart from the start before it (see _serve).
+    loop = new_event_loop()
+    asyncio.set_event_loop(loop)
+    main = loop.create_task(_serve(app, settings.host, settings.port))
+    try:
+        code = loop.run_until_complete(main)
+    except (web.GracefulExit, KeyboardInterrupt):  # SIGTERM, SIGINT: stopped below
+        code = 0
+    finally:
+        try:
+            if not main.done():
+                main.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    loop.run_until_complete(main)
+        finally:
+            _cancel_remaining(loop)
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+    if code == 0:
+        log.info("stopped")
+    return code
+
+
+async def _serve(app: web.Application, host: str, port: int) -> int:
+    """Start the app (embedded PostgreSQL, migrations, pool, background tasks), listen on
+    host:port until SIGTERM or SIGINT (aiohttp raises GracefulExit), and stop everything that
+    was started, whatever happened: requests in flight finish (up to SHUTDOWN_TIMEOUT), then
+    the cleanup contexts run (pool, workers, embedded server). A host that does not resolve or
+    a port taken by another process is one line through the log and exit status 1, not a
+    traceback."""
     # A client that hangs up does not cancel its request (handler_cancellation): a checkout goes
     # on to store the session Stripe made, so that the reader's retry with its key gets it.
-    web.run_app(app, host=settings.host, port=settings.port, loop=new_event_loop(),
-                access_log=None, print=None, shutdown_timeout=SHUTDOWN_TIMEOUT,
-                handler_cancellation=False)
-    log.info("stopped")
-    return 0
+    runner = web.AppRunner(app, handle_signals=True, access_log=None,
+                           shutdown_timeout=SHUTDOWN_TIMEOUT, handler_cancellation=False)
+    try:
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except OSError as exc:  # socket.gaierror too: a host name that does not resolve
+            log.error("cannot_listen", address=_address(host, port), error=_listen_error(exc))
+            return 1
+        await asyncio.get_running_loop().create_future()  # until a signal ends the run
+        raise AssertionError("unreachable: the future is never done")
+    finally:
+        await runner.cleanup()
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _listen_error(exc: OSError) -> str:
+    """`address already in use`, `host name does not resolve (…)`: what went wrong, briefly."""
+    if isinstance(exc, socket.gaierror):
+        return f"host name does not resolve ({exc.strerror or exc})"
+    if exc.errno:
+        return os.strerror(exc.errno).lower()
+    return str(exc)
+
+
+def _cancel_remaining(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel what is left on the loop and let it finish, as asyncio.run and run_app do."""
+    remaining = asyncio.all_tasks(loop)
+    for task in remaining:
+        task.cancel()
+    if remaining:
+        loop.run_until_complete(asyncio.gather(*remaining, return_exceptions=True))
 
 
 async def _with_database(settings: Settings) -> tuple[str, db.EmbeddedPostgres | None]:

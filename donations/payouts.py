@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import re
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, cast
+from zoneinfo import ZoneInfo
 
 import asyncpg
 import stripe
@@ -244,18 +246,34 @@ def member_json(row: asyncpg.Record) -> dict[str, Any]:
 
 # Stripe's arrival_date is a calendar day (given as its midnight UTC): the day the bank credits
 # the payout, the same day on the bank statement whatever the report's time zone. It is placed at
-# the start of that day in the window's zone; a payout with no arrival date at its creation.
-_ARRIVES = ("coalesce((p.arrival_date AT TIME ZONE 'UTC') AT TIME ZONE $3::text,"
-            " p.created_at)")
+# the start of that day in the window's zone (a payout with no arrival date at its creation), in
+# Python, with the zone the window was read in: never by name in PostgreSQL, whose time zone
+# database may not know a zone Python's knows (the embedded server's has no posix/ zones, no
+# posixrules; one tzdata may be newer than the other) or know another version of its rules.
+# PostgreSQL only narrows the search to the payouts within two days of the window: no zone is
+# as much as a day and a half from UTC.
+_NEAR = """((p.arrival_date >= $1::timestamptz - interval '2 days'
+          AND p.arrival_date < $2::timestamptz + interval '2 days')
+         OR (p.arrival_date IS NULL AND p.created_at >= $1 AND p.created_at < $2))"""
+
+
+def arrives(row: asyncpg.Record, zone: ZoneInfo) -> datetime | None:
+    """Where a payout falls: the start of its arrival day in `zone`, else its creation; None
+    when that is before the year 1 or after 9999 (outside every window)."""
+    if row["arrival_date"] is None:
+        return cast(datetime, row["created_at"])
+    day = row["arrival_date"].astimezone(UTC).replace(tzinfo=None)  # the day's midnight
+    try:
+        return cast(datetime, day.replace(tzinfo=zone).astimezone(UTC))
+    except OverflowError:
+        return None
 
 
 async def list_payouts(conn: asyncpg.Connection, win: Window) -> list[dict[str, Any]]:
     """Payouts arriving in the window (created, when Stripe gave no arrival date)."""
-    rows = await conn.fetch(
-        PAYOUTS.format(where=f"{_ARRIVES} >= $1 AND {_ARRIVES} < $2"),
-        win.start, win.end, win.tz,
-    )
-    return [payout_json(r) for r in rows]
+    rows = await conn.fetch(PAYOUTS.format(where=_NEAR), win.start, win.end)
+    return [payout_json(r) for r in rows
+            if (at := arrives(r, win.zone)) is not None and win.start <= at < win.end]
 
 
 async def payouts_with_members(

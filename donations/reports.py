@@ -188,9 +188,13 @@ class Window:
 
     start: datetime
     end: datetime
-    tz: str
+    zone: ZoneInfo  # what `from` and `to` were read in, and payouts are placed in (payouts.py)
     start_label: str
     end_label: str
+
+    @property
+    def tz(self) -> str:
+        return self.zone.key
 
     def as_json(self) -> dict[str, str]:
         return {"from": _rfc3339(self.start), "to": _rfc3339(self.end), "tz": self.tz}
@@ -240,7 +244,7 @@ def window(start: str | None, end: str | None, tz_name: str | None = None) -> Wi
     if end_at <= start_at:
         raise Unprocessable("invalid_window", "to must be after from (from is inclusive, to "
                             "exclusive)", field="to")
-    return Window(start_at, end_at, tz.key, start_label, end_label)
+    return Window(start_at, end_at, tz, start_label, end_label)
 
 
 def month_window(month: date, tz: ZoneInfo | None = None) -> Window:
@@ -249,7 +253,7 @@ def month_window(month: date, tz: ZoneInfo | None = None) -> Window:
     first = month.replace(day=1)
     after = (first + timedelta(days=32)).replace(day=1)
     return Window(datetime.combine(first, time(), tzinfo=tz).astimezone(UTC),
-                  datetime.combine(after, time(), tzinfo=tz).astimezone(UTC), tz.key,
+                  datetime.combine(after, time(), tzinfo=tz).astimezone(UTC), tz,
                   first.isoformat(), after.isoformat())
 
 

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import secrets
+import shutil
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -51,6 +52,20 @@ def server_dsn() -> Iterator[str]:
         yield dsn.replace(f"/{db.EmbeddedPostgres.DATABASE}?", "/postgres?", 1)
     finally:
         embedded.stop()
+
+
+@pytest.fixture
+def embedded_tmp() -> Iterator[Path]:
+    """A temporary folder for the data folders of embedded servers that their own user can reach
+    when the suite runs as root (mode 0755, in the system's temporary folder). pytest's tmp_path
+    will not do: its folders are private (0700, and closed again by every pytest session that
+    starts), and the service refuses to have the wheel open them up."""
+    folder = Path(tempfile.mkdtemp(prefix="donations-data-"))
+    folder.chmod(0o755)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _with_database(dsn: str, name: str) -> str:

