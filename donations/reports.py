@@ -584,32 +584,49 @@ async def stream_response(
     request: web.Request, win: Window, fmt: str
 ) -> web.StreamResponse:
     """Stream the contributions of `win` to the caller; shared by the API and the staff page."""
-    response = web.StreamResponse(headers={
+
+    async def produce(conn: asyncpg.Connection, write: Write) -> int:
+        return await stream_contributions(conn, win, fmt, write)
+
+    return await stream_body(request, "contributions", fmt, produce,
+                             filename=win.filename("contributions", fmt))
+
+
+Produce = Callable[[asyncpg.Connection, Write], Awaitable[int]]
+
+
+async def stream_body(
+    request: web.Request, report: str, fmt: str, produce: Produce, filename: str | None = None
+) -> web.StreamResponse:
+    """A report written to the caller as `produce` makes it (chunked, a batch of rows at a time,
+    never the whole answer in memory); shared by the contributions and payouts reports."""
+    headers = {
         "Content-Type": "text/csv; charset=utf-8; header=present" if fmt == "csv"
         else "application/json; charset=utf-8",
-        "Content-Disposition":
-            f'attachment; filename="{win.filename("contributions", fmt)}"',
         "Cache-Control": "no-store",
         "X-Content-Type-Options": "nosniff",
         # its headers leave from here, before the request context could add it
         "X-Request-ID": REQUEST_ID.get() or "",
-    })
+    }
+    if filename is not None:
+        headers["Content-Disposition"] = f'attachment; filename="{filename}"'
+    response = web.StreamResponse(headers=headers)
     response.enable_chunked_encoding()
     async with db.connection(request.app[POOL]) as conn:
         # Only once the database answers are the headers sent: an outage before that is a 503.
         await conn.execute("SELECT 1")
         await response.prepare(request)
         try:
-            rows = await stream_contributions(conn, win, fmt, response.write)
+            rows = await produce(conn, response.write)
         except Exception:
             # The status is already sent: cut the connection so that a partial file can never
             # look complete (no final chunk), rather than end it cleanly.
-            log.exception("report_stream_failed", report="contributions")
+            log.exception("report_stream_failed", report=report)
             if request.transport is not None:
                 request.transport.close()
             return response
     await response.write_eof()
-    log.info("report_streamed", report="contributions", rows=rows, format=fmt)
+    log.info("report_streamed", report=report, rows=rows, format=fmt)
     return response
 
 
