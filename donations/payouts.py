@@ -93,8 +93,9 @@ async def store_members(
     """Keep the payout's transactions (filling fees of payments on the way) in one transaction."""
     async with conn.transaction():
         await conn.execute("DELETE FROM payout_balance_transactions WHERE payout = $1", payout_id)
-        for bt in members:
-            await fees.store_balance_transaction(conn, bt)
+        # all of them in a few statements (a payout holds a day's movements: hundreds or
+        # thousands), not four round trips each
+        await fees.store_balance_transactions(conn, members)
         await conn.executemany(
             "INSERT INTO payout_balance_transactions (payout, balance_transaction) "
             "VALUES ($1, $2) ON CONFLICT DO NOTHING",
