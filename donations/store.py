@@ -457,3 +457,32 @@ async def queue_balance_transactions(conn: asyncpg.Connection, bt_ids: list[str]
             """,
             bt_ids,
         )
+
+
+# --- the counts /metrics shows (sql/025) ----------------------------------------------------
+
+STORED_EVENTS = """
+SELECT type, status, sum(n) AS n
+  FROM (SELECT type, status, n FROM stored_event_counts
+        UNION ALL
+        SELECT type, status, n FROM stored_event_count_deltas) AS counts
+ GROUP BY type, status HAVING sum(n) <> 0 ORDER BY type, status
+"""
+LEDGER_CONTRIBUTIONS = """
+SELECT currency, kind, sum(contributions) AS n, sum(net) AS net
+  FROM (SELECT currency, kind, contributions, net FROM ledger_counts
+        UNION ALL
+        SELECT currency, kind, contributions, net FROM ledger_count_deltas) AS counts
+ GROUP BY currency, kind HAVING sum(contributions) <> 0 ORDER BY currency, kind
+"""
+
+
+async def compact_counts(conn: asyncpg.Connection, batch: int = 50_000) -> int:
+    """Move up to `batch` rows of the counts' differences into the counts; how many were moved
+    (0: none left, or another replica is moving them)."""
+    async with conn.transaction():
+        if not await conn.fetchval("SELECT pg_try_advisory_xact_lock("
+                                   "hashtextextended('donations:metrics_counts', 0))"):
+            return 0
+        moved: int = await conn.fetchval("SELECT metrics_counts_compact($1)", batch)
+    return moved
