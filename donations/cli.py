@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import csv
 import gc
-import io
 import json
 import os
 import signal
@@ -451,34 +449,23 @@ async def _report(settings: Settings, args: argparse.Namespace) -> int:
     dsn, embedded = await _with_database(settings)
     out, partial = _output(getattr(args, "out", None))
     finished, code = False, 0
+
+    async def write(chunk: bytes) -> None:
+        out.write(chunk)
+
     try:
         await db.migrate(dsn)
         conn = await asyncpg.connect(dsn)
         try:
             if args.report_command == "contributions":
-                async def write(chunk: bytes) -> None:
-                    out.write(chunk)
-
                 rows = await reports.stream_contributions(conn, win, args.format, write)
                 print(f"{rows} row(s)", file=sys.stderr)
             elif args.report_command == "summary":
                 body = await reports.summary(conn, win, settings.reporting_currency)
                 out.write((json.dumps(body, indent=2) + "\n").encode())
             else:
-                found = await payouts.payouts_with_members(conn, win)
-                if args.format == "json":
-                    out.write((json.dumps({"window": win.as_json(), "data": found}, indent=2)
-                               + "\n").encode())
-                else:
-                    buffer = io.StringIO()
-                    writer = csv.writer(buffer)
-                    writer.writerow(payouts.CSV_COLUMNS)
-                    writer.writerows(payouts.csv_rows(found))
-                    out.write(buffer.getvalue().encode())
-                unbalanced = [p["id"] for p in found if p["balanced"] is False]
-                # (a payout still on its way, or cancelled, has no transactions to tie yet)
-                unfetched = [p["id"] for p in found if not p["transactions_fetched"]
-                             and p["status"] in ("paid", "failed")]
+                written = await payouts.write_report(conn, win, args.format, write)
+                unbalanced, unfetched = written.unbalanced, written.unfetched
                 if unbalanced:
                     print("payouts whose transactions do not sum to them: "
                           + ", ".join(unbalanced), file=sys.stderr)

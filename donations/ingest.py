@@ -16,13 +16,14 @@ import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import asyncpg
 import structlog
 
 from donations import db, store
-from donations.events import Event, NotAnEvent, parse_event
+from donations.events import HANDLED, Event, NotAnEvent, parse_event
 from donations.ledger import (
     FoundingOffer,
     Snapshot,
@@ -302,13 +303,31 @@ async def apply_stored(
     return True
 
 
+PAGE = 500  # stored events read at a time by `events retry` and `events reapply`
+
+
 async def retry_unfinished(
-    pool: asyncpg.Pool, offer: FoundingOffer, statuses: Iterable[str] = ("failed", "pending")
+    pool: asyncpg.Pool, offer: FoundingOffer, statuses: Iterable[str] = ("failed", "pending"),
+    page: int = PAGE,
 ) -> dict[str, int]:
-    """Apply again the stored events that did not apply (the `events retry` command)."""
-    async with db.connection(pool) as conn:
-        todo = await store.unfinished_events(conn, list(statuses))
+    """Apply again the stored events that did not apply (the `events retry` command): every
+    one, oldest first, a page at a time (those that fail again are passed, not read again)."""
     counts: dict[str, int] = {}
+    after: tuple[datetime, str] | None = None
+    while True:
+        async with db.connection(pool) as conn:
+            todo = await store.unfinished_events(conn, list(statuses), after, page)
+        if not todo:
+            return counts
+        after = (todo[-1][1], todo[-1][0])
+        await _retry_page(pool, offer, [(event_id, payload) for event_id, _, payload in todo],
+                          counts)
+
+
+async def _retry_page(
+    pool: asyncpg.Pool, offer: FoundingOffer, todo: list[tuple[str, str]],
+    counts: dict[str, int],
+) -> None:
     for event_id, payload in todo:
         try:
             event = parse_event(json.loads(payload))
@@ -322,7 +341,6 @@ async def retry_unfinished(
         if outcome is Outcome.DUPLICATE:  # set aside for attention, now understood or not
             outcome = await _reapply_attention(pool, event, offer)
         counts[outcome.value] = counts.get(outcome.value, 0) + 1
-    return counts
 
 
 async def _set_aside_unreadable(pool: asyncpg.Pool, event_id: str, problem: str) -> None:
@@ -339,39 +357,44 @@ async def _set_aside_unreadable(pool: asyncpg.Pool, event_id: str, problem: str)
 
 
 async def reapply(
-    pool: asyncpg.Pool, offer: FoundingOffer, type_pattern: str
+    pool: asyncpg.Pool, offer: FoundingOffer, type_pattern: str, page: int = PAGE
 ) -> tuple[int, int]:
     """Offer the applied events whose type matches `type_pattern` (SQL LIKE) again, oldest
     first: a snapshot that now outranks the one kept (after a change to the ranking) replaces it.
     Then every object they are about has its ledger rows derived again from the snapshot it
     keeps (after a change to a derivation). Returns (objects that took a snapshot they did not
-    have, objects derived again). For the `events reapply` command."""
+    have, objects derived again). For the `events reapply` command.
+
+    The events are read a page at a time (a release that changes how charges rank has every
+    charge event offered again: millions of them); only the ids of the objects they are about
+    are kept to the end."""
     async with db.connection(pool) as conn:
-        rows = await conn.fetch(
-            """
-            SELECT id, payload::text AS payload FROM stripe_events
-             WHERE type LIKE $1 AND status = 'processed'
-             ORDER BY created, id
-            """,
-            type_pattern,
-        )
+        # only the types the ledger applies have snapshots to offer again
+        types = await store.matching_types(conn, HANDLED, type_pattern)
     changed: set[str] = set()
     objects: dict[str, None] = {}  # in the order first met
-    for row in rows:
-        try:
-            _, snapshot = classify(parse_event(json.loads(row["payload"])))
-        except NotAnEvent:
-            continue  # (applied once, so readable then; nothing to offer again)
-        if snapshot is None:
-            continue
-        objects[snapshot.id] = None
+    after: tuple[datetime, str] | None = None
+    while types:
+        async with db.connection(pool) as conn:
+            rows = await store.applied_events(conn, types, after, page)
+        if not rows:
+            break
+        after = (rows[-1][1], rows[-1][0])
+        for event_id, _, payload in rows:
+            try:
+                _, snapshot = classify(parse_event(json.loads(payload)))
+            except NotAnEvent:
+                continue  # (applied once, so readable then; nothing to offer again)
+            if snapshot is None:
+                continue
+            objects[snapshot.id] = None
 
-        async def work(conn: asyncpg.Connection, snapshot: Snapshot = snapshot,
-                       event_id: str = row["id"]) -> bool:
-            return await apply_stored(conn, event_id, snapshot, offer)
+            async def work(conn: asyncpg.Connection, snapshot: Snapshot = snapshot,
+                           event_id: str = event_id) -> bool:
+                return await apply_stored(conn, event_id, snapshot, offer)
 
-        if await db.transaction(pool, work):
-            changed.add(snapshot.id)
+            if await db.transaction(pool, work):
+                changed.add(snapshot.id)
     derived = 0
     for object_id in objects:
 

@@ -7,7 +7,13 @@ share the work, retried with backoff while Stripe is slow or down.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import csv
+import io
+import json
 import re
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
 from zoneinfo import ZoneInfo
@@ -17,7 +23,7 @@ import stripe
 import structlog
 from aiohttp import web
 
-from donations import auth, db, fees, inputs
+from donations import auth, db, fees, inputs, reports
 from donations.appkeys import POOL
 from donations.errors import NotFound
 from donations.money import to_major
@@ -89,8 +95,9 @@ async def store_members(
     """Keep the payout's transactions (filling fees of payments on the way) in one transaction."""
     async with conn.transaction():
         await conn.execute("DELETE FROM payout_balance_transactions WHERE payout = $1", payout_id)
-        for bt in members:
-            await fees.store_balance_transaction(conn, bt)
+        # all of them in a few statements (a payout holds a day's movements: hundreds or
+        # thousands), not four round trips each
+        await fees.store_balance_transactions(conn, members)
         await conn.executemany(
             "INSERT INTO payout_balance_transactions (payout, balance_transaction) "
             "VALUES ($1, $2) ON CONFLICT DO NOTHING",
@@ -160,6 +167,8 @@ SELECT p.id, p.status, p.amount, p.currency, p.arrival_date, p.created_at, p.aut
  ORDER BY coalesce(p.arrival_date, p.created_at), p.id
 """
 
+# The balance transactions of the payouts named ($1), payout by payout in the order named, each
+# payout's by time: read through a cursor, one payout's at a time is all a report holds.
 MEMBERS = """
 SELECT l.payout, bt.id, bt.type, bt.reporting_category, bt.source, bt.amount, bt.fee, bt.net,
        bt.currency, bt.created_at, bt.available_on,
@@ -176,7 +185,8 @@ SELECT l.payout, bt.id, bt.type, bt.reporting_category, bt.source, bt.amount, bt
        coalesce(pc.invoice, pr.invoice, pd.invoice) AS invoice,
        coalesce(pc.subscription, pr.subscription, pd.subscription) AS subscription,
        r.id AS refund, d.id AS dispute
-  FROM payout_balance_transactions l
+  FROM unnest($1::text[]) WITH ORDINALITY AS named(payout, position)
+  JOIN payout_balance_transactions l ON l.payout = named.payout
   JOIN balance_transactions bt ON bt.id = l.balance_transaction
   LEFT JOIN LATERAL (SELECT * FROM payments WHERE balance_transaction = bt.id
                       OR (charge = bt.source AND bt.type IN ('charge', 'payment'))
@@ -185,9 +195,9 @@ SELECT l.payout, bt.id, bt.type, bt.reporting_category, bt.source, bt.amount, bt
   LEFT JOIN payments pr ON pr.payment_key = r.payment_key
   LEFT JOIN disputes d ON d.id = bt.source
   LEFT JOIN payments pd ON pd.payment_key = d.payment_key
- WHERE l.payout = any($1::text[])
- ORDER BY l.payout, bt.created_at, bt.id
+ ORDER BY named.position, bt.created_at, bt.id
 """
+BATCH = 2000  # members per cursor fetch
 
 
 def _money(amount: int | None, currency: str | None) -> dict[str, Any] | None:
@@ -280,7 +290,20 @@ async def payouts_with_members(
     conn: asyncpg.Connection, win: Window | None = None, payout_id: str | None = None
 ) -> list[dict[str, Any]]:
     """Payouts (of the window, or the one named), each with its transactions joined to the
-    ledger, read in one consistent snapshot."""
+    ledger, read in one consistent snapshot. A whole window's are many (a year of daily payouts
+    holds every movement of the year): reports stream them with `each_payout` instead."""
+    async with contextlib.aclosing(each_payout(conn, win, payout_id)) as found:
+        return [payout async for payout in found]
+
+
+async def each_payout(
+    conn: asyncpg.Connection, win: Window | None = None, payout_id: str | None = None,
+    batch: int = BATCH,
+) -> AsyncGenerator[dict[str, Any], None]:
+    """The payouts of the window (or the one named) one at a time, each with its transactions
+    joined to the ledger, all read in one consistent snapshot (a repeatable-read, read-only
+    transaction) through a cursor: one payout's transactions and one batch are in memory at a
+    time, however long the window."""
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         if payout_id is not None:
             rows = await conn.fetch(PAYOUTS.format(where="p.id = $1"), payout_id)
@@ -288,13 +311,19 @@ async def payouts_with_members(
         else:
             assert win is not None
             payouts = await list_payouts(conn, win)
-        members = await conn.fetch(MEMBERS, [p["id"] for p in payouts])
-    by_payout: dict[str, list[dict[str, Any]]] = {p["id"]: [] for p in payouts}
-    for member in members:
-        by_payout[member["payout"]].append(member_json(member))
-    for payout in payouts:
-        payout["balance_transactions"] = by_payout[payout["id"]]
-    return payouts
+        cursor = await conn.cursor(MEMBERS, [p["id"] for p in payouts])
+        # each payout given away with its transactions, then forgotten (never kept in `payouts`)
+        payouts.reverse()
+        members: list[dict[str, Any]] = []
+        while records := await cursor.fetch(batch):
+            for record in records:
+                while payouts and payouts[-1]["id"] != record["payout"]:
+                    yield {**payouts.pop(), "balance_transactions": members}
+                    members = []
+                members.append(member_json(record))
+        while payouts:
+            yield {**payouts.pop(), "balance_transactions": members}
+            members = []
 
 
 MEMBER_FIELDS = (
@@ -333,16 +362,67 @@ def csv_rows(payouts: list[dict[str, Any]]) -> list[list[str]]:
     return lines
 
 
+Write = Callable[[bytes], Awaitable[None]]
+
+
+def _csv_text(lines: Iterable[Sequence[str]]) -> bytes:
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows(lines)  # RFC 4180: CRLF, quotes doubled
+    return buffer.getvalue().encode("utf-8")
+
+
+@dataclass
+class Written:
+    """What write_report wrote: how many payouts, and which of them do not tie yet."""
+
+    payouts: int = 0
+    unbalanced: list[str] = field(default_factory=list)  # their transactions do not sum to them
+    unfetched: list[str] = field(default_factory=list)  # paid or failed, transactions not known
+
+
+async def write_report(conn: asyncpg.Connection, win: Window, fmt: str, write: Write) -> Written:
+    """The window's payouts with their transactions to `write`, one payout at a time: as CSV
+    (csv_rows), or as the API's JSON (`window`, `data`, then `unbalanced`)."""
+    written = Written()
+    if fmt == "csv":
+        await write(_csv_text([CSV_COLUMNS]))
+    else:
+        head = json.dumps({"window": win.as_json()})[:-1]
+        await write(f'{head}, "data": ['.encode())
+    async with contextlib.aclosing(each_payout(conn, win)) as found:
+        async for payout in found:
+            if fmt == "csv":
+                chunk = _csv_text(csv_rows([payout]))
+            else:
+                chunk = ("," if written.payouts else "").encode() + json.dumps(payout).encode()
+            await write(chunk)
+            written.payouts += 1
+            if payout["balanced"] is False:
+                written.unbalanced.append(payout["id"])
+            # (a payout still on its way, or cancelled, has no transactions to tie yet)
+            if not payout["transactions_fetched"] and payout["status"] in ("paid", "failed"):
+                written.unfetched.append(payout["id"])
+    if fmt == "json":
+        await write(f'], "unbalanced": {json.dumps(written.unbalanced)}}}\n'.encode())
+    return written
+
+
+async def stream_report(request: web.Request, win: Window, fmt: str) -> web.StreamResponse:
+    """The window's payouts streamed to the caller; shared by the API and the staff page."""
+
+    async def produce(conn: asyncpg.Connection, write: Write) -> int:
+        return (await write_report(conn, win, fmt, write)).payouts
+
+    return await reports.stream_body(
+        request, "payouts", fmt, produce,
+        filename=win.filename("payouts", "csv") if fmt == "csv" else None)
+
+
 @routes.get("/v1/reports/payouts")
-async def payouts_report(request: web.Request) -> web.Response:
+async def payouts_report(request: web.Request) -> web.StreamResponse:
     await auth.require(request, "reports:read")
-    win = query_window(request)
-    async with db.connection(request.app[POOL]) as conn:
-        # each with the balance transactions that make it up, as the contract says
-        payouts = await payouts_with_members(conn, win)
-    return web.json_response({"window": win.as_json(), "data": payouts,
-                              "unbalanced": [p["id"] for p in payouts if p["balanced"] is False]},
-                             headers={"Cache-Control": "no-store"})
+    # each with the balance transactions that make it up, as the contract says
+    return await stream_report(request, query_window(request), "json")
 
 
 @routes.get("/v1/reports/payouts/{id}")

@@ -369,22 +369,33 @@ SELECT currency,
 """
 
 # Active at the window's end: started before it and not ended by then. The ledger keeps only each
-# subscription's latest state, so one still running counts when its status is live now.
+# subscription's latest state, so one still running counts when its status is live now. Counted
+# per price (a few dozen), not a row per subscription: tens of thousands of them each worked out
+# in Python took most of a summary's time, twelve summaries per staff page.
 ACTIVE_AT_END = """
-SELECT currency, amount, interval, interval_count, percent_off, amount_off
+SELECT currency, amount, interval, interval_count, percent_off, amount_off, count(*) AS n
   FROM subscriptions
  WHERE created_at < $1
    AND status NOT IN ('incomplete', 'incomplete_expired')
    AND CASE WHEN ended_at IS NOT NULL THEN ended_at >= $1
             ELSE status IN ('active', 'trialing', 'past_due') END
+ GROUP BY currency, amount, interval, interval_count, percent_off, amount_off
 """
 
-# The rate of each payment currency to the settlement currency: the latest Stripe applied.
+# The rate of each payment currency named ($1) to the settlement currency: the latest Stripe
+# applied, that of the payment it converted last (settled_at is its balance transaction's
+# time). Read from sql/024's index of the converted payments, a look-up per currency: a join of
+# every payment with its balance transaction took most of a second per summary, twelve per
+# staff page, at a million payments.
 RATES = """
-SELECT DISTINCT ON (p.currency) p.currency, bt.exchange_rate::text AS rate
-  FROM payments p JOIN balance_transactions bt ON bt.id = p.balance_transaction
- WHERE bt.exchange_rate IS NOT NULL
- ORDER BY p.currency, bt.created_at DESC
+SELECT c.currency,
+       (SELECT bt.exchange_rate::text
+          FROM payments p JOIN balance_transactions bt ON bt.id = p.balance_transaction
+         WHERE p.currency = c.currency AND p.settlement_currency <> p.currency
+           AND bt.exchange_rate IS NOT NULL
+         ORDER BY p.settled_at DESC, p.payment_key DESC
+         LIMIT 1) AS rate
+  FROM unnest($1::text[]) AS c(currency)
 """
 
 
@@ -482,7 +493,8 @@ async def summary(conn: asyncpg.Connection, win: Window, reporting: str) -> dict
         rows = await conn.fetch(SUMMARY_ROWS, win.start, win.end)
         subs = {r["currency"]: r for r in await conn.fetch(SUBSCRIPTIONS, win.start, win.end)}
         active = await conn.fetch(ACTIVE_AT_END, win.end)
-        rates = {r["currency"]: Fraction(r["rate"]) for r in await conn.fetch(RATES)}
+        rates = {r["currency"]: Fraction(r["rate"]) for r in await conn.fetch(
+            RATES, sorted({r["currency"] for r in active} - {reporting})) if r["rate"]}
 
     per: dict[str, _Figures] = {}
     fees: dict[str, int] = {}
@@ -521,7 +533,7 @@ async def summary(conn: asyncpg.Connection, win: Window, reporting: str) -> dict
     mrr: dict[str, Fraction] = {}
     for live in active:
         value = monthly(live["amount"], live["interval"], live["interval_count"],
-                        live["percent_off"], live["amount_off"])
+                        live["percent_off"], live["amount_off"]) * live["n"]
         mrr[live["currency"]] = mrr.get(live["currency"], Fraction(0)) + value
     mrr_reporting = 0
     unconverted: list[dict[str, Any]] = []
@@ -588,32 +600,49 @@ async def stream_response(
     request: web.Request, win: Window, fmt: str
 ) -> web.StreamResponse:
     """Stream the contributions of `win` to the caller; shared by the API and the staff page."""
-    response = web.StreamResponse(headers={
+
+    async def produce(conn: asyncpg.Connection, write: Write) -> int:
+        return await stream_contributions(conn, win, fmt, write)
+
+    return await stream_body(request, "contributions", fmt, produce,
+                             filename=win.filename("contributions", fmt))
+
+
+Produce = Callable[[asyncpg.Connection, Write], Awaitable[int]]
+
+
+async def stream_body(
+    request: web.Request, report: str, fmt: str, produce: Produce, filename: str | None = None
+) -> web.StreamResponse:
+    """A report written to the caller as `produce` makes it (chunked, a batch of rows at a time,
+    never the whole answer in memory); shared by the contributions and payouts reports."""
+    headers = {
         "Content-Type": "text/csv; charset=utf-8; header=present" if fmt == "csv"
         else "application/json; charset=utf-8",
-        "Content-Disposition":
-            f'attachment; filename="{win.filename("contributions", fmt)}"',
         "Cache-Control": "no-store",
         "X-Content-Type-Options": "nosniff",
         # its headers leave from here, before the request context could add it
         "X-Request-ID": REQUEST_ID.get() or "",
-    })
+    }
+    if filename is not None:
+        headers["Content-Disposition"] = f'attachment; filename="{filename}"'
+    response = web.StreamResponse(headers=headers)
     response.enable_chunked_encoding()
     async with db.connection(request.app[POOL]) as conn:
         # Only once the database answers are the headers sent: an outage before that is a 503.
         await conn.execute("SELECT 1")
         await response.prepare(request)
         try:
-            rows = await stream_contributions(conn, win, fmt, response.write)
+            rows = await produce(conn, response.write)
         except Exception:
             # The status is already sent: cut the connection so that a partial file can never
             # look complete (no final chunk), rather than end it cleanly.
-            log.exception("report_stream_failed", report="contributions")
+            log.exception("report_stream_failed", report=report)
             if request.transport is not None:
                 request.transport.close()
             return response
     await response.write_eof()
-    log.info("report_streamed", report="contributions", rows=rows, format=fmt)
+    log.info("report_streamed", report=report, rows=rows, format=fmt)
     return response
 
 

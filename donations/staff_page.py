@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from html import escape
@@ -150,20 +148,9 @@ async def contributions_csv(request: web.Request) -> web.StreamResponse:
 
 
 @routes.get("/staff/payouts.csv")
-async def payouts_csv(request: web.Request) -> web.Response:
+async def payouts_csv(request: web.Request) -> web.StreamResponse:
     await _require_staff(request)
-    win = reports.query_window(request)
-    async with db.connection(request.app[POOL]) as conn:
-        found = await payouts.payouts_with_members(conn, win)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(payouts.CSV_COLUMNS)
-    writer.writerows(payouts.csv_rows(found))
-    return web.Response(body=buffer.getvalue().encode(), headers={
-        "Content-Type": "text/csv; charset=utf-8; header=present",
-        "Content-Disposition": f'attachment; filename="{win.filename("payouts", "csv")}"',
-        "Cache-Control": "no-store",
-    })
+    return await payouts.stream_report(request, reports.query_window(request), "csv")
 
 
 def _month(value: str | None) -> date:

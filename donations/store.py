@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import fields
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -142,20 +143,59 @@ async def finish_event(conn: asyncpg.Connection, event_id: str, status: str) -> 
     )
 
 
+def _page(sql: str, after: tuple[datetime, str] | None, key: str) -> tuple[str, tuple[Any, ...]]:
+    """`sql` (its WHERE ending in `{after}`) for the first page, or for the one after the last
+    page's last (key, id): a statement of its own, so that even a generic plan starts the index
+    scan at `after` instead of filtering from the beginning."""
+    if after is None:
+        return sql.format(after=""), ()
+    return sql.format(after=f"AND ({key}, id) > ($3::timestamptz, $4::text)"), after
+
+
 async def unfinished_events(
-    conn: asyncpg.Connection, statuses: list[str], limit: int = 1000
-) -> list[tuple[str, str]]:
-    """Events to apply again: (id, payload text), oldest first."""
-    rows = await conn.fetch(
+    conn: asyncpg.Connection, statuses: list[str], after: tuple[datetime, str] | None = None,
+    limit: int = 500,
+) -> list[tuple[str, datetime, str]]:
+    """A page of the events to apply again: (id, received_at, payload text), oldest first, after
+    `after` (the last page's last (received_at, id)). The first clause is the partial index
+    stripe_events_unfinished's own: a generic plan uses it too."""
+    sql, cursor = _page(
         """
-        SELECT id, payload::text AS payload FROM stripe_events
-         WHERE status = any($1::text[])
+        SELECT id, received_at, payload::text AS payload FROM stripe_events
+         WHERE status IN ('pending', 'failed', 'needs_attention') AND status = any($1::text[])
+           {after}
          ORDER BY received_at, id
          LIMIT $2
-        """,
-        statuses, limit,
-    )
-    return [(r["id"], r["payload"]) for r in rows]
+        """, after, "received_at")
+    rows = await conn.fetch(sql, statuses, limit, *cursor)
+    return [(r["id"], r["received_at"], r["payload"]) for r in rows]
+
+
+async def matching_types(conn: asyncpg.Connection, types: Iterable[str], pattern: str) -> list[str]:
+    """Those of `types` that match `pattern` (SQL LIKE, as PostgreSQL reads it)."""
+    return [r["t"] for r in await conn.fetch(
+        "SELECT t FROM unnest($1::text[]) AS t WHERE t LIKE $2 ORDER BY t", sorted(types),
+        pattern)]
+
+
+async def applied_events(
+    conn: asyncpg.Connection, types: list[str], after: tuple[datetime, str] | None,
+    limit: int = 500,
+) -> list[tuple[str, datetime, str]]:
+    """A page of the applied events of these types: (id, created, payload text), oldest first,
+    after `after` (the last page's last (created, id)). By a list of types, not LIKE, so that a
+    rare type is found through stripe_events_status_type; a common one walks
+    stripe_events_created."""
+    sql, cursor = _page(
+        """
+        SELECT id, created, payload::text AS payload FROM stripe_events
+         WHERE status = 'processed' AND type = any($1::text[])
+           {after}
+         ORDER BY created, id
+         LIMIT $2
+        """, after, "created")
+    rows = await conn.fetch(sql, types, limit, *cursor)
+    return [(r["id"], r["created"], r["payload"]) for r in rows]
 
 
 # --- snapshots ------------------------------------------------------------------------------
@@ -417,3 +457,32 @@ async def queue_balance_transactions(conn: asyncpg.Connection, bt_ids: list[str]
             """,
             bt_ids,
         )
+
+
+# --- the counts /metrics shows (sql/025) ----------------------------------------------------
+
+STORED_EVENTS = """
+SELECT type, status, sum(n) AS n
+  FROM (SELECT type, status, n FROM stored_event_counts
+        UNION ALL
+        SELECT type, status, n FROM stored_event_count_deltas) AS counts
+ GROUP BY type, status HAVING sum(n) <> 0 ORDER BY type, status
+"""
+LEDGER_CONTRIBUTIONS = """
+SELECT currency, kind, sum(contributions) AS n, sum(net) AS net
+  FROM (SELECT currency, kind, contributions, net FROM ledger_counts
+        UNION ALL
+        SELECT currency, kind, contributions, net FROM ledger_count_deltas) AS counts
+ GROUP BY currency, kind HAVING sum(contributions) <> 0 ORDER BY currency, kind
+"""
+
+
+async def compact_counts(conn: asyncpg.Connection, batch: int = 50_000) -> int:
+    """Move up to `batch` rows of the counts' differences into the counts; how many were moved
+    (0: none left, or another replica is moving them)."""
+    async with conn.transaction():
+        if not await conn.fetchval("SELECT pg_try_advisory_xact_lock("
+                                   "hashtextextended('donations:metrics_counts', 0))"):
+            return 0
+        moved: int = await conn.fetchval("SELECT metrics_counts_compact($1)", batch)
+    return moved

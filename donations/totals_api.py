@@ -16,7 +16,7 @@ import structlog
 from aiohttp import web
 from multidict import CIMultiDict
 
-from donations import campaigns, db, display, inputs, svg, tasks, totals
+from donations import campaigns, db, display, inputs, store, svg, tasks, totals
 from donations.appkeys import POOL, SETTINGS, TOTALS
 from donations.errors import NotFound
 from donations.settings import Settings
@@ -336,11 +336,14 @@ for _path in ("/v1/totals", "/v1/totals/progress.svg", "/v1/campaigns/{slug}/tot
 
 
 async def compactor(pool: asyncpg.Pool, interval: float) -> None:
-    """Fold deltas into the totals until cancelled, so that reads sum only a few of them."""
+    """Fold deltas into the totals until cancelled, so that reads sum only a few of them; and
+    the differences of the counts /metrics shows (sql/025)."""
     while True:
         try:
             async with db.connection(pool) as conn:
                 while await totals.compact(conn) > 0:
+                    pass
+                while await store.compact_counts(conn) > 0:
                     pass
         except db.DatabaseUnavailable:
             log.warning("totals_compaction_database_unavailable")

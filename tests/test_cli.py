@@ -17,7 +17,7 @@ import aiohttp
 import asyncpg
 
 from donations.events import parse_event
-from donations.ingest import ingest
+from donations.ingest import ingest, reapply, retry_unfinished
 from donations.ledger import BalanceTransaction, FoundingOffer
 from tests.conftest import WEBHOOK_SECRET
 from tests.fakestripe import running_fake_stripe
@@ -158,6 +158,66 @@ async def test_events_retry_applies_what_failed(pool: asyncpg.Pool, dsn: str) ->
     assert await dump(pool) == reference(events)
     code, out, _ = await _run("events", "list", env=_env(DATABASE_URL=dsn))
     assert "failed" not in out
+
+
+async def test_events_retry_goes_past_a_page_of_events_that_keep_failing(
+    pool: asyncpg.Pool
+) -> None:
+    """`events retry` reads the unfinished events a page at a time and passes those that fail
+    again: however many older ones keep failing, the newer ones are retried too (it used to
+    take the oldest 1,000, so 1,000 that kept failing hid every later one for good)."""
+    world = World(seed=26)
+    yen = world.one_off(90000, "jpy").events
+    sterling = world.one_off(900, "gbp").events
+    await pool.execute("""
+        CREATE FUNCTION refuse_currency() RETURNS trigger LANGUAGE plpgsql AS
+        $$ BEGIN RAISE EXCEPTION 'refused for this test'; END $$;
+        CREATE TRIGGER refuse_jpy BEFORE INSERT OR UPDATE ON payments
+            FOR EACH ROW WHEN (NEW.currency = 'jpy') EXECUTE FUNCTION refuse_currency();
+        CREATE TRIGGER refuse_gbp BEFORE INSERT OR UPDATE ON payments
+            FOR EACH ROW WHEN (NEW.currency = 'gbp') EXECUTE FUNCTION refuse_currency();
+    """)
+    try:
+        outcomes = {e["id"]: await ingest(pool, parse_event(e), json.dumps(e), FoundingOffer())
+                    for e in yen + sterling}
+        failing = [i for i, o in outcomes.items() if o.value == "failed"]
+        stuck = [e["id"] for e in yen if e["id"] in failing]
+        assert len(stuck) >= 3 and len(failing) > len(stuck)  # the sterling ones came after
+        await pool.execute("DROP TRIGGER refuse_gbp ON payments")
+        counts = await retry_unfinished(pool, FoundingOffer(), page=2)
+    finally:
+        await pool.execute("DROP TRIGGER IF EXISTS refuse_gbp ON payments;"
+                           " DROP TRIGGER refuse_jpy ON payments; DROP FUNCTION refuse_currency()")
+    assert counts == {"failed": len(stuck), "processed": len(failing) - len(stuck)}
+    assert await pool.fetchval("SELECT count(*) FROM payments WHERE currency = 'gbp'") == 1
+    assert sorted(await pool.fetchval(
+        "SELECT array_agg(id) FROM stripe_events WHERE status = 'failed'")) == sorted(stuck)
+
+
+async def test_events_reapply_reads_the_events_a_page_at_a_time(pool: asyncpg.Pool) -> None:
+    """`events reapply` reads the matching events a page at a time, oldest first, by (created,
+    id): events stamped in the same second on either side of a page's end are all offered, and
+    every object they are about is derived again, as when they were read at once."""
+    world = World(seed=27)
+    for amount in (1200, 900, 700):
+        world.one_off(amount, "gbp")
+    events = world.events
+    for e in events:
+        await ingest(pool, parse_event(e), json.dumps(e), FoundingOffer())
+    # a type the ledger does not apply matches the pattern too: it has nothing to offer
+    await pool.execute(
+        "INSERT INTO stripe_events (id, type, livemode, created, payload, status)"
+        " VALUES ('evt_expired', 'charge.expired', false, now(), '{}', 'processed')")
+    # the charges' events of each payment stamped in one second (a page ends between them)
+    await pool.execute("UPDATE stripe_events SET created = date_trunc('minute', created)"
+                       " WHERE type LIKE 'charge.%'")
+    assert await pool.fetchval("SELECT count(DISTINCT created) < count(*) FROM stripe_events"
+                               " WHERE type LIKE 'charge.%'")
+    assert await dump(pool) == reference(events)
+    for page in (1, 2, 1000):
+        await pool.execute("UPDATE payments SET amount = amount + 1, campaign = 'stale'")
+        assert await reapply(pool, FoundingOffer(), "charge.%", page=page) == (0, 3), page
+        assert await dump(pool) == reference(events), page
 
 
 async def test_events_reapply_lets_a_snapshot_kept_out_by_an_old_ranking_win(

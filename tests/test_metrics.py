@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import re
 
+import asyncpg
+
+from donations import db, store
+from donations.events import parse_event
+from donations.ingest import Outcome, ingest, retry_unfinished
+from donations.ledger import FoundingOffer
 from donations.metrics import _BUCKETS, Counter, Histogram, Metrics
 from tests.conftest import Client
+from tests.fakestripe.world import World
+from tests.webhook_helpers import post_all
 
 
 def _samples(lines: list[str], name: str) -> dict[str, float]:
@@ -92,3 +101,71 @@ def test_counters_keep_every_digit_past_a_million() -> None:
     assert samples['donations_http_request_duration_seconds_count{route="/healthz"}'] == "1234567"
     assert samples[
         'donations_webhook_events_total{outcome="processed",type="charge.succeeded"}'] == "1234567"
+
+
+async def test_the_stored_event_and_ledger_counts_are_kept_as_the_tables_change(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """/metrics reads the events by type and status and the contributions by currency and kind
+    from counts that triggers keep (sql/025), not from the tables: through webhooks, refunds,
+    an event that fails and is applied again, rows deleted, and their compaction, they stay
+    what counting the tables says, and /metrics shows exactly that."""
+
+    async def counted() -> tuple[set[tuple[str, str, int]], set[tuple[str, str, int, int]]]:
+        events = {(r["type"], r["status"], r["n"]) for r in await pool.fetch(
+            "SELECT type, status, count(*) AS n FROM stripe_events GROUP BY 1, 2")}
+        ledger = {(r["currency"], r["kind"], r["n"], r["net"]) for r in await pool.fetch(
+            "SELECT currency, kind, count(*) AS n,"
+            "       sum(amount - amount_refunded - amount_disputed) AS net"
+            "  FROM payments WHERE status = 'succeeded' GROUP BY 1, 2")}
+        return events, ledger
+
+    async def kept() -> tuple[set[tuple[str, str, int]], set[tuple[str, str, int, int]]]:
+        return ({(r["type"], r["status"], r["n"]) for r in await pool.fetch(store.STORED_EVENTS)},
+                {(r["currency"], r["kind"], r["n"], r["net"])
+                 for r in await pool.fetch(store.LEDGER_CONTRIBUTIONS)})
+
+    world = World(seed=31)
+    paid = world.one_off(2500, "gbp")
+    world.one_off(4000, "usd")
+    world.subscribe(700, "eur")
+    world.refund(paid.charge, 1000)
+    await post_all(client, world.events)
+    later = World(seed=32).one_off(900, "gbp").events
+    await pool.execute("""
+        CREATE FUNCTION refuse_payments() RETURNS trigger LANGUAGE plpgsql AS
+        $$ BEGIN RAISE EXCEPTION 'refused for this test'; END $$;
+        CREATE TRIGGER refuse BEFORE INSERT ON payments
+            FOR EACH ROW EXECUTE FUNCTION refuse_payments();
+    """)
+    try:
+        outcomes = [await ingest(pool, parse_event(e), json.dumps(e), FoundingOffer())
+                    for e in later]
+    finally:
+        await pool.execute("DROP TRIGGER refuse ON payments; DROP FUNCTION refuse_payments()")
+    assert Outcome.FAILED in outcomes
+    assert await kept() == await counted()
+    assert await retry_unfinished(pool, FoundingOffer())  # failed -> processed
+    await pool.execute("DELETE FROM payments WHERE currency = 'usd'")
+    await pool.execute("DELETE FROM stripe_events WHERE type = 'customer.created'")
+    events, ledger = await counted()
+    assert ("gbp", "one_off", 2, 2500 - 1000 + 900) in ledger
+    assert await kept() == (events, ledger)
+
+    async with db.connection(pool) as conn:
+        while await store.compact_counts(conn, batch=3) > 0:
+            pass
+    assert await kept() == (events, ledger)
+    assert await pool.fetchval("SELECT count(*) FROM stored_event_count_deltas") == 0
+    assert await pool.fetchval("SELECT count(*) FROM ledger_count_deltas") == 0
+
+    text = await (await client.get("/metrics")).text()
+    shown = {line for line in text.splitlines() if line.startswith(
+        ("donations_stored_events{", "donations_ledger_contributions{",
+         "donations_ledger_net_minor_units{"))}
+    assert shown == (
+        {f'donations_stored_events{{status="{s}",type="{t}"}} {n}' for t, s, n in events}
+        | {f'donations_ledger_contributions{{currency="{c}",kind="{k}"}} {n}'
+           for c, k, n, _ in ledger}
+        | {f'donations_ledger_net_minor_units{{currency="{c}",kind="{k}"}} {net}'
+           for c, k, _, net in ledger})

@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import json
 
 import asyncpg
 import pytest
 import stripe
 from pytest_aiohttp import AiohttpClient
 
-from donations import auth, db, fees, payouts
+from donations import auth, db, fees, payouts, reports
 from donations.app import create_app
 from donations.settings import Secret
 from tests.conftest import Client, make_settings
@@ -379,3 +380,42 @@ async def test_a_worker_stopped_mid_fetch_leaves_the_payouts_it_leased_due_at_on
     assert await pool.fetchval(
         "SELECT count(*) FROM payout_fetches WHERE fetched_at IS NOT NULL AND payout = any($1)",
         [first.payout, second.payout]) == 2
+
+
+async def test_a_window_of_payouts_is_streamed_a_payout_at_a_time(
+    client: Client, pool: asyncpg.Pool, dsn: str
+) -> None:
+    """A window's payouts are read through a cursor and written one payout at a time (a year of
+    daily payouts holds every movement of the year): the same payouts, in the same order, each
+    with the same transactions as its own report, whatever the cursor's batch, and a payout not
+    fetched yet keeps its place with none; the HTTP answer is chunked, the command's the same."""
+    world = World(seed=612)
+    ids = []
+    for n in range(3):
+        for i in range(3 + n):
+            world.one_off(1000 + 100 * n + i, "gbp")
+        ids.append(world.payout().payout)
+    await post_all(client, world.events)
+    async with stripe_against(world) as (_fake, stripe_client):
+        assert await payouts.run_once(pool, stripe_client) == 3
+    # the last one's transactions not fetched yet
+    await pool.execute("DELETE FROM payout_balance_transactions WHERE payout = $1", ids[2])
+    await pool.execute("UPDATE payout_fetches SET fetched_at = NULL WHERE payout = $1", ids[2])
+    headers = await _bearer(pool)
+    one_by_one = [await (await client.get(f"/v1/reports/payouts/{payout_id}",
+                                          headers=headers)).json() for payout_id in ids]
+    assert [len(p["balance_transactions"]) for p in one_by_one] == [4, 5, 0]
+    win = reports.window(WIDE["from"], WIDE["to"])
+    for batch in (1, 2, 3, 4, 1000):  # a batch ending inside, at the end of, across payouts
+        async with db.connection(pool) as conn:
+            found = [p async for p in payouts.each_payout(conn, win, batch=batch)]
+        assert found == one_by_one, batch
+
+    response = await client.get("/v1/reports/payouts", headers=headers, params=WIDE)
+    assert response.headers.get("Transfer-Encoding") == "chunked"
+    assert await response.json() == {"window": win.as_json(), "data": one_by_one,
+                                     "unbalanced": []}
+    code, out, err = await _run("report", "payouts", "--from", WIDE["from"], "--to", WIDE["to"],
+                                "--format", "json", env=_env(DATABASE_URL=dsn))
+    assert code == 1 and ids[2] in err  # (its transactions are not fetched yet)
+    assert json.loads(out) == {"window": win.as_json(), "data": one_by_one, "unbalanced": []}

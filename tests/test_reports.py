@@ -750,3 +750,32 @@ def test_a_window_in_the_first_years_is_written_with_four_digit_years() -> None:
     assert w.as_json()["from"] == "0001-01-02T00:00:00Z"
     assert w.filename("contributions", "csv") == (
         "contributions_0001-01-02T000000Z_0001-02-01.csv")
+
+
+async def test_monthly_recurring_is_converted_at_the_latest_rate_stripe_applied(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """Each currency's monthly recurring is converted at the rate of the payment in it that
+    Stripe settled last (sql/024's look-up per currency), not an earlier one."""
+    from fractions import Fraction
+
+    world = World(seed=503, start=START)
+    usd = world.subscribe(1000, "usd")  # its first invoice settled at 0.80
+    world.one_off(4000, "eur")  # another currency's rate is no USD rate
+    world.rates["usd"] = Fraction(3, 4)
+    world.renew(usd.subscription)  # the renewal at 0.75
+    await post_all(client, world.events)
+    async with stripe_against(world) as (_, stripe_client):
+        while await fees.run_once(pool, stripe_client, Metrics()):
+            pass
+    settled = await pool.fetch(
+        "SELECT p.currency, b.exchange_rate::text AS rate FROM payments p"
+        " JOIN balance_transactions b ON b.id = p.balance_transaction ORDER BY 1, 2")
+    assert [(r["currency"], r["rate"]) for r in settled] == [
+        ("eur", "0.85"), ("usd", "0.75"), ("usd", "0.8")]
+    headers = await _bearer(pool)
+    body = await (await client.get("/v1/reports/summary", headers=headers,
+                                   params=WIDE)).json()
+    rep = body["reporting"]
+    assert rep["monthly_recurring"] == {"amount": 750, "currency": "gbp"}
+    assert rep["monthly_recurring_unconverted"] == []
