@@ -161,6 +161,21 @@ SPEC: dict[str, Any] = {
                 "403": _error("The token lacks reports:read"),
                 "404": _error("No reconciliation run has this id (run_not_found)"),
             }}},
+        "/v1/reconciliation/discrepancies": {"get": {
+            "summary": "Discrepancies whichever run found them, open ones unless told, a page "
+            "at a time (reports:read)",
+            "description": "In the order of their ids; the next page is after the last id "
+            "of this one (`next`, which keeps status and limit).",
+            "security": [{"bearer": []}],
+            "parameters": [{"name": "status", "in": "query", "required": False,
+                            "schema": {"type": "string", "enum": ["open", "resolved", "all"],
+                                       "default": "open"}}, *_PAGE],
+            "responses": {
+                "200": _json(_DISCREPANCY_PAGE, "A page of discrepancies"),
+                "400": _error("status, limit or after cannot be read (the field is named)"),
+                "401": _error("No or unknown token"),
+                "403": _error("The token lacks reports:read"),
+            }}},
         "/v1/reconciliation/discrepancies/{id}/acknowledge": {"post": {
             "summary": "Acknowledge an open discrepancy finance has explained (admin)",
             "description": "Resolves it with the token's name and the note. Later runs that "

@@ -990,6 +990,7 @@ async def metrics_lines(conn: asyncpg.Connection) -> list[str]:
 RUN_EMBEDDED = 100
 PAGE_DEFAULT = 100  # discrepancies a page of the paged listings gives unless told
 PAGE_MAX = 500
+STATUSES = ("open", "resolved", "all")
 
 # One page of a run's discrepancies: those after id $2, at most $3. The ids are the first $3
 # entries after $2 of each of the two indexes (sql/027), merged (a row the run found first and
@@ -1032,6 +1033,15 @@ RUNS_COUNTS = """
                WHERE last_run_id = r.run AND run_id <> r.run) AS total
       FROM unnest($1::bigint[]) AS r(run)
 """
+# A page of every run's discrepancies by status, ids after $1, at most $2: open and resolved
+# each by an index of its own (sql/028), all by the primary key.
+DISCREPANCIES = {
+    "open": "SELECT * FROM reconciliation_discrepancies WHERE resolved_at IS NULL AND id > $1"
+            " ORDER BY id LIMIT $2",
+    "resolved": "SELECT * FROM reconciliation_discrepancies WHERE resolved_at IS NOT NULL"
+                " AND id > $1 ORDER BY id LIMIT $2",
+    "all": "SELECT * FROM reconciliation_discrepancies WHERE id > $1 ORDER BY id LIMIT $2",
+}
 
 
 def _run_json(row: asyncpg.Record, found: list[asyncpg.Record], total: int) -> dict[str, Any]:
@@ -1151,6 +1161,22 @@ async def run_discrepancies(request: web.Request) -> web.Response:
             raise NotFound("run_not_found", "no reconciliation run has this id")
     return web.json_response(_page_json(
         found, limit, f"/v1/reconciliation/runs/{run_id}/discrepancies", {}))
+
+
+@routes.get("/v1/reconciliation/discrepancies")
+async def list_discrepancies(request: web.Request) -> web.Response:
+    """Discrepancies whichever run found them, by status (open unless told), a page at a time
+    in the order of their ids."""
+    await auth.require(request, "reports:read")
+    status = request.query.get("status", "open")
+    if status not in STATUSES:
+        raise BadRequest("invalid_status", "status must be open, resolved or all",
+                         field="status")
+    limit, after = _page_query(request)
+    async with db.connection(request.app[POOL]) as conn:
+        found = await conn.fetch(DISCREPANCIES[status], after, limit + 1)
+    return web.json_response(_page_json(found, limit, "/v1/reconciliation/discrepancies",
+                                        {"status": status}))
 
 
 @routes.post("/v1/reconciliation/discrepancies/{id}/acknowledge")

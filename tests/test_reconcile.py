@@ -1057,12 +1057,51 @@ async def test_a_runs_discrepancies_are_paged_through_each_once_in_order(
     assert second == [[by_id[found.open_id]]]
 
 
-@pytest.mark.parametrize("path", ["/v1/reconciliation/runs/{run}/discrepancies"])
+async def test_open_discrepancies_are_listed_whichever_run_found_them(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """GET /v1/reconciliation/discrepancies lists the open ones by default (not the repaired,
+    not the acknowledged), `status=resolved` the others and `status=all` every one, each a page
+    at a time in the order of their ids; the next page keeps the status and the limit."""
+    found = await many_found(client, pool)
+    rows = await discrepancy_rows(pool)
+
+    open_pages = await every_page(client, "/v1/reconciliation/discrepancies", found.reader)
+    assert [[d["id"] for d in page] for page in open_pages] == [[found.open_id]]
+    assert open_pages[0][0]["resolved_at"] is None
+    explicit = await every_page(client, "/v1/reconciliation/discrepancies?status=open&limit=1",
+                                found.reader)
+    assert explicit == open_pages
+
+    first = await (await client.get("/v1/reconciliation/discrepancies?status=resolved&limit=50",
+                                    headers=found.reader)).json()
+    assert first["next"] == ("/v1/reconciliation/discrepancies?status=resolved&limit=50"
+                             f"&after={first['data'][-1]['id']}")
+    resolved = await every_page(client, "/v1/reconciliation/discrepancies?status=resolved"
+                                "&limit=50", found.reader)
+    assert [len(page) for page in resolved] == [50, 50, len(rows) - 101]
+    resolved_ids = [d["id"] for page in resolved for d in page]
+    assert resolved_ids == [r["id"] for r in rows if r["resolved_at"] is not None]
+    assert found.acknowledged["id"] in resolved_ids
+    assert found.open_id not in resolved_ids
+
+    every = await every_page(client, "/v1/reconciliation/discrepancies?status=all&limit=500",
+                             found.reader)
+    assert [d["id"] for page in every for d in page] == [r["id"] for r in rows]
+    after = await (await client.get(
+        f"/v1/reconciliation/discrepancies?status=all&after={rows[-2]['id']}",
+        headers=found.reader)).json()
+    assert ([d["id"] for d in after["data"]], after["has_more"], after["next"]) == (
+        [rows[-1]["id"]], False, None)
+
+
+@pytest.mark.parametrize("path", ["/v1/reconciliation/runs/{run}/discrepancies",
+                                  "/v1/reconciliation/discrepancies"])
 async def test_the_paged_listings_refuse_what_they_cannot_read_naming_it(
     client: Client, pool: asyncpg.Pool, path: str
 ) -> None:
-    """`limit` is a whole number from 1 to 500, `after` a whole number: anything else is a
-    400 naming it. No token is 401, a token without
+    """`limit` is a whole number from 1 to 500, `after` a whole number, `status` open,
+    resolved or all: anything else is a 400 naming it. No token is 401, a token without
     reports:read 403; admin may read."""
     world = World(seed=9502)
     world.one_off(1000, "gbp")
@@ -1077,6 +1116,8 @@ async def test_the_paged_listings_refuse_what_they_cannot_read_naming_it(
     bad = [("limit", "invalid_limit", v) for v in
            ("0", "501", "-1", "ten", "1.5", "", "%C2%B2", "9" * 5000)]
     bad += [("after", "invalid_after", v) for v in ("-1", "x", "1.0", "", "%D9%A3", "9" * 40)]
+    if "{run}" not in path:
+        bad += [("status", "invalid_status", v) for v in ("closed", "OPEN", "", "open,all")]
     for name, code, value in bad:
         response = await client.get(f"{url}?{name}={value}", headers=as_reader)
         body = await response.json()
@@ -1121,9 +1162,9 @@ async def test_a_run_of_25000_discrepancies_is_listed_in_kilobytes_by_index_scan
 ) -> None:
     """The scale review's case, made in SQL: a run that repaired 25,000 fees (25,000 more open
     ones left by an older run). `?limit=1` is a small answer, and every query the listings make
-    reads the indexes of sql/027 a page at a time, never the table or a run whole: at most two
-    index entries and a row per discrepancy of the page (the count of a run, from its indexes
-    alone, is the one read that grows with the run)."""
+    reads the indexes of sql/027 and sql/028 a page at a time, never the table or a run whole:
+    at most two index entries and a row per discrepancy of the page (the count of a run, from
+    its indexes alone, is the one read that grows with the run)."""
     await pool.execute("""
         INSERT INTO reconciliation_runs (trigger, status, window_start, window_end, finished_at)
         SELECT 'schedule', 'succeeded', now(), now(), now() FROM generate_series(1, 3);
@@ -1158,6 +1199,8 @@ async def test_a_run_of_25000_discrepancies_is_listed_in_kilobytes_by_index_scan
     paged: list[tuple[str, tuple[Any, ...], int]] = [
         (reconcile.RUN_PAGE, (run, after, 501), 1) for run in runs for after in (0, half)]
     paged.append((reconcile.RUNS_FIRST_PAGES, (runs, reconcile.RUN_EMBEDDED), len(runs)))
+    paged += [(reconcile.DISCREPANCIES[s], (after, 501), 1)
+              for s in reconcile.STATUSES for after in (0, half)]
     async with pool.acquire() as conn:
         for mode in ("auto", "force_generic_plan"):  # the first runs, and prepared ones later
             for query, args, pages in paged:

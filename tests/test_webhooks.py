@@ -417,6 +417,8 @@ async def test_openapi_lists_every_status_the_routes_answer(
         await call("GET", "/v1/reconciliation/runs/1/discrepancies",
                    "/v1/reconciliation/runs/{id}/discrepancies", headers=reader,
                    params={"limit": "0"})
+        await call("GET", "/v1/reconciliation/discrepancies",
+                   "/v1/reconciliation/discrepancies", headers=reader, params={"status": "x"})
         for _ in range(20):  # then this client is answered 429 on every route with a token
             await client.get("/v1/campaigns", headers={"Authorization": "Bearer dnt_wrong"})
         for method, path, template in [
@@ -427,6 +429,7 @@ async def test_openapi_lists_every_status_the_routes_answer(
             ("GET", "/v1/reconciliation/runs", "/v1/reconciliation/runs"),
             ("GET", "/v1/reconciliation/runs/1/discrepancies",
              "/v1/reconciliation/runs/{id}/discrepancies"),
+            ("GET", "/v1/reconciliation/discrepancies", "/v1/reconciliation/discrepancies"),
             ("POST", "/v1/reconciliation/discrepancies/1/acknowledge",
              "/v1/reconciliation/discrepancies/{id}/acknowledge"),
             ("GET", "/v1/campaigns", "/v1/campaigns"),
