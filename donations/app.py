@@ -43,7 +43,7 @@ from donations.appkeys import (
     STRIPE,
     STRIPE_BACKGROUND,
 )
-from donations.errors import ApiError
+from donations.errors import ApiError, client_hung_up
 from donations.ledger import FoundingOffer
 from donations.logging import REQUEST_ID
 from donations.metrics import Metrics, gauge
@@ -289,7 +289,7 @@ CLIENT_CLOSED_REQUEST = 499
 
 def error_answer(request: web.Request, exc: Exception) -> web.Response:
     """An error in the contract's shape (called while it is being handled, for log.exception)."""
-    if isinstance(exc, ConnectionResetError) and _client_gone(request):
+    if client_hung_up(request, exc):
         # aiohttp's "Connection lost" from reading the body of a client that hung up (a
         # timeout of Stripe's, a reader who closed the tab): nothing of ours failed
         log.info("client_disconnected", method=request.method, path=request.path)
@@ -323,11 +323,6 @@ def error_answer(request: web.Request, exc: Exception) -> web.Response:
         {"error": {"code": "internal_error", "message": "something went wrong on our side"}},
         status=500,
     )
-
-
-def _client_gone(request: web.Request) -> bool:
-    transport = request.transport
-    return transport is None or transport.is_closing()
 
 
 # --- operational endpoints ------------------------------------------------------------------

@@ -11,11 +11,15 @@
      ├── TooManyRequests           429  over a rate limit: retry after `Retry-After` seconds
      ├── BadGateway                502  a dependency (Stripe) refused or garbled our request
      └── ServiceUnavailable        503  a dependency (database, Stripe) is not there: retry later
+
+and what is none of ours: `client_hung_up`, a client that went away.
 """
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
+
+from aiohttp import web
 
 
 class ApiError(Exception):
@@ -98,3 +102,14 @@ class ServiceUnavailable(ApiError):
     """A dependency is down or not configured; the caller should retry later."""
 
     status = 503
+
+
+def client_hung_up(request: web.Request, exc: BaseException) -> bool:
+    """Whether `exc` is only the client having gone away: aiohttp's "Connection lost" or
+    "Cannot write to closing transport" (a ConnectionResetError) while the client's connection
+    is closed or closing (Stripe's own timeout, a reader who closed the tab or cancelled a
+    download, a proxy's timeout). Nothing of ours failed, and no answer can reach it."""
+    if not isinstance(exc, ConnectionResetError):
+        return False
+    transport = request.transport
+    return transport is None or transport.is_closing()

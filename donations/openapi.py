@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from donations import __version__
+from donations.reconcile import PAGE_DEFAULT, PAGE_MAX, RUN_EMBEDDED
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
 
@@ -24,6 +25,64 @@ _REPORT_WINDOW: list[dict[str, Any]] = [
      "schema": {"type": "string"}},
     {"name": "tz", "in": "query", "description": "IANA time zone for dates and naive "
      "timestamps; UTC when absent", "schema": {"type": "string"}},
+]
+
+# A difference reconciliation found, the same wherever it is given.
+_DISCREPANCY: dict[str, Any] = {"type": "object", "properties": {
+    "id": {"type": "integer"},
+    "kind": {"type": "string", "enum": [
+        "missing_in_ledger", "missing_at_stripe", "amount_mismatch", "currency_mismatch",
+        "status_mismatch", "fee_mismatch", "fee_missing"]},
+    "object": {"type": "string", "enum": ["payment", "refund", "dispute"]},
+    "stripe_id": {"type": "string", "description": "the charge, refund or dispute"},
+    "balance_transaction": {"type": ["string", "null"]},
+    "ledger": {"type": ["object", "null"], "description": "the ledger's values; null when it "
+               "has no row"},
+    "stripe": {"type": ["object", "null"], "description": "the balance transaction's values; "
+               "null when there is none"},
+    "repaired": {"type": "boolean"},
+    "found_at": {"type": "string", "format": "date-time"},
+    "resolved_at": {"type": ["string", "null"], "format": "date-time",
+                    "description": "null while open"},
+    "acknowledged": {"type": ["object", "null"], "properties": {
+        "by": {"type": "string"}, "note": {"type": "string"}}},
+    "first_run": {"type": "integer", "description": "the run that found it"},
+    "last_run": {"type": "integer", "description": "the last run that found it"},
+}}
+_RUN: dict[str, Any] = {"type": "object", "properties": {
+    "id": {"type": "integer"},
+    "trigger": {"type": "string", "enum": ["command", "schedule"]},
+    "status": {"type": "string", "enum": ["running", "succeeded", "failed"]},
+    "window": {"type": "object", "properties": {
+        "start": {"type": "string", "format": "date-time"},
+        "end": {"type": "string", "format": "date-time"}}},
+    "started_at": {"type": "string", "format": "date-time"},
+    "finished_at": {"type": ["string", "null"], "format": "date-time"},
+    "duration_seconds": {"type": ["number", "null"]},
+    "counts": {"type": "object", "additionalProperties": {"type": "integer"}},
+    "error": {"type": ["string", "null"]},
+    "discrepancies": {"type": "array", "items": _DISCREPANCY, "maxItems": RUN_EMBEDDED,
+                      "description": f"the first {RUN_EMBEDDED} it found or found again, "
+                      "by id"},
+    "discrepancies_total": {"type": "integer", "description": "how many it found or found "
+                            "again"},
+    "discrepancies_has_more": {"type": "boolean"},
+    "discrepancies_next": {"type": ["string", "null"], "description": "the path of the next "
+                           "page of /v1/reconciliation/runs/{id}/discrepancies; null when "
+                           "all are here"},
+}}
+_DISCREPANCY_PAGE: dict[str, Any] = {
+    "type": "object", "required": ["data", "has_more", "next"], "properties": {
+        "data": {"type": "array", "items": _DISCREPANCY},
+        "has_more": {"type": "boolean"},
+        "next": {"type": ["string", "null"], "description": "the path of the next page; null "
+                 "on the last"}}}
+_PAGE: list[dict[str, Any]] = [
+    {"name": "limit", "in": "query", "required": False,
+     "schema": {"type": "integer", "minimum": 1, "maximum": PAGE_MAX,
+                "default": PAGE_DEFAULT}},
+    {"name": "after", "in": "query", "required": False, "description": "the last id of the "
+     "page before", "schema": {"type": "integer", "minimum": 0, "default": 0}},
 ]
 
 SPEC: dict[str, Any] = {
@@ -68,7 +127,11 @@ SPEC: dict[str, Any] = {
         "/v1/reconciliation/runs": {"get": {
             "summary": "Recent reconciliation runs and their discrepancies (reports:read)",
             "description": "Newest first: each run's window, counts, duration and the "
-            "discrepancies it found or found again; open_discrepancies counts all unresolved.",
+            f"discrepancies it found or found again: the first {RUN_EMBEDDED} by id (the "
+            "first page of /v1/reconciliation/runs/{id}/discrepancies), with "
+            "discrepancies_total, "
+            "discrepancies_has_more and discrepancies_next (where the next page is). "
+            "open_discrepancies counts all unresolved.",
             "security": [{"bearer": []}],
             "parameters": [{"name": "limit", "in": "query", "required": False,
                             "schema": {"type": "integer", "minimum": 1, "maximum": 100,
@@ -76,10 +139,40 @@ SPEC: dict[str, Any] = {
             "responses": {
                 "200": _json({"type": "object", "required": ["runs", "open_discrepancies"],
                               "properties": {
-                                  "runs": {"type": "array", "items": {"type": "object"}},
+                                  "runs": {"type": "array", "items": _RUN},
                                   "open_discrepancies": {"type": "integer"}}},
                              "Recent runs"),
                 "400": _error("limit is not a whole number from 1 to 100"),
+                "401": _error("No or unknown token"),
+                "403": _error("The token lacks reports:read"),
+            }}},
+        "/v1/reconciliation/runs/{id}/discrepancies": {"get": {
+            "summary": "Every discrepancy a run found or found again, a page at a time "
+            "(reports:read)",
+            "description": "In the order of their ids; the next page is after the last id "
+            "of this one (`next`).",
+            "security": [{"bearer": []}],
+            "parameters": [{"name": "id", "in": "path", "required": True,
+                            "schema": {"type": "integer"}}, *_PAGE],
+            "responses": {
+                "200": _json(_DISCREPANCY_PAGE, "A page of the run's discrepancies"),
+                "400": _error("limit or after cannot be read (the field is named)"),
+                "401": _error("No or unknown token"),
+                "403": _error("The token lacks reports:read"),
+                "404": _error("No reconciliation run has this id (run_not_found)"),
+            }}},
+        "/v1/reconciliation/discrepancies": {"get": {
+            "summary": "Discrepancies whichever run found them, open ones unless told, a page "
+            "at a time (reports:read)",
+            "description": "In the order of their ids; the next page is after the last id "
+            "of this one (`next`, which keeps status and limit).",
+            "security": [{"bearer": []}],
+            "parameters": [{"name": "status", "in": "query", "required": False,
+                            "schema": {"type": "string", "enum": ["open", "resolved", "all"],
+                                       "default": "open"}}, *_PAGE],
+            "responses": {
+                "200": _json(_DISCREPANCY_PAGE, "A page of discrepancies"),
+                "400": _error("status, limit or after cannot be read (the field is named)"),
                 "401": _error("No or unknown token"),
                 "403": _error("The token lacks reports:read"),
             }}},
@@ -96,7 +189,7 @@ SPEC: dict[str, Any] = {
                 "properties": {"note": {"type": "string", "minLength": 1,
                                         "maxLength": 1000}}}}}},
             "responses": {
-                "200": _json({"type": "object"}, "The discrepancy, acknowledged"),
+                "200": _json(_DISCREPANCY, "The discrepancy, acknowledged"),
                 "400": _error("The body is not a JSON object, or note is missing, empty or "
                               "holds U+0000"),
                 "401": _error("No or unknown token"),

@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
 from email.utils import parsedate_to_datetime
 from typing import Any, NamedTuple
+from urllib.parse import urlencode
 
 import asyncpg
 import stripe
@@ -980,9 +981,73 @@ async def metrics_lines(conn: asyncpg.Connection) -> list[str]:
     return lines
 
 
-def _run_json(row: asyncpg.Record, found: list[asyncpg.Record]) -> dict[str, Any]:
+# The discrepancies of a run are those it found first (run_id) or found again (last_run_id),
+# in the order of their ids. The runs listing carries the first RUN_EMBEDDED of each run (the
+# first page of the run's own listing, so that its `discrepancies_next` carries on from there)
+# and how many the run has: a run can have tens of thousands (the first run after an import or a
+# fee-worker outage repairs a fee for every payment), which embedded whole made even `?limit=1`
+# an answer of megabytes.
+RUN_EMBEDDED = 100
+PAGE_DEFAULT = 100  # discrepancies a page of the paged listings gives unless told
+PAGE_MAX = 500
+STATUSES = ("open", "resolved", "all")
+
+# One page of a run's discrepancies: those after id $2, at most $3. The ids are the first $3
+# entries after $2 of each of the two indexes (sql/027), merged (a row the run found first and
+# found again is in both: UNION keeps it once): never more than 2 x $3 index entries are read,
+# however many the run has.
+RUN_PAGE = """
+    SELECT d.* FROM reconciliation_discrepancies d
+     WHERE d.id IN (
+           SELECT id FROM (
+               (SELECT id FROM reconciliation_discrepancies
+                 WHERE run_id = $1 AND id > $2 ORDER BY id LIMIT $3)
+               UNION
+               (SELECT id FROM reconciliation_discrepancies
+                 WHERE last_run_id = $1 AND id > $2 ORDER BY id LIMIT $3)
+           ) ids ORDER BY id LIMIT $3)
+     ORDER BY d.id
+"""
+# The same first page (after no id) of each of the runs $1, at most $2 each; `listed_run` says
+# of which run (a row can be on the pages of two: the run that found it first and the last).
+RUNS_FIRST_PAGES = """
+    SELECT r.run AS listed_run, d.*
+      FROM unnest($1::bigint[]) AS r(run)
+     CROSS JOIN LATERAL (
+           SELECT id FROM (
+               (SELECT id FROM reconciliation_discrepancies
+                 WHERE run_id = r.run ORDER BY id LIMIT $2)
+               UNION
+               (SELECT id FROM reconciliation_discrepancies
+                 WHERE last_run_id = r.run ORDER BY id LIMIT $2)
+           ) ids ORDER BY id LIMIT $2) p
+      JOIN reconciliation_discrepancies d ON d.id = p.id
+     ORDER BY r.run, d.id
+"""
+# how many discrepancies each of the runs $1 has, from the indexes alone (the last-run index
+# carries run_id, so a row found first and again by the same run is counted once)
+RUNS_COUNTS = """
+    SELECT r.run,
+           (SELECT count(*) FROM reconciliation_discrepancies WHERE run_id = r.run)
+           + (SELECT count(*) FROM reconciliation_discrepancies
+               WHERE last_run_id = r.run AND run_id <> r.run) AS total
+      FROM unnest($1::bigint[]) AS r(run)
+"""
+# A page of every run's discrepancies by status, ids after $1, at most $2: open and resolved
+# each by an index of its own (sql/028), all by the primary key.
+DISCREPANCIES = {
+    "open": "SELECT * FROM reconciliation_discrepancies WHERE resolved_at IS NULL AND id > $1"
+            " ORDER BY id LIMIT $2",
+    "resolved": "SELECT * FROM reconciliation_discrepancies WHERE resolved_at IS NOT NULL"
+                " AND id > $1 ORDER BY id LIMIT $2",
+    "all": "SELECT * FROM reconciliation_discrepancies WHERE id > $1 ORDER BY id LIMIT $2",
+}
+
+
+def _run_json(row: asyncpg.Record, found: list[asyncpg.Record], total: int) -> dict[str, Any]:
     duration = (row["finished_at"] - row["started_at"]).total_seconds() \
         if row["finished_at"] else None
+    more = total > len(found)
     return {
         "id": row["id"],
         "trigger": row["trigger"],
@@ -1001,6 +1066,10 @@ def _run_json(row: asyncpg.Record, found: list[asyncpg.Record]) -> dict[str, Any
         },
         "error": row["error"],
         "discrepancies": [_discrepancy_json(d) for d in found],
+        "discrepancies_total": total,
+        "discrepancies_has_more": more,
+        "discrepancies_next": _next_page(f"/v1/reconciliation/runs/{row['id']}/discrepancies",
+                                         found, more, {}),
     }
 
 
@@ -1012,40 +1081,102 @@ def _discrepancy_json(d: asyncpg.Record) -> dict[str, Any]:
         "found_at": rfc3339(d["found_at"]), "resolved_at": rfc3339(d["resolved_at"]),
         "acknowledged": None if d["acknowledged_by"] is None else {
             "by": d["acknowledged_by"], "note": d["acknowledged_note"]},
+        "first_run": d["run_id"], "last_run": d["last_run_id"],
     }
+
+
+def _next_page(path: str, page: list[asyncpg.Record], more: bool, query: dict[str, str]
+               ) -> str | None:
+    """Where the page after `page` is: `path` with `query` and `after` its last id."""
+    if not more or not page:
+        return None
+    return f"{path}?{urlencode({**query, 'after': page[-1]['id']})}"
+
+
+def _page_query(request: web.Request) -> tuple[int, int]:
+    """`limit` (1 to PAGE_MAX, PAGE_DEFAULT when absent) and `after` (an id; 0 when absent)."""
+    limit = whole_number(request.query.get("limit", str(PAGE_DEFAULT)))
+    if limit is None or not 1 <= limit <= PAGE_MAX:
+        raise BadRequest("invalid_limit", f"limit must be a whole number from 1 to {PAGE_MAX}",
+                         field="limit")
+    after = whole_number(request.query.get("after", "0"))
+    if after is None:
+        raise BadRequest("invalid_after", "after must be the id of a discrepancy (the last "
+                         "one of the page before)", field="after")
+    return limit, after
+
+
+def _page_json(found: list[asyncpg.Record], limit: int, path: str, query: dict[str, str]
+               ) -> dict[str, Any]:
+    """A page read with `limit + 1` rows: the first `limit`, whether there are more, and the
+    address of the next page."""
+    page, more = found[:limit], len(found) > limit
+    return {"data": [_discrepancy_json(d) for d in page], "has_more": more,
+            "next": _next_page(path, page, more, {**query, "limit": str(limit)})}
 
 
 @routes.get("/v1/reconciliation/runs")
 async def list_runs(request: web.Request) -> web.Response:
-    """Recent runs, newest first, each with the discrepancies it found or found again."""
+    """Recent runs, newest first, each with the first RUN_EMBEDDED discrepancies it found or
+    found again, how many it has, and where the rest are."""
     await auth.require(request, "reports:read")
     limit = whole_number(request.query.get("limit", "20"))
     if limit is None or not 1 <= limit <= 100:
         raise BadRequest("invalid_limit", "limit must be a whole number from 1 to 100",
                          field="limit")
-    async with db.connection(request.app[POOL]) as conn, conn.transaction(readonly=True):
+    # one snapshot: each run's count agrees with the page of it given
+    async with db.connection(request.app[POOL]) as conn, \
+            conn.transaction(isolation="repeatable_read", readonly=True):
         runs = await conn.fetch(
             "SELECT * FROM reconciliation_runs ORDER BY started_at DESC, id DESC LIMIT $1",
             limit,
         )
-        found = await conn.fetch(
-            """
-            SELECT * FROM reconciliation_discrepancies
-             WHERE run_id = any($1::bigint[]) OR last_run_id = any($1::bigint[])
-             ORDER BY id
-            """,
-            [r["id"] for r in runs],
-        )
+        ids = [r["id"] for r in runs]
+        found = await conn.fetch(RUNS_FIRST_PAGES, ids, RUN_EMBEDDED)
+        totals = {r["run"]: r["total"] for r in await conn.fetch(RUNS_COUNTS, ids)}
         open_count = await conn.fetchval(
             "SELECT count(*) FROM reconciliation_discrepancies WHERE resolved_at IS NULL")
     by_run: dict[int, list[asyncpg.Record]] = {}
     for d in found:
-        for run_id in {d["run_id"], d["last_run_id"]}:
-            by_run.setdefault(run_id, []).append(d)
+        by_run.setdefault(d["listed_run"], []).append(d)
     return web.json_response({
-        "runs": [_run_json(r, by_run.get(r["id"], [])) for r in runs],
+        "runs": [_run_json(r, by_run.get(r["id"], []), totals[r["id"]]) for r in runs],
         "open_discrepancies": open_count,
     })
+
+
+@routes.get("/v1/reconciliation/runs/{id}/discrepancies")
+async def run_discrepancies(request: web.Request) -> web.Response:
+    """Every discrepancy a run found or found again, a page at a time in the order of their
+    ids (`after` the last id of the page before)."""
+    await auth.require(request, "reports:read")
+    run_id = whole_number(request.match_info["id"])
+    if run_id is None:
+        raise NotFound("run_not_found", "no reconciliation run has this id")
+    limit, after = _page_query(request)
+    async with db.connection(request.app[POOL]) as conn:
+        found = await conn.fetch(RUN_PAGE, run_id, after, limit + 1)
+        if not found and not await conn.fetchval(
+                "SELECT true FROM reconciliation_runs WHERE id = $1", run_id):
+            raise NotFound("run_not_found", "no reconciliation run has this id")
+    return web.json_response(_page_json(
+        found, limit, f"/v1/reconciliation/runs/{run_id}/discrepancies", {}))
+
+
+@routes.get("/v1/reconciliation/discrepancies")
+async def list_discrepancies(request: web.Request) -> web.Response:
+    """Discrepancies whichever run found them, by status (open unless told), a page at a time
+    in the order of their ids."""
+    await auth.require(request, "reports:read")
+    status = request.query.get("status", "open")
+    if status not in STATUSES:
+        raise BadRequest("invalid_status", "status must be open, resolved or all",
+                         field="status")
+    limit, after = _page_query(request)
+    async with db.connection(request.app[POOL]) as conn:
+        found = await conn.fetch(DISCREPANCIES[status], after, limit + 1)
+    return web.json_response(_page_json(found, limit, "/v1/reconciliation/discrepancies",
+                                        {"status": status}))
 
 
 @routes.post("/v1/reconciliation/discrepancies/{id}/acknowledge")

@@ -18,7 +18,7 @@ from aiohttp import web
 
 from donations import auth, db
 from donations.appkeys import POOL, SETTINGS
-from donations.errors import BadRequest, Unprocessable
+from donations.errors import BadRequest, Unprocessable, client_hung_up
 from donations.inputs import utc_seconds
 from donations.logging import REQUEST_ID
 from donations.money import THREE_DECIMAL, ZERO_DECIMAL, apply_percent_off, exponent, to_major
@@ -628,20 +628,44 @@ async def stream_body(
         headers["Content-Disposition"] = f'attachment; filename="{filename}"'
     response = web.StreamResponse(headers=headers)
     response.enable_chunked_encoding()
+    sent = False  # whether the headers have left
+    hung_up: Exception | None = None
     async with db.connection(request.app[POOL]) as conn:
         # Only once the database answers are the headers sent: an outage before that is a 503.
         await conn.execute("SELECT 1")
-        await response.prepare(request)
         try:
+            await response.prepare(request)
+            sent = True
             rows = await produce(conn, response.write)
-        except Exception:
-            # The status is already sent: cut the connection so that a partial file can never
-            # look complete (no final chunk), rather than end it cleanly.
-            log.exception("report_stream_failed", report=report)
-            if request.transport is not None:
-                request.transport.close()
-            return response
-    await response.write_eof()
+        except Exception as exc:
+            if client_hung_up(request, exc):
+                # (kept out of db.connection, which takes a ConnectionResetError for the
+                # database's)
+                hung_up = exc
+            elif not sent:
+                raise
+            else:
+                # The status is already sent: cut the connection so that a partial file can
+                # never look complete (no final chunk), rather than end it cleanly.
+                log.exception("report_stream_failed", report=report)
+                if request.transport is not None:
+                    request.transport.close()
+                return response
+    if hung_up is None:
+        try:
+            await response.write_eof()
+        except Exception as exc:
+            if not client_hung_up(request, exc):
+                raise
+            hung_up = exc
+    if hung_up is not None:
+        if not sent:  # the request context's 499
+            raise hung_up
+        # The client went away before it had the whole report (a download cancelled, a proxy's
+        # timeout): nothing of ours failed, and nothing can reach it any more.
+        log.info("client_disconnected", method=request.method, path=request.path,
+                 report=report)
+        return response
     log.info("report_streamed", report=report, rows=rows, format=fmt)
     return response
 

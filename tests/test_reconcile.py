@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import random
 import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import asyncpg
 import pytest
@@ -926,3 +927,308 @@ async def test_two_replicas_never_reconcile_at_the_same_time(
     assert overlapping == [], runs
     assert all(ran), "both replicas reconciled in turn"
     assert any(e["event"] == "reconciliation_skipped" for e in logs)
+
+
+# --- discrepancies a page at a time ---------------------------------------------------------------
+
+
+class ManyFound(NamedTuple):
+    """Two real runs: the first found more discrepancies than a run embeds in the listing
+    (RUN_EMBEDDED fees repaired, and more, plus two amounts Stripe settled otherwise); one of
+    those two acknowledged; the second run found the other again."""
+
+    first: int
+    second: int
+    open_id: int  # the amount mismatch still open (found by both runs)
+    acknowledged: dict[str, Any]  # the acknowledged one, as the acknowledgement answered it
+    reader: dict[str, str]  # headers of a reports:read token
+    admin: dict[str, str]
+
+
+async def many_found(client: Client, pool: asyncpg.Pool) -> ManyFound:
+    world = World(seed=9501)
+    paid = [world.one_off(1000 + i, "gbp") for i in range(reconcile.RUN_EMBEDDED + 30)]
+    for disagreeing in (paid[5], paid[77]):  # Stripe settled another amount for these two
+        world.balance_transactions[str(disagreeing.balance_transaction)]["amount"] += 1
+    async with pool.acquire() as conn:
+        reader = await auth.create_token(cast(asyncpg.Connection, conn), "finance",
+                                         ["reports:read"])
+        admin = await auth.create_token(cast(asyncpg.Connection, conn), "jo.finance", ["admin"])
+    first = await _run(pool, world)
+    assert len(first.discrepancies) == reconcile.RUN_EMBEDDED + 30, first.summary()
+    ids = {r["stripe_id"]: r["id"] for r in await discrepancy_rows(pool)}
+    acknowledged = await client.post(
+        f"/v1/reconciliation/discrepancies/{ids[paid[5].charge]}/acknowledge",
+        json={"note": "Stripe adjustment"}, headers={"Authorization": f"Bearer {admin}"})
+    assert acknowledged.status == 200
+    second = await _run(pool, world)
+    # (found again: the acknowledged one is not recorded again, the other is noted)
+    assert [d.stripe_id for d in second.open] == [paid[77].charge], second.summary()
+    return ManyFound(first.run_id, second.run_id, ids[paid[77].charge],
+                     await acknowledged.json(), {"Authorization": f"Bearer {reader}"},
+                     {"Authorization": f"Bearer {admin}"})
+
+
+async def run_ids(pool: asyncpg.Pool, run_id: int) -> list[int]:
+    """The ids of the discrepancies a run found first or found again, in order."""
+    return [r["id"] for r in await pool.fetch(
+        "SELECT id FROM reconciliation_discrepancies WHERE run_id = $1 OR last_run_id = $1"
+        " ORDER BY id", run_id)]
+
+
+async def every_page(client: Client, url: str, headers: dict[str, str]
+                     ) -> list[list[dict[str, Any]]]:
+    """Each page of a paged listing, from `url` following `next` to the end."""
+    pages: list[list[dict[str, Any]]] = []
+    next_url: str | None = url
+    while next_url is not None:
+        response = await client.get(next_url, headers=headers)
+        assert response.status == 200, await response.text()
+        body = await response.json()
+        assert body["has_more"] is (body["next"] is not None), body
+        pages.append(body["data"])
+        next_url = body["next"]
+        assert len(pages) < 1000
+    return pages
+
+
+async def test_the_runs_listing_embeds_a_bounded_page_of_each_runs_discrepancies(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """A run with more discrepancies than RUN_EMBEDDED is listed with the first RUN_EMBEDDED
+    of them (by id: the first page of its own listing), how many it has, that there are more
+    and where they are; a run with fewer has them all, as before."""
+    found = await many_found(client, pool)
+    response = await client.get("/v1/reconciliation/runs", headers=found.reader)
+    assert response.status == 200
+    body = await response.json()
+    assert body["open_discrepancies"] == 1
+    second, first = body["runs"]
+    assert (first["id"], second["id"]) == (found.first, found.second)
+
+    everything = await run_ids(pool, found.first)
+    assert len(everything) == reconcile.RUN_EMBEDDED + 30
+    embedded = [d["id"] for d in first["discrepancies"]]
+    assert embedded == everything[:reconcile.RUN_EMBEDDED]
+    assert first["discrepancies_total"] == len(everything)
+    assert first["discrepancies_has_more"] is True
+    assert first["discrepancies_next"] == (
+        f"/v1/reconciliation/runs/{found.first}/discrepancies?after={embedded[-1]}")
+
+    assert [d["id"] for d in second["discrepancies"]] == [found.open_id]
+    assert (second["discrepancies_total"], second["discrepancies_has_more"],
+            second["discrepancies_next"]) == (1, False, None)
+    [again] = second["discrepancies"]
+    assert (again["first_run"], again["last_run"]) == (found.first, found.second)
+
+    newest = await (await client.get("/v1/reconciliation/runs?limit=1",
+                                      headers=found.reader)).json()
+    assert [r["id"] for r in newest["runs"]] == [found.second]
+
+
+async def test_a_runs_discrepancies_are_paged_through_each_once_in_order(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """GET /v1/reconciliation/runs/{id}/discrepancies gives every discrepancy the run found or
+    found again exactly once, in the order of their ids, `limit` a page; the listing's
+    `discrepancies_next` carries on where its embedded ones stop; a discrepancy is the same JSON
+    there as everywhere."""
+    found = await many_found(client, pool)
+    everything = await run_ids(pool, found.first)
+    base = f"/v1/reconciliation/runs/{found.first}/discrepancies"
+
+    pages = await every_page(client, f"{base}?limit=7", found.reader)
+    assert all(len(page) == 7 for page in pages[:-1]) and 1 <= len(pages[-1]) <= 7
+    assert [d["id"] for page in pages for d in page] == everything
+    assert len(pages) == -(-len(everything) // 7)
+
+    listing = await (await client.get("/v1/reconciliation/runs", headers=found.reader)).json()
+    first = next(r for r in listing["runs"] if r["id"] == found.first)
+    rest = await every_page(client, first["discrepancies_next"], found.reader)
+    assert [d["id"] for d in first["discrepancies"]] + [
+        d["id"] for page in rest for d in page] == everything
+
+    by_id = {d["id"]: d for page in pages for d in page}
+    assert by_id[found.acknowledged["id"]] == found.acknowledged
+    assert first["discrepancies"] == [by_id[d["id"]] for d in first["discrepancies"]]
+    # the one still open was found by both runs: on both runs' pages
+    second = await every_page(client, f"/v1/reconciliation/runs/{found.second}/discrepancies",
+                              found.reader)
+    assert second == [[by_id[found.open_id]]]
+
+
+async def test_open_discrepancies_are_listed_whichever_run_found_them(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """GET /v1/reconciliation/discrepancies lists the open ones by default (not the repaired,
+    not the acknowledged), `status=resolved` the others and `status=all` every one, each a page
+    at a time in the order of their ids; the next page keeps the status and the limit."""
+    found = await many_found(client, pool)
+    rows = await discrepancy_rows(pool)
+
+    open_pages = await every_page(client, "/v1/reconciliation/discrepancies", found.reader)
+    assert [[d["id"] for d in page] for page in open_pages] == [[found.open_id]]
+    assert open_pages[0][0]["resolved_at"] is None
+    explicit = await every_page(client, "/v1/reconciliation/discrepancies?status=open&limit=1",
+                                found.reader)
+    assert explicit == open_pages
+
+    first = await (await client.get("/v1/reconciliation/discrepancies?status=resolved&limit=50",
+                                    headers=found.reader)).json()
+    assert first["next"] == ("/v1/reconciliation/discrepancies?status=resolved&limit=50"
+                             f"&after={first['data'][-1]['id']}")
+    resolved = await every_page(client, "/v1/reconciliation/discrepancies?status=resolved"
+                                "&limit=50", found.reader)
+    assert [len(page) for page in resolved] == [50, 50, len(rows) - 101]
+    resolved_ids = [d["id"] for page in resolved for d in page]
+    assert resolved_ids == [r["id"] for r in rows if r["resolved_at"] is not None]
+    assert found.acknowledged["id"] in resolved_ids
+    assert found.open_id not in resolved_ids
+
+    every = await every_page(client, "/v1/reconciliation/discrepancies?status=all&limit=500",
+                             found.reader)
+    assert [d["id"] for page in every for d in page] == [r["id"] for r in rows]
+    after = await (await client.get(
+        f"/v1/reconciliation/discrepancies?status=all&after={rows[-2]['id']}",
+        headers=found.reader)).json()
+    assert ([d["id"] for d in after["data"]], after["has_more"], after["next"]) == (
+        [rows[-1]["id"]], False, None)
+
+
+@pytest.mark.parametrize("path", ["/v1/reconciliation/runs/{run}/discrepancies",
+                                  "/v1/reconciliation/discrepancies"])
+async def test_the_paged_listings_refuse_what_they_cannot_read_naming_it(
+    client: Client, pool: asyncpg.Pool, path: str
+) -> None:
+    """`limit` is a whole number from 1 to 500, `after` a whole number, `status` open,
+    resolved or all: anything else is a 400 naming it. No token is 401, a token without
+    reports:read 403; admin may read."""
+    world = World(seed=9502)
+    world.one_off(1000, "gbp")
+    run = (await _run(pool, world)).run_id
+    async with pool.acquire() as conn:
+        reader = await auth.create_token(cast(asyncpg.Connection, conn), "finance",
+                                         ["reports:read"])
+        portal = await auth.create_token(cast(asyncpg.Connection, conn), "site", ["portal"])
+        admin = await auth.create_token(cast(asyncpg.Connection, conn), "ops", ["admin"])
+    url = path.format(run=run)
+    as_reader = {"Authorization": f"Bearer {reader}"}
+    bad = [("limit", "invalid_limit", v) for v in
+           ("0", "501", "-1", "ten", "1.5", "", "%C2%B2", "9" * 5000)]
+    bad += [("after", "invalid_after", v) for v in ("-1", "x", "1.0", "", "%D9%A3", "9" * 40)]
+    if "{run}" not in path:
+        bad += [("status", "invalid_status", v) for v in ("closed", "OPEN", "", "open,all")]
+    for name, code, value in bad:
+        response = await client.get(f"{url}?{name}={value}", headers=as_reader)
+        body = await response.json()
+        assert response.status == 400, (name, value, body)
+        assert (body["error"]["code"], body["error"]["field"]) == (code, name), (name, value)
+    for good in ("limit=1", "limit=500", "after=0", "after=999999999999999999"):
+        assert (await client.get(f"{url}?{good}", headers=as_reader)).status == 200, good
+
+    assert (await client.get(url)).status == 401
+    assert (await client.get(url, headers={"Authorization": "Bearer dnt_nope"})).status == 401
+    assert (await client.get(url, headers={"Authorization": f"Bearer {portal}"})).status == 403
+    assert (await client.get(url, headers={"Authorization": f"Bearer {admin}"})).status == 200
+
+
+async def test_an_unknown_run_is_404(client: Client, pool: asyncpg.Pool) -> None:
+    """A run that does not exist, or an id that is no number (`²`, too many digits for one),
+    is 404 `run_not_found`; a run that found nothing is an empty page."""
+    world = World(seed=9503)
+    world.one_off(1000, "gbp")
+    await post_all(client, world.events)
+    async with stripe_against(world) as (_, stripe_client):
+        assert await fees.run_once(pool, stripe_client, Metrics()) == 1
+    run = await _run(pool, world)
+    assert run.discrepancies == []
+    async with pool.acquire() as conn:
+        reader = await auth.create_token(cast(asyncpg.Connection, conn), "finance",
+                                         ["reports:read"])
+    as_reader = {"Authorization": f"Bearer {reader}"}
+    empty = await client.get(f"/v1/reconciliation/runs/{run.run_id}/discrepancies",
+                             headers=as_reader)
+    assert (empty.status, await empty.json()) == (200, {"data": [], "has_more": False,
+                                                        "next": None})
+    for unknown in (str(run.run_id + 1), "0", "abc", "%C2%B2", "9" * 40):
+        response = await client.get(f"/v1/reconciliation/runs/{unknown}/discrepancies",
+                                    headers=as_reader)
+        body = await response.json()
+        assert (response.status, body["error"]["code"]) == (404, "run_not_found"), unknown
+
+
+async def test_a_run_of_25000_discrepancies_is_listed_in_kilobytes_by_index_scans(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """The scale review's case, made in SQL: a run that repaired 25,000 fees (25,000 more open
+    ones left by an older run). `?limit=1` is a small answer, and every query the listings make
+    reads the indexes of sql/027 and sql/028 a page at a time, never the table or a run whole:
+    at most two index entries and a row per discrepancy of the page (the count of a run, from
+    its indexes alone, is the one read that grows with the run)."""
+    await pool.execute("""
+        INSERT INTO reconciliation_runs (trigger, status, window_start, window_end, finished_at)
+        SELECT 'schedule', 'succeeded', now(), now(), now() FROM generate_series(1, 3);
+        INSERT INTO reconciliation_discrepancies (run_id, last_run_id, kind, object, stripe_id,
+                                                  ledger, stripe, repaired, resolved_at)
+        SELECT r.id, r.id, 'missing_in_ledger', 'payment', 'ch_old_' || i, NULL,
+               '{"amount": 1000}', false, NULL
+          FROM generate_series(1, 25000) i, (SELECT min(id) AS id FROM reconciliation_runs) r;
+        INSERT INTO reconciliation_discrepancies (run_id, last_run_id, kind, object, stripe_id,
+                                                  ledger, stripe, repaired, resolved_at)
+        SELECT r.id, r.id, 'fee_missing', 'payment', 'ch_' || i,
+               '{"amount": 1000, "fee": 50}', '{"amount": 1000, "fee": 50}', true, now()
+          FROM generate_series(1, 25000) i, (SELECT max(id) AS id FROM reconciliation_runs) r;
+    """)
+    await pool.execute("VACUUM ANALYZE reconciliation_discrepancies")
+    await pool.execute("ANALYZE reconciliation_runs")
+    runs = [r["id"] for r in await pool.fetch("SELECT id FROM reconciliation_runs ORDER BY id")]
+    async with pool.acquire() as conn:
+        reader = await auth.create_token(cast(asyncpg.Connection, conn), "finance",
+                                         ["reports:read"])
+    response = await client.get("/v1/reconciliation/runs?limit=1",
+                                headers={"Authorization": f"Bearer {reader}"})
+    raw = await response.read()
+    assert response.status == 200 and len(raw) < 100_000, len(raw)
+    [run] = json.loads(raw)["runs"]
+    assert (run["id"], run["discrepancies_total"], len(run["discrepancies"])) == (
+        runs[-1], 25000, reconcile.RUN_EMBEDDED)
+
+    # pages from the start and from half-way through: (query, arguments, pages it reads)
+    half = await pool.fetchval("SELECT id FROM reconciliation_discrepancies ORDER BY id"
+                               " OFFSET 37500 LIMIT 1")
+    paged: list[tuple[str, tuple[Any, ...], int]] = [
+        (reconcile.RUN_PAGE, (run, after, 501), 1) for run in runs for after in (0, half)]
+    paged.append((reconcile.RUNS_FIRST_PAGES, (runs, reconcile.RUN_EMBEDDED), len(runs)))
+    paged += [(reconcile.DISCREPANCIES[s], (after, 501), 1)
+              for s in reconcile.STATUSES for after in (0, half)]
+    async with pool.acquire() as conn:
+        for mode in ("auto", "force_generic_plan"):  # the first runs, and prepared ones later
+            for query, args, pages in paged:
+                read = await rows_read(cast(asyncpg.Connection, conn), mode, query, args)
+                assert all(node != "Seq Scan" for node, _, _ in read), read
+                # two index entries (one from each run index) and the row, for each of a page
+                assert sum(n for _, _, n in read) <= 3 * 501 * pages, (query, args, read)
+            counted = await rows_read(cast(asyncpg.Connection, conn), mode,
+                                      reconcile.RUNS_COUNTS, (runs,))
+            assert {node for node, _, _ in counted} == {"Index Only Scan"}, counted
+
+
+async def rows_read(conn: asyncpg.Connection, mode: str, query: str, args: tuple[Any, ...]
+                    ) -> list[tuple[str, str, int]]:
+    """What the query read of reconciliation_discrepancies: (node, index, rows) per plan node,
+    as EXPLAIN ANALYZE says (the rows a node gave and those it read and left out), the
+    statement prepared with its parameters."""
+    async with conn.transaction():
+        await conn.execute(f"SET LOCAL plan_cache_mode = {mode}")
+        plan = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {query}", *args)
+    plan = json.loads(plan) if isinstance(plan, str) else plan  # (the pool decodes json)
+    nodes: list[dict[str, Any]] = []
+    todo = [plan[0]["Plan"]]
+    while todo:
+        node = todo.pop()
+        nodes.append(node)
+        todo += node.get("Plans", [])
+    return [(n["Node Type"], n.get("Index Name", ""),
+             (n["Actual Rows"] + n.get("Rows Removed by Filter", 0)
+              + n.get("Rows Removed by Index Recheck", 0)) * n["Actual Loops"])
+            for n in nodes if n.get("Relation Name") == "reconciliation_discrepancies"]

@@ -3,26 +3,33 @@ fetched from the fake Stripe: rows, sums, CSV rules, formula injection, window e
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import csv
 import importlib.resources
 import io
 import json
 import os
 import signal
+import socket
 import zoneinfo
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
+from aiohttp import web
 
 from donations import auth, db, fees, payouts, reports
+from donations.app import create_app
 from donations.errors import BadRequest, Unprocessable
 from donations.metrics import Metrics
-from tests.conftest import Client, staff_cookie
+from tests.conftest import Client, make_settings, staff_cookie, wait_until
 from tests.fakestripe.world import World
 from tests.test_cli import _env, _run
 from tests.test_fees import stripe_against
@@ -779,3 +786,119 @@ async def test_monthly_recurring_is_converted_at_the_latest_rate_stripe_applied(
     rep = body["reporting"]
     assert rep["monthly_recurring"] == {"amount": 750, "currency": "gbp"}
     assert rep["monthly_recurring_unconverted"] == []
+
+
+# --- a report cut short ---------------------------------------------------------------------------
+
+# Payments enough for a report of some 10 MB, more than the sockets between the service and a
+# client hold: the service is still writing it when the client goes away.
+MANY_PAYMENTS = """
+INSERT INTO payments (payment_key, kind, status, currency, amount, payment_intent, charge,
+                      email, metadata, created_at)
+SELECT 'pi_many' || i, 'one_off', 'succeeded', 'gbp', 500 + i % 5000, 'pi_many' || i,
+       'ch_many' || i, 'reader' || i || '@example.org',
+       jsonb_build_object('note', repeat('x', 400)),
+       timestamptz '2026-12-01' + make_interval(secs => i)
+  FROM generate_series(1, 20000) AS i
+"""
+STREAM_OUTCOMES = ("report_streamed", "report_stream_failed", "client_disconnected")
+
+
+@contextlib.asynccontextmanager
+async def served(dsn: str) -> AsyncIterator[tuple[str, int]]:
+    """The service listening as `serve` runs it (donations/cli.py): a client that hangs up does
+    not cancel its request (aiohttp's test server cancels it, so a hang-up never reaches the
+    handler there)."""
+    runner = web.AppRunner(create_app(make_settings(dsn)), access_log=None,
+                           handler_cancellation=False)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        yield host, port
+    finally:
+        await runner.cleanup()
+
+
+async def _start_report(address: tuple[str, int], headers: dict[str, str]
+                        ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A real client asking for the large report: its headers and first rows read, the rest
+    left unread (its socket's receive buffer kept small, so the service soon waits to write)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, address)
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(("GET /v1/reports/contributions?from=2026-12-01&to=2027-01-01&format=csv "
+                  f"HTTP/1.1\r\nHost: donations\r\nAuthorization: {headers['Authorization']}"
+                  "\r\n\r\n").encode())
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    await asyncio.wait_for(reader.readexactly(2000), 30)
+    return reader, writer
+
+
+async def test_a_client_that_hangs_up_mid_report_is_no_failure_of_ours(
+    pool: asyncpg.Pool, dsn: str
+) -> None:
+    """A client that closes the connection while a streamed report is being written (a reader
+    who cancels the download, a proxy's timeout) is logged `client_disconnected` (info), as a
+    hang-up before the request is read is: no `report_stream_failed` error with a traceback
+    that would page someone. The service carries on: the next report is whole."""
+    from structlog.testing import capture_logs
+
+    await pool.execute(MANY_PAYMENTS)
+    headers = await _bearer(pool)
+    with capture_logs() as logs:
+        async with served(dsn) as address:
+            _, writer = await _start_report(address, headers)
+            writer.transport.abort()  # gone, the rest of the report unread
+
+            async def ended() -> bool:
+                return any(e["event"] in STREAM_OUTCOMES for e in logs)
+
+            await wait_until(ended, within=30)
+            async with (aiohttp.ClientSession() as session,
+                        session.get(f"http://{address[0]}:{address[1]}/v1/reports/contributions",
+                                    params={"from": "2026-12-01", "to": "2026-12-02"},
+                                    headers=headers) as again):
+                assert again.status == 200
+                text = await again.text()
+    outcomes = [e for e in logs if e["event"] in STREAM_OUTCOMES]
+    assert [(e["event"], e["log_level"]) for e in outcomes] == [
+        ("client_disconnected", "info"), ("report_streamed", "info")], outcomes
+    assert (outcomes[0]["path"], outcomes[0]["report"]) == (
+        "/v1/reports/contributions", "contributions")
+    assert [e for e in logs if e["log_level"] in ("warning", "error", "critical")
+            or "exc_info" in e] == []
+    assert len(_parse(text)) == 20000
+
+
+async def test_a_database_lost_mid_report_is_an_error_and_the_connection_is_cut(
+    pool: asyncpg.Pool, dsn: str
+) -> None:
+    """The database connection of a report being streamed killed half-way (a failover): that is
+    a failure of ours, logged `report_stream_failed` (error, with its traceback), and the
+    connection is cut without the last chunk, so that the partial report cannot pass for a
+    whole one."""
+    from structlog.testing import capture_logs
+
+    await pool.execute(MANY_PAYMENTS)
+    headers = await _bearer(pool)
+    with capture_logs() as logs:
+        async with served(dsn) as address:
+            reader, writer = await _start_report(address, headers)
+            streaming = await wait_until(lambda: pool.fetchval(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+                " AND pid <> pg_backend_pid() AND strpos($1, query) = 1",
+                reports.CONTRIBUTIONS_CSV), within=30)
+            assert await pool.fetchval("SELECT pg_terminate_backend($1)", streaming)
+            rest = await asyncio.wait_for(reader.read(), 30)  # to the end: the service cuts it
+            writer.close()
+    assert not rest.endswith(b"0\r\n\r\n")  # no final chunk
+    outcomes = [e for e in logs if e["event"] in STREAM_OUTCOMES]
+    assert [(e["event"], e["log_level"]) for e in outcomes] == [
+        ("report_stream_failed", "error")], outcomes
+    assert outcomes[0]["exc_info"] and outcomes[0]["report"] == "contributions"
