@@ -304,6 +304,10 @@ async def run(
                 await lock.execute("SELECT pg_advisory_unlock($1)", LOCK_KEY)
 
 
+# The error of a run found still `running` by the next one (see _locked_run).
+ABANDONED = "abandoned: the process running it stopped before it could finish it"
+
+
 async def _locked_run(
     pool: asyncpg.Pool, client: stripe.StripeClient, offer: FoundingOffer, trigger: str,
     since: int | None, now: int | None, page_size: int,
@@ -345,29 +349,40 @@ async def _locked_run(
     else:
         compare_start = window_start
     result.window_start, result.window_end = min(window_start, compare_start), end
-    async with db.connection(pool) as conn:
-        result.run_id = await conn.fetchval(
-            """
-            INSERT INTO reconciliation_runs (trigger, window_start, window_end)
-            VALUES ($1, to_timestamp($2), to_timestamp($3)) RETURNING id
-            """,
-            trigger, result.window_start, end,
-        )
-        if gap is not None:
-            await conn.execute(
-                """
-                INSERT INTO reconciliation_checkpoint AS c (gap_from, gap_to) VALUES ($1, $2)
-                ON CONFLICT (id) DO UPDATE
-                   SET gap_from = least(c.gap_from, excluded.gap_from),
-                       gap_to = greatest(c.gap_to, excluded.gap_to), updated_at = now()
-                """,
-                *gap,
-            )
-    log.info("reconciliation_started", run_id=result.run_id, window_start=_iso(window_start),
-             window_end=_iso(end), compare_start=_iso(compare_start),
-             resuming=pending is not None)
     state = _Run(pool, client, offer, result, page_size)
     try:
+        async with db.connection(pool) as conn:
+            # Under the lock no other run is under way: a run still `running` was left so by a
+            # process that stopped before it could say how it ended (killed, or cancelled
+            # between recording its start and its first step).
+            await conn.execute(
+                """
+                UPDATE reconciliation_runs
+                   SET status = 'failed', finished_at = clock_timestamp(), error = $1
+                 WHERE status = 'running'
+                """,
+                ABANDONED,
+            )
+            result.run_id = await conn.fetchval(
+                """
+                INSERT INTO reconciliation_runs (trigger, window_start, window_end)
+                VALUES ($1, to_timestamp($2), to_timestamp($3)) RETURNING id
+                """,
+                trigger, result.window_start, end,
+            )
+            if gap is not None:
+                await conn.execute(
+                    """
+                    INSERT INTO reconciliation_checkpoint AS c (gap_from, gap_to) VALUES ($1, $2)
+                    ON CONFLICT (id) DO UPDATE
+                       SET gap_from = least(c.gap_from, excluded.gap_from),
+                           gap_to = greatest(c.gap_to, excluded.gap_to), updated_at = now()
+                    """,
+                    *gap,
+                )
+        log.info("reconciliation_started", run_id=result.run_id, window_start=_iso(window_start),
+                 window_end=_iso(end), compare_start=_iso(compare_start),
+                 resuming=pending is not None)
         if pending is not None:
             await _read_events(state, pending[0], pending[1], pending[2])
         await _read_events(state, start, end, None,
@@ -384,8 +399,9 @@ async def _locked_run(
                 compare_start, compared,
             )
     except BaseException as exc:
-        await _finish(pool, result, f"{type(exc).__name__}: {exc}"[:2000])
-        log.warning("reconciliation_failed", run_id=result.run_id, error=type(exc).__name__)
+        if result.run_id:  # recorded (else the next run finds it `running` and closes it)
+            await _finish(pool, result, f"{type(exc).__name__}: {exc}"[:2000])
+            log.warning("reconciliation_failed", run_id=result.run_id, error=type(exc).__name__)
         raise
     await _finish(pool, result, None)
     log.info("reconciliation_finished", run_id=result.run_id, events_applied=result.events_applied,

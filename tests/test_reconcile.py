@@ -210,6 +210,33 @@ async def test_a_cancelled_run_keeps_its_pages_and_the_next_completes_it(
         assert await dump(pool) == reference(world.events, OFFER, charge_bts(world))
 
 
+async def test_a_run_its_process_never_finished_is_closed_as_abandoned_by_the_next(
+    pool: asyncpg.Pool,
+) -> None:
+    """A run whose process was killed outright (or cancelled between recording its start and
+    its first step) stays `running`, which would show as under way for ever. The next run, which
+    holds the lock and so knows no other is under way, closes it as failed; while another run
+    holds the lock, nothing is closed."""
+    world = scenario(seed=611, steps=10)
+    left = await pool.fetchval(
+        "INSERT INTO reconciliation_runs (trigger, window_start, window_end, started_at)"
+        " VALUES ('schedule', now() - interval '2 hours', now() - interval '1 hour',"
+        " now() - interval '1 hour') RETURNING id")
+    async with stripe_against(world) as (_, stripe_client):
+        async with db.connection(pool) as holder:  # another replica's run under way
+            await holder.execute("SELECT pg_advisory_lock($1)", reconcile.LOCK_KEY)
+            with pytest.raises(reconcile.AlreadyRunning):
+                await reconcile_world(pool, stripe_client, world)
+            assert await pool.fetchval(
+                "SELECT status FROM reconciliation_runs WHERE id = $1", left) == "running"
+            await holder.execute("SELECT pg_advisory_unlock($1)", reconcile.LOCK_KEY)
+        result = await reconcile_world(pool, stripe_client, world)
+    rows = {r["id"]: r for r in await pool.fetch("SELECT * FROM reconciliation_runs")}
+    assert rows[left]["status"] == "failed" and rows[left]["error"] == reconcile.ABANDONED
+    assert rows[left]["finished_at"] is not None
+    assert rows[result.run_id]["status"] == "succeeded"
+
+
 async def test_a_pages_connection_killed_mid_transaction_fails_the_run_and_the_next_completes_it(
     client: Client, pool: asyncpg.Pool, dsn: str
 ) -> None:
