@@ -8,6 +8,7 @@ import contextlib
 import gc
 import json
 import os
+import secrets
 import signal
 import socket
 import stat
@@ -502,11 +503,17 @@ def _output(path: str | None) -> tuple[BinaryIO, Path | None]:
     if target.exists() and not target.is_file():
         return open(target, "wb"), None
     real = target.resolve()  # (through a symbolic link: the file it names is replaced)
-    partial = real.with_name(f".{real.name}.{os.getpid()}.partial")
-    try:
-        out = open(partial, "xb")  # noqa: SIM115 - closed by the caller
-    except OSError:  # a folder we may not write in, the file in it we may: as it goes
-        return open(target, "wb"), None
+    while True:
+        # a name of its own: one left by a run killed outright (its pid may be ours: a cron
+        # job in a container has the same pid every run) is never taken for an unwritable folder
+        partial = real.with_name(f".{real.name}.{os.getpid()}.{secrets.token_hex(4)}.partial")
+        try:
+            out = open(partial, "xb")  # noqa: SIM115 - closed by the caller
+            break
+        except FileExistsError:
+            continue
+        except OSError:  # a folder we may not write in, the file in it we may: as it goes
+            return open(target, "wb"), None
     if real.exists():  # the report that replaces it keeps its permissions
         os.chmod(partial, stat.S_IMODE(real.stat().st_mode))
     return out, partial

@@ -25,7 +25,7 @@ import asyncpg
 import pytest
 from aiohttp import web
 
-from donations import auth, db, fees, payouts, reports
+from donations import auth, cli, db, fees, payouts, reports
 from donations.app import create_app
 from donations.errors import BadRequest, Unprocessable
 from donations.metrics import Metrics
@@ -586,6 +586,25 @@ async def test_a_cli_report_stopped_before_it_is_whole_leaves_the_out_file_as_it
     assert code == 128 + signal.SIGTERM, err
     assert out.read_text() == "last month's complete report\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.out"]  # noqa: ASYNC240
+
+
+def test_a_partial_left_by_a_killed_run_is_not_taken_for_an_unwritable_folder(
+    server_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A partial report left beside FILE by a run killed outright (SIGKILL, the OOM killer),
+    whose pid was the same as this run's (a cron job in a container has the same pid every
+    run), does not send `report --out FILE` to write FILE in place: a run failing before its
+    report is whole still leaves FILE as it was."""
+    out = tmp_path / "report.csv"
+    out.write_text("last month's complete report\n")
+    (tmp_path / f".report.csv.{os.getpid()}.partial").write_text("left by a killed run\n")
+    base = server_dsn.rsplit("/", 1)[0]
+    monkeypatch.setenv("DATABASE_URL", f"{base}/no_such_database_of_the_tests")
+    monkeypatch.setenv("LOG_LEVEL", "warning")
+    code = cli.main(["report", "contributions", "--from", "2026-01-01", "--to", "2026-02-01",
+                     "--out", str(out)])
+    assert code == 1
+    assert out.read_text() == "last month's complete report\n"
 
 
 async def test_the_cli_summary_takes_format_json_as_the_other_reports_do(dsn: str) -> None:
