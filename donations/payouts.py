@@ -282,8 +282,12 @@ def arrives(row: asyncpg.Record, zone: ZoneInfo) -> datetime | None:
 async def list_payouts(conn: asyncpg.Connection, win: Window) -> list[dict[str, Any]]:
     """Payouts arriving in the window (created, when Stripe gave no arrival date)."""
     rows = await conn.fetch(PAYOUTS.format(where=_NEAR), win.start, win.end)
-    return [payout_json(r) for r in rows
-            if (at := arrives(r, win.zone)) is not None and win.start <= at < win.end]
+    placed = [(at, r) for r in rows
+              if (at := arrives(r, win.zone)) is not None and win.start <= at < win.end]
+    # in the order they fall in the window's zone (PostgreSQL's is by the arrival day's
+    # midnight UTC, which far from UTC is not the same)
+    placed.sort(key=lambda pair: (pair[0], pair[1]["id"]))
+    return [payout_json(r) for _, r in placed]
 
 
 async def payouts_with_members(

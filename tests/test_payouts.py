@@ -419,3 +419,22 @@ async def test_a_window_of_payouts_is_streamed_a_payout_at_a_time(
                                 "--format", "json", env=_env(DATABASE_URL=dsn))
     assert code == 1 and ids[2] in err  # (its transactions are not fetched yet)
     assert json.loads(out) == {"window": win.as_json(), "data": one_by_one, "unbalanced": []}
+
+
+async def test_payouts_are_listed_in_the_order_they_fall_in_the_window_zone(
+    pool: asyncpg.Pool,
+) -> None:
+    """Payouts are listed in the order they fall in the report's zone (the start of the
+    arrival day there, or the creation when Stripe gave no arrival date), not by the arrival
+    day's midnight UTC. In Pacific/Pago_Pago (-11) a payout arriving on 11 January falls at
+    11:00 UTC, after one with no arrival date created at 05:00 UTC."""
+    await pool.execute(
+        "INSERT INTO payouts (id, status, amount, currency, arrival_date, automatic, created_at)"
+        " VALUES ('po_arrives_11th', 'paid', 100, 'usd', '2026-01-11T00:00:00Z', true,"
+        "         '2026-01-09T00:00:00Z'),"
+        "        ('po_created_10th', 'paid', 200, 'usd', NULL, true, '2026-01-11T05:00:00Z')")
+    win = reports.window("2026-01-10", "2026-01-12", "Pacific/Pago_Pago")
+    async with db.connection(pool) as conn:
+        found = await payouts.payouts_with_members(conn, win)
+    assert [p["id"] for p in found] == ["po_created_10th", "po_arrives_11th"]
+
