@@ -481,12 +481,17 @@ async def _report(settings: Settings, args: argparse.Namespace) -> int:
         finally:
             await conn.close()
     finally:
-        out.flush()
-        if out is not sys.stdout.buffer:
-            out.close()
         try:
-            if partial is not None:
-                _put_in_place(partial, Path(args.out), finished)
+            try:
+                out.flush()
+                if out is not sys.stdout.buffer:
+                    out.close()
+            except BaseException:
+                finished = False  # not whole on disk (the disk full, say): FILE stays as it was
+                raise
+            finally:
+                if partial is not None:
+                    _put_in_place(partial, Path(args.out), finished)
         finally:
             if embedded is not None:
                 embedded.stop()

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import sys
 import zoneinfo
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -605,6 +606,28 @@ def test_a_partial_left_by_a_killed_run_is_not_taken_for_an_unwritable_folder(
                      "--out", str(out)])
     assert code == 1
     assert out.read_text() == "last month's complete report\n"
+
+
+async def test_a_report_the_disk_cannot_take_leaves_the_out_file_as_it_was(
+    dsn: str, tmp_path: Path
+) -> None:
+    """`report --out FILE` whose last bytes the disk refuses (full: here a file size limit,
+    EFBIG) fails, leaves FILE as it was and nothing beside it."""
+    out = tmp_path / "report.csv"
+    out.write_text("last month's complete report\n")
+    limited = (
+        "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN);"
+        " resource.setrlimit(resource.RLIMIT_FSIZE, (16, 16)); from donations import cli;"
+        " sys.exit(cli.main(sys.argv[1:]))")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", limited, "report", "contributions", "--from", "2026-01-01",
+        "--to", "2026-02-01", "--out", str(out),
+        env=_env(DATABASE_URL=dsn, LOG_LEVEL="warning"),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode != 0, err.decode()[-1500:]
+    assert out.read_text() == "last month's complete report\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.csv"]  # noqa: ASYNC240
 
 
 async def test_the_cli_summary_takes_format_json_as_the_other_reports_do(dsn: str) -> None:
