@@ -184,6 +184,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         field = f" ({exc.field})" if exc.field else ""
         print(f"donations: {exc.message}{field}", file=sys.stderr)
         return 1
+    except OutputError as exc:
+        print(f"donations: {exc}", file=sys.stderr)
+        return 1
     except db.MigrationError as exc:
         print(f"donations: migration error: {exc}", file=sys.stderr)
         return 1
@@ -451,8 +454,17 @@ async def _report(settings: Settings, args: argparse.Namespace) -> int:
     out, partial = _output(getattr(args, "out", None))
     finished, code = False, 0
 
+    where = args.out if getattr(args, "out", None) else "standard output"
+
+    def put(chunk: bytes) -> None:
+        try:
+            out.write(chunk)
+        except OSError as exc:  # a full disk, a pipe closed by its reader
+            raise OutputError(f"cannot write the report to {where}: "
+                              f"{exc.strerror or exc}") from exc
+
     async def write(chunk: bytes) -> None:
-        out.write(chunk)
+        put(chunk)
 
     try:
         await db.migrate(dsn)
@@ -463,7 +475,7 @@ async def _report(settings: Settings, args: argparse.Namespace) -> int:
                 print(f"{rows} row(s)", file=sys.stderr)
             elif args.report_command == "summary":
                 body = await reports.summary(conn, win, settings.reporting_currency)
-                out.write((json.dumps(body, indent=2) + "\n").encode())
+                put((json.dumps(body, indent=2) + "\n").encode())
             else:
                 written = await payouts.write_report(conn, win, args.format, write)
                 unbalanced, unfetched = written.unbalanced, written.unfetched
@@ -486,8 +498,12 @@ async def _report(settings: Settings, args: argparse.Namespace) -> int:
                 out.flush()
                 if out is not sys.stdout.buffer:
                     out.close()
-            except BaseException:
+            except OSError as exc:
                 finished = False  # not whole on disk (the disk full, say): FILE stays as it was
+                raise OutputError(f"cannot write the report to {where}: "
+                                  f"{exc.strerror or exc}") from exc
+            except BaseException:
+                finished = False
                 raise
             finally:
                 if partial is not None:
@@ -495,6 +511,10 @@ async def _report(settings: Settings, args: argparse.Namespace) -> int:
         finally:
             if embedded is not None:
                 embedded.stop()
+
+
+class OutputError(Exception):
+    """A report that could not be written where it was to go (a full disk, a closed pipe)."""
 
 
 def _output(path: str | None) -> tuple[BinaryIO, Path | None]:

@@ -612,7 +612,7 @@ async def test_a_report_the_disk_cannot_take_leaves_the_out_file_as_it_was(
     dsn: str, tmp_path: Path
 ) -> None:
     """`report --out FILE` whose last bytes the disk refuses (full: here a file size limit,
-    EFBIG) fails, leaves FILE as it was and nothing beside it."""
+    EFBIG) fails with one line saying so, leaves FILE as it was and nothing beside it."""
     out = tmp_path / "report.csv"
     out.write_text("last month's complete report\n")
     limited = (
@@ -625,7 +625,10 @@ async def test_a_report_the_disk_cannot_take_leaves_the_out_file_as_it_was(
         env=_env(DATABASE_URL=dsn, LOG_LEVEL="warning"),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     _, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode != 0, err.decode()[-1500:]
+    assert process.returncode == 1, err.decode()[-1500:]
+    assert "Traceback" not in err.decode(), err.decode()[-1500:]
+    assert err.decode().splitlines()[-1] == (
+        f"donations: cannot write the report to {out}: File too large"), err.decode()[-1500:]
     assert out.read_text() == "last month's complete report\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.csv"]  # noqa: ASYNC240
 
