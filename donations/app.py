@@ -94,9 +94,8 @@ async def database(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     embedded: db.EmbeddedPostgres | None = None
     if settings.database_url is None:
-        embedded = db.EmbeddedPostgres(settings.data_dir)
-        dsn = await asyncio.to_thread(embedded.start)
-        await embedded.ensure_database()
+        # (stopped or failed while starting, it stops what it started)
+        dsn, embedded = await db.start_embedded(settings.data_dir)
         log.info("embedded_postgres_started", data_dir=str(embedded.data_dir))
     else:
         dsn = settings.database_url.reveal()

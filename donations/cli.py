@@ -288,18 +288,7 @@ def _cancel_remaining(loop: asyncio.AbstractEventLoop) -> None:
 async def _with_database(settings: Settings) -> tuple[str, db.EmbeddedPostgres | None]:
     if settings.database_url is not None:
         return settings.database_url.reveal(), None
-    embedded = db.EmbeddedPostgres(settings.data_dir)
-    # the server is started in a thread, which a cancellation (SIGTERM) does not stop: stopped
-    # or failed while starting, the command lets the start finish and stops what it started
-    start = asyncio.ensure_future(asyncio.to_thread(embedded.start))
-    try:
-        dsn = await asyncio.shield(start)
-        await embedded.ensure_database()
-    except BaseException:
-        with contextlib.suppress(BaseException):
-            await start
-        embedded.stop()
-        raise
+    dsn, embedded = await db.start_embedded(settings.data_dir)
     return dsn, embedded
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -447,3 +448,22 @@ def _socket_uri(uri: str) -> str:
         name, _, value = item.partition("=")
         parts.append(f"{name}={quote(unquote(value), safe='/')}" if name == "host" else item)
     return f"{base}?{'&'.join(parts)}"
+
+
+async def start_embedded(data_dir: Path) -> tuple[str, EmbeddedPostgres]:
+    """Start the embedded server in `data_dir` (and make its database): its URL and the server.
+
+    The server is started in a thread, which a cancellation (SIGTERM) does not stop: stopped or
+    failed while starting, this lets the start finish and stops what it started, so that no
+    server is left running behind a process that is going away."""
+    embedded = EmbeddedPostgres(data_dir)
+    start = asyncio.ensure_future(asyncio.to_thread(embedded.start))
+    try:
+        dsn = await asyncio.shield(start)
+        await embedded.ensure_database()
+    except BaseException:
+        with contextlib.suppress(BaseException):
+            await start
+        await asyncio.shield(asyncio.to_thread(embedded.stop))
+        raise
+    return dsn, embedded
