@@ -137,24 +137,29 @@ async def postpone(
     return None if row is not None and row["set_aside"] else delay
 
 
-async def give_back(pool: asyncpg.Pool, queue: str, key_column: str, keys: list[str]) -> None:
+async def give_back(
+    pool: asyncpg.Pool, queue: str, key_column: str, leases: dict[str, int]
+) -> None:
     """The leases of look-ups a worker claimed but had not finished when it was stopped (a
     shutdown, a deploy): due again at once, the attempt not counted, so that the next replica
-    up, or another one, does them now rather than once the lease runs out. Best effort: when the
-    database will not take it, the lease runs out as after a crash.
+    up, or another one, does them now rather than once the lease runs out. Only leases still
+    ours (the attempt count as we claimed it: a lease that ran out and was claimed again by
+    another replica is theirs). Best effort: when the database will not take it, the lease
+    runs out as after a crash.
 
     Shared by the queues of look-ups at Stripe (balance transactions, payouts' members)."""
-    if not keys:
+    if not leases:
         return
     with contextlib.suppress(Exception):
         async with db.connection(pool, wait=1) as conn:
             await conn.execute(
                 f"""
-                UPDATE {queue}
-                   SET attempts = greatest(attempts - 1, 0), next_attempt_at = now()
-                 WHERE {key_column} = any($1::text[])
+                UPDATE {queue} AS q
+                   SET attempts = greatest(q.attempts - 1, 0), next_attempt_at = now()
+                  FROM unnest($1::text[], $2::int[]) AS ours(key, attempts)
+                 WHERE q.{key_column} = ours.key AND q.attempts = ours.attempts
                 """,  # noqa: S608 - the table and column are constants of the callers
-                keys,
+                list(leases), list(leases.values()),
             )
 
 
@@ -197,7 +202,7 @@ async def run_once(
     async with db.connection(pool) as conn:
         claimed = await claim(conn, batch)
     stored = 0
-    left = [bt_id for bt_id, _ in claimed]  # claimed and not yet stored or postponed
+    left = dict(claimed)  # claimed (with its attempt count) and not yet stored or postponed
     try:
         for bt_id, attempts in claimed:
             try:
@@ -208,11 +213,11 @@ async def run_once(
                                        attempts, exc)
                 log_failure("balance_transaction_fetch_failed", attempts, exc, delay,
                             balance_transaction=bt_id)
-                left.remove(bt_id)
+                del left[bt_id]
                 continue
             async with db.connection(pool) as conn:
                 await store_balance_transaction(conn, bt)
-            left.remove(bt_id)
+            del left[bt_id]
             metrics.balance_fetches.inc(outcome="stored")
             stored += 1
     except asyncio.CancelledError:

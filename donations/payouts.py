@@ -119,7 +119,7 @@ async def run_once(pool: asyncpg.Pool, client: stripe.StripeClient, batch: int =
         await enqueue(conn)
         claimed = await claim(conn, batch)
     stored = 0
-    left = [payout_id for payout_id, _ in claimed]  # claimed and not yet stored or postponed
+    left = dict(claimed)  # claimed (with its attempt count) and not yet stored or postponed
     try:
         for payout_id, attempts in claimed:
             try:
@@ -129,11 +129,11 @@ async def run_once(pool: asyncpg.Pool, client: stripe.StripeClient, batch: int =
                                             attempts, exc)
                 fees.log_failure("payout_transactions_fetch_failed", attempts, exc, delay,
                                  payout=payout_id)
-                left.remove(payout_id)
+                del left[payout_id]
                 continue
             async with db.connection(pool) as conn:
                 await store_members(conn, payout_id, members)
-            left.remove(payout_id)
+            del left[payout_id]
             log.info("payout_transactions_stored", payout=payout_id, transactions=len(members))
             stored += 1
     except asyncio.CancelledError:

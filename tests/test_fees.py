@@ -396,3 +396,30 @@ async def test_a_worker_stopped_mid_fetch_leaves_what_it_leased_due_at_once(
         assert [tuple(r) for r in queued] == [(0, True)] * 3
         assert await fees.run_once(pool, stripe_client, Metrics()) == 3
     assert await pool.fetchval("SELECT count(*) FROM payments WHERE fee IS NULL") == 0
+
+
+async def test_a_lease_another_replica_took_meanwhile_is_not_given_back(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """A worker stopped while its lease had already run out and another replica had claimed
+    the look-up again gives back only what is still its own: the other replica's lease (and
+    its attempt count) stands."""
+    world = World(seed=109)
+    world.one_off(1500, "gbp")
+    await post_all(client, world.events)
+    async with stripe_against(world) as (fake, stripe_client):
+        in_flight = fake.hold("/v1/balance_transactions/")
+        worker = asyncio.create_task(fees.worker(pool, stripe_client, Metrics(), 60))
+        await asyncio.wait_for(in_flight.arrived.wait(), 10)
+        # the lease runs out and another replica claims the look-up (its second attempt)
+        await pool.execute("UPDATE balance_transaction_fetches SET next_attempt_at = now()")
+        async with db.connection(pool) as conn:
+            assert [attempts for _, attempts in await fees.claim(conn, 10)] == [2]
+        worker.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await worker
+        in_flight.release()
+    row = await pool.fetchrow("SELECT attempts, next_attempt_at > now() AS leased"
+                              " FROM balance_transaction_fetches")
+    assert row is not None and tuple(row) == (2, True)
+
