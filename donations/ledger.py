@@ -438,7 +438,8 @@ def derive_subscription(
     """The subscription as its latest snapshot and the discounts applied to it tell it.
 
     A seat taken by the founding-supporter coupon stays taken when the discount or the
-    subscription ends; the discount's price effect only counts while the subscription lists it.
+    subscription ends (not when it never started: `incomplete_expired`); the discount's price
+    effect only counts while the subscription lists it.
     """
     data = snapshot.data
     items = [i for i in (data.get("items") or {}).get("data") or [] if isinstance(i, dict)]
@@ -475,10 +476,15 @@ def derive_subscription(
         elif coupon_id == offer.coupon_id:
             # webhooks name the coupon by id only; the founding coupon is ours, so we know it
             percent_off = Decimal(offer.percent_off)
+    status = str(data.get("status"))
+    # A seat is taken by a founding supporter for good, even once they leave; a subscription
+    # whose first payment was never made (`incomplete_expired`, terminal) was never a supporter
+    # and takes none.
+    founding = founding and status != "incomplete_expired"
     return SubscriptionRow(
         id=snapshot.id,
         customer=ref(data.get("customer")),
-        status=str(data.get("status")),
+        status=status,
         currency=str(data.get("currency")),
         amount=amount,
         interval=interval,

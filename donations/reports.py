@@ -359,11 +359,15 @@ SELECT currency, type, status, kind, settlement_currency,
  GROUP BY currency, type, status, kind, settlement_currency
 """  # noqa: S608 - constants only
 
+# New and ended in the window. A subscription whose first payment was never made
+# (`incomplete_expired`: Stripe gives it an `ended_at`) never started, so it neither began nor
+# ended: counted as ended, every abandoned checkout would read as churn.
 SUBSCRIPTIONS = """
 SELECT currency,
        count(*) FILTER (WHERE created_at >= $1 AND created_at < $2
                         AND status NOT IN ('incomplete', 'incomplete_expired')) AS new,
-       count(*) FILTER (WHERE ended_at >= $1 AND ended_at < $2) AS ended
+       count(*) FILTER (WHERE ended_at >= $1 AND ended_at < $2
+                        AND status <> 'incomplete_expired') AS ended
   FROM subscriptions
  GROUP BY currency
 """

@@ -1,8 +1,9 @@
 """Founding-supporter seats: held per subscription checkout before Stripe is asked, never oversold.
 
 A seat is *taken* by a founding subscription (the ledger's `subscriptions.founding`, however it
-came: through a hold or not; a seat is not given back when the subscription ends) or by the
-subscription of a held session that completed before the subscription's own events arrived. A
+came: through a hold or not; a seat is not given back when the subscription ends, only when it
+never started: `incomplete_expired`, sql/029) or by the subscription of a held session that
+completed before the subscription's own events arrived. A
 seat is *held* by a hold whose session is open, or not yet known to us, until the session's
 expiry plus a grace for a late `checkout.session.expired`. Seats left = seats - taken - held.
 

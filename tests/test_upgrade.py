@@ -38,7 +38,8 @@ UPGRADE = ("019_payments_settled_at.sql", "020_founding_coupon_used_up.sql",
            "021_staff_sessions.sql", "022_founding_holds_per_client.sql",
            "023_ledger_ties_and_settlement.sql", "024_summary_rates.sql",
            "025_metrics_counts.sql", "026_discrepancies_by_run.sql",
-           "027_discrepancy_pages.sql", "028_discrepancies_by_status.sql")
+           "027_discrepancy_pages.sql", "028_discrepancies_by_status.sql",
+           "029_founding_seats_never_started.sql")
 
 # Run with the 018-era code (cwd: its tree): fill a database at 018 as that code would.
 POPULATE = r'''
