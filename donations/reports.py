@@ -372,18 +372,32 @@ SELECT currency,
  GROUP BY currency
 """
 
-# Active at the window's end: started before it and not ended by then. The ledger keeps only each
-# subscription's latest state, so one still running counts when its status is live now. Counted
-# per price (a few dozen), not a row per subscription: tens of thousands of them each worked out
-# in Python took most of a summary's time, twelve summaries per staff page.
+# Active at the window's end: started before it, not ended by then, and live then. Whether it
+# was live is the status its latest snapshot before the end told (sql/030's history: facts of
+# the events, the same whatever order they came in), so a closed month never changes when a
+# subscriber lapses (`unpaid`, `paused`) later. One with no snapshot before the end (its events
+# came before the history was kept, and no snapshot of it since was stamped before the end)
+# counts as before: by its end if it ended, else by its status now. The price is the one kept
+# now: the ledger keeps only each subscription's latest price (a change of price applies to past
+# windows too); only the status is historical. Counted per price (a few dozen), not a row per
+# subscription: tens of thousands of them each worked out in Python took most of a summary's
+# time, twelve summaries per staff page. The history is read one index look-up per subscription
+# (the primary key, backwards).
 ACTIVE_AT_END = """
-SELECT currency, amount, interval, interval_count, percent_off, amount_off, count(*) AS n
-  FROM subscriptions
- WHERE created_at < $1
-   AND status NOT IN ('incomplete', 'incomplete_expired')
-   AND CASE WHEN ended_at IS NOT NULL THEN ended_at >= $1
-            ELSE status IN ('active', 'trialing', 'past_due') END
- GROUP BY currency, amount, interval, interval_count, percent_off, amount_off
+SELECT s.currency, s.amount, s.interval, s.interval_count, s.percent_off, s.amount_off,
+       count(*) AS n
+  FROM subscriptions s
+  LEFT JOIN LATERAL (
+      SELECT h.status FROM subscription_statuses h
+       WHERE h.subscription_id = s.id AND h.at < $1
+       ORDER BY h.at DESC, h.rank DESC, h.type_rank DESC, h.event_id DESC
+       LIMIT 1) AS at_end ON true
+ WHERE s.created_at < $1
+   AND s.status NOT IN ('incomplete', 'incomplete_expired')
+   AND (s.ended_at IS NULL OR s.ended_at >= $1)
+   AND coalesce(at_end.status, CASE WHEN s.ended_at IS NOT NULL THEN 'active' ELSE s.status END)
+       IN ('active', 'trialing', 'past_due')
+ GROUP BY s.currency, s.amount, s.interval, s.interval_count, s.percent_off, s.amount_off
 """
 
 # The rate of each payment currency named ($1) to the settlement currency: the latest Stripe

@@ -39,14 +39,35 @@ ON CONFLICT (id) DO UPDATE
      > (o.rank, o.progress, o.event_created, o.type_rank, o.event_id)"""
 
 
+# A subscription snapshot's status as a fact of its event (sql/030): a row per snapshot stored,
+# whether or not it outranks the kept one, and the same rows whatever order and however often
+# the events come. The finance summary reads them for the status at a past window's end.
+# `rows` names a relation with the snapshot's columns (and `status`, NULL for other objects).
+_STATUS_HISTORY = """
+            INSERT INTO subscription_statuses (subscription_id, at, event_id, rank, type_rank,
+                                               status)
+            SELECT s.id, to_timestamp(s.event_created), s.event_id, s.rank, s.type_rank,
+                   s.status
+              FROM {rows}
+             WHERE s.object = 'subscription' AND s.status IS NOT NULL
+            ON CONFLICT DO NOTHING"""
+
+
+def _status(snapshot: Snapshot) -> str | None:
+    """A subscription snapshot's status, for its history; None for any other object."""
+    status = snapshot.get("status") if snapshot.kind == "subscription" else None
+    return status if isinstance(status, str) else None
+
+
 async def store_events(
     conn: asyncpg.Connection, locks: list[str], events: list[tuple[Event, str, str]],
     snapshots: list[Snapshot], source: str,
 ) -> tuple[set[str], dict[str, str]]:
     """In one round trip: take `locks` (in order), store the events (event, raw body, status) that
     are not stored yet, and keep, for each object, the greatest of the new events' snapshots if it
-    outranks the stored one. Returns the ids of the events stored now, and the objects whose
-    snapshot was kept with the id of the event that carried it.
+    outranks the stored one; and record the status each new subscription snapshot tells (its
+    history, sql/030). Returns the ids of the events stored now, and the objects whose snapshot
+    was kept with the id of the event that carried it.
 
     The events' insert reads the locks' row and the snapshots' insert reads the events', so
     PostgreSQL takes the locks first whatever order it runs the parts of the statement in.
@@ -66,6 +87,14 @@ async def store_events(
                           AS e(id, type, api_version, livemode, created, payload, status)
             ON CONFLICT (id) DO NOTHING
             RETURNING id, payload
+        ), given AS (
+            SELECT * FROM unnest($10::text[], $11::text[], $12::integer[], $13::bigint[],
+                                 $14::bigint[], $15::integer[], $16::text[], $17::text[],
+                                 $18::text[], $19::text[], $20::text[])
+                   AS s(id, object, rank, progress, event_created, type_rank, event_id,
+                        payment_key, invoice_id, subscription_id, status)
+        ), history AS (
+            {_STATUS_HISTORY.format(rows="given s JOIN event ON event.id = s.event_id")}
         ), snapshot AS (
             INSERT INTO stripe_objects AS o (id, object, rank, progress, event_created,
                                              type_rank, event_id, payment_key, invoice_id,
@@ -74,11 +103,7 @@ async def store_events(
                    s.id, s.object, s.rank, s.progress, s.event_created, s.type_rank,
                    s.event_id, s.payment_key, s.invoice_id, s.subscription_id,
                    event.payload::jsonb -> 'data' -> 'object'
-              FROM unnest($10::text[], $11::text[], $12::integer[], $13::bigint[],
-                          $14::bigint[], $15::integer[], $16::text[], $17::text[],
-                          $18::text[], $19::text[])
-                   AS s(id, object, rank, progress, event_created, type_rank, event_id,
-                        payment_key, invoice_id, subscription_id)
+              FROM given s
               JOIN event ON event.id = s.event_id
              ORDER BY s.id, s.rank DESC, s.progress DESC, s.event_created DESC,
                       s.type_rank DESC, s.event_id COLLATE "C" DESC
@@ -99,6 +124,7 @@ async def store_events(
         [s.version.created for s in snapshots], [s.version.type_rank for s in snapshots],
         [s.version.event_id for s in snapshots], [s.links.payment_key for s in snapshots],
         [s.links.invoice_id for s in snapshots], [s.links.subscription_id for s in snapshots],
+        [_status(s) for s in snapshots],
     )
     assert row is not None
     return set(row["stored"]), dict(zip(row["kept_ids"], row["kept_events"], strict=True))
@@ -203,12 +229,20 @@ async def applied_events(
 
 async def put_snapshot(conn: asyncpg.Connection, snapshot: Snapshot, event_id: str) -> bool:
     """Keep the snapshot if it outranks the one stored; True when it did (the state changed).
+    A subscription's status is added to its history either way (sql/030).
 
     The object is taken from the stored event's body inside PostgreSQL rather than encoded again.
     """
     version, links = snapshot.version, snapshot.links
     won = await conn.fetchval(
         f"""
+        WITH s AS (
+            SELECT $1::text AS id, $2::text AS object, $3::integer AS rank,
+                   $5::bigint AS event_created, $6::integer AS type_rank,
+                   $7::text AS event_id, $12::text AS status
+        ), history AS (
+            {_STATUS_HISTORY.format(rows="s")}
+        )
         INSERT INTO stripe_objects AS o (id, object, rank, progress, event_created, type_rank,
                                          event_id, payment_key, invoice_id, subscription_id, data)
         SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, payload::jsonb -> 'data' -> 'object'
@@ -218,7 +252,7 @@ async def put_snapshot(conn: asyncpg.Connection, snapshot: Snapshot, event_id: s
         """,  # noqa: S608 - the interpolated text is a constant clause
         snapshot.id, snapshot.kind, version.stage, version.progress, version.created,
         version.type_rank, version.event_id, links.payment_key, links.invoice_id,
-        links.subscription_id, event_id,
+        links.subscription_id, event_id, _status(snapshot),
     )
     return bool(won)
 

@@ -26,6 +26,8 @@ import asyncpg
 import pytest
 
 from donations import auth, db, fees, payouts, reports, seats, totals
+from donations.events import parse_event
+from donations.ledger import snapshot_of
 from donations.metrics import Metrics
 from tests.conftest import Client, _admin, _with_database
 from tests.fakestripe.world import World
@@ -39,7 +41,8 @@ UPGRADE = ("019_payments_settled_at.sql", "020_founding_coupon_used_up.sql",
            "023_ledger_ties_and_settlement.sql", "024_summary_rates.sql",
            "025_metrics_counts.sql", "026_discrepancies_by_run.sql",
            "027_discrepancy_pages.sql", "028_discrepancies_by_status.sql",
-           "029_founding_seats_never_started.sql")
+           "029_founding_seats_never_started.sql",
+           "030_subscription_statuses.sql")
 
 # Run with the 018-era code (cwd: its tree): fill a database at 018 as that code would.
 POPULATE = r'''
@@ -218,6 +221,35 @@ async def test_upgrade_backfills_settled_at_from_balance_transactions_and_nothin
         assert result.differences == (), totals.describe(result)
     finally:
         await conn.close()
+
+
+async def test_upgrade_backfills_subscription_statuses_as_ingest_writes_them(
+    at_018: tuple[str, dict[str, Any]]
+) -> None:
+    """sql/030 fills each subscription's status history from the subscription events already
+    applied: the rows are those ingest writes for the same events (the time, the rank and the
+    type rank as events.snapshot_version gives them, the snapshot's status)."""
+    dsn, _ = at_018
+    assert await db.migrate(dsn) == list(UPGRADE)
+    conn = await asyncpg.connect(dsn)
+    try:
+        backfilled = {tuple(r) for r in await conn.fetch(
+            "SELECT subscription_id, at, event_id, rank, type_rank, status"
+            "  FROM subscription_statuses")}
+        payloads = [r["payload"] for r in await conn.fetch(
+            "SELECT payload::text AS payload FROM stripe_events WHERE status = 'processed'")]
+    finally:
+        await conn.close()
+    expected = set()
+    for payload in payloads:
+        snapshot = snapshot_of(parse_event(json.loads(payload)))
+        if snapshot is not None and snapshot.kind == "subscription":
+            version = snapshot.version
+            expected.add((snapshot.id, datetime.fromtimestamp(version.created, UTC),
+                          version.event_id, version.stage, version.type_rank,
+                          snapshot.get("status")))
+    assert expected
+    assert backfilled == expected
 
 
 async def test_report_payment_branch_can_use_the_booked_at_index(
