@@ -188,6 +188,23 @@ async def payments_held(dsn: str) -> AsyncIterator[None]:
         await blocker.close()  # (and its transaction is rolled back)
 
 
+@contextlib.asynccontextmanager
+async def payments_refused(pool: asyncpg.Pool) -> AsyncIterator[None]:
+    """Every write to the payments table fails inside PostgreSQL ("payments are refused for this
+    test"), as a bug or a dependency's outage would make it, until the block ends (then removed,
+    as an operator's fix would be)."""
+    await pool.execute("""
+        CREATE FUNCTION refuse_payments() RETURNS trigger LANGUAGE plpgsql AS
+        $$ BEGIN RAISE EXCEPTION 'payments are refused for this test'; END $$;
+        CREATE TRIGGER refuse BEFORE INSERT OR UPDATE ON payments
+            FOR EACH ROW EXECUTE FUNCTION refuse_payments();
+    """)
+    try:
+        yield
+    finally:
+        await pool.execute("DROP TRIGGER refuse ON payments; DROP FUNCTION refuse_payments()")
+
+
 async def waiting_on_a_lock(pool: asyncpg.Pool, query_like: str) -> int:
     """The process id of the backend whose statement (SQL LIKE `query_like`) waits on a lock."""
     async def find() -> int | None:

@@ -19,7 +19,7 @@ import asyncpg
 from donations.events import parse_event
 from donations.ingest import ingest, reapply, retry_unfinished
 from donations.ledger import BalanceTransaction, FoundingOffer
-from tests.conftest import WEBHOOK_SECRET
+from tests.conftest import WEBHOOK_SECRET, payments_refused
 from tests.fakestripe import running_fake_stripe
 from tests.fakestripe.signing import signed_request
 from tests.fakestripe.world import World
@@ -138,17 +138,9 @@ async def test_migrate_command_applies_then_has_nothing_to_do(pool: asyncpg.Pool
 
 async def test_events_retry_applies_what_failed(pool: asyncpg.Pool, dsn: str) -> None:
     events = World(seed=23).one_off(900, "gbp").events
-    await pool.execute("""
-        CREATE FUNCTION refuse_payments() RETURNS trigger LANGUAGE plpgsql AS
-        $$ BEGIN RAISE EXCEPTION 'refused for this test'; END $$;
-        CREATE TRIGGER refuse BEFORE INSERT ON payments
-            FOR EACH ROW EXECUTE FUNCTION refuse_payments();
-    """)
-    try:
+    async with payments_refused(pool):
         outcomes = [await ingest(pool, parse_event(e), json.dumps(e), FoundingOffer())
                     for e in events]
-    finally:
-        await pool.execute("DROP TRIGGER refuse ON payments; DROP FUNCTION refuse_payments()")
     failed = sum(1 for o in outcomes if o.value == "failed")
     assert failed >= 1
 

@@ -12,7 +12,7 @@ from donations.events import parse_event
 from donations.ingest import Outcome, ingest, retry_unfinished
 from donations.ledger import FoundingOffer
 from donations.metrics import _BUCKETS, Counter, Histogram, Metrics
-from tests.conftest import Client
+from tests.conftest import Client, payments_refused
 from tests.fakestripe.world import World
 from tests.webhook_helpers import post_all
 
@@ -132,17 +132,9 @@ async def test_the_stored_event_and_ledger_counts_are_kept_as_the_tables_change(
     world.refund(paid.charge, 1000)
     await post_all(client, world.events)
     later = World(seed=32).one_off(900, "gbp").events
-    await pool.execute("""
-        CREATE FUNCTION refuse_payments() RETURNS trigger LANGUAGE plpgsql AS
-        $$ BEGIN RAISE EXCEPTION 'refused for this test'; END $$;
-        CREATE TRIGGER refuse BEFORE INSERT ON payments
-            FOR EACH ROW EXECUTE FUNCTION refuse_payments();
-    """)
-    try:
+    async with payments_refused(pool):
         outcomes = [await ingest(pool, parse_event(e), json.dumps(e), FoundingOffer())
                     for e in later]
-    finally:
-        await pool.execute("DROP TRIGGER refuse ON payments; DROP FUNCTION refuse_payments()")
     assert Outcome.FAILED in outcomes
     assert await kept() == await counted()
     assert await retry_unfinished(pool, FoundingOffer())  # failed -> processed

@@ -8,8 +8,6 @@ import datetime as dt
 import io
 import json
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
@@ -23,7 +21,7 @@ from donations.ledger import FoundingOffer
 from donations.openapi import SPEC
 from donations.settings import Secret
 from tests.checkout_helpers import checkout_service, token
-from tests.conftest import WEBHOOK_SECRET, Client, make_settings
+from tests.conftest import WEBHOOK_SECRET, Client, make_settings, payments_refused
 from tests.fakestripe import objects as shapes
 from tests.fakestripe.signing import sign, signed_request
 from tests.fakestripe.world import World
@@ -248,16 +246,9 @@ async def test_a_failing_event_is_kept_and_applied_on_redelivery(
     client: Client, pool: asyncpg.Pool
 ) -> None:
     events = World(seed=10).one_off(1200, "gbp").events
-    async with pool.acquire() as conn:
-        # A real failure inside PostgreSQL while the ledger is written, as a bug or an
-        # outage of a dependency would cause; removed below as an operator's fix would.
-        await conn.execute("""
-            CREATE FUNCTION refuse_payments() RETURNS trigger LANGUAGE plpgsql AS
-            $$ BEGIN RAISE EXCEPTION 'payments are refused for this test'; END $$;
-            CREATE TRIGGER refuse BEFORE INSERT ON payments
-                FOR EACH ROW EXECUTE FUNCTION refuse_payments();
-        """)
-    try:
+    # A real failure inside PostgreSQL while the ledger is written, as a bug or an outage of a
+    # dependency would cause; removed at the end of the block as an operator's fix would.
+    async with payments_refused(pool):
         status, body = await post_event(client, events[1])
         assert status == 500
         assert body["error"]["code"] == "event_failed"
@@ -267,9 +258,6 @@ async def test_a_failing_event_is_kept_and_applied_on_redelivery(
             assert (stored["status"], stored["attempts"]) == ("failed", 1)
             assert "refused for this test" in stored["last_error"]
             assert await conn.fetchval("SELECT count(*) FROM stripe_objects") == 0
-    finally:
-        async with pool.acquire() as conn:
-            await conn.execute("DROP TRIGGER refuse ON payments; DROP FUNCTION refuse_payments()")
 
     status, body = await post_event(client, events[1])  # Stripe's retry
     assert (status, body["outcome"]) == (200, "processed")
@@ -445,24 +433,6 @@ async def test_openapi_lists_every_status_the_routes_answer(
 
 
 # --- failures in a group, and what is not an event --------------------------------------------
-
-
-@asynccontextmanager
-async def payments_refused(pool: asyncpg.Pool) -> AsyncIterator[None]:
-    """A real failure inside PostgreSQL while the ledger is written."""
-    async with pool.acquire() as conn:
-        await conn.execute("""
-            CREATE FUNCTION review_refuse() RETURNS trigger LANGUAGE plpgsql AS
-            $$ BEGIN RAISE EXCEPTION 'payments are refused for this review'; END $$;
-            CREATE TRIGGER review_refuse BEFORE INSERT OR UPDATE ON payments
-                FOR EACH ROW EXECUTE FUNCTION review_refuse();
-        """)
-    try:
-        yield
-    finally:
-        async with pool.acquire() as conn:
-            await conn.execute(
-                "DROP TRIGGER review_refuse ON payments; DROP FUNCTION review_refuse()")
 
 
 async def test_a_copy_of_a_failed_event_in_the_same_group_is_not_acknowledged(
