@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import aiohttp
 import asyncpg
 import pytest
 from aiohttp import web
@@ -203,6 +204,23 @@ async def payments_refused(pool: asyncpg.Pool) -> AsyncIterator[None]:
         yield
     finally:
         await pool.execute("DROP TRIGGER refuse ON payments; DROP FUNCTION refuse_payments()")
+
+
+async def until_ready(port: str | int, process: asyncio.subprocess.Process,
+                      within: float = 60) -> bool:
+    """Poll the /readyz of a `donations serve` subprocess listening on `port`: True once it
+    answers 200, False if the process exits first; an AssertionError after `within` seconds."""
+    deadline = time.monotonic() + within
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            with contextlib.suppress(aiohttp.ClientConnectionError):
+                async with session.get(f"http://127.0.0.1:{port}/readyz") as ready:
+                    if ready.status == 200:
+                        return True
+            if process.returncode is not None:
+                return False
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"serve did not become ready within {within} s")
 
 
 async def waiting_on_a_lock(pool: asyncpg.Pool, query_like: str) -> int:

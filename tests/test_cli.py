@@ -19,7 +19,7 @@ import asyncpg
 from donations.events import parse_event
 from donations.ingest import ingest, reapply, retry_unfinished
 from donations.ledger import BalanceTransaction, FoundingOffer
-from tests.conftest import WEBHOOK_SECRET, payments_refused
+from tests.conftest import WEBHOOK_SECRET, payments_refused, until_ready
 from tests.fakestripe import running_fake_stripe
 from tests.fakestripe.signing import signed_request
 from tests.fakestripe.world import World
@@ -58,19 +58,7 @@ async def serving(env: dict[str, str]) -> AsyncIterator[str]:
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
     base = f"http://127.0.0.1:{env['PORT']}"
     try:
-        async with aiohttp.ClientSession() as session:
-            for _ in range(300):
-                try:
-                    async with session.get(f"{base}/readyz") as response:
-                        if response.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    pass
-                if process.returncode is not None:
-                    break
-                await asyncio.sleep(0.1)
-            else:
-                raise AssertionError("the service did not become ready")
+        await until_ready(env["PORT"], process)  # (exited: its stderr says why, below)
         yield base
     finally:
         if process.returncode is None:

@@ -30,6 +30,7 @@ from tests.conftest import (
     Client,
     make_settings,
     payments_held,
+    until_ready,
     wait_until,
     waiting_on_a_lock,
 )
@@ -73,16 +74,8 @@ async def _start_serve(env: dict[str, str]) -> asyncio.subprocess.Process:
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "donations", "serve", env=env,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{env['PORT']}"
-    async with aiohttp.ClientSession() as session:
-        for _ in range(600):
-            with contextlib.suppress(aiohttp.ClientConnectionError):
-                async with session.get(f"{base}/readyz") as response:
-                    if response.status == 200:
-                        return process
-            assert process.returncode is None, "serve exited before it was ready"
-            await asyncio.sleep(0.1)
-    raise AssertionError("serve did not become ready")
+    assert await until_ready(env["PORT"], process), "serve exited before it was ready"
+    return process
 
 
 @contextlib.asynccontextmanager
@@ -97,16 +90,7 @@ async def _serving(env: dict[str, str], log: Path, *, shutdown_timeout: float | 
         process = await asyncio.create_subprocess_exec(
             sys.executable, *args, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=out)
     try:
-        async with aiohttp.ClientSession() as session:
-            for _ in range(600):
-                with contextlib.suppress(aiohttp.ClientConnectionError):
-                    async with session.get(f"http://127.0.0.1:{env['PORT']}/readyz") as ready:
-                        if ready.status == 200:
-                            break
-                assert process.returncode is None, log.read_text()[-2000:]  # noqa: ASYNC240
-                await asyncio.sleep(0.05)
-            else:
-                raise AssertionError("serve did not become ready")
+        assert await until_ready(env["PORT"], process), log.read_text()[-2000:]  # noqa: ASYNC240
         yield process
     finally:
         if process.returncode is None:
