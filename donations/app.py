@@ -18,6 +18,7 @@ from donations import (
     auth,
     campaigns,
     checkout,
+    coupons,
     db,
     fees,
     openapi,
@@ -75,6 +76,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.extend([database, webhooks.event_groups, stripe_client,
                             balance_transaction_worker])
     app.cleanup_ctx.append(payout_worker)
+    app.cleanup_ctx.append(coupon_worker)
     app.cleanup_ctx.append(reconciliation_schedule)
     app.cleanup_ctx.append(checkout.maintenance)
     app.cleanup_ctx.append(totals_api.totals_context)
@@ -133,6 +135,17 @@ async def balance_transaction_worker(app: web.Application) -> AsyncIterator[None
     async with tasks.running(
         fees.worker(app[POOL], client, app[METRICS], app[SETTINGS].fee_worker_interval),
         "balance-transaction-worker",
+    ):
+        yield
+
+
+async def coupon_worker(app: web.Application) -> AsyncIterator[None]:
+    """Looks up the terms of coupons that discounts name (see donations/coupons.py); without a
+    key it still ends the look-ups of coupons whose events have come."""
+    async with tasks.running(
+        coupons.worker(app[POOL], app[STRIPE_BACKGROUND], app[OFFER],
+                       app[SETTINGS].fee_worker_interval),
+        "coupon-worker",
     ):
         yield
 
@@ -368,6 +381,8 @@ async def metrics(request: web.Request) -> web.Response:
                   FROM balance_transaction_fetches WHERE gave_up_at IS NOT NULL
                 UNION ALL
                 SELECT 'payouts', count(*) FROM payout_fetches WHERE gave_up_at IS NOT NULL
+                UNION ALL
+                SELECT 'coupons', count(*) FROM coupon_lookups WHERE gave_up_at IS NOT NULL
                 """
             )
             reconciliation = await reconcile.metrics_lines(conn)

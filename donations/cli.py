@@ -386,6 +386,9 @@ async def _lookups(conn: asyncpg.Connection, command: str) -> int:
         UNION ALL
         SELECT 'payouts', payout, attempts, next_attempt_at, gave_up_at, last_error
           FROM payout_fetches WHERE fetched_at IS NULL
+        UNION ALL
+        SELECT 'coupons', coupon_id, attempts, next_attempt_at, gave_up_at, last_error
+          FROM coupon_lookups
          ORDER BY 1, 2
         """
     ):

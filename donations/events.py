@@ -58,6 +58,10 @@ HANDLED: dict[str, str] = {
     "customer.discount.created": "discount",
     "customer.discount.updated": "discount",
     "customer.discount.deleted": "discount",
+    # a coupon's terms (the percentage or amount off), for a discount that names it by id only
+    "coupon.created": "coupon",
+    "coupon.updated": "coupon",
+    "coupon.deleted": "coupon",
     "invoice.paid": "invoice",
     "invoice.payment_succeeded": "invoice",
     "invoice.payment_failed": "invoice",
@@ -234,7 +238,7 @@ def snapshot_version(event: Event) -> Version:
     elif kind == "payout":
         # a paid payout whose transactions Stripe has finished attaching is further along
         progress = 1 if obj.get("reconciliation_status") == "completed" else 0
-    elif kind in ("customer", "discount"):
+    elif kind in ("customer", "discount", "coupon"):
         progress = 1 if event.type.endswith(".deleted") or obj.get("deleted") else 0
     else:
         progress = 0

@@ -115,7 +115,8 @@ async def postpone(
     GIVE_UP_AFTER_NOT_FOUND times running, that the object does not exist (a key of another
     account or mode, an id from a deleted test object). Any other error starts that count again.
 
-    Shared by the queues of look-ups at Stripe (balance transactions, payouts' members)."""
+    Shared by the queues of look-ups at Stripe (balance transactions, payouts' members,
+    coupons)."""
     delay = backoff(attempts)
     not_found = error.http_status == 404
     async with db.connection(pool) as conn:
@@ -147,7 +148,8 @@ async def give_back(
     another replica is theirs). Best effort: when the database will not take it, the lease
     runs out as after a crash.
 
-    Shared by the queues of look-ups at Stripe (balance transactions, payouts' members)."""
+    Shared by the queues of look-ups at Stripe (balance transactions, payouts' members,
+    coupons)."""
     if not leases:
         return
     with contextlib.suppress(Exception):
@@ -171,7 +173,7 @@ async def requeue_set_aside(conn: asyncpg.Connection) -> dict[str, int]:
     """Put every look-up set aside back in its queue, due now (`donations lookups retry`)."""
     counts = {}
     for name, queue in (("balance_transactions", "balance_transaction_fetches"),
-                        ("payouts", "payout_fetches")):
+                        ("payouts", "payout_fetches"), ("coupons", "coupon_lookups")):
         result: str = await conn.execute(
             f"""
             UPDATE {queue}

@@ -23,16 +23,18 @@ import asyncpg
 import structlog
 
 from donations import db, store
-from donations.events import HANDLED, Event, NotAnEvent, parse_event
+from donations.events import HANDLED, Event, NotAnEvent, parse_event, ref
 from donations.ledger import (
     FoundingOffer,
     Snapshot,
+    coupons_to_look_up,
     derive_customer,
     derive_dispute,
     derive_payment,
     derive_payout,
     derive_refund,
     derive_subscription,
+    discount_coupon,
     snapshot_of,
 )
 
@@ -174,7 +176,7 @@ async def _apply(
                         event_type=event.type, api_version=event.api_version)
     snapshots = [s for _, s in classified.values() if s is not None]
 
-    plan = Plan.of(snapshots)
+    plan = Plan.of(snapshots, offer)
     await plan.look(conn)  # before the locks, so that they are all taken at once, in order
     locks = plan.lock_order()
     # inserted in the order of their ids: two groups that share events never wait on each
@@ -204,42 +206,66 @@ async def _apply(
     return outcomes
 
 
+COUPON_LOCK = "coupon:"  # a coupon's lock key: its own namespace among the locks' keys
+
+
 @dataclass(slots=True)
 class Plan:
-    """What a group of snapshots can change: the keys to lock, in order subscriptions, invoices,
-    payments (each sorted), so that two transactions never wait on each other in a cycle."""
+    """What a group of snapshots can change: the keys to lock, in order coupons, subscriptions,
+    invoices, payments (each sorted), so that two transactions never wait on each other in a
+    cycle.
+
+    A coupon is locked by what reads its terms (the derivation of a subscription whose discount
+    names it) and by what brings them (its event, or the coupon worker's look-up, which then
+    derives the subscriptions that use it): whichever comes second sees the other's work. The
+    founding coupon is never locked: its terms are the settings', and every founding subscriber
+    would otherwise wait on one lock."""
 
     snapshots: list[Snapshot]
     subscriptions: set[str]
     invoices: set[str]
     payments: set[str]
+    coupons: set[str]
+    founding_coupon: str
+    coupon_users: set[str] = field(default_factory=set)  # subscriptions the coupons reach
     locked: set[str] = field(default_factory=set)
 
     @classmethod
-    def of(cls, snapshots: list[Snapshot]) -> Plan:
+    def of(cls, snapshots: list[Snapshot], offer: FoundingOffer) -> Plan:
         links = [s.links for s in snapshots]
+        coupons = {s.id for s in snapshots if s.kind == "coupon"}
+        coupons |= {c for s in snapshots if s.kind == "discount"
+                    if (c := ref(discount_coupon(s.data)))}
         return cls(
             snapshots=snapshots,
             subscriptions={x.subscription_id for x in links if x.subscription_id},
             invoices={x.invoice_id for x in links if x.invoice_id},
             payments={x.payment_key for x in links if x.payment_key},
+            coupons=coupons - {offer.coupon_id},
+            founding_coupon=offer.coupon_id,
         )
 
     async def look(self, conn: asyncpg.Connection) -> None:
         """Add what the snapshots reach through the database: a subscription's invoices, an
-        invoice's payments."""
-        invoices, payments = await store.discover(
+        invoice's payments, the coupons a subscription's discounts name, the subscriptions
+        whose discounts name a coupon whose snapshot is here."""
+        invoices, payments, coupons, users = await store.discover(
             conn,
             sorted({s.id for s in self.snapshots if s.kind == "subscription"}),
             sorted({s.links.invoice_id for s in self.snapshots if s.links.invoice_id}),
+            sorted(self.subscriptions),
+            sorted({s.id for s in self.snapshots if s.kind == "coupon"}),
         )
         self.invoices |= invoices
         self.payments |= payments
+        self.coupons |= coupons - {self.founding_coupon}
+        self.coupon_users |= users
+        self.subscriptions |= users
 
     def lock_order(self) -> list[str]:
         """Every key, in lock order (an invoice-keyed payment is locked as its invoice)."""
-        return [*sorted(self.subscriptions), *sorted(self.invoices),
-                *sorted(self.payments - self.invoices)]
+        return [*(COUPON_LOCK + c for c in sorted(self.coupons)), *sorted(self.subscriptions),
+                *sorted(self.invoices), *sorted(self.payments - self.invoices)]
 
 
 async def apply_snapshots(
@@ -254,7 +280,7 @@ async def apply_snapshots(
     latest = list({s.id: s for s in changed}.values())  # an object kept twice: the later won
     if not latest:
         return
-    reach = Plan.of(latest)
+    reach = Plan.of(latest, offer)
     await reach.look(conn)
     more = [k for k in reach.lock_order() if k not in held.locked]
     await db.lock(conn, more)
@@ -271,14 +297,24 @@ async def apply_snapshots(
                                              if s.kind == "customer"])
     await store.put_rows(conn, "payouts", [derive_payout(s) for s in latest
                                            if s.kind == "payout"])
-    subscription_ids = sorted({s.links.subscription_id for s in latest
-                               if s.kind in ("subscription", "discount")
-                               and s.links.subscription_id})
+    # (a coupon's terms reach the subscriptions whose discounts name it)
+    subscription_ids = sorted(reach.coupon_users | {s.links.subscription_id for s in latest
+                                                    if s.kind in ("subscription", "discount")
+                                                    and s.links.subscription_id})
     if subscription_ids:
-        found = await store.load_subscriptions(conn, subscription_ids)
+        found = [(own, discounts) for own, discounts
+                 in (await store.load_subscriptions(conn, subscription_ids)).values()
+                 if own is not None]
+        wanted = sorted({c for own, discounts in found
+                         for c in coupons_to_look_up(own, discounts, offer)})
+        # a discount committed since the look names a coupon not locked yet: locked now
+        late = [COUPON_LOCK + c for c in wanted if COUPON_LOCK + c not in held.locked]
+        await db.lock(conn, late)
+        held.locked.update(late)
+        terms = await store.load_coupons(conn, wanted)
+        await store.queue_coupon_lookups(conn, [c for c in wanted if c not in terms])
         await store.put_rows(conn, "subscriptions", [
-            derive_subscription(own, discounts, offer)
-            for own, discounts in found.values() if own is not None
+            derive_subscription(own, discounts, offer, terms) for own, discounts in found
         ])
     # an invoice-keyed payment stands until its invoice payment is known, so both are due
     keys = sorted(reach.payments | reach.invoices)
@@ -292,7 +328,7 @@ async def apply_stored(
 ) -> bool:
     """Apply an event stored earlier (a retry of one that failed, or set aside for attention,
     or offered again); True when its snapshot was kept."""
-    plan = Plan.of([snapshot])
+    plan = Plan.of([snapshot], offer)
     await plan.look(conn)
     locks = plan.lock_order()
     await db.lock(conn, locks)
@@ -402,7 +438,7 @@ async def reapply(
             kept = await store.load_snapshot(conn, object_id)
             if kept is None:
                 return False
-            plan = Plan.of([kept])
+            plan = Plan.of([kept], offer)
             await plan.look(conn)
             locks = plan.lock_order()
             await db.lock(conn, locks)

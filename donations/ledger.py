@@ -6,6 +6,7 @@ arrived: that is what makes the ledger the same after any permutation of the sam
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -433,13 +434,16 @@ def derive_dispute(snapshot: Snapshot) -> DisputeRow:
 
 
 def derive_subscription(
-    snapshot: Snapshot, discounts: list[Snapshot], offer: FoundingOffer
+    snapshot: Snapshot, discounts: list[Snapshot], offer: FoundingOffer,
+    coupons: Mapping[str, dict[str, Any]] | None = None,
 ) -> SubscriptionRow:
-    """The subscription as its latest snapshot and the discounts applied to it tell it.
+    """The subscription as its latest snapshot, the discounts applied to it and the terms of
+    their coupons (`coupons`, by id: webhooks name a discount's coupon by id only) tell it.
 
     A seat taken by the founding-supporter coupon stays taken when the discount or the
     subscription ends (not when it never started: `incomplete_expired`); the discount's price
-    effect only counts while the subscription lists it.
+    effect only counts while the subscription lists it. A coupon whose terms are not known yet
+    takes nothing off (see `coupons_to_look_up`: they are looked up, and the row derived again).
     """
     data = snapshot.data
     items = [i for i in (data.get("items") or {}).get("data") or [] if isinstance(i, dict)]
@@ -455,27 +459,32 @@ def derive_subscription(
     starts = [_int(i.get("current_period_start")) for i in items if i.get("current_period_start")]
     ends = [_int(i.get("current_period_end")) for i in items if i.get("current_period_end")]
 
+    currency = str(data.get("currency"))
     metadata = {str(k): str(v) for k, v in (data.get("metadata") or {}).items()}
-    applied = {d for d in (ref(x) for x in data.get("discounts") or []) if d}
-    # Discounts as the subscription sent them (expanded) or as customer.discount.* events did.
-    known = {ref(d): d for d in data.get("discounts") or [] if isinstance(d, dict)}
-    known.update({d.id: d.data for d in discounts if d.links.subscription_id == snapshot.id})
+    known = _discounts_known(snapshot, discounts)
+    applied = _applied(snapshot)
     percent_off: Decimal | None = None
     amount_off: int | None = None
     founding = metadata.get("founding_supporter") == "true"
     for discount_id, discount in sorted(known.items(), key=lambda kv: str(kv[0])):
-        coupon = (discount.get("source") or {}).get("coupon") or discount.get("coupon")
+        coupon = discount_coupon(discount)
         coupon_id = ref(coupon)
         founding = founding or coupon_id == offer.coupon_id
         if discount_id not in applied:
             continue
-        if isinstance(coupon, dict) and coupon.get("percent_off") is not None:
-            percent_off = Decimal(str(coupon["percent_off"]))
-        elif isinstance(coupon, dict) and coupon.get("amount_off") is not None:
-            amount_off = _int(coupon["amount_off"])
+        if isinstance(coupon, dict) and has_terms(coupon):
+            terms = coupon_terms(coupon, currency)
         elif coupon_id == offer.coupon_id:
             # webhooks name the coupon by id only; the founding coupon is ours, so we know it
-            percent_off = Decimal(offer.percent_off)
+            terms = Decimal(offer.percent_off), None
+        elif coupon_id is not None and coupon_id in (coupons or {}):
+            terms = coupon_terms((coupons or {})[coupon_id], currency)
+        else:
+            continue
+        if terms[0] is not None:
+            percent_off = terms[0]
+        elif terms[1] is not None:
+            amount_off = terms[1]
     status = str(data.get("status"))
     # A seat is taken by a founding supporter for good, even once they leave; a subscription
     # whose first payment was never made (`incomplete_expired`, terminal) was never a supporter
@@ -485,7 +494,7 @@ def derive_subscription(
         id=snapshot.id,
         customer=ref(data.get("customer")),
         status=status,
-        currency=str(data.get("currency")),
+        currency=currency,
         amount=amount,
         interval=interval,
         interval_count=interval_count,
@@ -502,6 +511,64 @@ def derive_subscription(
         metadata=metadata,
         created_at=_ts(data.get("created")),
     )
+
+
+def _applied(snapshot: Snapshot) -> set[str]:
+    """The ids of the discounts the subscription lists (applied now)."""
+    return {d for d in (ref(x) for x in snapshot.data.get("discounts") or []) if d}
+
+
+def _discounts_known(snapshot: Snapshot, discounts: list[Snapshot]) -> dict[str, dict[str, Any]]:
+    """Discounts as the subscription sent them (expanded) or as customer.discount.* events did."""
+    known: dict[str, dict[str, Any]] = {}
+    for d in snapshot.data.get("discounts") or []:
+        if isinstance(d, dict) and (key := ref(d)):
+            known[key] = d
+    known.update({d.id: d.data for d in discounts if d.links.subscription_id == snapshot.id})
+    return known
+
+
+def discount_coupon(discount: dict[str, Any]) -> object:
+    """The coupon a discount was made from (`source.coupon`; `coupon` in older versions): its
+    id, or the coupon itself where Stripe expanded it."""
+    source = discount.get("source")
+    coupon = source.get("coupon") if isinstance(source, dict) else None
+    return coupon if coupon is not None else discount.get("coupon")
+
+
+def has_terms(coupon: dict[str, Any]) -> bool:
+    return coupon.get("percent_off") is not None or coupon.get("amount_off") is not None
+
+
+def coupon_terms(coupon: dict[str, Any], currency: str) -> tuple[Decimal | None, int | None]:
+    """What a coupon takes off a price in `currency`: (percent off, None) or (None, amount off
+    in that currency: the coupon's own when it is in that currency, else its `currency_options`
+    one); (None, None) when it takes nothing off a price in that currency."""
+    if coupon.get("percent_off") is not None:
+        return Decimal(str(coupon["percent_off"])), None
+    if coupon.get("amount_off") is not None:
+        if coupon.get("currency") == currency:
+            return None, _int(coupon["amount_off"])
+        options = coupon.get("currency_options")
+        option = options.get(currency) if isinstance(options, dict) else None
+        if isinstance(option, dict) and option.get("amount_off") is not None:
+            return None, _int(option["amount_off"])
+    return None, None
+
+
+def coupons_to_look_up(snapshot: Snapshot, discounts: list[Snapshot], offer: FoundingOffer
+                       ) -> set[str]:
+    """The coupons, by id, whose terms the subscription's derivation needs from elsewhere: those
+    of the discounts it lists, unless Stripe expanded the coupon or it is the founding one."""
+    applied = _applied(snapshot)
+    wanted = set()
+    for discount_id, discount in _discounts_known(snapshot, discounts).items():
+        coupon = discount_coupon(discount)
+        coupon_id = ref(coupon)
+        if (discount_id in applied and coupon_id is not None and coupon_id != offer.coupon_id
+                and not (isinstance(coupon, dict) and has_terms(coupon))):
+            wanted.add(coupon_id)
+    return wanted
 
 
 def derive_customer(snapshot: Snapshot) -> CustomerRow:
@@ -584,6 +651,7 @@ def derive_ledger(
     balance_transactions: dict[str, BalanceTransaction] | None = None,
 ) -> Ledger:
     states = latest(snapshots)
+    coupons = {s.id: s.data for s in states if s.kind == "coupon"}
     cluster = Cluster(states, dict(balance_transactions or {}))
     keys = {s.links.payment_key for s in states} | {
         s.id for s in states if s.kind == "invoice"
@@ -598,7 +666,7 @@ def derive_ledger(
         refunds={s.id: derive_refund(s) for s in states if s.kind == "refund"},
         disputes={s.id: derive_dispute(s) for s in states if s.kind == "dispute"},
         subscriptions={
-            s.id: derive_subscription(s, cluster.of("discount"), offer)
+            s.id: derive_subscription(s, cluster.of("discount"), offer, coupons)
             for s in states if s.kind == "subscription"
         },
         customers={s.id: derive_customer(s) for s in states if s.kind == "customer"},

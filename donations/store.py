@@ -283,12 +283,15 @@ async def load_snapshot(conn: asyncpg.Connection, object_id: str) -> Snapshot | 
 
 
 async def discover(
-    conn: asyncpg.Connection, subscriptions: list[str], invoices: list[str]
-) -> tuple[set[str], set[str]]:
+    conn: asyncpg.Connection, subscriptions: list[str], invoices: list[str],
+    discounted: Sequence[str] = (), coupons: Sequence[str] = (),
+) -> tuple[set[str], set[str], set[str], set[str]]:
     """What a change to these subscriptions and invoices reaches: the subscriptions' invoices,
-    and the payments of those and of the given invoices (through their invoice payments)."""
-    if not subscriptions and not invoices:
-        return set(), set()
+    and the payments of those and of the given invoices (through their invoice payments); the
+    coupons that the `discounted` subscriptions' discounts name, and the subscriptions whose
+    discounts name the given `coupons` (sql/031's index)."""
+    if not subscriptions and not invoices and not discounted and not coupons:
+        return set(), set(), set(), set()
     rows = await conn.fetch(
         """
         WITH invoice AS (
@@ -300,13 +303,22 @@ async def discover(
         SELECT DISTINCT 'payment', payment_key FROM stripe_objects
          WHERE object = 'invoice_payment' AND payment_key IS NOT NULL
            AND invoice_id = any(ARRAY(SELECT id FROM invoice) || $2::text[])
+        UNION ALL
+        SELECT DISTINCT 'coupon', discount_coupon_id(data) FROM stripe_objects
+         WHERE object = 'discount' AND subscription_id = any($3::text[])
+           AND discount_coupon_id(data) IS NOT NULL
+        UNION ALL
+        SELECT DISTINCT 'user', subscription_id FROM stripe_objects
+         WHERE object = 'discount' AND discount_coupon_id(data) = any($4::text[])
+           AND subscription_id IS NOT NULL
         """,
-        subscriptions, invoices,
+        subscriptions, invoices, list(discounted), list(coupons),
     )
-    found: dict[str, set[str]] = {"invoice": set(), "payment": set()}
+    found: dict[str, set[str]] = {"invoice": set(), "payment": set(), "coupon": set(),
+                                  "user": set()}
     for row in rows:
         found[row["kind"]].add(row["id"])
-    return found["invoice"], found["payment"]
+    return found["invoice"], found["payment"], found["coupon"], found["user"]
 
 
 async def load_clusters(
@@ -418,6 +430,29 @@ async def load_subscriptions(
         else:
             found[row["subscription_id"]][1].append(snapshot)
     return found
+
+
+async def load_coupons(
+    conn: asyncpg.Connection, coupon_ids: list[str]
+) -> dict[str, dict[str, Any]]:
+    """The coupons kept (from their events, or looked up at Stripe), by id."""
+    if not coupon_ids:
+        return {}
+    rows = await conn.fetch(
+        "SELECT id, data FROM stripe_objects WHERE id = any($1::text[]) AND object = 'coupon'",
+        coupon_ids,
+    )
+    return {r["id"]: r["data"] for r in rows}
+
+
+async def queue_coupon_lookups(conn: asyncpg.Connection, coupon_ids: list[str]) -> None:
+    """Queue the look-up of coupons whose terms are not known (the coupon worker takes them)."""
+    if coupon_ids:
+        await conn.execute(
+            "INSERT INTO coupon_lookups (coupon_id) SELECT unnest($1::text[])"
+            " ON CONFLICT (coupon_id) DO NOTHING",
+            coupon_ids,
+        )
 
 
 # --- the ledger -----------------------------------------------------------------------------

@@ -69,10 +69,19 @@ def histories(draw: st.DrawFn, max_steps: int = 12) -> History:
                     world.payout()
         elif action == "subscribe" or (not subscriptions and action in (
                 "renew", "change", "cancel", "pause", "fail_renewal")):
+            # no discount, the founding coupon, or one made in the Dashboard (a percentage, or
+            # an amount in GBP with a USD option: it takes nothing off in other currencies)
+            coupon = draw(st.sampled_from([None, "founding-supporter", "spring-20", "off-300"]))
+            if coupon is not None and coupon not in world.objects:
+                if coupon == "spring-20":
+                    world.create_coupon(coupon, percent_off=20)
+                elif coupon == "off-300":
+                    world.create_coupon(coupon, amount_off=300, currency="gbp",
+                                        currency_options={"usd": 350})
             started = world.subscribe(
                 _amount(draw, currency), currency,
                 interval=draw(st.sampled_from(["month", "year"])),
-                founding=draw(st.booleans()),
+                founding=coupon is not None, coupon=coupon or "founding-supporter",
                 campaign=draw(st.sampled_from([None, "founders"])),
             )
             subscriptions.append(started.subscription)

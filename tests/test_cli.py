@@ -280,7 +280,7 @@ async def test_lookups_list_and_retry_put_back_what_was_set_aside(
 
     code, out, err = await _run("lookups", "retry", env=_env(DATABASE_URL=dsn))
     assert code == 0, err
-    assert out.strip() == "balance_transactions: 1, payouts: 0 put back in the queue"
+    assert out.strip() == "balance_transactions: 1, payouts: 0, coupons: 0 put back in the queue"
     row = await pool.fetchrow("SELECT attempts, gave_up_at, next_attempt_at <= now() AS due "
                               "FROM balance_transaction_fetches WHERE id = 'txn_gone'")
     assert row is not None and tuple(row) == (0, None, True)

@@ -253,7 +253,8 @@ async def test_a_lookup_stripe_keeps_not_finding_is_set_aside_counted_and_can_be
 
         # put back: due at once, tried again from the start
         async with db.connection(pool) as conn:
-            assert await fees.requeue_set_aside(conn) == {"balance_transactions": 1, "payouts": 0}
+            assert await fees.requeue_set_aside(conn) == {
+                "balance_transactions": 1, "payouts": 0, "coupons": 0}
         again = await queue_row(pool, "txn_not_at_stripe")
         assert again is not None and (again["attempts"], again["gave_up_at"]) == (0, None)
         assert await fees.run_once(pool, stripe_client, metrics) == 0

@@ -15,6 +15,7 @@ from donations import db, totals
 from donations.events import parse_event
 from donations.ingest import ingest, ingest_many
 from donations.ledger import FoundingOffer
+from donations.money import apply_percent_off
 from tests.conftest import empty_tables
 from tests.fakestripe.world import World
 from tests.ledger_check import dump, reference
@@ -60,6 +61,13 @@ def test_the_ledger_agrees_with_stripes_final_objects(history: History) -> None:
         price = stripe_sub["items"]["data"][0]["price"]
         assert row["amount"] == price["unit_amount"]
         assert row["interval"] == price["recurring"]["interval"]
+        # the price after its discounts is what Stripe's invoices charge (founding, a Dashboard
+        # coupon by percentage or by amount in the subscription's currency)
+        off, _ = world._discount_amount(stripe_sub, price["unit_amount"])
+        after = (apply_percent_off(row["amount"], row["percent_off"])
+                 if row["percent_off"] is not None
+                 else max(0, row["amount"] - (row["amount_off"] or 0)))
+        assert after == price["unit_amount"] - off, (row, stripe_sub["discounts"])
     # a payment is never counted under its invoice once its payment intent is known
     assert not [k for k, p in payments.items() if k.startswith("in_")]
 

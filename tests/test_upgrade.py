@@ -42,7 +42,7 @@ UPGRADE = ("019_payments_settled_at.sql", "020_founding_coupon_used_up.sql",
            "025_metrics_counts.sql", "026_discrepancies_by_run.sql",
            "027_discrepancy_pages.sql", "028_discrepancies_by_status.sql",
            "029_founding_seats_never_started.sql",
-           "030_subscription_statuses.sql")
+           "030_subscription_statuses.sql", "031_coupons.sql")
 
 # Run with the 018-era code (cwd: its tree): fill a database at 018 as that code would.
 POPULATE = r'''
@@ -219,6 +219,12 @@ async def test_upgrade_backfills_settled_at_from_balance_transactions_and_nothin
             + (1 if data["balance_transaction"] else 0) for progress, data in datas)
         result = await totals.verify(conn)
         assert result.differences == (), totals.describe(result)
+        # sql/031 queues a look-up of every coupon a stored discount names (the founding one
+        # here), which the coupon worker ends
+        named = {json.loads(r["data"])["source"]["coupon"] for r in await conn.fetch(
+            "SELECT data FROM stripe_objects WHERE object = 'discount'")}
+        queued = {r["coupon_id"] for r in await conn.fetch("SELECT coupon_id FROM coupon_lookups")}
+        assert named and queued == named
     finally:
         await conn.close()
 

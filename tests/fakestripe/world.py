@@ -295,6 +295,21 @@ class World:
             )
         return self.objects[coupon_id]
 
+    def create_coupon(self, coupon_id: str, *, percent_off: float | None = None,
+                      amount_off: int | None = None, currency: str | None = None,
+                      currency_options: Mapping[str, int] | None = None) -> Emitted:
+        """A coupon made in the Dashboard (a promotion, a hardship discount): coupon.created.
+        `currency_options` gives an amount-off coupon's amount in other currencies."""
+        out = Emitted()
+        self.advance(1)
+        cp = o.coupon(id=coupon_id, created=self.now, percent_off=percent_off,
+                      amount_off=amount_off, currency=currency, name=coupon_id,
+                      livemode=self.livemode)
+        if currency_options:
+            cp["currency_options"] = {c: {"amount_off": a} for c, a in currency_options.items()}
+        self._emit(out, "coupon.created", self._put(cp))
+        return out
+
     def _pi(self, amount: int, currency: str, **kwargs: Any) -> Obj:
         return self._put(
             o.payment_intent(
@@ -642,7 +657,10 @@ class World:
             if cp["percent_off"] is not None:
                 total_off += _round_half_up(Fraction(subtotal) * Fraction(cp["percent_off"]) / 100)
             elif cp["amount_off"] is not None:
-                total_off += min(int(cp["amount_off"]), subtotal - total_off)
+                # in the subscription's currency: the coupon's own, else its currency option
+                off = cp["amount_off"] if cp["currency"] == sub["currency"] else (
+                    (cp.get("currency_options") or {}).get(sub["currency"]) or {}).get("amount_off")
+                total_off += min(int(off or 0), subtotal - total_off)
         return total_off, list(sub["discounts"])
 
     def _new_invoice(self, sub: Obj, billing_reason: str, period: tuple[int, int]) -> Obj:

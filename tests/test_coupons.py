@@ -1,0 +1,212 @@
+"""Coupons other than the founding one: a discounted subscription counts in the monthly recurring at
+its price after the discount (the contract), although webhooks name a discount's coupon by id only.
+The terms come from the coupon's own events, or are looked up at Stripe by the coupon worker."""
+
+from __future__ import annotations
+
+import copy
+import json
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+
+from donations import coupons
+from donations.appkeys import TOTALS
+from donations.ledger import FoundingOffer, coupon_terms
+from tests.conftest import Client
+from tests.fakestripe import objects as o
+from tests.fakestripe.world import World
+from tests.ledger_check import reference
+from tests.test_fees import stripe_against
+from tests.webhook_helpers import post_all
+
+START = 1_795_000_000  # 2026-11-18T07:46:40Z
+OFFER = FoundingOffer()
+
+
+def _world_with_coupon(**terms: Any) -> tuple[World, dict[str, Any]]:
+    """A world whose account has a coupon made in the Dashboard (not the founding one)."""
+    world = World(seed=7, start=START)
+    coupon = o.coupon(id="spring-20", created=world.now, name="Spring", **(terms or {
+        "percent_off": 20}))
+    world.objects[coupon["id"]] = coupon
+    return world, coupon
+
+
+def _subscribed(world: World, amount: int = 1000) -> tuple[str, list[dict[str, Any]]]:
+    """A £10 monthly subscription through Checkout with the coupon applied: its events name the
+    coupon by id only (`customer.discount.created`'s `source.coupon`)."""
+    sub = world.subscribe(amount, "gbp", founding=True, coupon="spring-20",
+                          email="reader@example.org")
+    discounts = [e for e in sub.events if e["type"] == "customer.discount.created"]
+    assert discounts and discounts[0]["data"]["object"]["source"]["coupon"] == "spring-20"
+    return sub.subscription, sub.events
+
+
+def _coupon_event(world: World, coupon: dict[str, Any]) -> dict[str, Any]:
+    return o.event("coupon.created", copy.deepcopy(coupon), created=coupon["created"],
+                   ids=world.ids)
+
+
+async def _mrr(client: Client) -> dict[str, Any]:
+    client.app[TOTALS].clear()
+    response = await client.get("/v1/totals")
+    assert response.status == 200, await response.text()
+    body: dict[str, Any] = await response.json()
+    return body["monthly_recurring"]  # type: ignore[no-any-return]
+
+
+async def _row(pool: asyncpg.Pool, sub_id: str) -> asyncpg.Record:
+    row = await pool.fetchrow("SELECT * FROM subscriptions WHERE id = $1", sub_id)
+    assert row is not None
+    return row
+
+
+async def _lookups(pool: asyncpg.Pool) -> list[asyncpg.Record]:
+    return await pool.fetch("SELECT * FROM coupon_lookups ORDER BY coupon_id")
+
+
+# --- the terms, without I/O -----------------------------------------------------------------
+
+
+def test_a_percentage_coupon_takes_its_percentage_off_in_any_currency() -> None:
+    coupon = o.coupon(id="c", created=START, percent_off=12.5)
+    assert coupon_terms(coupon, "gbp") == (Decimal("12.5"), None)
+    assert coupon_terms(coupon, "jpy") == (Decimal("12.5"), None)
+
+
+def test_an_amount_coupon_takes_its_amount_off_only_in_its_currencies() -> None:
+    coupon = o.coupon(id="c", created=START, percent_off=None, amount_off=300, currency="gbp")
+    coupon["currency_options"] = {"usd": {"amount_off": 400}}
+    assert coupon_terms(coupon, "gbp") == (None, 300)
+    assert coupon_terms(coupon, "usd") == (None, 400)
+    assert coupon_terms(coupon, "eur") == (None, None)  # Stripe would not apply it
+
+
+def test_the_reference_ledger_takes_the_terms_from_the_coupons_event() -> None:
+    world, coupon = _world_with_coupon()
+    sub_id, events = _subscribed(world)
+    without = reference(events, OFFER)["subscriptions"][sub_id]
+    assert (without["percent_off"], without["founding"]) == (None, False)
+    with_terms = reference([_coupon_event(world, coupon), *events], OFFER)["subscriptions"][sub_id]
+    assert (with_terms["percent_off"], with_terms["founding"]) == (Decimal(20), False)
+
+
+# --- through the webhook --------------------------------------------------------------------
+
+
+async def test_a_coupon_known_from_its_event_discounts_the_monthly_recurring_in_either_order(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    world, coupon = _world_with_coupon()
+    sub_id, events = _subscribed(world)
+    # the subscription first: its coupon is not known, it counts at its full price and the
+    # coupon is queued for a look-up
+    await post_all(client, events)
+    assert (await _row(pool, sub_id))["percent_off"] is None
+    assert await _mrr(client) == {"amount": 1000, "currency": "gbp"}
+    assert [r["coupon_id"] for r in await _lookups(pool)] == ["spring-20"]
+    # then the coupon's event: the subscription is derived again with its terms
+    await post_all(client, [_coupon_event(world, coupon)])
+    assert (await _row(pool, sub_id))["percent_off"] == Decimal(20)
+    assert await _mrr(client) == {"amount": 800, "currency": "gbp"}
+    # the worker ends the look-up without asking Stripe (no key here)
+    assert await coupons.run_once(pool, None, OFFER) == 1
+    assert await _lookups(pool) == []
+    assert await _mrr(client) == {"amount": 800, "currency": "gbp"}
+
+
+async def test_a_coupon_event_before_the_subscription_needs_no_look_up(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    world, coupon = _world_with_coupon()
+    sub_id, events = _subscribed(world)
+    await post_all(client, [_coupon_event(world, coupon), *events])
+    assert (await _row(pool, sub_id))["percent_off"] == Decimal(20)
+    assert await _mrr(client) == {"amount": 800, "currency": "gbp"}
+    assert await _lookups(pool) == []
+
+
+async def test_an_amount_off_coupon_counts_in_the_subscriptions_currency(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    world, coupon = _world_with_coupon(percent_off=None, amount_off=250, currency="gbp")
+    sub_id, events = _subscribed(world)
+    await post_all(client, [*events, _coupon_event(world, coupon)])
+    row = await _row(pool, sub_id)
+    assert (row["percent_off"], row["amount_off"]) == (None, 250)
+    assert await _mrr(client) == {"amount": 750, "currency": "gbp"}
+
+
+async def test_the_worker_derives_the_users_of_a_coupon_kept_since_it_was_queued(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """A look-up queued for a coupon whose terms have been kept since, without the subscriptions
+    that use it derived again (written here directly: the coupon's event would have derived
+    them): the worker derives them and ends the look-up, with or without a Stripe key."""
+    world, coupon = _world_with_coupon()
+    sub_id, events = _subscribed(world)
+    await post_all(client, events)
+    await pool.execute(
+        "INSERT INTO stripe_objects (id, object, rank, progress, event_created, type_rank,"
+        " event_id, data) VALUES ($1, 'coupon', 0, 0, $2, 0, 'evt_coupon', $3::jsonb)",
+        coupon["id"], coupon["created"], json.dumps(coupon))
+    assert await _mrr(client) == {"amount": 1000, "currency": "gbp"}
+    assert await coupons.run_once(pool, None, OFFER) == 1
+    assert (await _row(pool, sub_id))["percent_off"] == Decimal(20)
+    assert await _mrr(client) == {"amount": 800, "currency": "gbp"}
+    assert await _lookups(pool) == []
+
+
+async def test_without_a_key_a_coupon_not_known_waits_for_its_event(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    world, _ = _world_with_coupon()
+    await post_all(client, _subscribed(world)[1])
+    assert await coupons.run_once(pool, None, OFFER) == 0
+    (lookup,) = await _lookups(pool)
+    assert lookup["gave_up_at"] is None and lookup["attempts"] == 0
+    assert await pool.fetchval(
+        "SELECT next_attempt_at > now() + interval '50 minutes' FROM coupon_lookups")
+
+
+# --- looked up at Stripe --------------------------------------------------------------------
+
+
+async def test_the_worker_fetches_a_coupon_no_event_brought(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    world, _ = _world_with_coupon()
+    sub_id, events = _subscribed(world)
+    await post_all(client, events)
+    async with stripe_against(world) as (fake, stripe_client):
+        assert await coupons.run_once(pool, stripe_client, OFFER) == 1
+        asked = [r.path for r in fake.requests if r.method == "GET"]
+    assert asked == ["/v1/coupons/spring-20"]
+    assert (await _row(pool, sub_id))["percent_off"] == Decimal(20)
+    assert await _mrr(client) == {"amount": 800, "currency": "gbp"}
+    assert await _lookups(pool) == []
+    stored = await pool.fetchrow("SELECT source, type FROM stripe_events WHERE id = $1",
+                                 coupons.event_id("spring-20"))
+    assert stored is not None
+    assert dict(stored) == {"source": "import", "type": "coupon.updated"}
+
+
+async def test_a_coupon_stripe_does_not_have_is_retried_then_set_aside(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    world, _ = _world_with_coupon()
+    sub_id, events = _subscribed(world)
+    await post_all(client, events)
+    del world.objects["spring-20"]  # deleted in the Dashboard before we asked
+    async with stripe_against(world) as (_, stripe_client):
+        for attempt in range(1, 4):
+            assert await coupons.run_once(pool, stripe_client, OFFER) == 0
+            (lookup,) = await _lookups(pool)
+            assert lookup["attempts"] == attempt and "InvalidRequestError" in lookup["last_error"]
+            await pool.execute("UPDATE coupon_lookups SET next_attempt_at = now()")
+    assert lookup["gave_up_at"] is not None  # set aside: `donations lookups retry` puts it back
+    assert (await _row(pool, sub_id))["percent_off"] is None
+    response = await client.get("/metrics")
+    assert 'donations_stripe_lookups_set_aside{queue="coupons"} 1' in await response.text()
