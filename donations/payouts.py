@@ -12,7 +12,7 @@ import csv
 import io
 import json
 import re
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -39,24 +39,40 @@ PAYOUT_ID = re.compile(r"^po_[A-Za-z0-9]{1,250}$")  # Stripe's: the prefix, then
 PAGE = 100  # Stripe's largest page
 
 
+# A payout requested by hand (`automatic` false; reconciliation_status not_applicable): Stripe
+# lists balance transactions by payout for automatic payouts only, and answers the listing of a
+# manual one with a 400, however often it is asked. Such a payout is never queued, and is
+# reported without a tie (see `tied_by_stripe`).
+MANUAL = "(p.automatic IS FALSE OR coalesce(p.reconciliation_status, '') = 'not_applicable')"
+
+
 async def enqueue(conn: asyncpg.Connection) -> int:
-    """Queue every paid or failed payout not yet fetched for the state it has now.
+    """Queue every paid or failed automatic payout not yet fetched for the state it has now.
 
     Stripe lists a payout's transactions in full only once it has finished reconciling it
-    (reconciliation_status completed; not_applicable for a manual payout, absent in older API
-    versions): until then it waits, and `payout.reconciliation_completed` queues it."""
+    (reconciliation_status completed; absent in older API versions): until then it waits, and
+    `payout.reconciliation_completed` queues it. A manual payout is never queued, and one an
+    earlier release queued and that was never fetched is taken out of the queue here (so that
+    a replica of that release still running during a deploy cannot leave one behind)."""
+    await conn.execute(
+        f"""
+        DELETE FROM payout_fetches f USING payouts p
+         WHERE p.id = f.payout AND f.fetched_at IS NULL AND {MANUAL}
+        """  # noqa: S608 - a constant condition
+    )
     result: str = await conn.execute(
-        """
+        f"""
         INSERT INTO payout_fetches (payout, payout_status)
-        SELECT id, status || ':' || coalesce(reconciliation_status, '') FROM payouts
+        SELECT id, status || ':' || coalesce(reconciliation_status, '') FROM payouts p
          WHERE status IN ('paid', 'failed')
-           AND coalesce(reconciliation_status, 'completed') IN ('completed', 'not_applicable')
+           AND coalesce(reconciliation_status, 'completed') = 'completed'
+           AND NOT {MANUAL}
         ON CONFLICT (payout) DO UPDATE
            SET payout_status = excluded.payout_status, attempts = 0, next_attempt_at = now(),
                last_error = NULL, fetched_at = NULL, queued_at = now(), gave_up_at = NULL,
                not_found_in_a_row = 0
          WHERE payout_fetches.payout_status IS DISTINCT FROM excluded.payout_status
-        """
+        """  # noqa: S608 - a constant condition
     )
     return int(result.rsplit(maxsplit=1)[-1])
 
@@ -153,7 +169,7 @@ async def worker(pool: asyncpg.Pool, client: stripe.StripeClient, interval: floa
 # its amount, and its own transaction takes exactly that amount out of the balance.
 PAYOUTS = """
 SELECT p.id, p.status, p.amount, p.currency, p.arrival_date, p.created_at, p.automatic,
-       p.failure_code, p.balance_transaction,
+       p.reconciliation_status, p.failure_code, p.balance_transaction,
        f.fetched_at, f.last_error, f.attempts,
        count(bt.id) FILTER (WHERE bt.type <> 'payout') AS transactions,
        coalesce(sum(bt.net) FILTER (WHERE bt.type <> 'payout'), 0) AS members_net,
@@ -169,14 +185,21 @@ SELECT p.id, p.status, p.amount, p.currency, p.arrival_date, p.created_at, p.aut
 
 # The balance transactions of the payouts named ($1), payout by payout in the order named, each
 # payout's by time: read through a cursor, one payout's at a time is all a report holds.
+# What a transaction is comes from its reporting_category first, as Stripe advises (a failed
+# refund can be typed `adjustment`): a payment's own (category charge) and the reversal of a
+# bank debit that failed after Stripe booked it (category charge_failure, type
+# payment_failure_refund: the payment's money going out again) are joined to the payment; a
+# refund's own and its failure's (category refund_failure: the money coming back) to the
+# refund.
 MEMBERS = """
 SELECT l.payout, bt.id, bt.type, bt.reporting_category, bt.source, bt.amount, bt.fee, bt.net,
        bt.currency, bt.created_at, bt.available_on,
        coalesce(pc.payment_key, pr.payment_key, pd.payment_key) AS payment_key,
        coalesce(pc.kind, pr.kind, pd.kind) AS kind,
        coalesce(pc.currency, pr.currency, pd.currency) AS payment_currency,
-       coalesce(pc.amount,
-                CASE WHEN bt.type IN ('refund_failure', 'payment_failure_refund')
+       coalesce(CASE WHEN failed.charge THEN -pc.amount ELSE pc.amount END,
+                CASE WHEN bt.reporting_category = 'refund_failure'
+                          OR bt.type IN ('refund_failure', 'payment_failure_refund')
                      THEN r.amount ELSE -r.amount END,
                 CASE WHEN bt.amount < 0 THEN -d.amount ELSE d.amount END) AS payment_amount,
        coalesce(pc.campaign, pr.campaign, pd.campaign) AS campaign,
@@ -188,8 +211,11 @@ SELECT l.payout, bt.id, bt.type, bt.reporting_category, bt.source, bt.amount, bt
   FROM unnest($1::text[]) WITH ORDINALITY AS named(payout, position)
   JOIN payout_balance_transactions l ON l.payout = named.payout
   JOIN balance_transactions bt ON bt.id = l.balance_transaction
+  CROSS JOIN LATERAL (SELECT coalesce(bt.reporting_category, '') = 'charge_failure'
+                             OR bt.type = 'payment_failure_refund' AS charge) failed
   LEFT JOIN LATERAL (SELECT * FROM payments WHERE balance_transaction = bt.id
-                      OR (charge = bt.source AND bt.type IN ('charge', 'payment'))
+                      OR (charge = bt.source
+                          AND (bt.type IN ('charge', 'payment') OR failed.charge))
                       LIMIT 1) pc ON true
   LEFT JOIN refunds r ON r.id = bt.source
   LEFT JOIN payments pr ON pr.payment_key = r.payment_key
@@ -205,8 +231,15 @@ def _money(amount: int | None, currency: str | None) -> dict[str, Any] | None:
                                                             "currency": currency}
 
 
+def tied_by_stripe(payout: Mapping[str, Any]) -> bool:
+    """Whether Stripe lists the payout's transactions (a row of PAYOUTS or its JSON): not for a
+    manual payout (MANUAL), which is reported without a tie, as a cancelled one is."""
+    return payout["automatic"] is not False and payout["reconciliation_status"] != "not_applicable"
+
+
 def payout_json(row: asyncpg.Record) -> dict[str, Any]:
-    """A payout with whether its transactions sum exactly to it (null until they are fetched)."""
+    """A payout with whether its transactions sum exactly to it (null until they are fetched,
+    and for a manual payout, whose transactions Stripe does not list)."""
     fetched = row["fetched_at"] is not None
     members_net = int(row["members_net"])
     own = row["own_amount"]
@@ -220,6 +253,7 @@ def payout_json(row: asyncpg.Record) -> dict[str, Any]:
         "arrival_date": inputs.rfc3339(row["arrival_date"]),
         "created_at": inputs.rfc3339(row["created_at"]),
         "automatic": row["automatic"],
+        "reconciliation_status": row["reconciliation_status"],
         "failure_code": row["failure_code"],
         "transactions_fetched": fetched,
         "transactions": int(row["transactions"]),
@@ -381,7 +415,8 @@ class Written:
 
     payouts: int = 0
     unbalanced: list[str] = field(default_factory=list)  # their transactions do not sum to them
-    unfetched: list[str] = field(default_factory=list)  # paid or failed, transactions not known
+    # paid or failed (and automatic), transactions not known
+    unfetched: list[str] = field(default_factory=list)
 
 
 async def write_report(conn: asyncpg.Connection, win: Window, fmt: str, write: Write) -> Written:
@@ -403,8 +438,10 @@ async def write_report(conn: asyncpg.Connection, win: Window, fmt: str, write: W
             written.payouts += 1
             if payout["balanced"] is False:
                 written.unbalanced.append(payout["id"])
-            # (a payout still on its way, or cancelled, has no transactions to tie yet)
-            if not payout["transactions_fetched"] and payout["status"] in ("paid", "failed"):
+            # (a payout still on its way, or cancelled, has no transactions to tie yet; a manual
+            # one has none Stripe will list)
+            if not payout["transactions_fetched"] and payout["status"] in ("paid", "failed") \
+                    and tied_by_stripe(payout):
                 written.unfetched.append(payout["id"])
     if fmt == "json":
         await write(f'], "unbalanced": {json.dumps(written.unbalanced)}}}\n'.encode())

@@ -66,15 +66,25 @@ STORE_CHUNK = 500  # balance transactions a comparison stores per transaction
 REEXAMINE = 200  # open discrepancies outside the window a run looks at again, at most
 
 _DONE = ("processed", "ignored", "needs_attention")
-_CHARGE_TYPES = ("charge", "payment")
-# card refunds, and the refunds of other payment methods (Bacs, SEPA…), with their failures
-_REFUND_FAILURE_TYPES = ("refund_failure", "payment_failure_refund")
+# card payments, and payments by other methods (Bacs, SEPA…), with the reversal of one that
+# failed after Stripe booked it (a bank debit: booked when submitted, reversed when the bank
+# refuses it; stripe/_charge.py `failure_balance_transaction`)
+_CHARGE_FAILURE_TYPES = ("payment_failure_refund",)
+_CHARGE_TYPES = ("charge", "payment", *_CHARGE_FAILURE_TYPES)
+# card refunds, and the refunds of other payment methods, with their failures
+_REFUND_FAILURE_TYPES = ("refund_failure",)
 _REFUND_TYPES = ("refund", "payment_refund", *_REFUND_FAILURE_TYPES)
 # Stripe's advice: group balance transactions by reporting_category, which stays the same
-# whatever the payment method (a type may be added for a new one)
-_CATEGORY_OBJECT = {"charge": "payment", "refund": "refund", "refund_failure": "refund",
-                    "dispute": "dispute", "dispute_reversal": "dispute"}
+# whatever the payment method (a type may be added for a new one; a failed refund can be typed
+# `adjustment`)
+_CATEGORY_OBJECT = {"charge": "payment", "charge_failure": "payment", "refund": "refund",
+                    "refund_failure": "refund", "dispute": "dispute",
+                    "dispute_reversal": "dispute"}
 _LIVE_REFUNDS = ("pending", "requires_action", "succeeded")
+# The ledger's statuses saying that what Stripe moved in the balance for the object was (or
+# should have been) put back: a bank debit that failed after Stripe booked it, a refund the
+# bank returned or that was cancelled, a dispute won.
+_UNDONE = {"payment": ("failed",), "refund": ("failed", "canceled"), "dispute": ("won",)}
 
 
 class AlreadyRunning(Exception):
@@ -579,7 +589,12 @@ _DISPUTE_FIELDS = ("id", "status", "amount", "currency", "amount_held")
 
 def compare_payment(charge: str, bt: dict[str, Any], row: asyncpg.Record | None
                     ) -> list[Discrepancy]:
-    """A charge's balance transaction against its payment row (pure: no repair here)."""
+    """A charge's balance transaction against its payment row (pure: no repair here).
+
+    A bank debit that failed after Stripe booked it has two: the booking and its reversal.
+    The reversal agrees with a payment the ledger has as failed; the booking is compared for
+    its amount only, whether it was reversed being compare_outcome's to say (with all of the
+    charge's transactions)."""
     stripe_side, ledger = _stripe_side(bt), _record(row, *_PAYMENT_FIELDS)
 
     def found(kind: str) -> Discrepancy:
@@ -587,8 +602,10 @@ def compare_payment(charge: str, bt: dict[str, Any], row: asyncpg.Record | None
 
     if row is None:
         return [found("missing_in_ledger")]
+    if _puts_back("payment", bt):
+        return [] if row["status"] == "failed" else [found("status_mismatch")]
     out: list[Discrepancy] = []
-    if row["status"] != "succeeded":
+    if row["status"] not in ("succeeded", "failed"):
         out.append(found("status_mismatch"))
     # The ledger's claim is its own amount, in the payment's currency (from the charge or
     # invoice); settlement_amount/_currency are copied from this very balance transaction by
@@ -612,9 +629,8 @@ def compare_refund(refund: str, bt: dict[str, Any], row: asyncpg.Record | None
 
     if row is None:
         return [found("missing_in_ledger")]
-    if bt.get("type") in _REFUND_FAILURE_TYPES or bt.get(
-            "reporting_category") == "refund_failure":
-        return [] if row["status"] in ("failed", "canceled") else [found("status_mismatch")]
+    if _puts_back("refund", bt):
+        return [] if row["status"] in _UNDONE["refund"] else [found("status_mismatch")]
     if not _settles_as(row["amount"], row["currency"], -int(bt.get("amount") or 0), bt):
         return [found("amount_mismatch")]
     return []
@@ -653,29 +669,35 @@ def compare_dispute(dispute: str, bt: dict[str, Any], row: asyncpg.Record | None
 
 
 def _puts_back(obj: str, bt: dict[str, Any]) -> bool:
-    """Whether the balance transaction gives back what a refund or dispute took out of the
-    balance: a refund's failure, a dispute's reversal."""
+    """Whether the balance transaction undoes what a payment, refund or dispute moved in the
+    balance: a bank debit's reversal when it failed, a refund's failure, a dispute's
+    reversal."""
     category = bt.get("reporting_category")
+    if obj == "payment":
+        return category == "charge_failure" or bt.get("type") in _CHARGE_FAILURE_TYPES
     if obj == "refund":
-        return bt.get("type") in _REFUND_FAILURE_TYPES or category == "refund_failure"
+        return category == "refund_failure" or bt.get("type") in _REFUND_FAILURE_TYPES
     return obj == "dispute" and category == "dispute_reversal"
 
 
 def compare_outcome(obj: str, stripe_id: str, bts: list[dict[str, Any]],
                     row: asyncpg.Record | None) -> list[Discrepancy]:
-    """A refund the ledger has as failed or canceled, or a dispute it has as won (so the money
-    counts again), while Stripe took the money out of the balance and never put it back (its
-    balance transactions, all of them: pure, no look-up here)."""
-    if row is None:
+    """A payment the ledger has as failed (so its money does not count), a refund it has as
+    failed or canceled, or a dispute it has as won (so the money counts again), while Stripe
+    moved the money in the balance and never put it back (its balance transactions, all of
+    them: pure, no look-up here)."""
+    if row is None or row["status"] not in _UNDONE[obj]:
         return []
-    undone = row["status"] in ("failed", "canceled") if obj == "refund" \
-        else row["status"] == "won"
-    taken = [bt for bt in bts if not _puts_back(obj, bt) and int(bt.get("amount") or 0) < 0]
-    if not undone or not taken or any(_puts_back(obj, bt) for bt in bts):
+    # a payment's money came in; a refund's or dispute's went out
+    sign = 1 if obj == "payment" else -1
+    moved = [bt for bt in bts
+             if not _puts_back(obj, bt) and sign * int(bt.get("amount") or 0) > 0]
+    if not moved or any(_puts_back(obj, bt) for bt in bts):
         return []
-    fields = _REFUND_FIELDS if obj == "refund" else _DISPUTE_FIELDS
-    return [Discrepancy("status_mismatch", obj, stripe_id, taken[0]["id"],
-                        _record(row, *fields), _stripe_side(taken[0]))]
+    fields = {"payment": _PAYMENT_FIELDS, "refund": _REFUND_FIELDS,
+              "dispute": _DISPUTE_FIELDS}[obj]
+    return [Discrepancy("status_mismatch", obj, stripe_id, moved[0]["id"],
+                        _record(row, *fields), _stripe_side(moved[0]))]
 
 
 def _object_of(bt: dict[str, Any]) -> str | None:
@@ -750,17 +772,23 @@ async def _compare(state: _Run, start: int, end: int) -> int:
              LIMIT $1
             """,
             REEXAMINE)
-        # A refund the ledger has as failed or canceled, or a dispute it has as won, says the
-        # money came back: the transaction that put it back may lie outside the window, so
-        # when only the one that took it out is listed, all of the object's are asked for.
+        # A payment the ledger has as failed, a refund it has as failed or canceled, or a
+        # dispute it has as won, says the money was put back: the transaction that put it back
+        # may lie outside the window, so when only the one that moved it is listed, all of the
+        # object's are asked for.
         undone = await conn.fetch(
             """
             SELECT 'refund' AS object, id FROM refunds
-             WHERE id = any($1::text[]) AND status IN ('failed', 'canceled')
+             WHERE id = any($1::text[]) AND status = any($4::text[])
             UNION ALL
-            SELECT 'dispute', id FROM disputes WHERE id = any($2::text[]) AND status = 'won'
+            SELECT 'dispute', id FROM disputes
+             WHERE id = any($2::text[]) AND status = any($5::text[])
+            UNION ALL
+            SELECT 'payment', charge FROM payments
+             WHERE charge = any($3::text[]) AND status = any($6::text[])
             """,
-            list(by_object["refund"]), list(by_object["dispute"]))
+            list(by_object["refund"]), list(by_object["dispute"]), list(by_object["payment"]),
+            list(_UNDONE["refund"]), list(_UNDONE["dispute"]), list(_UNDONE["payment"]))
     for r in undone:
         listed = by_object[r["object"]][r["id"]]
         if not any(_puts_back(r["object"], bt) for bt in listed):
@@ -808,6 +836,7 @@ async def _compare(state: _Run, start: int, end: int) -> int:
                 discrepancies += found
                 discrepancies += _fill_fee(charge, bt, payments.get(charge), found, filled,
                                            agreeing)
+            discrepancies += compare_outcome("payment", charge, bts, payments.get(charge))
         for refund, bts in by_object["refund"].items():
             for bt in bts:
                 found = compare_refund(refund, bt, refunds.get(refund))
@@ -864,8 +893,11 @@ def _fill_fee(charge: str, bt: dict[str, Any], row: asyncpg.Record | None,
               found: list[Discrepancy], filled: list[dict[str, Any]],
               agreeing: list[dict[str, Any]]) -> list[Discrepancy]:
     """Fill fee, net and settlement when the ledger has none yet and nothing disagrees: the
-    balance transaction goes to `filled` (or, agreeing and nothing to fill, to `agreeing`)."""
-    if row is None or row["fee"] is not None or found:
+    balance transaction goes to `filled` (or, agreeing and nothing to fill, to `agreeing`).
+    Only a payment that succeeded has them: a bank debit that failed after Stripe booked it
+    kept no money (its booking and reversal are Stripe's to show, kept for the reports as they
+    are, any fee Stripe charged for it with them)."""
+    if row is None or row["fee"] is not None or found or row["status"] != "succeeded":
         if not found:
             agreeing.append(bt)
         return []

@@ -7,6 +7,7 @@ import asyncio
 import csv
 import io
 import json
+from typing import Any
 
 import asyncpg
 import pytest
@@ -311,6 +312,177 @@ async def test_a_cancelled_payout_does_not_leave_the_payout_report_failing_for_e
                               env=_env(DATABASE_URL=dsn))
     assert (code, err) == (0, ""), err
     assert po["id"] in out
+
+
+def _manual_payout(world: World) -> dict[str, Any]:
+    """A payout requested by hand (stripe/_payout.py `automatic`: false "if it's requested
+    manually"; `reconciliation_status` `not_applicable`), four days after a payment, paid two
+    days after it was made: payout.created, payout.paid."""
+    world.one_off(2500, "gbp")
+    world.advance(4 * DAY)
+    emitted = Emitted()
+    po = world._put(o.payout(ids=world.ids, amount=1000, currency="gbp", created=world.now,
+                             arrival_date=(world.now // DAY + 2) * DAY, status="pending",
+                             automatic=False))
+    assert po["reconciliation_status"] == "not_applicable"
+    world._emit(emitted, "payout.created", po)
+    world.advance(2 * DAY)
+    po["status"] = "paid"
+    world._emit(emitted, "payout.paid", po)
+    return po
+
+
+async def _payout_report(pool: asyncpg.Pool) -> tuple[payouts.Written, dict[str, Any]]:
+    chunks: list[bytes] = []
+
+    async def write(chunk: bytes) -> None:
+        chunks.append(chunk)
+
+    async with db.connection(pool) as conn:
+        written = await payouts.write_report(
+            conn, reports.window(WIDE["from"], WIDE["to"]), "json", write)
+    return written, json.loads(b"".join(chunks))
+
+
+async def test_a_manual_payout_paid_does_not_leave_the_payout_report_failing_for_ever(
+    client: Client, pool: asyncpg.Pool, dsn: str
+) -> None:
+    """A manual payout cannot be tied through the Balance Transactions API: its `payout`
+    filter is "For automatic Stripe payouts only" (stripe/params/
+    _balance_transaction_list_params.py), and `reconciliation_status` says transactions can be
+    listed by payout only when it is `completed` (stripe/_payout.py). Stripe answers such a
+    listing with a 400 invalid_request_error, for ever (a 400 is not a "no such object": it
+    would never be set aside). So it is never queued, never asked for, and reported without a
+    tie (`balanced` null, as a cancelled one is), not as a payout whose transactions are
+    still to fetch: `donations report payouts` does not fail for it."""
+    world = World(seed=4101)
+    po = _manual_payout(world)
+    await post_all(client, world.events)
+
+    async with stripe_against(world) as (fake, stripe_client):
+        for _ in range(3):
+            await payouts.run_once(pool, stripe_client)
+            await pool.execute("UPDATE payout_fetches SET next_attempt_at = now()")
+        assert fake.requests_to("/v1/balance_transactions") == []
+    assert await pool.fetchval("SELECT count(*) FROM payout_fetches") == 0  # nothing to look up
+    written, body = await _payout_report(pool)
+    assert written.payouts == 1
+    assert (written.unfetched, written.unbalanced) == ([], [])
+    [payout] = body["data"]
+    assert (payout["id"], payout["status"], payout["automatic"],
+            payout["reconciliation_status"], payout["transactions_fetched"],
+            payout["balanced"], payout["fetch_error"]) == (
+        po["id"], "paid", False, "not_applicable", False, None, None)
+    code, out, err = await _run("report", "payouts", "--from", WIDE["from"], "--to", WIDE["to"],
+                                env=_env(DATABASE_URL=dsn))
+    assert (code, err) == (0, ""), err
+    assert po["id"] in out
+
+
+async def test_a_manual_payout_an_earlier_release_queued_is_taken_out_of_the_queue(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """A manual payout queued by an earlier release (which queued `not_applicable` ones, and
+    whose replicas may still run during a deploy), its listing refused by Stripe at every
+    try, is taken out of the queue by the worker's next pass without asking Stripe again: it
+    leaves `donations lookups list`, and the report does not count it as unfetched."""
+    world = World(seed=4104)
+    po = _manual_payout(world)
+    await post_all(client, world.events)
+    await pool.execute(
+        "INSERT INTO payout_fetches (payout, payout_status, attempts, last_error)"
+        " VALUES ($1, 'paid:not_applicable', 9, 'InvalidRequestError: Balance transaction"
+        " history can only be filtered on automatic transfers, not manual.')", po["id"])
+    async with stripe_against(world) as (fake, stripe_client):
+        assert await payouts.run_once(pool, stripe_client) == 0
+        assert fake.requests_to("/v1/balance_transactions") == []
+    assert await pool.fetchval("SELECT count(*) FROM payout_fetches") == 0
+    written, _ = await _payout_report(pool)
+    assert (written.payouts, written.unfetched, written.unbalanced) == (1, [], [])
+
+
+async def test_stripe_refuses_to_list_a_manual_payouts_transactions() -> None:
+    """The fake answers as Stripe does: `?payout=` of a manual payout is a 400
+    invalid_request_error naming `payout` (an automatic one's are listed)."""
+    world = World(seed=4105)
+    po = _manual_payout(world)
+    automatic = world.payout()
+    async with stripe_against(world) as (_, stripe_client):
+        with pytest.raises(stripe.InvalidRequestError) as refused:
+            await stripe_client.v1.balance_transactions.list_async(params={"payout": po["id"]})
+        listed = await stripe_client.v1.balance_transactions.list_async(
+            params={"payout": automatic.payout, "limit": 100})
+    assert (refused.value.http_status, refused.value.param) == (400, "payout")
+    assert "automatic" in str(refused.value.user_message)
+    assert sorted(bt.id for bt in listed.data) == sorted(automatic.balance_transactions)
+
+
+async def test_a_failed_refund_typed_adjustment_is_money_coming_back_in_the_payout_report(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """Stripe's balance transaction for a failed refund is typed by `reporting_category`
+    (stripe/_balance_transaction.py `type`: "To classify transactions for accounting purposes,
+    consider `reporting_category` instead"; Stripe's reporting-categories guide: the category
+    "separates balance transactions with type=adjustment into … disputes, dispute reversals, and
+    failed refunds"). A failed refund's reversal can therefore be `type: adjustment`,
+    `reporting_category: refund_failure` (the fake writes `type: refund_failure`): the money it
+    brings back is positive in the report's `payment_amount`, not a second refund going out."""
+    world = World(seed=4102)
+    paid = world.one_off(5000, "gbp")
+    refunded = world.refund(paid.charge, 2000)
+    failed = world.fail_refund(str(refunded.refund))
+    failure_bt = world.balance_transactions[str(failed.balance_transaction)]
+    failure_bt["type"] = "adjustment"  # as Stripe types it; the category says what it is
+    assert failure_bt["reporting_category"] == "refund_failure" and failure_bt["amount"] > 0
+    paid_out = world.payout()
+    await post_all(client, world.events)
+    async with stripe_against(world) as (_, stripe_client):
+        assert await payouts.run_once(pool, stripe_client) == 1
+    async with db.connection(pool) as conn:
+        (report,) = await payouts.payouts_with_members(conn, payout_id=paid_out.payout)
+    members = {m["balance_transaction"]: m for m in report["balance_transactions"]}
+    back = members[failure_bt["id"]]
+    assert back["refund"] == refunded.refund
+    assert back["payment_amount"] == {"amount": 2000, "currency": "gbp"}  # money back: positive
+    out = members[str(refunded.balance_transaction)]
+    assert out["payment_amount"] == {"amount": -2000, "currency": "gbp"}
+
+
+async def test_a_failed_bank_debit_in_a_payout_is_its_payment_in_and_out_again(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """A bank debit booked when submitted and reversed when it failed has both transactions in
+    the payout that pays them out: the booking (category `charge`) and the reversal (category
+    `charge_failure`, type `payment_failure_refund`) are both joined to the failed payment, the
+    one with its amount in, the other with it out again; together they net to what Stripe kept
+    (its fee, which it does not give back), and the payout ties."""
+    world = World(seed=4106)
+    world.one_off(2500, "gbp")
+    debit = world.async_checkout(3000, "eur", False, booked=True)
+    charge = world.get(debit.charge)
+    paid_out = world.payout()
+    assert {charge["balance_transaction"], charge["failure_balance_transaction"]} <= set(
+        paid_out.balance_transactions)
+    await post_all(client, world.events)
+    async with stripe_against(world) as (_, stripe_client):
+        assert await payouts.run_once(pool, stripe_client) == 1
+    async with db.connection(pool) as conn:
+        (report,) = await payouts.payouts_with_members(conn, payout_id=paid_out.payout)
+    assert report["balanced"] is True
+    members = {m["balance_transaction"]: m for m in report["balance_transactions"]}
+    booked = members[charge["balance_transaction"]]
+    reversed_ = members[charge["failure_balance_transaction"]]
+    for member in (booked, reversed_):
+        assert (member["payment_key"], member["charge"], member["refund"]) == (
+            debit.payment_intent, debit.charge, None)
+    assert booked["payment_amount"] == {"amount": 3000, "currency": "eur"}
+    assert reversed_["payment_amount"] == {"amount": -3000, "currency": "eur"}
+    fee = world.balance_transactions[charge["balance_transaction"]]["fee"]
+    assert booked["net"]["amount"] + reversed_["net"]["amount"] == -fee
+    # the failed payment keeps no fee or net: it kept no money
+    row = await pool.fetchrow("SELECT status, fee, net FROM payments WHERE payment_key = $1",
+                              debit.payment_intent)
+    assert row is not None and (row["status"], row["fee"], row["net"]) == ("failed", None, None)
 
 
 async def test_a_payout_is_fetched_once_stripe_has_finished_reconciling_it(

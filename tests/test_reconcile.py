@@ -839,6 +839,124 @@ async def test_a_refund_the_ledger_calls_failed_while_stripe_kept_it_refunded_is
         ("status_mismatch", refunded.refund)], result.summary()
 
 
+async def test_a_failed_refund_typed_adjustment_is_compared_as_a_refund_failure(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """Stripe types a failed refund's balance transaction by its `reporting_category`
+    (`refund_failure`), and may give it `type: adjustment`: it is still the refund's failure,
+    in agreement with a refund the ledger has as failed."""
+    world = World(seed=9306)
+    paid = world.one_off(4000, "gbp")
+    refunded = world.refund(paid.charge, 1500)
+    failure = world.fail_refund(refunded.refund)
+    world.balance_transactions[str(failure.balance_transaction)]["type"] = "adjustment"
+    await post_all(client, world.events)
+    result = await _run(pool, world)
+    assert result.open == [], result.summary()
+
+
+# --- bank debits that fail after Stripe booked them ----------------------------------------------
+
+
+async def test_a_bank_debit_that_failed_is_no_discrepancy_in_reconciliation(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """A delayed-notification debit (SEPA, Bacs) is booked in the balance when submitted and
+    reversed when it fails: its charge has a `balance_transaction` (type `payment`, category
+    `charge`) and a `failure_balance_transaction` (type `payment_failure_refund`, category
+    `charge_failure`; stripe/_charge.py). The ledger rightly has the payment as failed, so
+    Stripe and the ledger agree: the reversal is the payment's (not a refund whose id is the
+    charge's, `missing_in_ledger`), and the booking of a payment that failed is no
+    `status_mismatch` once reversed. The payment keeps no fee or net (it kept no money); both
+    transactions are kept, as Stripe has them, for the reports."""
+    world = World(seed=4103)
+    world.one_off(2500, "gbp")
+    debit = world.async_checkout(3000, "eur", False, email="sepa@example.org", booked=True)
+    charge = world.get(debit.charge)
+    booked, reversal = charge["balance_transaction"], charge["failure_balance_transaction"]
+    assert (world.balance_transactions[reversal]["type"],
+            world.balance_transactions[reversal]["reporting_category"]) == (
+        "payment_failure_refund", "charge_failure")
+    await post_all(client, world.events)
+    ledger = "SELECT status, fee, net, balance_transaction FROM payments WHERE payment_key = $1"
+    before = dict(await pool.fetchrow(ledger, debit.payment_intent) or {})
+    assert before == {"status": "failed", "fee": None, "net": None, "balance_transaction": None}
+    result = await _run(pool, world)
+    found = [(d.kind, d.object, d.stripe_id) for d in result.open]
+    assert found == [], found
+    assert result.matches, result.summary()
+    # nothing filled into the failed payment as if it had kept the money
+    assert dict(await pool.fetchrow(ledger, debit.payment_intent) or {}) == before
+    stored = {r["id"]: r["source"] for r in await pool.fetch(
+        "SELECT id, source FROM balance_transactions WHERE id = any($1::text[])",
+        [booked, reversal])}
+    assert stored == {booked: debit.charge, reversal: debit.charge}
+
+
+async def test_a_failed_bank_debit_whose_reversal_is_after_the_window_is_looked_up(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """When only the booking of a debit the ledger has as failed is in a run's window (the
+    reversal came days later), all of the charge's transactions are asked for, as for a
+    refund that failed: the reversal is found and the two agree."""
+    world = World(seed=9307)
+    world.one_off(2500, "gbp")
+    debit = world.async_checkout(3000, "gbp", False, booked=True, settle_after=3 * DAY)
+    await post_all(client, world.events)
+    charge = world.get(debit.charge)
+    booked = world.balance_transactions[charge["balance_transaction"]]
+    async with stripe_against(world) as (fake, stripe_client):
+        result = await reconcile.run(pool, stripe_client, OFFER, since=START,
+                                     now=int(booked["created"]) + 60)
+        asked = [r.query for r in fake.requests_to("/v1/balance_transactions")
+                 if r.query.get("source") == debit.charge]
+    assert asked, "the charge's transactions were not asked for"
+    assert result.open == [], result.summary()
+
+
+async def test_a_failed_bank_debit_stripe_never_reversed_is_reported(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """A payment the ledger has as failed while Stripe's balance keeps its booking (no
+    `charge_failure` reversal anywhere) is a status_mismatch on the booking."""
+    world = World(seed=9308)
+    world.one_off(2500, "gbp")
+    debit = world.async_checkout(3000, "eur", False, booked=True)
+    await post_all(client, world.events)
+    charge = world.get(debit.charge)
+    _drop_bt(world, charge["failure_balance_transaction"])  # Stripe kept the money
+    result = await _run(pool, world)
+    assert [(d.kind, d.object, d.stripe_id, d.balance_transaction) for d in result.open] == [
+        ("status_mismatch", "payment", debit.charge, charge["balance_transaction"])
+    ], result.summary()
+
+
+async def test_the_discrepancies_an_earlier_release_opened_for_a_failed_bank_debit_close(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """The two discrepancies an earlier release recorded for every failed bank debit (the
+    booking a `status_mismatch`, the reversal a refund `missing_in_ledger` under the charge's
+    id) are closed by the next run, which finds both in agreement."""
+    world = World(seed=9309)
+    debit = world.async_checkout(3000, "eur", False, booked=True)
+    await post_all(client, world.events)
+    charge = world.get(debit.charge)
+    run_id = await pool.fetchval(
+        "INSERT INTO reconciliation_runs (trigger, window_start, window_end)"
+        " VALUES ('command', to_timestamp($1), to_timestamp($2)) RETURNING id",
+        START, world.now)
+    await pool.executemany(
+        "INSERT INTO reconciliation_discrepancies (run_id, last_run_id, kind, object, stripe_id,"
+        " balance_transaction, stripe) VALUES ($1, $1, $2, $3, $4, $5, '{}')",
+        [(run_id, "status_mismatch", "payment", debit.charge, charge["balance_transaction"]),
+         (run_id, "missing_in_ledger", "refund", debit.charge,
+          charge["failure_balance_transaction"])])
+    result = await _run(pool, world)
+    assert result.open == [], result.summary()
+    assert await pool.fetchval("SELECT count(*) FROM reconciliation_discrepancies"
+                               " WHERE resolved_at IS NULL") == 0
+
+
 async def test_a_replica_clock_ahead_of_stripe_costs_a_re_read_never_an_event(
     client: Client, pool: asyncpg.Pool
 ) -> None:

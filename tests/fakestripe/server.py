@@ -473,6 +473,13 @@ class FakeStripe:
         limit = _int_param(params, "limit") or 10
         if not 1 <= limit <= 100:
             raise StripeError(400, "Invalid limit: must be between 1 and 100", param="limit")
+        if collection == "balance_transactions" and "payout" in params:
+            # "For automatic Stripe payouts only" (stripe/params/_balance_transaction_list_params
+            # .py, `payout`): a manual payout's listing is refused, every time
+            payout = self._objects.get(str(params["payout"]))
+            if payout is not None and payout.get("automatic") is False:
+                raise StripeError(400, "Balance transaction history can only be filtered on "
+                                  "automatic transfers, not manual.", param="payout")
         # Events only grow at the end: the filtered, sorted list is kept between the pages of
         # one listing, so paging through 100,000 events costs a page, not a sort, per request.
         cache_key: tuple[str, int, int] | None = None

@@ -261,13 +261,15 @@ class World:
         bt["available_on"] = self._available_on(self.now)
         return self._put(bt)
 
-    def _charge_bt(self, ch: Obj) -> Obj:
+    def _charge_bt(self, ch: Obj, type: str = "charge") -> Obj:
+        """The charge's balance transaction: `charge` for a card, `payment` for other methods
+        (category `charge` either way)."""
         settled, rate = self.settle(ch["amount"], ch["currency"])
         return self._bt(
             amount=settled,
             currency=self.settlement_currency,
             source=ch["id"],
-            type="charge",
+            type=type,
             reporting_category="charge",
             fee=self.processing_fee(settled),
             exchange_rate=rate,
@@ -533,6 +535,7 @@ class World:
         metadata: Mapping[str, str] | None = None,
         method: str | None = None,
         settle_after: int = 3 * DAY,
+        booked: bool = False,
     ) -> Payment:
         """A Checkout payment by a delayed method (Bacs/SEPA debit).
 
@@ -541,6 +544,17 @@ class World:
         charge.succeeded, payment_intent.succeeded, checkout.session.async_payment_succeeded,
         charge.updated — or charge.failed, payment_intent.payment_failed,
         checkout.session.async_payment_failed.
+
+        With `booked`, a debit that fails is one Stripe had booked in the balance when it was
+        submitted and reverses when the bank refuses it (stripe/_charge.py
+        `failure_balance_transaction`: "the reversal of the balance on your account due to
+        payment failure"): the booking (type `payment`, category `charge`, with Stripe's fee)
+        is the charge's `balance_transaction` from charge.pending on, and the reversal (type
+        `payment_failure_refund`, category `charge_failure`, the settled amount back out; the
+        fee is not given back) its `failure_balance_transaction` in charge.failed. Both are
+        paid out like any other. Off by default, as tests written before it expect a charge
+        that did not succeed to have no balance transaction; a debit that succeeds gets its
+        balance transaction when the bank collects it either way.
         """
         out = Payment()
         method = method or _ASYNC_METHODS.get(currency, "sepa_debit")
@@ -587,6 +601,8 @@ class World:
                 livemode=self.livemode,
             )
         )
+        if booked and not succeed:
+            ch["balance_transaction"] = self._charge_bt(ch, type="payment")["id"]
         self._emit(out, "charge.pending", ch, request=req)
         pi.update(
             status="processing",
@@ -618,6 +634,18 @@ class World:
             self._emit(out, "checkout.session.async_payment_succeeded", cs)
             out.balance_transaction = self._attach_bt(out, ch)
         else:
+            if booked:
+                booking = self.balance_transactions[ch["balance_transaction"]]
+                ch["failure_balance_transaction"] = self._bt(
+                    amount=-int(booking["amount"]),
+                    currency=self.settlement_currency,
+                    source=ch["id"],
+                    type="payment_failure_refund",
+                    reporting_category="charge_failure",
+                    exchange_rate=booking["exchange_rate"],
+                    description="PAYMENT FAILURE",
+                )["id"]
+                out.balance_transaction = ch["balance_transaction"]
             ch.update(
                 status="failed",
                 failure_code="debit_not_authorized",
