@@ -13,7 +13,14 @@ import asyncpg
 
 from donations import coupons
 from donations.appkeys import TOTALS
-from donations.ledger import FoundingOffer, coupon_terms
+from donations.events import parse_event
+from donations.ledger import (
+    FoundingOffer,
+    coupon_terms,
+    coupons_to_look_up,
+    derive_subscription,
+    snapshot_of,
+)
 from tests.conftest import Client
 from tests.fakestripe import objects as o
 from tests.fakestripe.world import World
@@ -91,6 +98,23 @@ def test_the_reference_ledger_takes_the_terms_from_the_coupons_event() -> None:
     assert (without["percent_off"], without["founding"]) == (None, False)
     with_terms = reference([_coupon_event(world, coupon), *events], OFFER)["subscriptions"][sub_id]
     assert (with_terms["percent_off"], with_terms["founding"]) == (Decimal(20), False)
+
+
+def test_a_subscription_imported_with_its_discounts_expanded_looks_its_coupon_up() -> None:
+    """`donations import` lists subscriptions with `discounts` expanded: the discount is there
+    whole, its coupon still by id; the founding coupon needs no look-up."""
+    world, coupon = _world_with_coupon()
+    sub_id, _ = _subscribed(world)
+    sub = copy.deepcopy(world.objects[sub_id])
+    sub["discounts"] = [copy.deepcopy(world.objects[d]) for d in sub["discounts"]]
+    (snapshot,) = [s for s in [snapshot_of(parse_event(o.event(
+        "customer.subscription.updated", sub, created=world.now, ids=world.ids)))] if s]
+    assert coupons_to_look_up(snapshot, [], OFFER) == {"spring-20"}
+    assert derive_subscription(snapshot, [], OFFER).percent_off is None
+    assert derive_subscription(snapshot, [], OFFER, {"spring-20": coupon}).percent_off == 20
+    founding = FoundingOffer(coupon_id="spring-20")
+    assert coupons_to_look_up(snapshot, [], founding) == set()
+    assert derive_subscription(snapshot, [], founding).founding
 
 
 # --- through the webhook --------------------------------------------------------------------
