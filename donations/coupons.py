@@ -43,25 +43,6 @@ QUEUE, KEY = "coupon_lookups", "coupon_id"
 WITHOUT_KEY_SECONDS = 3600
 
 
-async def claim(conn: asyncpg.Connection, batch: int) -> list[tuple[str, int]]:
-    """Lease due look-ups so that several replicas never take the same one at once."""
-    rows = await conn.fetch(
-        """
-        UPDATE coupon_lookups AS l
-           SET attempts = l.attempts + 1,
-               next_attempt_at = now() + make_interval(secs => $2)
-         WHERE l.coupon_id IN (SELECT coupon_id FROM coupon_lookups
-                                WHERE next_attempt_at <= now() AND gave_up_at IS NULL
-                                ORDER BY next_attempt_at
-                                LIMIT $1
-                                FOR UPDATE SKIP LOCKED)
-        RETURNING l.coupon_id, l.attempts
-        """,
-        batch, fees.LEASE_SECONDS,
-    )
-    return [(r["coupon_id"], r["attempts"]) for r in rows]
-
-
 def event_id(coupon_id: str) -> str:
     """The synthetic event's id: a coupon's id is the account's own choice (`founding-supporter`),
     not always made of the characters an event id may hold."""
@@ -89,7 +70,7 @@ async def run_once(
 ) -> int:
     """Take the look-ups that are due; returns how many ended."""
     async with db.connection(pool) as conn:
-        claimed = await claim(conn, batch)
+        claimed = await fees.claim(conn, batch, QUEUE, KEY)
     ended = 0
     left = dict(claimed)  # claimed (with its attempt count) and not yet ended or postponed
     try:

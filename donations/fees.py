@@ -34,23 +34,29 @@ def backoff(attempts: int) -> int:
     return min(MAX_BACKOFF_SECONDS, 10 * (1 << min(max(0, attempts - 1), 20)))
 
 
-async def claim(conn: asyncpg.Connection, batch: int) -> list[tuple[str, int]]:
-    """Lease due look-ups so that several replicas never fetch the same one at once."""
+async def claim(
+    conn: asyncpg.Connection, batch: int, queue: str = "balance_transaction_fetches",
+    key_column: str = "id",
+) -> list[tuple[str, int]]:
+    """Lease due look-ups so that several replicas never fetch the same one at once.
+
+    Shared by the queues of look-ups whose rows leave the queue when done (balance
+    transactions, coupons)."""
     rows = await conn.fetch(
-        """
-        UPDATE balance_transaction_fetches AS f
-           SET attempts = f.attempts + 1,
+        f"""
+        UPDATE {queue} AS q
+           SET attempts = q.attempts + 1,
                next_attempt_at = now() + make_interval(secs => $2)
-         WHERE f.id IN (SELECT id FROM balance_transaction_fetches
-                         WHERE next_attempt_at <= now() AND gave_up_at IS NULL
-                         ORDER BY next_attempt_at
-                         LIMIT $1
-                         FOR UPDATE SKIP LOCKED)
-        RETURNING f.id, f.attempts
-        """,
+         WHERE q.{key_column} IN (SELECT {key_column} FROM {queue}
+                                   WHERE next_attempt_at <= now() AND gave_up_at IS NULL
+                                   ORDER BY next_attempt_at
+                                   LIMIT $1
+                                   FOR UPDATE SKIP LOCKED)
+        RETURNING q.{key_column} AS key, q.attempts
+        """,  # noqa: S608 - the table and column are constants of the callers
         batch, LEASE_SECONDS,
     )
-    return [(r["id"], r["attempts"]) for r in rows]
+    return [(r["key"], r["attempts"]) for r in rows]
 
 
 async def store_balance_transaction(conn: asyncpg.Connection, bt: dict[str, Any]) -> None:
