@@ -513,15 +513,27 @@ def derive_subscription(
     )
 
 
+def _listed(snapshot: Snapshot) -> list[object]:
+    """The discounts the subscription lists (applied now), by id or expanded: its own and its
+    items' (`items.data[].discounts`: a coupon put on the subscription's item, in the Dashboard
+    or through the API, which Stripe applies before the subscription's own)."""
+    listed = list(snapshot.data.get("discounts") or [])
+    for item in (snapshot.data.get("items") or {}).get("data") or []:
+        if isinstance(item, dict) and isinstance(item.get("discounts"), list):
+            listed += item["discounts"]
+    return listed
+
+
 def _applied(snapshot: Snapshot) -> set[str]:
-    """The ids of the discounts the subscription lists (applied now)."""
-    return {d for d in (ref(x) for x in snapshot.data.get("discounts") or []) if d}
+    """The ids of the discounts the subscription and its items list (applied now)."""
+    return {d for d in (ref(x) for x in _listed(snapshot)) if d}
 
 
 def _discounts_known(snapshot: Snapshot, discounts: list[Snapshot]) -> dict[str, dict[str, Any]]:
-    """Discounts as the subscription sent them (expanded) or as customer.discount.* events did."""
+    """Discounts as the subscription sent them (expanded) or as customer.discount.* events did
+    (an item's discount names the subscription too, beside its `subscription_item`)."""
     known: dict[str, dict[str, Any]] = {}
-    for d in snapshot.data.get("discounts") or []:
+    for d in _listed(snapshot):
         if isinstance(d, dict) and (key := ref(d)):
             known[key] = d
     known.update({d.id: d.data for d in discounts if d.links.subscription_id == snapshot.id})

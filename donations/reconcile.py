@@ -85,6 +85,11 @@ _LIVE_REFUNDS = ("pending", "requires_action", "succeeded")
 # should have been) put back: a bank debit that failed after Stripe booked it, a refund the
 # bank returned or that was cancelled, a dispute won.
 _UNDONE = {"payment": ("failed",), "refund": ("failed", "canceled"), "dispute": ("won",)}
+# Disputes that never moved money, so Stripe has no balance transaction for them: an inquiry
+# (warning_*), and a dispute Stripe's dispute prevention blocked or resolved before it became a
+# chargeback (`prevented`, since 2025-08-27.basil): only a chargeback withdraws the amount.
+_DISPUTES_WITHOUT_MONEY = ("warning_needs_response", "warning_under_review", "warning_closed",
+                           "prevented")
 
 
 class AlreadyRunning(Exception):
@@ -752,12 +757,12 @@ async def _compare(state: _Run, start: int, end: int) -> int:
                AND id <> all($4::text[])
             UNION ALL
             SELECT 'dispute', id FROM disputes
-             WHERE status NOT LIKE 'warning%' AND amount > 0
+             WHERE status NOT LIKE 'warning%' AND status <> all($7::text[]) AND amount > 0
                AND created_at BETWEEN to_timestamp($1) AND to_timestamp($2)
                AND id <> all($5::text[])
             """,
             start, end, list(by_object["payment"]), list(by_object["refund"]),
-            list(by_object["dispute"]), list(_LIVE_REFUNDS),
+            list(by_object["dispute"]), list(_LIVE_REFUNDS), list(_DISPUTES_WITHOUT_MONEY),
         )
         # Every open discrepancy is looked at again, wherever its object falls: a difference
         # fixed since (by an import, a late webhook) is then closed, not reported for ever.
@@ -864,6 +869,10 @@ async def _compare(state: _Run, start: int, end: int) -> int:
                       "dispute": _DISPUTE_FIELDS}[obj]
             ledger_row = tables[obj].get(stripe_id)
             if ledger_row is None:  # on neither side (any more): nothing to report
+                continue
+            if obj == "dispute" and ledger_row["status"] in _DISPUTES_WITHOUT_MONEY:
+                # none at Stripe is what the ledger says too: agreement (an open discrepancy,
+                # found before it was prevented or by an earlier release, is closed)
                 continue
             discrepancies.append(Discrepancy(
                 "missing_at_stripe", obj, stripe_id,

@@ -234,3 +234,61 @@ async def test_a_coupon_stripe_does_not_have_is_retried_then_set_aside(
     assert (await _row(pool, sub_id))["percent_off"] is None
     response = await client.get("/metrics")
     assert 'donations_stripe_lookups_set_aside{queue="coupons"} 1' in await response.text()
+
+
+# --- a coupon on the subscription's item ----------------------------------------------------
+
+
+def _item_discounted(world: World, amount: int = 1000) -> tuple[str, list[dict[str, Any]]]:
+    """A £10 monthly subscription without a coupon, to whose item staff then put the coupon in
+    the Dashboard: the discount is listed in `items.data[].discounts`, not the subscription's
+    `discounts`, and its customer.discount.created names the item and the subscription."""
+    sub = world.subscribe(amount, "gbp", email="reader@example.org")
+    applied = world.discount_item(sub.subscription, "spring-20")
+    (created,) = [e["data"]["object"] for e in applied.events
+                  if e["type"] == "customer.discount.created"]
+    assert (created["subscription"], created["subscription_item"]) == (
+        sub.subscription, world.objects[sub.subscription]["items"]["data"][0]["id"])
+    assert world.objects[sub.subscription]["discounts"] == []
+    return sub.subscription, [*sub.events, *applied.events]
+
+
+def test_the_reference_ledger_counts_an_items_discount_as_the_subscriptions() -> None:
+    world, coupon = _world_with_coupon()
+    sub_id, events = _item_discounted(world)
+    row = reference([_coupon_event(world, coupon), *events], OFFER)["subscriptions"][sub_id]
+    assert (row["percent_off"], row["founding"]) == (Decimal(20), False)
+    assert len(row["discounts"]) == 1
+
+
+async def test_a_coupon_on_the_subscriptions_item_discounts_the_monthly_recurring(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """Staff put a coupon on a subscription's item: the subscription counts at its price after
+    that discount, as for a coupon on the subscription itself; the coupon named by id only is
+    queued for a look-up until its terms come."""
+    world, coupon = _world_with_coupon()
+    sub_id, events = _item_discounted(world)
+    await post_all(client, events)
+    row = await _row(pool, sub_id)
+    assert (row["percent_off"], len(row["discounts"])) == (None, 1)
+    assert await _mrr(client) == {"amount": 1000, "currency": "gbp"}
+    assert [r["coupon_id"] for r in await _lookups(pool)] == ["spring-20"]
+    await post_all(client, [_coupon_event(world, coupon)])
+    assert (await _row(pool, sub_id))["percent_off"] == Decimal(20)
+    assert await _mrr(client) == {"amount": 800, "currency": "gbp"}
+    assert await coupons.run_once(pool, None, OFFER) == 1
+    assert await _lookups(pool) == []
+
+
+async def test_a_coupon_on_the_item_fetched_by_the_worker_discounts_the_monthly_recurring(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    world, _ = _world_with_coupon(percent_off=None, amount_off=250, currency="gbp")
+    sub_id, events = _item_discounted(world)
+    await post_all(client, events)
+    async with stripe_against(world) as (_, stripe_client):
+        assert await coupons.run_once(pool, stripe_client, OFFER) == 1
+    row = await _row(pool, sub_id)
+    assert (row["percent_off"], row["amount_off"]) == (None, 250)
+    assert await _mrr(client) == {"amount": 750, "currency": "gbp"}

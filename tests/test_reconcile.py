@@ -820,6 +820,38 @@ async def test_a_dispute_the_ledger_calls_won_without_funds_reinstated_at_stripe
         ("status_mismatch", disputed.dispute)], result.summary()
 
 
+async def test_a_prevented_dispute_moved_no_money_and_is_no_discrepancy(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """A dispute Stripe's dispute prevention stopped before it became a chargeback (`prevented`)
+    has no balance transaction at Stripe, as an inquiry has none: the ledger holds nothing for
+    it, the payment counts whole, and reconciliation finds it in agreement, run after run. An
+    open `missing_at_stripe` an earlier release recorded for it is closed."""
+    world = World(seed=9310)
+    paid = world.one_off(4000, "gbp")
+    prevented = world.prevented_dispute(paid.charge)
+    await post_all(client, world.events)
+    assert dict(await pool.fetchrow(
+        "SELECT status, amount_held FROM disputes WHERE id = $1", prevented.dispute) or {}) == {
+        "status": "prevented", "amount_held": 0}
+    assert dict(await pool.fetchrow(
+        "SELECT amount_disputed, dispute_lost FROM payments WHERE payment_key = $1",
+        paid.payment_intent) or {}) == {"amount_disputed": 0, "dispute_lost": False}
+    run_id = await pool.fetchval(
+        "INSERT INTO reconciliation_runs (trigger, window_start, window_end)"
+        " VALUES ('command', to_timestamp($1), to_timestamp($2)) RETURNING id",
+        START, world.now)
+    await pool.execute(
+        "INSERT INTO reconciliation_discrepancies (run_id, last_run_id, kind, object, stripe_id,"
+        " ledger) VALUES ($1, $1, 'missing_at_stripe', 'dispute', $2, '{}')",
+        run_id, prevented.dispute)
+    for _ in range(2):
+        result = await _run(pool, world)
+        assert result.open == [], result.summary()
+    assert await pool.fetchval("SELECT count(*) FROM reconciliation_discrepancies"
+                               " WHERE resolved_at IS NULL") == 0
+
+
 async def test_a_refund_the_ledger_calls_failed_while_stripe_kept_it_refunded_is_reported(
     client: Client, pool: asyncpg.Pool
 ) -> None:

@@ -993,8 +993,10 @@ def discount(
     subscription: str | None = None,
     checkout_session: str | None = None,
     invoice: str | None = None,
+    subscription_item: str | None = None,
 ) -> Obj:
-    """A discount applying a coupon; `source.coupon` names the coupon by id."""
+    """A discount applying a coupon; `source.coupon` names the coupon by id. One applied to a
+    subscription's item names the item (`subscription_item`) and its subscription."""
     return {
         "id": id or _ids(ids).new("di"),
         "object": "discount",
@@ -1008,7 +1010,7 @@ def discount(
         "source": {"coupon": coupon, "type": "coupon"},
         "start": start,
         "subscription": subscription,
-        "subscription_item": None,
+        "subscription_item": subscription_item,
     }
 
 

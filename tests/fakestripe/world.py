@@ -680,7 +680,9 @@ class World:
 
     def _discount_amount(self, sub: Obj, subtotal: int) -> tuple[int, list[str]]:
         total_off = 0
-        for di_id in sub["discounts"]:
+        # the item's discounts first, then the subscription's (as Stripe applies them)
+        applied = [*sub["items"]["data"][0]["discounts"], *sub["discounts"]]
+        for di_id in applied:
             cp = self.objects[self.objects[di_id]["source"]["coupon"]]
             if cp["percent_off"] is not None:
                 total_off += _round_half_up(Fraction(subtotal) * Fraction(cp["percent_off"]) / 100)
@@ -689,7 +691,7 @@ class World:
                 off = cp["amount_off"] if cp["currency"] == sub["currency"] else (
                     (cp.get("currency_options") or {}).get(sub["currency"]) or {}).get("amount_off")
                 total_off += min(int(off or 0), subtotal - total_off)
-        return total_off, list(sub["discounts"])
+        return total_off, applied
 
     def _new_invoice(self, sub: Obj, billing_reason: str, period: tuple[int, int]) -> Obj:
         """A draft invoice for the subscription's current item period."""
@@ -1147,6 +1149,26 @@ class World:
             self._emit(out, "customer.subscription.deleted", sub, request=req)
         return out
 
+    def discount_item(self, sub_id: str, coupon_id: str) -> Emitted:
+        """Staff put a coupon on the subscription's item in the Dashboard: a discount naming the
+        item and its subscription, customer.discount.created, then customer.subscription.updated
+        with the discount's id in the item's `discounts` (the subscription's own unchanged).
+        Later invoices take it off the item's price."""
+        sub = self._sub(sub_id)
+        out = Emitted()
+        req = self._new_request()
+        self.advance(1)
+        item = sub["items"]["data"][0]
+        di = self._put(o.discount(ids=self.ids, coupon=self._coupon(coupon_id)["id"],
+                                  start=self.now, customer=sub["customer"], subscription=sub_id,
+                                  subscription_item=item["id"]))
+        self.objects[coupon_id]["times_redeemed"] += 1
+        self._emit(out, "customer.discount.created", di, request=req)
+        prev = {"items": copy.deepcopy(sub["items"])}
+        item["discounts"] = [*item["discounts"], di["id"]]
+        self._emit(out, "customer.subscription.updated", sub, previous=prev, request=req)
+        return out
+
     def pause(self, sub_id: str) -> Emitted:
         """The subscription enters status paused: customer.subscription.updated, ….paused."""
         sub = self._sub(sub_id)
@@ -1390,6 +1412,22 @@ class World:
             closed = self.close_dispute(dp_id, outcome)
             out.events.extend(closed.events)
             out.balance_transactions = closed.balance_transactions
+        return out
+
+    def prevented_dispute(self, charge_id: str) -> DisputeResult:
+        """A dispute Stripe's dispute prevention stopped before it became a chargeback
+        (2025-08-27.basil: status `prevented`): charge.dispute.created, already prevented. No
+        money moved for it: it has no balance transactions and withdraws nothing."""
+        ch = self._charge(charge_id)
+        out = DisputeResult()
+        self.advance(DAY)
+        dp = self._put(o.dispute(
+            ids=self.ids, amount=int(ch["amount"]), currency=ch["currency"], created=self.now,
+            charge=charge_id, payment_intent=ch["payment_intent"], livemode=self.livemode,
+            status="prevented"))
+        ch["disputed"] = True
+        self._emit(out, "charge.dispute.created", dp)
+        out.dispute = dp["id"]
         return out
 
     def close_dispute(
