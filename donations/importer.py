@@ -63,9 +63,11 @@ RESOURCES: tuple[Resource, ...] = (
     Resource("checkout_sessions", "checkout.session.completed", "/v1/checkout/sessions"),
     Resource("payment_intents", "payment_intent.succeeded", "/v1/payment_intents"),
     Resource("charges", "charge.updated", "/v1/charges"),
-    # canceled ones are left out unless asked for; discounts expanded to tell founding supporters
+    # canceled ones are left out unless asked for; discounts (the subscription's and its
+    # items') expanded to tell founding supporters and which coupons to look up
     Resource("subscriptions", "customer.subscription.updated", "/v1/subscriptions",
-             (("status", "all"), ("expand", ["data.discounts"])), every=True),
+             (("status", "all"), ("expand", ["data.discounts", "data.items.data.discounts"])),
+             every=True),
     Resource("invoices", "invoice.finalized", "/v1/invoices"),
     Resource("invoice_payments", "invoice_payment.paid", "/v1/invoice_payments"),
     Resource("refunds", "refund.updated", "/v1/refunds", every=True),

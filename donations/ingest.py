@@ -23,10 +23,11 @@ import asyncpg
 import structlog
 
 from donations import db, store
-from donations.events import HANDLED, Event, NotAnEvent, parse_event, ref
+from donations.events import HANDLED, Event, NotAnEvent, parse_event
 from donations.ledger import (
     FoundingOffer,
     Snapshot,
+    coupons_named,
     coupons_to_look_up,
     derive_customer,
     derive_dispute,
@@ -34,7 +35,6 @@ from donations.ledger import (
     derive_payout,
     derive_refund,
     derive_subscription,
-    discount_coupon,
     snapshot_of,
 )
 
@@ -234,8 +234,7 @@ class Plan:
     def of(cls, snapshots: list[Snapshot], offer: FoundingOffer) -> Plan:
         links = [s.links for s in snapshots]
         coupons = {s.id for s in snapshots if s.kind == "coupon"}
-        coupons |= {c for s in snapshots if s.kind == "discount"
-                    if (c := ref(discount_coupon(s.data)))}
+        coupons |= {c for s in snapshots for c in coupons_named(s)}
         return cls(
             snapshots=snapshots,
             subscriptions={x.subscription_id for x in links if x.subscription_id},

@@ -144,6 +144,9 @@ class SubscriptionRow:
     interval: str
     interval_count: int
     discounts: list[str]
+    # the coupons whose terms the row was derived with, or waits for (not the founding one):
+    # how a coupon's arrival finds the subscriptions to derive again (store.discover)
+    coupons: list[str]
     percent_off: Decimal | None
     amount_off: int | None
     founding: bool
@@ -499,6 +502,7 @@ def derive_subscription(
         interval=interval,
         interval_count=interval_count,
         discounts=sorted(applied),
+        coupons=sorted(coupons_to_look_up(snapshot, discounts, offer)),
         percent_off=percent_off,
         amount_off=amount_off,
         founding=founding,
@@ -566,6 +570,18 @@ def coupon_terms(coupon: dict[str, Any], currency: str) -> tuple[Decimal | None,
         if isinstance(option, dict) and option.get("amount_off") is not None:
             return None, _int(option["amount_off"])
     return None, None
+
+
+def coupons_named(snapshot: Snapshot) -> set[str]:
+    """The coupons a snapshot names: a discount's, or those of the discounts a subscription
+    carries expanded (its own and its items', as `donations import` lists them)."""
+    if snapshot.kind == "discount":
+        found = [discount_coupon(snapshot.data)]
+    elif snapshot.kind == "subscription":
+        found = [discount_coupon(d) for d in _listed(snapshot) if isinstance(d, dict)]
+    else:
+        return set()
+    return {c for c in (ref(x) for x in found) if c}
 
 
 def coupons_to_look_up(snapshot: Snapshot, discounts: list[Snapshot], offer: FoundingOffer

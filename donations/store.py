@@ -288,8 +288,9 @@ async def discover(
 ) -> tuple[set[str], set[str], set[str], set[str]]:
     """What a change to these subscriptions and invoices reaches: the subscriptions' invoices,
     and the payments of those and of the given invoices (through their invoice payments); the
-    coupons that the `discounted` subscriptions' discounts name, and the subscriptions whose
-    discounts name the given `coupons` (sql/031's index)."""
+    coupons that the `discounted` subscriptions' discounts name (their discounts' snapshots, and
+    the coupons their rows were derived with), and the subscriptions derived with one of the
+    given `coupons` (sql/031's index)."""
     if not subscriptions and not invoices and not discounted and not coupons:
         return set(), set(), set(), set()
     rows = await conn.fetch(
@@ -308,9 +309,10 @@ async def discover(
          WHERE object = 'discount' AND subscription_id = any($3::text[])
            AND discount_coupon_id(data) IS NOT NULL
         UNION ALL
-        SELECT DISTINCT 'user', subscription_id FROM stripe_objects
-         WHERE object = 'discount' AND discount_coupon_id(data) = any($4::text[])
-           AND subscription_id IS NOT NULL
+        SELECT DISTINCT 'coupon', unnest(coupons) FROM subscriptions
+         WHERE id = any($3::text[])
+        UNION ALL
+        SELECT 'user', id FROM subscriptions WHERE coupons && $4::text[]
         """,
         subscriptions, invoices, list(discounted), list(coupons),
     )

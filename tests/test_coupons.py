@@ -11,7 +11,7 @@ from typing import Any
 
 import asyncpg
 
-from donations import coupons
+from donations import coupons, importer
 from donations.appkeys import TOTALS
 from donations.events import parse_event
 from donations.ledger import (
@@ -292,3 +292,19 @@ async def test_a_coupon_on_the_item_fetched_by_the_worker_discounts_the_monthly_
     row = await _row(pool, sub_id)
     assert (row["percent_off"], row["amount_off"]) == (None, 250)
     assert await _mrr(client) == {"amount": 750, "currency": "gbp"}
+
+
+async def test_an_imported_subscription_with_a_coupon_on_its_item_is_discounted(
+    pool: asyncpg.Pool
+) -> None:
+    """`donations import` lists subscriptions with their items' discounts expanded too: the
+    coupon they name is looked up, and the subscription counts at its price after it."""
+    world, _ = _world_with_coupon()
+    sub = world.subscribe(1000, "gbp", email="reader@example.org")
+    world.discount_item(sub.subscription, "spring-20")
+    async with stripe_against(world) as (_, stripe_client):
+        await importer.run(pool, stripe_client, OFFER, START - 86400, now=world.now + 60)
+        assert [r["coupon_id"] for r in await _lookups(pool)] == ["spring-20"]
+        assert await coupons.run_once(pool, stripe_client, OFFER) == 1
+    assert (await _row(pool, sub.subscription))["percent_off"] == Decimal(20)
+

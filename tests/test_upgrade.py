@@ -200,7 +200,7 @@ async def test_upgrade_backfills_settled_at_from_balance_transactions_and_nothin
     try:
         for table in LEDGER:
             drop = {"payments": ("settled_at",), "founding_holds": ("client",),
-                    "stripe_objects": ("progress",)}.get(table, ())
+                    "stripe_objects": ("progress",), "subscriptions": ("coupons",)}.get(table, ())
             assert await _rows(conn, table, drop) == before[table], table
         rows = await conn.fetch(
             """SELECT p.payment_key, p.settled_at, b.created_at AS bt_created FROM payments p
