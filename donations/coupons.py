@@ -41,6 +41,7 @@ QUEUE, KEY = "coupon_lookups", "coupon_id"
 # Without a Stripe key a look-up can only end when the coupon's event comes, which ends it by
 # itself: the worker looks again this often, not at the backoff's pace.
 WITHOUT_KEY_SECONDS = 3600
+_END = "DELETE FROM coupon_lookups WHERE coupon_id = $1"
 
 
 def event_id(coupon_id: str) -> str:
@@ -59,7 +60,7 @@ async def derive_users(pool: asyncpg.Pool, coupon_id: str, offer: FoundingOffer)
             if snapshot is None or snapshot.kind != "coupon":
                 return False
             await ingest.apply_snapshots(conn, [snapshot], offer, ingest.Plan.of([], offer))
-        await conn.execute("DELETE FROM coupon_lookups WHERE coupon_id = $1", coupon_id)
+        await conn.execute(_END, coupon_id)
         return True
 
     return await db.transaction(pool, work)
@@ -96,9 +97,14 @@ async def run_once(
                 continue
             body = synthetic_event(coupon, "coupon.updated", int(time.time()))
             body["id"] = event_id(coupon_id)
-            await ingest.ingest(pool, parse_event(body), json.dumps(body), offer, source="import")
-            await derive_users(pool, coupon_id, offer)  # (done by the event; ends the look-up)
+            outcome = await ingest.ingest(pool, parse_event(body), json.dumps(body), offer,
+                                          source="import")
             del left[coupon_id]
+            if outcome is ingest.Outcome.FAILED:  # (logged; tried again once its lease ends)
+                continue
+            # the event's transaction kept the coupon and derived its users: the look-up is over
+            async with db.connection(pool) as conn:
+                await conn.execute(_END, coupon_id)
             ended += 1
             log.info("coupon_looked_up", coupon=coupon_id)
     except asyncio.CancelledError:

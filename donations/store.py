@@ -312,7 +312,8 @@ async def discover(
         SELECT DISTINCT 'coupon', unnest(coupons) FROM subscriptions
          WHERE id = any($3::text[])
         UNION ALL
-        SELECT 'user', id FROM subscriptions WHERE coupons && $4::text[]
+        SELECT 'user', id FROM subscriptions
+         WHERE cardinality($4::text[]) > 0 AND coupons && $4::text[]
         """,
         subscriptions, invoices, list(discounted), list(coupons),
     )

@@ -293,16 +293,7 @@ async def test_a_cancelled_payout_does_not_leave_the_payout_report_failing_for_e
     """A manual payout cancelled while pending (its money never left Stripe) has no
     transactions to fetch or tie: the report lists it and does not fail for it."""
     world = World(seed=907)
-    world.one_off(2500, "gbp")
-    world.advance(4 * DAY)
-    emitted = Emitted()
-    po = world._put(o.payout(ids=world.ids, amount=1000, currency="gbp", created=world.now,
-                             arrival_date=(world.now // DAY + 2) * DAY, status="pending",
-                             automatic=False))
-    world._emit(emitted, "payout.created", po)
-    world.advance(60)
-    po["status"] = "canceled"
-    world._emit(emitted, "payout.canceled", po)
+    po = _manual_payout(world, "canceled", after=60)
     await post_all(client, world.events)
     async with stripe_against(world) as (_, stripe_client):
         for _ in range(3):
@@ -314,10 +305,10 @@ async def test_a_cancelled_payout_does_not_leave_the_payout_report_failing_for_e
     assert po["id"] in out
 
 
-def _manual_payout(world: World) -> dict[str, Any]:
+def _manual_payout(world: World, outcome: str = "paid", after: int = 2 * DAY) -> dict[str, Any]:
     """A payout requested by hand (stripe/_payout.py `automatic`: false "if it's requested
-    manually"; `reconciliation_status` `not_applicable`), four days after a payment, paid two
-    days after it was made: payout.created, payout.paid."""
+    manually"; `reconciliation_status` `not_applicable`), four days after a payment, `outcome`
+    (paid, or canceled) `after` seconds after it was made: payout.created, payout.<outcome>."""
     world.one_off(2500, "gbp")
     world.advance(4 * DAY)
     emitted = Emitted()
@@ -326,9 +317,9 @@ def _manual_payout(world: World) -> dict[str, Any]:
                              automatic=False))
     assert po["reconciliation_status"] == "not_applicable"
     world._emit(emitted, "payout.created", po)
-    world.advance(2 * DAY)
-    po["status"] = "paid"
-    world._emit(emitted, "payout.paid", po)
+    world.advance(after)
+    po["status"] = outcome
+    world._emit(emitted, f"payout.{outcome}", po)
     return po
 
 
