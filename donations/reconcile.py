@@ -63,6 +63,10 @@ BUSY_ATTEMPTS = 6
 BUSY_FIRST_DELAY = 1.0
 BUSY_MAX_DELAY = 30.0
 STORE_CHUNK = 500  # balance transactions a comparison stores per transaction
+# The comparison takes its window a day at a time, oldest first, moving compared_through after
+# each: a run over months (`--since`, the first one after an import) holds one day's balance
+# transactions in memory, not the window's, and one stopped half-way resumes from its last day.
+COMPARE_SPAN = 86400
 REEXAMINE = 200  # open discrepancies outside the window a run looks at again, at most
 
 _DONE = ("processed", "ignored", "needs_attention")
@@ -295,6 +299,7 @@ class _Run:
     offer: FoundingOffer
     result: RunResult
     page_size: int
+    compare_span: int = COMPARE_SPAN
 
 
 async def run(
@@ -306,13 +311,15 @@ async def run(
     since: int | None = None,
     now: int | None = None,
     page_size: int = PAGE_SIZE,
+    compare_span: int = COMPARE_SPAN,
 ) -> RunResult:
     """One reconciliation run (raises AlreadyRunning when another holds the lock)."""
     async with db.connection(pool) as lock:
         if not await lock.fetchval("SELECT pg_try_advisory_lock($1)", LOCK_KEY):
             raise AlreadyRunning("another reconciliation is running")
         try:
-            return await _locked_run(pool, client, offer, trigger, since, now, page_size)
+            state = _Run(pool, client, offer, RunResult(), page_size, compare_span)
+            return await _locked_run(state, trigger, since, now)
         finally:
             # (were the connection lost, its session and so the lock are gone with it)
             with contextlib.suppress(*db.UNAVAILABLE_ERRORS, asyncpg.InterfaceError):
@@ -323,10 +330,9 @@ async def run(
 ABANDONED = "abandoned: the process running it stopped before it could finish it"
 
 
-async def _locked_run(
-    pool: asyncpg.Pool, client: stripe.StripeClient, offer: FoundingOffer, trigger: str,
-    since: int | None, now: int | None, page_size: int,
-) -> RunResult:
+async def _locked_run(state: _Run, trigger: str, since: int | None, now: int | None
+                      ) -> RunResult:
+    pool, result = state.pool, state.result
     end = int(time.time()) if now is None else now
     oldest_listed = end - RETENTION_SECONDS
     async with db.connection(pool) as conn:
@@ -342,7 +348,6 @@ async def _locked_run(
         start = through - OVERLAP_SECONDS
     else:
         start = oldest_listed
-    result = RunResult()
     # Events the checkpoint says are still to read but Stripe no longer lists (the service was
     # away longer than Stripe keeps them): a gap, kept until an import covers it. A --since
     # further back than that is only warned about: nothing was promised there.
@@ -364,7 +369,6 @@ async def _locked_run(
     else:
         compare_start = window_start
     result.window_start, result.window_end = min(window_start, compare_start), end
-    state = _Run(pool, client, offer, result, page_size)
     try:
         async with db.connection(pool) as conn:
             # Under the lock no other run is under way: a run still `running` was left so by a
@@ -402,17 +406,7 @@ async def _locked_run(
             await _read_events(state, pending[0], pending[1], pending[2])
         await _read_events(state, start, end, None,
                            advance=since is None or through is None or since <= through)
-        compared = await _compare(state, compare_start, end)
-        async with db.connection(pool) as conn:
-            # only forward, and only from a window that reached back to where it stood
-            await conn.execute(
-                """
-                UPDATE reconciliation_checkpoint AS c
-                   SET compared_through = greatest(c.compared_through, $2), updated_at = now()
-                 WHERE c.compared_through IS NULL OR $1 <= c.compared_through
-                """,
-                compare_start, compared,
-            )
+        await _compare_window(state, compare_start, end)
     except BaseException as exc:
         if result.run_id:  # recorded (else the next run finds it `running` and closes it)
             await _finish(pool, result, f"{type(exc).__name__}: {exc}"[:2000])
@@ -721,10 +715,34 @@ def _object_of(bt: dict[str, Any]) -> str | None:
     return None
 
 
-async def _compare(state: _Run, start: int, end: int) -> int:
+async def _compare_window(state: _Run, start: int, end: int) -> None:
+    """Compare [start, end] a span at a time, oldest first; after each, compared_through moves
+    to where that span's comparison is known complete."""
+    span_start = start
+    while True:
+        span_end = min(end, span_start + state.compare_span - 1)
+        compared = await _compare(state, span_start, span_end, reexamine=span_start == start)
+        async with db.connection(state.pool) as conn:
+            # only forward, and only from a span that reached back to where it stood
+            await conn.execute(
+                """
+                UPDATE reconciliation_checkpoint AS c
+                   SET compared_through = greatest(c.compared_through, $2), updated_at = now()
+                 WHERE c.compared_through IS NULL OR $1 <= c.compared_through
+                """,
+                span_start if span_start == start else span_start - 1, compared,
+            )
+        if span_end >= end or compared < span_end:
+            # (Stripe's clock behind the span's end: the rest is for the next run)
+            return
+        span_start = span_end + 1
+
+
+async def _compare(state: _Run, start: int, end: int, *, reexamine: bool) -> int:
     """Compare the balance transactions created in [start, end] (and the ledger's side of that
-    window) and store what differs; returns how far the comparison is known complete (`end`,
-    or when Stripe answered the listing's first page if earlier: see _capped)."""
+    window; with `reexamine`, the open discrepancies found before too) and store what differs;
+    returns how far the comparison is known complete (`end`, or when Stripe answered the
+    listing's first page if earlier: see _capped)."""
     client, result = state.client, state.result
     by_object: dict[str, dict[str, list[dict[str, Any]]]] = {
         "payment": {}, "refund": {}, "dispute": {}}
@@ -776,7 +794,7 @@ async def _compare(state: _Run, start: int, end: int) -> int:
              ORDER BY max(last_run_id), stripe_id
              LIMIT $1
             """,
-            REEXAMINE)
+            REEXAMINE if reexamine else 0)
         # A payment the ledger has as failed, a refund it has as failed or canceled, or a
         # dispute it has as won, says the money was put back: the transaction that put it back
         # may lie outside the window, so when only the one that moved it is listed, all of the
@@ -881,10 +899,10 @@ async def _compare(state: _Run, start: int, end: int) -> int:
 
         examined = (list(by_object["payment"]) + list(by_object["refund"])
                     + list(by_object["dispute"]) + [i for _, i in missing_at_stripe])
-        result.discrepancies = discrepancies
-        result.discrepancies_new = await _store_discrepancies(
+        result.discrepancies += discrepancies
+        result.discrepancies_new += await _store_discrepancies(
             conn, result.run_id, discrepancies, examined)
-    result.fees_filled = sum(1 for d in discrepancies if d.kind == "fee_missing" and d.repaired)
+    result.fees_filled += sum(1 for d in discrepancies if d.kind == "fee_missing" and d.repaired)
     return end if compared is None else compared
 
 

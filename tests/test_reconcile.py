@@ -1409,3 +1409,44 @@ async def rows_read(conn: asyncpg.Connection, mode: str, query: str, args: tuple
              (n["Actual Rows"] + n.get("Rows Removed by Filter", 0)
               + n.get("Rows Removed by Index Recheck", 0)) * n["Actual Loops"])
             for n in nodes if n.get("Relation Name") == "reconciliation_discrepancies"]
+
+
+async def test_a_long_comparison_goes_a_span_at_a_time_and_resumes_after_the_last_one_done(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """A comparison over months (the first run after an import, a `--since` far back) lists the
+    balance transactions a span at a time, oldest first, holding one span's in memory; a run
+    that fails in a later span keeps compared_through at the end of the last span it finished,
+    and the next run compares from there, to the same ledger and no discrepancy."""
+    world = scenario(seed=611, steps=80)
+    await post_all(client, world.events)
+    span = 30 * 86400
+    assert world.now - START > 3 * span  # renewals move the World's clock by months
+    listed = "/v1/balance_transactions"
+    async with stripe_against(world) as (fake, stripe_client):
+        fake.fail_next(1, status=400, path_prefix=listed, after=2)
+        with pytest.raises(stripe.InvalidRequestError):
+            await reconcile.run(pool, stripe_client, OFFER, since=START, now=world.now + 60,
+                                compare_span=span)
+        spans = [(int(r.query["created"]["gte"]), int(r.query["created"]["lte"]))
+                 for r in fake.requests_to(listed) if "created" in r.query]
+        assert spans[0][0] == START
+        assert all(end - start < span for start, end in spans)
+        assert all(after[0] == before[1] + 1 for before, after in itertools.pairwise(spans)
+                   if after[0] != before[0])  # the next span, or the same one's next page
+        failed_in = spans[-1][0]  # the span whose listing Stripe refused
+        assert failed_in > START
+        assert await pool.fetchval(
+            "SELECT compared_through FROM reconciliation_checkpoint") == failed_in - 1
+
+        fake.requests.clear()
+        again = await reconcile.run(pool, stripe_client, OFFER, now=world.now + 60,
+                                    compare_span=span)
+        resumed = [int(r.query["created"]["gte"]) for r in fake.requests_to(listed)
+                   if "created" in r.query]
+        assert resumed[0] == failed_in - 1 - reconcile.OVERLAP_SECONDS
+    assert again.matches, again.summary()
+    assert await dump(pool) == reference(world.events, OFFER, charge_bts(world))
+    # as far as Stripe's clock (the fake's is the World's) when it answered the last span
+    assert await pool.fetchval(
+        "SELECT compared_through FROM reconciliation_checkpoint") == world.now
