@@ -123,6 +123,8 @@ class Event:
     created: int
     livemode: bool
     obj: dict[str, Any]
+    # set on an event of a Connect account reaching the endpoint: another account's money
+    account: str | None = None
 
     @property
     def object_kind(self) -> str | None:
@@ -173,7 +175,7 @@ def parse_event(body: dict[str, Any]) -> Event:
     if event_type in HANDLED and not (isinstance(obj.get("id"), str) and obj["id"]):
         # checked here, not when the ledger reads it: a 400 now, not a failure stored for ever
         raise NotAnEvent("the event's object has no id")
-    api_version = body.get("api_version")
+    api_version, account = body.get("api_version"), body.get("account")
     return Event(
         id=event_id,
         type=event_type,
@@ -181,6 +183,7 @@ def parse_event(body: dict[str, Any]) -> Event:
         created=created,
         livemode=bool(body.get("livemode")),
         obj=obj,
+        account=account if isinstance(account, str) and account else None,
     )
 
 

@@ -60,8 +60,10 @@ _OUTAGES: tuple[type[BaseException], ...] = (
 
 
 def classify(event: Event) -> tuple[Outcome, Snapshot | None]:
-    """What the ledger will do with the event, before touching the database."""
-    if event.object_kind is None:
+    """What the ledger will do with the event, before touching the database. An event of a
+    connected account (`account` set: an endpoint that also listens to Connect) is about
+    another Stripe account's balance, never this publisher's money: stored and ignored."""
+    if event.object_kind is None or event.account is not None:
         return Outcome.IGNORED, None
     snapshot = snapshot_of(event)
     if snapshot is None:

@@ -96,6 +96,8 @@ async def stripe_webhook(request: web.Request) -> web.Response:
             f"a {'live' if event.livemode else 'test'} event sent to a service with a {mode} key",
         )
 
+    if event.account is not None:  # stored and ignored (ingest.classify)
+        log.warning("webhook_connected_account_event", account=event.account)
     outcome = await request.app[BATCHER].ingest(event, text)
     request.app[METRICS].webhook_events.inc(type=event.type, outcome=outcome.value)
     log.info("webhook_event", outcome=outcome.value)
