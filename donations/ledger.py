@@ -24,6 +24,7 @@ from donations.events import (
     snapshot_version,
     written_as_stripe_writes,
 )
+from donations.money import Terms, discount_columns
 
 # A dispute lost, or lost and under appeal: the money is gone unless an appeal wins it back.
 DISPUTE_LOST = frozenset({"lost", "appeal_needs_response", "appeal_under_review"})
@@ -445,17 +446,18 @@ def derive_subscription(
 
     A seat taken by the founding-supporter coupon stays taken when the discount or the
     subscription ends (not when it never started: `incomplete_expired`); the discount's price
-    effect only counts while the subscription lists it. A coupon whose terms are not known yet
-    takes nothing off (see `coupons_to_look_up`: they are looked up, and the row derived again).
+    effect only counts while the subscription lists it. The price after discounts is what
+    Stripe's invoice charges (money.subscription_price): each item's discounts on that item,
+    then the subscription's on what the items left, each list in its order, one discount after
+    another (kept as money.discount_columns says). A coupon whose terms are not known yet takes
+    nothing off (see `coupons_to_look_up`: they are looked up, and the row derived again); the
+    others still do.
     """
     data = snapshot.data
     items = [i for i in (data.get("items") or {}).get("data") or [] if isinstance(i, dict)]
-    amount = 0
     interval, interval_count = "month", 1
     for item in items:
-        price = item.get("price") or {}
-        amount += _int(price.get("unit_amount")) * (_int(item.get("quantity")) or 1)
-        recurring = price.get("recurring") or {}
+        recurring = (item.get("price") or {}).get("recurring") or {}
         if recurring.get("interval"):
             interval = str(recurring["interval"])
             interval_count = _int(recurring.get("interval_count")) or 1
@@ -465,29 +467,24 @@ def derive_subscription(
     currency = str(data.get("currency"))
     metadata = {str(k): str(v) for k, v in (data.get("metadata") or {}).items()}
     known = _discounts_known(snapshot, discounts)
-    applied = _applied(snapshot)
-    percent_off: Decimal | None = None
-    amount_off: int | None = None
     founding = metadata.get("founding_supporter") == "true"
-    for discount_id, discount in sorted(known.items(), key=lambda kv: str(kv[0])):
-        coupon = discount_coupon(discount)
-        coupon_id = ref(coupon)
-        founding = founding or coupon_id == offer.coupon_id
-        if discount_id not in applied:
-            continue
-        if isinstance(coupon, dict) and has_terms(coupon):
-            terms = coupon_terms(coupon, currency)
-        elif coupon_id == offer.coupon_id:
-            # webhooks name the coupon by id only; the founding coupon is ours, so we know it
-            terms = Decimal(offer.percent_off), None
-        elif coupon_id is not None and coupon_id in (coupons or {}):
-            terms = coupon_terms((coupons or {})[coupon_id], currency)
-        else:
-            continue
-        if terms[0] is not None:
-            percent_off = terms[0]
-        elif terms[1] is not None:
-            amount_off = terms[1]
+    for discount in known.values():
+        founding = founding or ref(discount_coupon(discount)) == offer.coupon_id
+    seen: set[str] = set()
+
+    def terms(listed: object) -> list[Terms]:
+        """The terms of the discounts listed, in their order (one listed twice counts once)."""
+        found: list[Terms] = []
+        for discount_id in (ref(x) for x in (listed if isinstance(listed, list) else [])):
+            if discount_id and discount_id not in seen:
+                seen.add(discount_id)
+                found.append(_terms(known.get(discount_id), currency, offer, coupons))
+        return found
+
+    priced = [(_int((item.get("price") or {}).get("unit_amount"))
+               * (_int(item.get("quantity")) or 1), terms(item.get("discounts")))
+              for item in items]
+    percent_off, amount_off = discount_columns(priced, terms(data.get("discounts")))
     status = str(data.get("status"))
     # A seat is taken by a founding supporter for good, even once they leave; a subscription
     # whose first payment was never made (`incomplete_expired`, terminal) was never a supporter
@@ -498,10 +495,10 @@ def derive_subscription(
         customer=ref(data.get("customer")),
         status=status,
         currency=currency,
-        amount=amount,
+        amount=sum(amount for amount, _ in priced),
         interval=interval,
         interval_count=interval_count,
-        discounts=sorted(applied),
+        discounts=sorted(_applied(snapshot)),
         coupons=sorted(coupons_to_look_up(snapshot, discounts, offer)),
         percent_off=percent_off,
         amount_off=amount_off,
@@ -515,6 +512,25 @@ def derive_subscription(
         metadata=metadata,
         created_at=_ts(data.get("created")),
     )
+
+
+def _terms(discount: dict[str, Any] | None, currency: str, offer: FoundingOffer,
+           coupons: Mapping[str, dict[str, Any]] | None) -> Terms:
+    """What a discount takes off a price in `currency`: its coupon's terms when Stripe expanded
+    the coupon, the settings' for the founding coupon (ours; webhooks name it by id only), the
+    kept or fetched coupon's otherwise; nothing while they are not known (or the discount
+    itself is not: listed by id, without its event)."""
+    if discount is None:
+        return None, None
+    coupon = discount_coupon(discount)
+    coupon_id = ref(coupon)
+    if isinstance(coupon, dict) and has_terms(coupon):
+        return coupon_terms(coupon, currency)
+    if coupon_id == offer.coupon_id:
+        return Decimal(offer.percent_off), None
+    if coupon_id is not None and coupon_id in (coupons or {}):
+        return coupon_terms((coupons or {})[coupon_id], currency)
+    return None, None
 
 
 def _listed(snapshot: Snapshot) -> list[object]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -103,3 +104,60 @@ def apply_percent_off(amount: int, percent_off: Decimal) -> int:
     discount = (Decimal(amount) * percent_off / Decimal(100)).to_integral_value(
         rounding="ROUND_HALF_UP")
     return amount - int(discount)
+
+
+# A discount's terms on a price in one currency: (percent off, None), (None, amount off in that
+# currency's minor units), or (None, None) when it takes nothing off a price in that currency (an
+# amount-off coupon in another currency without an option in this one).
+Terms = tuple[Decimal | None, int | None]
+
+
+def apply_discounts(amount: int, discounts: Iterable[Terms]) -> int:
+    """The price after several discounts, as Stripe's invoices take them: one after another, in
+    the order listed, each on what the ones before it left. A percentage's discount is a whole
+    number of minor units, rounded half up (apply_percent_off); an amount off takes at most what
+    is left: the price never goes below zero."""
+    price = amount
+    for percent_off, amount_off in discounts:
+        if percent_off is not None:
+            price = apply_percent_off(price, percent_off)
+        elif amount_off is not None:
+            price = max(0, price - amount_off)
+    return price
+
+
+def subscription_price(items: Iterable[tuple[int, Sequence[Terms]]], discounts: Sequence[Terms]
+                       ) -> int:
+    """A subscription's price for one interval after its discounts: each item's (price times
+    quantity) after the item's own discounts (which Stripe applies before the subscription's,
+    and to that item only), summed; then the subscription's discounts on that sum."""
+    return apply_discounts(sum(apply_discounts(amount, own) for amount, own in items), discounts)
+
+
+# what subscriptions.percent_off (numeric(7, 4)) holds exactly
+_PERCENT_PLACES = Decimal("0.0001")
+
+
+def discount_columns(items: Sequence[tuple[int, Sequence[Terms]]], discounts: Sequence[Terms]
+                     ) -> tuple[Decimal | None, int | None]:
+    """The (percent_off, amount_off) a subscription's row keeps for its discounts, such that
+    `totals.price_after_discounts` of its amount (the items' sum) is `subscription_price`, what
+    Stripe's invoice charges: the sql/016 trigger, `verify` and the finance summary (which reads
+    one of the two, never both) all read them.
+
+    One discount that takes something off the whole price (the subscription's, or its only
+    item's) is kept as its terms, as before; several, or one on one item of several, as the
+    amount they take off in all. Discounts that take nothing in the currency do not count."""
+    amount = sum(a for a, _ in items)
+    taking: list[tuple[int | None, Terms]] = [
+        (i, t) for i, (_, own) in enumerate(items) for t in own if t != (None, None)]
+    taking += [(None, t) for t in discounts if t != (None, None)]
+    if not taking:
+        return None, None
+    if len(taking) == 1:
+        index, (percent_off, amount_off) = taking[0]
+        whole = index is None or items[index][0] == amount
+        if whole and (percent_off is None
+                      or percent_off == percent_off.quantize(_PERCENT_PLACES)):
+            return percent_off, amount_off
+    return None, amount - subscription_price(items, discounts)

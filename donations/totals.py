@@ -68,9 +68,11 @@ def settled_share(settlement_amount: int | None, net: int, amount: int) -> int:
 
 def price_after_discounts(amount: int, percent_off: Decimal | None, amount_off: int | None) -> int:
     """One interval's price after the subscription's discounts, as Stripe's invoices charge it
-    (money.apply_percent_off; the triggers' totals_price in sql/016 is its twin in SQL)."""
+    (money.apply_percent_off; the triggers' totals_price in sql/016 is its twin in SQL), from
+    the columns a subscription's row keeps for its discounts (money.discount_columns)."""
     price = amount if percent_off is None else apply_percent_off(amount, percent_off)
     return max(0, price - (amount_off or 0))
+
 
 
 def annualised(price: int, interval: str, interval_count: int) -> int:

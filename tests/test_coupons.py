@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import asdict
 from decimal import Decimal
 from typing import Any
 
 import asyncpg
 
-from donations import coupons, importer
+from donations import coupons, importer, reports
 from donations.appkeys import TOTALS
 from donations.events import parse_event
 from donations.ledger import (
@@ -21,6 +22,7 @@ from donations.ledger import (
     derive_subscription,
     snapshot_of,
 )
+from donations.totals import price_after_discounts
 from tests.conftest import Client
 from tests.fakestripe import objects as o
 from tests.fakestripe.world import World
@@ -309,3 +311,128 @@ async def test_an_imported_subscription_with_a_coupon_on_its_item_is_discounted(
         assert await coupons.run_once(pool, stripe_client, OFFER) == 1
     assert (await _row(pool, sub.subscription))["percent_off"] == Decimal(20)
 
+
+
+# --- several discounts ------------------------------------------------------------------------
+
+
+def _price(row: Any) -> int:
+    """The price after discounts that a subscription row's columns give: what the totals (and
+    their triggers) count, and the finance summary's monthly recurring the same."""
+    fields = row if isinstance(row, dict) else asdict(row)
+    amount, percent_off, amount_off = fields["amount"], fields["percent_off"], fields["amount_off"]
+    price = price_after_discounts(amount, percent_off, amount_off)
+    assert reports.monthly(amount, "month", 1, percent_off, amount_off) == price
+    return price
+
+
+def _stacked(world: World, amount: int, in_currency: str = "gbp", **terms: Any
+             ) -> tuple[str, str]:
+    """A founding supporter's subscription (50% off) to which staff then add a promotion made in
+    the Dashboard (`terms`): two discounts in the subscription's `discounts`, the founding one
+    first; returns the subscription and the renewal invoice that charges both."""
+    world.create_coupon("promo", **terms)
+    sub = world.subscribe(amount, in_currency, founding=True, email="reader@example.org")
+    world.discount_subscription(sub.subscription, "promo")
+    assert len(world.objects[sub.subscription]["discounts"]) == 2
+    return sub.subscription, world.renew(sub.subscription).invoice
+
+
+def test_stacked_discounts_count_as_stripes_invoice_charges_them() -> None:
+    """£9.99 with the founding 50% then a 15% promotion: 4.99, then 4.24 (not 3.49, 15% of the
+    listed price taken as well, nor 5.00 or 8.49, one of the two alone)."""
+    world = World(seed=3, start=START)
+    sub_id, invoice = _stacked(world, 999, percent_off=15)
+    assert world.objects[invoice]["total"] == 424
+    row = reference(world.events, OFFER)["subscriptions"][sub_id]
+    assert _price(row) == 424
+    assert row["founding"] and len(row["discounts"]) == 2
+
+
+def test_stacked_amount_off_in_yen_comes_off_after_the_founding_percentage() -> None:
+    """¥999 with the founding 50% (¥499 left: the ¥499.5 discount rounds up), then ¥100 off
+    (the coupon is in pounds; its yen option applies): ¥399."""
+    world = World(seed=4, start=START)
+    sub_id, invoice = _stacked(world, 999, "jpy", amount_off=300, currency="gbp",
+                               currency_options={"jpy": 100})
+    assert world.objects[invoice]["total"] == 399
+    assert _price(reference(world.events, OFFER)["subscriptions"][sub_id]) == 399
+
+
+def test_a_stacked_amount_off_in_another_currency_takes_nothing() -> None:
+    world = World(seed=5, start=START)
+    sub_id, invoice = _stacked(world, 1000, "eur", amount_off=300, currency="gbp")
+    assert world.objects[invoice]["total"] == 500
+    row = reference(world.events, OFFER)["subscriptions"][sub_id]
+    assert (row["percent_off"], row["amount_off"]) == (Decimal(50), None)
+
+
+def test_a_stacked_coupon_not_known_yet_takes_nothing_until_its_terms_come() -> None:
+    """The promotion's coupon named by id only, its terms not known (no event, not fetched):
+    the founding 50% alone counts, as before, and the coupon is to be looked up."""
+    world = World(seed=6, start=START)
+    sub_id, _ = _stacked(world, 999, percent_off=15)
+    events = [e for e in world.events if e["type"] != "coupon.created"]
+    row = reference(events, OFFER)["subscriptions"][sub_id]
+    assert (row["percent_off"], row["amount_off"], row["coupons"]) == (Decimal(50), None,
+                                                                      ["promo"])
+    assert _price(row) == 499
+
+
+def _two_items(world: World, sub_id: str, second: int) -> Any:
+    """The subscription's latest snapshot with a second item (no discount of its own) priced
+    `second`, as a subscription of several items made in the Dashboard lists them."""
+    sub = copy.deepcopy(world.objects[sub_id])
+    item = copy.deepcopy(sub["items"]["data"][0])
+    item["id"], item["discounts"] = "si_second", []
+    item["price"] = {**item["price"], "id": "price_second", "unit_amount": second}
+    sub["items"]["data"].append(item)
+    (snapshot,) = [s for s in [snapshot_of(parse_event(o.event(
+        "customer.subscription.updated", sub, created=world.now, ids=world.ids)))] if s]
+    return snapshot
+
+
+def _discount_snapshots(world: World, events: list[dict[str, Any]]) -> list[Any]:
+    return [s for s in (snapshot_of(parse_event(e)) for e in events
+                        if e["type"] == "customer.discount.created") if s]
+
+
+def test_an_items_percentage_comes_off_that_item_only() -> None:
+    """A 20% coupon on the £10 item of a subscription of £10 + £5: £13.00, not £12.00."""
+    world, coupon = _world_with_coupon()
+    sub_id, events = _item_discounted(world)
+    snapshot = _two_items(world, sub_id, 500)
+    row = derive_subscription(snapshot, _discount_snapshots(world, events), OFFER,
+                              {"spring-20": coupon})
+    assert (row.amount, _price(row)) == (1500, 1300)
+    assert row.coupons == ["spring-20"] and len(row.discounts) == 1
+
+
+def test_an_items_discount_then_the_subscriptions_own() -> None:
+    """20% off the £10 item, + the £5 item: £13; then the subscription's founding 50% (£6.50)
+    and £2.50 off: £4.00."""
+    world, coupon = _world_with_coupon()
+    world.create_coupon("minus-250", amount_off=250, currency="gbp")
+    sub = world.subscribe(1000, "gbp", founding=True, email="reader@example.org")
+    world.discount_item(sub.subscription, "spring-20")
+    world.discount_subscription(sub.subscription, "minus-250")
+    snapshot = _two_items(world, sub.subscription, 500)
+    terms = {"spring-20": coupon, "minus-250": world.objects["minus-250"]}
+    row = derive_subscription(snapshot, _discount_snapshots(world, world.events), OFFER, terms)
+    assert (row.amount, _price(row), row.founding) == (1500, 400, True)
+    assert len(row.discounts) == 3
+    # with one item only, the simulator's invoice charges what the row counts
+    one = reference([*world.events, _coupon_event(world, coupon)], OFFER)["subscriptions"][
+        sub.subscription]
+    invoice = world.renew(sub.subscription).invoice
+    assert _price(one) == world.objects[invoice]["total"] == 150  # 800 -> 400 -> 150
+
+
+async def test_stacked_discounts_count_in_the_monthly_recurring_through_the_webhook(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    world = World(seed=3, start=START)
+    sub_id, invoice = _stacked(world, 999, percent_off=15)
+    await post_all(client, world.events)
+    assert _price(dict(await _row(pool, sub_id))) == world.objects[invoice]["total"] == 424
+    assert await _mrr(client) == {"amount": 424, "currency": "gbp"}

@@ -8,13 +8,15 @@ from decimal import Decimal
 from typing import Any
 
 import asyncpg
+from hypothesis import given
+from hypothesis import strategies as st
 from pytest_aiohttp import AiohttpClient
 
 from donations import db, display, fees, totals
 from donations.app import create_app
 from donations.appkeys import TOTALS
 from donations.campaigns import Campaign
-from donations.money import Money
+from donations.money import Money, discount_columns, subscription_price
 from donations.totals import Bucket, PaymentFacts, Tally, Window
 from tests.conftest import Client, make_settings
 from tests.fakestripe.world import World
@@ -46,6 +48,48 @@ def test_subscription_prices_after_discounts_and_per_month() -> None:
     # yearly ones count a twelfth, the sum rounded once
     assert totals.monthly(5000 + 5000 + 5000) == 1250
     assert [totals.monthly(totals.annualised(5000, "year", 1))] * 3 == [417] * 3
+
+
+def test_a_subscriptions_discount_columns_give_its_price_after_every_discount() -> None:
+    """The row keeps (amount, percent_off, amount_off), which the triggers (sql/016's
+    totals_price), the finance summary and verify read: a single discount on the whole price is
+    kept as its terms, as before; several, or one on one item of several, as what they take off
+    in all, so that every reader finds the price Stripe's invoice charges."""
+    p50, p15, p20 = (Decimal(50), None), (Decimal(15), None), (Decimal(20), None)
+    assert discount_columns([(999, [])], [p50]) == (Decimal(50), None)
+    assert discount_columns([(999, [p50])], []) == (Decimal(50), None)  # one item
+    assert discount_columns([(500, [])], [(None, 700)]) == (None, 700)
+    assert discount_columns([(999, [])], [(None, None)]) == (None, None)
+    assert discount_columns([(999, [])], []) == (None, None)
+    # founding 50% then a 15% promotion: 999 -> 499 -> 424
+    assert discount_columns([(999, [])], [p50, p15]) == (None, 575)
+    # an item's 20% on one of two items: 1000 -> 800, + 500
+    assert discount_columns([(1000, [p20]), (500, [])], []) == (None, 200)
+    assert discount_columns([(1000, [p20]), (500, [])], [p50, (None, 250)]) == (
+        None, 1100)
+    # an amount off another currency took nothing: the other discount is the only one
+    assert discount_columns([(999, [])], [(None, None), p50]) == (Decimal(50), None)
+    # a percentage the column (four decimals) cannot hold exactly is kept as what it takes off
+    assert discount_columns([(999, [])], [(Decimal("12.34567"), None)]) == (None, 123)
+
+
+@given(st.lists(st.tuples(st.integers(0, 10**8),
+                          st.lists(st.one_of(
+                              st.tuples(st.decimals(0, 100, places=2), st.none()),
+                              st.tuples(st.none(), st.integers(0, 10**8)),
+                              st.just((None, None))), max_size=3)), min_size=1, max_size=3),
+       st.lists(st.one_of(st.tuples(st.decimals(0, 100, places=2), st.none()),
+                          st.tuples(st.none(), st.integers(0, 10**8)),
+                          st.just((None, None))), max_size=3))
+def test_the_discount_columns_always_give_the_price_stripe_charges(
+    items: list[tuple[int, list[tuple[Decimal | None, int | None]]]],
+    discounts: list[tuple[Decimal | None, int | None]],
+) -> None:
+    percent_off, amount_off = discount_columns(items, discounts)
+    assert percent_off is None or amount_off is None  # the finance summary reads one of them
+    amount = sum(a for a, _ in items)
+    assert totals.price_after_discounts(amount, percent_off, amount_off) == subscription_price(
+        items, discounts)
 
 
 def test_percent_of_goal_has_two_decimals_rounded_half_up() -> None:

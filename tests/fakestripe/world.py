@@ -678,20 +678,31 @@ class World:
             raise KeyError(f"no subscription {sub_id!r}")
         return sub
 
-    def _discount_amount(self, sub: Obj, subtotal: int) -> tuple[int, list[str]]:
-        total_off = 0
-        # the item's discounts first, then the subscription's (as Stripe applies them)
-        applied = [*sub["items"]["data"][0]["discounts"], *sub["discounts"]]
-        for di_id in applied:
+    def _discount_amounts(self, sub: Obj, subtotal: int) -> list[tuple[str, int]]:
+        """What each discount takes off the item's `subtotal`, as Stripe applies them: the item's
+        discounts first, then the subscription's, each in its listed order and on what the ones
+        before it left (a percentage's discount rounded half up; an amount off, in the
+        subscription's currency (the coupon's own, else its currency option), never more than
+        is left)."""
+        left = subtotal
+        taken: list[tuple[str, int]] = []
+        for di_id in [*sub["items"]["data"][0]["discounts"], *sub["discounts"]]:
             cp = self.objects[self.objects[di_id]["source"]["coupon"]]
+            off = 0
             if cp["percent_off"] is not None:
-                total_off += _round_half_up(Fraction(subtotal) * Fraction(cp["percent_off"]) / 100)
+                off = _round_half_up(Fraction(left) * Fraction(str(cp["percent_off"])) / 100)
             elif cp["amount_off"] is not None:
-                # in the subscription's currency: the coupon's own, else its currency option
-                off = cp["amount_off"] if cp["currency"] == sub["currency"] else (
+                amount = cp["amount_off"] if cp["currency"] == sub["currency"] else (
                     (cp.get("currency_options") or {}).get(sub["currency"]) or {}).get("amount_off")
-                total_off += min(int(off or 0), subtotal - total_off)
-        return total_off, applied
+                off = min(int(amount or 0), left)
+            left -= off
+            taken.append((di_id, off))
+        return taken
+
+    def _discount_amount(self, sub: Obj, subtotal: int) -> tuple[int, list[str]]:
+        """What the discounts take off the item's `subtotal` in all, and the discounts applied."""
+        taken = self._discount_amounts(sub, subtotal)
+        return sum(off for _, off in taken), [di_id for di_id, _ in taken]
 
     def _new_invoice(self, sub: Obj, billing_reason: str, period: tuple[int, int]) -> Obj:
         """A draft invoice for the subscription's current item period."""
@@ -700,8 +711,9 @@ class World:
         item = sub["items"]["data"][0]
         price = item["price"]
         subtotal = int(price["unit_amount"]) * int(item["quantity"])
-        off, discounts = self._discount_amount(sub, subtotal)
-        discount_amounts = [{"amount": off, "discount": discounts[0]}] if discounts else []
+        taken = self._discount_amounts(sub, subtotal)
+        discounts = [di_id for di_id, _ in taken]
+        discount_amounts = [{"amount": off, "discount": di_id} for di_id, off in taken]
         line = o.invoice_line_item(
             ids=self.ids,
             invoice=inv_id,
@@ -1166,6 +1178,24 @@ class World:
         self._emit(out, "customer.discount.created", di, request=req)
         prev = {"items": copy.deepcopy(sub["items"])}
         item["discounts"] = [*item["discounts"], di["id"]]
+        self._emit(out, "customer.subscription.updated", sub, previous=prev, request=req)
+        return out
+
+    def discount_subscription(self, sub_id: str, coupon_id: str) -> Emitted:
+        """Staff add a coupon (a promotion) to the subscription in the Dashboard, beside any it
+        has: a discount naming the subscription, customer.discount.created, then
+        customer.subscription.updated with the discount's id last in its `discounts`. Later
+        invoices take it off after the discounts listed before it."""
+        sub = self._sub(sub_id)
+        out = Emitted()
+        req = self._new_request()
+        self.advance(1)
+        di = self._put(o.discount(ids=self.ids, coupon=self._coupon(coupon_id)["id"],
+                                  start=self.now, customer=sub["customer"], subscription=sub_id))
+        self.objects[coupon_id]["times_redeemed"] += 1
+        self._emit(out, "customer.discount.created", di, request=req)
+        prev = {"discounts": list(sub["discounts"])}
+        sub["discounts"] = [*sub["discounts"], di["id"]]
         self._emit(out, "customer.subscription.updated", sub, previous=prev, request=req)
         return out
 
