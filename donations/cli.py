@@ -442,8 +442,10 @@ async def _report(settings: Settings, args: argparse.Namespace) -> int:
     from donations import payouts, reports  # noqa: PLC0415 - keeps `--help` fast
 
     win = reports.window(args.start, args.end, args.tz)
-    dsn, embedded = await _with_database(settings)
+    # where the report goes is opened first: one that cannot be written (a folder that does not
+    # exist, a folder named) is one line before any database is started
     out, partial = _output(getattr(args, "out", None))
+    embedded: db.EmbeddedPostgres | None = None
     finished, code = False, 0
 
     where = args.out if getattr(args, "out", None) else "standard output"
@@ -459,6 +461,9 @@ async def _report(settings: Settings, args: argparse.Namespace) -> int:
         put(chunk)
 
     try:
+        # inside the try: the output is closed (a partial report removed) and the embedded
+        # PostgreSQL stopped on every path
+        dsn, embedded = await _with_database(settings)
         await db.migrate(dsn)
         conn = await asyncpg.connect(dsn)
         try:
@@ -513,12 +518,23 @@ def _output(path: str | None) -> tuple[BinaryIO, Path | None]:
     """Where a report goes: standard output, or --out. A regular file (or one still to make) is
     written beside it under a name of its own and put in place only once the report is whole
     (`_put_in_place`), so that a run stopped or failed half-way leaves the file as it was, never
-    a shorter report that could pass for the whole; a device or pipe is written as it goes."""
+    a shorter report that could pass for the whole; a device or pipe is written as it goes.
+    OutputError, the README's one line, when it cannot be opened (a folder that does not exist,
+    a folder named)."""
     if path is None:
         return sys.stdout.buffer, None
-    target = Path(path)
+    try:
+        return _open_output(Path(path))
+    except (OSError, RuntimeError) as exc:  # (RuntimeError: a symbolic link loop, Python 3.11)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise OutputError(f"cannot write the report to {path}: {reason}") from exc
+
+
+def _open_output(target: Path) -> tuple[BinaryIO, Path | None]:
+    """`_output` for a path; OSError when it cannot be written (a folder that does not exist,
+    a folder, one we may not write in)."""
     if target.exists() and not target.is_file():
-        return open(target, "wb"), None
+        return open(target, "wb"), None  # (a folder: IsADirectoryError)
     real = target.resolve()  # (through a symbolic link: the file it names is replaced)
     while True:
         # a name of its own: one left by a run killed outright (its pid may be ours: a cron
@@ -531,14 +547,24 @@ def _output(path: str | None) -> tuple[BinaryIO, Path | None]:
             continue
         except OSError:  # a folder we may not write in, the file in it we may: as it goes
             return open(target, "wb"), None
-    if real.exists():  # the report that replaces it keeps its permissions
-        os.chmod(partial, stat.S_IMODE(real.stat().st_mode))
+    try:
+        if real.exists():  # the report that replaces it keeps its permissions
+            os.chmod(partial, stat.S_IMODE(real.stat().st_mode))
+    except OSError:
+        out.close()
+        partial.unlink(missing_ok=True)
+        raise
     return out, partial
 
 
 def _put_in_place(partial: Path, target: Path, finished: bool) -> None:
     if finished:
-        os.replace(partial, target.resolve())
+        try:
+            os.replace(partial, target.resolve())
+        except (OSError, RuntimeError) as exc:  # (a folder put in its place meanwhile, say)
+            partial.unlink(missing_ok=True)
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise OutputError(f"cannot write the report to {target}: {reason}") from exc
     else:
         partial.unlink(missing_ok=True)
 

@@ -369,22 +369,47 @@ MEMBER_FIELDS = (
     "created_at", "available_on", "payment_key", "kind", "payment_amount", "campaign",
     "payment_intent", "charge", "invoice", "subscription", "refund", "dispute",
 )
-CSV_COLUMNS = ("payout", "payout_status", "payout_arrival_date", "payout_amount",
-               "payout_balanced", *MEMBER_FIELDS)
+# The CSV's columns: each amount is followed by the currency it is in (`payout_currency`; the
+# balance transaction's `currency`, of its amount, fee and net; `payment_currency`), and the
+# payout's figures by why it does or does not tie yet: a manual payout (`payout_automatic`
+# false, `payout_reconciliation_status` not_applicable) is never tied by Stripe (finance ties it
+# by hand), an automatic one with `payout_transactions_fetched` false will be.
+PAYOUT_COLUMNS = ("payout", "payout_status", "payout_arrival_date", "payout_amount",
+                  "payout_currency", "payout_balanced", "payout_automatic",
+                  "payout_reconciliation_status", "payout_transactions_fetched",
+                  "payout_failure_code")
+MEMBER_COLUMNS = (
+    "balance_transaction", "type", "reporting_category", "source", "amount", "fee", "net",
+    "currency", "created_at", "available_on", "payment_key", "kind", "payment_amount",
+    "payment_currency", "campaign", "payment_intent", "charge", "invoice", "subscription",
+    "refund", "dispute",
+)
+CSV_COLUMNS = (*PAYOUT_COLUMNS, *MEMBER_COLUMNS)
+
+
+def _currency(money: dict[str, Any] | None) -> str | None:
+    return None if money is None else cast(str, money["currency"])
 
 
 def csv_rows(payouts: list[dict[str, Any]]) -> list[list[str]]:
-    """One line per transaction beside its payout's figures: money in major units, text
-    neutralised against formulas, as in the contributions report. A payout whose transactions
-    are not known yet still has a line, with its own figures only (balanced empty), so that no
-    money that reached the bank is missing from the file."""
+    """One line per transaction beside its payout's figures: money in major units, each amount
+    with its currency, text neutralised against formulas, as in the contributions report. A
+    payout whose transactions are not known yet still has a line, with its own figures only
+    (balanced empty), so that no money that reached the bank is missing from the file."""
     lines = []
     for payout in payouts:
         head = {"payout": payout["id"], "payout_status": payout["status"],
                 "payout_arrival_date": payout["arrival_date"],
-                "payout_amount": payout["amount"], "payout_balanced": payout["balanced"]}
+                "payout_amount": payout["amount"],
+                "payout_currency": _currency(payout["amount"]),
+                "payout_balanced": payout["balanced"],
+                "payout_automatic": payout["automatic"],
+                "payout_reconciliation_status": payout["reconciliation_status"],
+                "payout_transactions_fetched": payout["transactions_fetched"],
+                "payout_failure_code": payout["failure_code"]}
         for member in payout["balance_transactions"] or [dict.fromkeys(MEMBER_FIELDS)]:
-            line = {**head, **member}
+            line = {**head, **member, "currency": _currency(member["amount"]),
+                    "payment_currency": _currency(member["payment_amount"])}
             cells = []
             for name in CSV_COLUMNS:
                 value = line[name]

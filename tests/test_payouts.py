@@ -183,6 +183,10 @@ async def test_a_payout_not_fetched_yet_has_its_own_line_in_the_csv_and_fails_th
     assert (row["payout"], row["payout_status"], row["payout_amount"], row["payout_balanced"]) \
         == (paid_out.payout, "paid", f"{amount // 100}.{amount % 100:02d}", "")
     assert row["balance_transaction"] == row["amount"] == row["net"] == ""
+    assert row["currency"] == row["payment_currency"] == row["payout_failure_code"] == ""
+    # an automatic payout whose transactions are still to come, not a manual one
+    assert (row["payout_currency"], row["payout_automatic"],
+            row["payout_transactions_fetched"]) == ("gbp", "true", "false")
 
 
 async def test_many_transactions_are_fetched_page_by_page(
@@ -367,7 +371,12 @@ async def test_a_manual_payout_paid_does_not_leave_the_payout_report_failing_for
     code, out, err = await _run("report", "payouts", "--from", WIDE["from"], "--to", WIDE["to"],
                                 env=_env(DATABASE_URL=dsn))
     assert (code, err) == (0, ""), err
-    assert po["id"] in out
+    # the CSV says why it has no tie: a manual payout, for finance to tie by hand
+    (row,) = list(csv.DictReader(io.StringIO(out, newline="")))
+    assert (row["payout"], row["payout_amount"], row["payout_currency"], row["payout_balanced"],
+            row["payout_automatic"], row["payout_reconciliation_status"],
+            row["payout_transactions_fetched"]) == (
+        po["id"], "10.00", "gbp", "", "false", "not_applicable", "false")
 
 
 async def test_a_manual_payout_an_earlier_release_queued_is_taken_out_of_the_queue(
@@ -601,3 +610,36 @@ async def test_payouts_are_listed_in_the_order_they_fall_in_the_window_zone(
         found = await payouts.payouts_with_members(conn, win)
     assert [p["id"] for p in found] == ["po_created_10th", "po_arrives_11th"]
 
+
+
+def test_the_csv_names_the_currency_of_each_amount_and_neutralises_every_text_cell() -> None:
+    """`payout_currency`, the balance transaction's `currency` and `payment_currency` beside the
+    amounts they are the currency of; what Stripe or the ledger wrote in a text cell (here a
+    reconciliation status and a failure code beginning as a formula would) is neutralised."""
+    gbp, jpy = {"amount": 500, "currency": "gbp"}, {"amount": 1000, "currency": "jpy"}
+    member = dict.fromkeys(payouts.MEMBER_FIELDS) | {
+        "balance_transaction": "txn_1", "type": "payment", "amount": gbp, "fee": gbp,
+        "net": gbp, "payment_amount": jpy, "campaign": "=HYPERLINK(1)"}
+    payout = {"id": "po_1", "status": "failed", "arrival_date": "2026-11-20T00:00:00Z",
+              "amount": {"amount": 12345, "currency": "eur"}, "balanced": False,
+              "automatic": True, "reconciliation_status": "+in_progress",
+              "transactions_fetched": True, "failure_code": "@code",
+              "balance_transactions": [member]}
+    (cells,) = payouts.csv_rows([payout])
+    line = dict(zip(payouts.CSV_COLUMNS, cells, strict=True))
+    assert (line["payout_amount"], line["payout_currency"]) == ("123.45", "eur")
+    assert (line["amount"], line["fee"], line["net"], line["currency"]) == (
+        "5.00", "5.00", "5.00", "gbp")
+    assert (line["payment_amount"], line["payment_currency"]) == ("1000", "jpy")
+    assert (line["payout_automatic"], line["payout_transactions_fetched"],
+            line["payout_balanced"]) == ("true", "true", "false")
+    assert (line["payout_reconciliation_status"], line["payout_failure_code"],
+            line["campaign"]) == ("'+in_progress", "'@code", "'=HYPERLINK(1)")
+    # the new columns sit beside their kin, the old ones keep their order
+    columns = list(payouts.CSV_COLUMNS)
+    assert columns[columns.index("payout_amount") + 1] == "payout_currency"
+    assert columns[columns.index("net") + 1] == "currency"
+    assert columns[columns.index("payment_amount") + 1] == "payment_currency"
+    old = ["payout", "payout_status", "payout_arrival_date", "payout_amount",
+           "payout_balanced", *payouts.MEMBER_FIELDS]
+    assert [c for c in columns if c in old] == old

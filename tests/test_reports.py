@@ -633,6 +633,44 @@ async def test_a_report_the_disk_cannot_take_leaves_the_out_file_as_it_was(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.csv"]  # noqa: ASYNC240
 
 
+def test_a_cli_report_leaves_no_embedded_postgres_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without DATABASE_URL a report starts an embedded PostgreSQL: an `--out` that cannot be
+    written (a folder that does not exist, a folder) is one line before it is started, and a
+    report failing once it is started stops it."""
+    started: list[str] = []  # the servers running
+    starts: list[str] = []  # every start
+
+    class Server:
+        def stop(self) -> None:
+            started.remove("running")
+
+    async def with_database(_: object) -> tuple[str, Server]:
+        started.append("running")
+        starts.append("started")
+        return "postgresql://postgres@127.0.0.1:1/never", Server()
+
+    async def migrate(_: str) -> list[str]:
+        raise db.MigrationError("the migrations on disk and in the database disagree")
+
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.setenv("DONATIONS_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("LOG_LEVEL", "warning")
+    monkeypatch.setattr(cli, "_with_database", with_database)
+    monkeypatch.setattr(db, "migrate", migrate)
+    report = ["report", "contributions", "--from", "2026-01-01", "--to", "2026-02-01"]
+    for out in (tmp_path / "no-such-folder" / "january.csv", tmp_path):
+        assert cli.main([*report, "--out", str(out)]) == 1
+        assert capsys.readouterr().err.splitlines()[-1].startswith(
+            f"donations: cannot write the report to {out}: ")
+        assert starts == []  # never started
+    assert cli.main([*report, "--out", str(tmp_path / "january.csv")]) == 1
+    assert "migration error" in capsys.readouterr().err
+    assert (starts, started) == (["started"], [])  # started, and stopped
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no partial report left
+
+
 async def test_the_cli_summary_takes_format_json_as_the_other_reports_do(dsn: str) -> None:
     """`report summary` takes `--format json` (its only format, the default) like the other
     reports; `--format csv` is refused by the argument parser (exit 2)."""
