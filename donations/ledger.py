@@ -389,7 +389,10 @@ def _refunded(charge: Snapshot | None, refunds: list[Snapshot]) -> int:
 
     The charge's `amount_refunded` also counts refunds whose own events we have not seen, but a
     refund that failed or was canceled after that charge snapshot gives its money back, so then
-    only the live refunds count.
+    only the live refunds count. On a charge captured for less than it authorised, it also
+    counts the part never captured (Stripe releases it "automatically refunded", so `amount` is
+    what was authorised, `amount_captured` what was taken): that was never the publisher's
+    money, and the payment's amount is the captured one, so it is no refund of it.
     """
     live = sum(_int(r.get("amount")) for r in refunds if r.get("status") in LIVE_REFUND)
     if charge is None:
@@ -397,7 +400,10 @@ def _refunded(charge: Snapshot | None, refunds: list[Snapshot]) -> int:
     voided = [r.version.created for r in refunds if r.get("status") not in LIVE_REFUND]
     if voided and max(voided) >= charge.version.created:
         return live
-    return max(live, _int(charge.get("amount_refunded")))
+    captured = _int(charge.get("amount_captured"))
+    released = (max(0, _int(charge.get("amount")) - captured)
+                if charge.get("captured") is not False and captured > 0 else 0)
+    return max(live, _int(charge.get("amount_refunded")) - released)
 
 
 def _dispute_held(dispute: Snapshot) -> int:

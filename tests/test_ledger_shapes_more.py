@@ -1,0 +1,137 @@
+"""Shapes the pinned API version (2026-10-28.endive) writes that the ledger once mis-read.
+
+Each event is built with tests/fakestripe/objects.py (whose builders follow the stripe library's
+typed resources); a field set by hand names its source. Events are signed and posted to the
+webhook as Stripe posts them, and the ledger rows are read back from PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import asyncpg
+
+from tests.conftest import Client
+from tests.fakestripe import objects as o
+from tests.webhook_helpers import count, post_all, post_event
+
+T0 = 1_796_000_000  # after the pinned version's date
+DAY = 86_400
+
+
+def _ev(type_: str, obj: dict[str, Any], created: int, tag: str) -> dict[str, Any]:
+    return o.event(type_, json.loads(json.dumps(obj)), created=created, id=f"evt_review_{tag}")
+
+
+async def _payment(pool: asyncpg.Pool, key: str) -> asyncpg.Record:
+    row = await pool.fetchrow("SELECT * FROM payments WHERE payment_key = $1", key)
+    assert row is not None, f"no payment {key}"
+    return row
+
+
+# --- a partially captured charge ------------------------------------------------------------------
+
+
+def _partially_captured(name: str, authorised: int, captured: int
+                        ) -> tuple[list[dict[str, Any]], str, str]:
+    """A manual-capture payment intent authorised for `authorised` and captured for `captured`.
+
+    stripe/_charge.py `amount_captured`: "can be less than the amount attribute on the charge if a
+    partial capture was made"; Stripe's API reference for the capture (`amount` of
+    POST /v1/charges/{id}/capture, `amount_to_capture` of POST /v1/payment_intents/{id}/capture,
+    as the generated SDKs carry it, e.g. stripe-dotnet ChargeCaptureOptions.Amount, stripe-go
+    CaptureParams.Amount): "The amount to capture, which must be less than or equal to the
+    original amount. Any additional amount will be automatically refunded." So the captured
+    charge keeps `amount` (what was authorised), has `amount_captured` (what was taken) and
+    counts the released remainder in `amount_refunded`, with `refunded` false; the intent has
+    `amount_received` = the captured amount.
+    """
+    pi, ch, txn = f"pi_review_{name}", f"ch_review_{name}", f"txn_review_{name}"
+    cus = f"cus_review_{name}"
+    held_intent = o.payment_intent(amount=authorised, currency="gbp", created=T0, id=pi,
+                                   latest_charge=ch, customer=cus)
+    held_intent.update(status="requires_capture", amount_capturable=authorised,
+                       amount_received=0, capture_method="manual")
+    held = o.charge(amount=authorised, currency="gbp", created=T0, id=ch, payment_intent=pi,
+                    customer=cus, balance_transaction=None)
+    held.update(captured=False, amount_captured=0)
+
+    intent = dict(held_intent, status="succeeded", amount_capturable=0,
+                  amount_received=captured)
+    charge = o.charge(amount=authorised, currency="gbp", created=T0, id=ch, payment_intent=pi,
+                      customer=cus, balance_transaction=txn,
+                      amount_refunded=authorised - captured)
+    charge.update(amount_captured=captured)
+    assert charge["captured"] is True and charge["refunded"] is False
+    return [
+        _ev("charge.succeeded", held, T0, f"{name}_1"),
+        _ev("payment_intent.amount_capturable_updated", held_intent, T0, f"{name}_2"),
+        _ev("charge.captured", charge, T0 + 3600, f"{name}_3"),
+        _ev("payment_intent.succeeded", intent, T0 + 3600, f"{name}_4"),
+    ], pi, ch
+
+
+async def test_a_partially_captured_charge_is_not_a_refund(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """£20 authorised, £15 captured: the reader gave £15 and nothing was refunded to them. The
+    £5 never taken (the released part of the authorisation, which Stripe counts in the charge's
+    `amount_refunded`) must not be recorded as £5 refunded of the £15 taken, or the totals,
+    the summary and the contributions report lose £5 that Stripe kept."""
+    events, pi, _ = _partially_captured("pcap", 2000, 1500)
+    await post_all(client, events)
+
+    row = await _payment(pool, pi)
+    assert (row["status"], row["amount"]) == ("succeeded", 1500)
+    assert row["amount_refunded"] == 0
+
+
+async def test_a_refund_of_a_partially_captured_charge_counts_only_itself(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """Then £3 of the £15 is refunded (a Refund of 300; the charge's `amount_refunded` grows by
+    300, to 800 with the 500 released at capture): the payment is £15 with £3 refunded."""
+    events, pi, ch = _partially_captured("pcref", 2000, 1500)
+    refund = o.refund(amount=300, currency="gbp", created=T0 + DAY, charge=ch,
+                      payment_intent=pi, id="re_review_pcref",
+                      balance_transaction="txn_review_pcref_refund")
+    refunded = o.charge(amount=2000, currency="gbp", created=T0, id=ch, payment_intent=pi,
+                        customer="cus_review_pcref", balance_transaction="txn_review_pcref",
+                        amount_refunded=800)
+    refunded.update(amount_captured=1500)
+    events += [
+        _ev("refund.created", refund, T0 + DAY, "pcref_5"),
+        _ev("charge.refunded", refunded, T0 + DAY, "pcref_6"),
+    ]
+    await post_all(client, events)
+
+    row = await _payment(pool, pi)
+    assert (row["status"], row["amount"]) == ("succeeded", 1500)
+    assert row["amount_refunded"] == 300
+
+
+# --- an event of a connected account -------------------------------------------------------------
+
+
+async def test_an_event_of_a_connected_account_is_not_our_money(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """An event with `account` set (stripe/_event.py: "The connected account that originates
+    the event"; only a Connect endpoint receives them) is about another Stripe account's
+    balance: its payment is not a contribution to this publisher, and must not enter the
+    ledger (nor the public totals, nor the reports, where reconciliation would then find no
+    balance transaction of ours for it)."""
+    pi, ch = "pi_review_connect", "ch_review_connect"
+    intent = o.payment_intent(amount=5000, currency="gbp", created=T0, id=pi, latest_charge=ch,
+                              customer="cus_review_connect")
+    charge = o.charge(amount=5000, currency="gbp", created=T0, id=ch, payment_intent=pi,
+                      customer="cus_review_connect", balance_transaction="txn_review_connect")
+    for n, (type_, obj) in enumerate((("payment_intent.succeeded", intent),
+                                      ("charge.succeeded", charge))):
+        event = _ev(type_, obj, T0, f"connect_{n}")
+        event["account"] = "acct_1ReviewConnected"
+        status, _ = await post_event(client, event)
+        assert status in (200, 400)
+
+    assert await count(pool, "payments") == 0
