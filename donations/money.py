@@ -7,10 +7,13 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 # Stripe's lists (docs.stripe.com/currencies). A zero-decimal currency has no minor unit: ¥1,000 is
-# 1000. A three-decimal one counts in thousandths (1.000 BHD is 1000).
+# 1000. A three-decimal one counts in thousandths (1.000 BHD is 1000). Stripe's "special cases"
+# are two-decimal in the API although the currency has no minor unit any more: ISK, HUF, TWD and
+# UGX, which Stripe's zero-decimal list also names ("to charge 5 UGX, provide an amount value of
+# 500"), so it is not here.
 ZERO_DECIMAL = frozenset(
     ["bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga",
-     "pyg", "rwf", "ugx", "vnd", "vuv", "xaf", "xof", "xpf"]
+     "pyg", "rwf", "vnd", "vuv", "xaf", "xof", "xpf"]
 )
 THREE_DECIMAL = frozenset(["bhd", "jod", "kwd", "omr", "tnd"])
 

@@ -31,6 +31,9 @@ from donations.money import (
         (1000, "bhd", "1.000"),
         (5, "kwd", "0.005"),
         (0, "eur", "0.00"),
+        # Stripe's special cases: no minor unit any more, two-decimal in the API all the same
+        (500_000, "ugx", "5000.00"),
+        (50_000, "isk", "500.00"),
     ],
 )
 def test_to_major_writes_the_currency_exponent(amount: int, currency: str, text: str) -> None:
