@@ -63,10 +63,15 @@ BUSY_ATTEMPTS = 6
 BUSY_FIRST_DELAY = 1.0
 BUSY_MAX_DELAY = 30.0
 STORE_CHUNK = 500  # balance transactions a comparison stores per transaction
-# The comparison takes its window a day at a time, oldest first, moving compared_through after
-# each: a run over months (`--since`, the first one after an import) holds one day's balance
-# transactions in memory, not the window's, and one stopped half-way resumes from its last day.
+# The comparison takes its window a span at a time, oldest first, moving compared_through after
+# each: a run over months (`--since`, the first one after an import) holds about COMPARE_BATCH
+# balance transactions in memory, not the window's, and one stopped half-way resumes after its
+# last span. The first span is a day; a span that listed a quarter of COMPARE_BATCH or fewer
+# doubles the next one (quiet months cost a request or two, not thirty), one that listed more
+# than COMPARE_BATCH halves it, down to an hour.
 COMPARE_SPAN = 86400
+COMPARE_BATCH = 5000
+MIN_COMPARE_SPAN = 3600
 REEXAMINE = 200  # open discrepancies outside the window a run looks at again, at most
 
 _DONE = ("processed", "ignored", "needs_attention")
@@ -716,12 +721,14 @@ def _object_of(bt: dict[str, Any]) -> str | None:
 
 
 async def _compare_window(state: _Run, start: int, end: int) -> None:
-    """Compare [start, end] a span at a time, oldest first; after each, compared_through moves
-    to where that span's comparison is known complete."""
-    span_start = start
+    """Compare [start, end] a span at a time, oldest first (see COMPARE_SPAN); after each,
+    compared_through moves to where that span's comparison is known complete."""
+    span_start, span = start, state.compare_span
     while True:
-        span_end = min(end, span_start + state.compare_span - 1)
+        span_end = min(end, span_start + span - 1)
+        before = state.result.balance_transactions
         compared = await _compare(state, span_start, span_end, reexamine=span_start == start)
+        listed = state.result.balance_transactions - before
         async with db.connection(state.pool) as conn:
             # only forward, and only from a span that reached back to where it stood
             await conn.execute(
@@ -736,6 +743,10 @@ async def _compare_window(state: _Run, start: int, end: int) -> None:
             # (Stripe's clock behind the span's end: the rest is for the next run)
             return
         span_start = span_end + 1
+        if listed <= COMPARE_BATCH // 4:
+            span *= 2
+        elif listed > COMPARE_BATCH:
+            span = max(MIN_COMPARE_SPAN, span // 2)
 
 
 async def _compare(state: _Run, start: int, end: int, *, reexamine: bool) -> int:
