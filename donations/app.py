@@ -310,6 +310,21 @@ def error_answer(request: web.Request, exc: Exception) -> web.Response:
         if exc.status >= 500:
             log.warning("request_failed", code=exc.code)
         return web.json_response(exc.body(), status=exc.status, headers=exc.headers)
+    if isinstance(exc, web.RequestPayloadError):
+        # aiohttp could not read the body as sent (a Content-Encoding that does not decode: gzip
+        # on bytes that are not gzip): the client's fault, whichever handler was reading. The
+        # rest of the body cannot be read either, so the connection is closed after the answer
+        # (what follows is no next request), and the body is marked read: otherwise aiohttp,
+        # once the answer is sent, reads it again to drain it and logs the same failure as an
+        # "Unhandled exception" with its traceback
+        response = web.json_response(
+            {"error": {"code": "malformed_body",
+                       "message": "the body could not be read (its Content-Encoding)"}},
+            status=400,
+        )
+        response.force_close()
+        request.content.feed_eof()
+        return response
     if isinstance(exc, web.HTTPException):
         code = re.sub(r"[^a-z]+", "_", (exc.reason or "error").lower()).strip("_")
         return web.json_response(

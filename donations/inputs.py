@@ -168,7 +168,12 @@ def currency(value: object, name: str = "currency") -> str:
 
 
 def timestamp(value: object, name: str) -> datetime:
-    """An RFC 3339 timestamp or an ISO date (midnight UTC); naive times are taken as UTC."""
+    """An RFC 3339 timestamp or an ISO date (midnight UTC); naive times are taken as UTC.
+
+    To the whole second, a fraction dropped (`…T10:00:00.5Z` is 10:00:00): the moment is
+    reported to the second (`rfc3339`) and Stripe's times are whole seconds, so a window kept
+    with the fraction would not be the one reported (a payment at 10:00:00 outside a campaign
+    said to start then)."""
     if not isinstance(value, str):
         raise BadRequest("invalid_timestamp", f"{name} must be an RFC 3339 timestamp or a date",
                          field=name)
@@ -182,13 +187,15 @@ def timestamp(value: object, name: str) -> datetime:
     # OverflowError: a moment before the year 1 or after 9999 once in UTC
     except (ValueError, OverflowError):
         moment = _FIRST
+    second = moment.replace(microsecond=0)
     # asyncpg writes the very first and last instants (datetime.min and max) as PostgreSQL's
-    # -infinity and infinity, which come back as no moment at all
-    if not _FIRST < moment < _LAST:
+    # -infinity and infinity, which come back as no moment at all: neither the moment given
+    # may be the last, nor its whole second the first
+    if not (second > _FIRST and moment < _LAST):
         raise BadRequest("invalid_timestamp", f"{name} must be an RFC 3339 timestamp or a date "
-                         "after the first instant of the year 1 and before the last of 9999",
-                         field=name)
-    return moment
+                         "after the first second of the year 1 and before the last instant of "
+                         "9999", field=name)
+    return second
 
 
 _FIRST = datetime.min.replace(tzinfo=UTC)
@@ -206,7 +213,11 @@ def utc_seconds(value: datetime) -> str:
     return value.astimezone(UTC).replace(microsecond=0, tzinfo=None).isoformat()
 
 
-def whole_number(raw: str, *, max_digits: int = 18) -> int | None:
+# what whole_number reads by default: ids, pages (999,999,999,999,999,999 at most, in a bigint)
+WHOLE_NUMBER_DIGITS = 18
+
+
+def whole_number(raw: str, *, max_digits: int = WHOLE_NUMBER_DIGITS) -> int | None:
     """`raw` as a whole number when it is 1 to `max_digits` ASCII digits; None otherwise.
     (`str.isdigit` is true for "²" and "٣", and `int` takes "٣", " 3" and "1_000".)"""
     if 0 < len(raw) <= max_digits and raw.isascii() and raw.isdigit():

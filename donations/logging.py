@@ -10,6 +10,7 @@ from contextvars import ContextVar
 from typing import Any
 
 import structlog
+from aiohttp.http_exceptions import HttpProcessingError
 
 from donations.db import UNAVAILABLE_ERRORS
 
@@ -113,6 +114,26 @@ class _OutageWithoutTraceback(logging.Filter):
         return True
 
 
+class _BadRequestQuietly(logging.Filter):
+    """aiohttp's server logs a request its parser refuses (a NUL in a header, a Content-Length
+    that is no number, a line too long) at ERROR with a traceback, then answers it 400 itself:
+    the client's fault, and any scanner's probes would fill the error log. One line at info
+    naming the error. (aiohttp already logs a first request that is not HTTP at debug.)"""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if record.levelno > logging.INFO and isinstance(error, HttpProcessingError):
+            reason = " ".join(error.message.split())  # aiohttp's is lines, with a caret
+            record.msg = f"{record.getMessage()} ({type(error).__name__}: {reason})"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
+            # the logger let it through at ERROR; at info it is written only when info is
+            return logging.getLogger(record.name).isEnabledFor(logging.INFO)
+        return True
+
+
 def configure(log_format: str = "json", level: str = "info") -> None:
     """Configure once at start. JSON lines in production; a readable console on a terminal."""
     shared: list[Any] = [
@@ -159,6 +180,9 @@ def configure(log_format: str = "json", level: str = "info") -> None:
     pool_logger = logging.getLogger("asyncpg.pool")
     if not any(isinstance(f, _OutageWithoutTraceback) for f in pool_logger.filters):
         pool_logger.addFilter(_OutageWithoutTraceback())
+    server_logger = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _BadRequestQuietly) for f in server_logger.filters):
+        server_logger.addFilter(_BadRequestQuietly())
 
 
 def _redact_traceback(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from donations import __version__
+from donations.inputs import WHOLE_NUMBER_DIGITS
 from donations.reconcile import PAGE_DEFAULT, PAGE_MAX, RUN_EMBEDDED
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
@@ -77,12 +78,16 @@ _DISCREPANCY_PAGE: dict[str, Any] = {
         "has_more": {"type": "boolean"},
         "next": {"type": ["string", "null"], "description": "the path of the next page; null "
                  "on the last"}}}
+# An id in a path or a page's `after`: inputs.whole_number reads at most 18 digits; anything
+# else is 400 invalid_after (a query) or 404 (a path: no such id).
+_ID: dict[str, Any] = {"type": "integer", "minimum": 0,
+                       "maximum": 10**WHOLE_NUMBER_DIGITS - 1}
 _PAGE: list[dict[str, Any]] = [
     {"name": "limit", "in": "query", "required": False,
      "schema": {"type": "integer", "minimum": 1, "maximum": PAGE_MAX,
                 "default": PAGE_DEFAULT}},
     {"name": "after", "in": "query", "required": False, "description": "the last id of the "
-     "page before", "schema": {"type": "integer", "minimum": 0, "default": 0}},
+     "page before", "schema": {**_ID, "default": 0}},
 ]
 
 SPEC: dict[str, Any] = {
@@ -153,7 +158,7 @@ SPEC: dict[str, Any] = {
             "of this one (`next`).",
             "security": [{"bearer": []}],
             "parameters": [{"name": "id", "in": "path", "required": True,
-                            "schema": {"type": "integer"}}, *_PAGE],
+                            "schema": _ID}, *_PAGE],
             "responses": {
                 "200": _json(_DISCREPANCY_PAGE, "A page of the run's discrepancies"),
                 "400": _error("limit or after cannot be read (the field is named)"),
@@ -183,7 +188,7 @@ SPEC: dict[str, Any] = {
             "again; a difference that changes is opened as a new discrepancy.",
             "security": [{"bearer": []}],
             "parameters": [{"name": "id", "in": "path", "required": True,
-                            "schema": {"type": "integer"}}],
+                            "schema": _ID}],
             "requestBody": {"required": True, "content": {"application/json": {"schema": {
                 "type": "object", "required": ["note"],
                 "properties": {"note": {"type": "string", "minLength": 1,
@@ -260,8 +265,17 @@ SPEC: dict[str, Any] = {
                 "type": "string", "pattern": "^[0-9]{4}-[0-9]{2}$"},
                 "description": "read once signed in (400 when not a month); the sign-in page "
                                "ignores it"}],
-            "responses": {"200": {"description": "HTML",
-                                  "content": {"text/html": {"schema": {"type": "string"}}}}}}},
+            "responses": {
+                "200": {"description": "HTML: the sign-in page, or signed in the month's "
+                        "figures", "content": {"text/html": {"schema": {"type": "string"}}}},
+                "400": _error("Signed in: month is not a month from 1970-01 to 9998-12 "
+                              "(invalid_month)"),
+                "429": {"description": "With a session cookie, after too many failed token "
+                        "attempts from this client: the sign-in page saying so; see "
+                        "Retry-After", "content": {"text/html": {"schema": {"type": "string"}}}},
+                "503": _error("With a session cookie: the database is unavailable or busy; see "
+                              "Retry-After"),
+            }}},
         "/openapi.json": {"get": {"summary": "This document", "responses": {
             "200": _json({"type": "object"}, "OpenAPI 3 description")}}},
     },
@@ -339,8 +353,11 @@ def _checkout(summary: str, recurring: bool) -> dict[str, Any]:
         required.append("interval")
     return {"post": {
         "summary": summary,
+        # idempotency.key_of: anything else is 400 invalid_idempotency_key
         "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
-                        "schema": {"type": "string", "maxLength": 200}}],
+                        "schema": {"type": "string", "minLength": 1, "maxLength": 200,
+                                   "pattern": "^[!-~]{1,200}$"},
+                        "description": "1 to 200 visible ASCII characters (a UUID is best)"}],
         "requestBody": {"required": True, "content": {"application/json": {"schema": {
             "type": "object", "required": required, "properties": properties,
             "additionalProperties": False}}}},
@@ -359,15 +376,24 @@ SPEC["paths"].update({
         recurring=True),
     "/v1/checkout/options": {"get": {
         "summary": "Currencies, suggested amounts and limits, and the founding offer",
-        "responses": {"200": _json({"type": "object"}, "What the forms offer")},
+        "responses": {
+            "200": _json({"type": "object"}, "What the forms offer"),
+            "503": _error("The database is unavailable or busy; see Retry-After"),
+        },
     }},
     "/v1/portal-sessions": {"post": {
         "summary": "A Stripe customer portal link for a supporter",
         "security": [{"bearer": []}],
+        # portal.create_portal_session: either customer or email, nothing else
         "requestBody": {"required": True, "content": {"application/json": {"schema": {
             "type": "object", "required": ["return_url"], "properties": {
-                "customer": {"type": "string"}, "email": {"type": "string"},
-                "return_url": {"type": "string"}}}}}},
+                "customer": {"type": "string", "pattern": "^cus_[A-Za-z0-9]{1,250}$",
+                             "description": "a Stripe customer id"},
+                "email": {"type": "string", "minLength": 1, "maxLength": 254,
+                          "description": "the supporter's, as in the ledger"},
+                "return_url": {"type": "string", "description": "on SITE_ORIGINS"}},
+            "oneOf": [{"required": ["customer"]}, {"required": ["email"]}],
+            "additionalProperties": False}}}},
         "responses": {
             "201": _json({"type": "object", "properties": {"url": {"type": "string"}}},
                          "Send the supporter to `url`"),
@@ -377,7 +403,8 @@ SPEC["paths"].update({
             "403": _error("A token without the portal or admin scope"),
             "404": _error("No such supporter (by e-mail in the ledger, or at Stripe)"),
             "413": _error("Body over 64 KiB"),
-            "422": _error("return_url not on SITE_ORIGINS"),
+            "422": _error("return_url not an http(s) URL on SITE_ORIGINS, or email or "
+                          "return_url too long"),
             "502": _error("Stripe refused the request"),
             "503": _error("Stripe not configured or unavailable"),
         },

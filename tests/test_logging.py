@@ -3,6 +3,7 @@ handled, and no e-mail address or secret in full anywhere."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -20,7 +21,7 @@ from donations.app import install_routes
 from donations.errors import BadRequest
 from donations.logging import _scrub, configure, mask_email, redact
 from donations.metrics import Metrics
-from tests.conftest import WEBHOOK_SECRET, Client
+from tests.conftest import WEBHOOK_SECRET, Client, raw_request
 from tests.fakestripe.signing import signed_request
 from tests.fakestripe.world import World
 from tests.webhook_helpers import post_all, post_event
@@ -172,6 +173,45 @@ def test_the_pools_reconnect_warnings_carry_no_traceback(json_logs: Output) -> N
     assert "ConnectionRefusedError" in line["event"]
     assert "exception" not in line
     assert "Traceback" not in json_logs.text
+
+
+_MALFORMED_REQUESTS = {
+    "nul-in-a-header": b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Probe: a\x00b\r\n"
+                       b"Connection: close\r\n\r\n",
+    "content-length-not-a-number": b"POST /webhooks/stripe HTTP/1.1\r\nHost: x\r\n"
+                                   b"Content-Length: abc\r\nConnection: close\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("request_bytes", list(_MALFORMED_REQUESTS.values()),
+                         ids=list(_MALFORMED_REQUESTS))
+async def test_a_request_aiohttp_cannot_parse_is_one_info_line_without_a_traceback(
+    info_logs: Output, client: Client, request_bytes: bytes
+) -> None:
+    """A request aiohttp's parser refuses (a NUL in a header value, as a scanner's probe sends;
+    a Content-Length that is no number) is the client's fault, answered 400 by aiohttp, which
+    logs it (`aiohttp.server`, "Error handling request from …") at ERROR with a traceback: any
+    scanner would fill the error log. One line at info naming the error, as the pool's
+    reconnect warnings are written."""
+    status, _ = await raw_request(client, request_bytes)
+    assert status == 400
+    await asyncio.sleep(0.1)
+    (line,) = [line for line in info_logs.lines() if line["logger"] == "aiohttp.server"]
+    assert line["level"] == "info", line
+    assert line["event"].startswith("Error handling request from "), line
+    assert "BadHttpMessage" in line["event"] or "InvalidHeader" in line["event"], line
+    assert "\n" not in line["event"], line
+    assert "exception" not in line
+    assert "Traceback" not in info_logs.text
+
+
+async def test_at_warning_a_request_aiohttp_cannot_parse_is_not_written(
+    warning_logs: Output, client: Client
+) -> None:
+    status, _ = await raw_request(client, _MALFORMED_REQUESTS["nul-in-a-header"])
+    assert status == 400
+    await asyncio.sleep(0.1)
+    assert [line for line in warning_logs.lines() if line["logger"] == "aiohttp.server"] == []
 
 
 def test_json_output_is_one_object_a_line(json_logs: Output) -> None:

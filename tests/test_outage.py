@@ -268,6 +268,35 @@ async def test_a_database_not_accepting_connections_is_503_not_500(
     assert "donations_database_up 0" in metrics_text
 
 
+@pytest.mark.parametrize(("path", "headers"), [
+    ("/v1/checkout/options", {}),
+    ("/staff/", {"Cookie": "donations_staff=dns_any_session"}),
+], ids=["checkout-options", "staff-page-with-a-cookie"])
+async def test_a_503_of_the_database_being_unavailable_is_in_the_openapi_document(
+    refusing_database: tuple[str, str], server_dsn: str, aiohttp_client: AiohttpClient,
+    path: str, headers: dict[str, str],
+) -> None:
+    """With PostgreSQL not taking connections, the checkout options and the staff page with a
+    session cookie (to check) are 503 database_unavailable (app.py `error_answer`), and
+    /openapi.json lists that answer for them: a client generated from it expects it."""
+    url, name = refusing_database
+    client = await aiohttp_client(create_app(make_settings(url)))
+    admin = await asyncpg.connect(server_dsn)
+    try:
+        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name)
+    finally:
+        await admin.close()
+    await asyncio.sleep(0.5)
+    response = await client.get(path, headers=headers)
+    body = await response.json()
+    assert (response.status, body["error"]["code"]) == (503, "database_unavailable"), body
+    assert response.headers["Retry-After"] == "5"
+    spec = await (await client.get("/openapi.json")).json()
+    assert "503" in spec["paths"][path]["get"]["responses"], spec["paths"][path]["get"]
+
+
 async def test_a_webhook_groups_connection_killed_mid_transaction_is_503_and_rolled_back(
     client: Client, pool: asyncpg.Pool, dsn: str
 ) -> None:

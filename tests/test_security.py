@@ -123,6 +123,64 @@ async def test_stripe_echoing_a_refused_address_does_not_log_it_in_full(
 
 
 
+# --- bodies that cannot be read --------------------------------------------------------------
+
+
+_NOT_GZIP = b"this is not gzip at all"
+
+
+async def _post_not_gzip(client: Client, path: str, headers: dict[str, str]) -> None:
+    """POST `path` a body labelled `Content-Encoding: gzip` that is not gzip: 400
+    malformed_body in the error shape, and the connection closed after it."""
+    content_type = ("application/x-www-form-urlencoded" if path == "/staff/login"
+                    else "application/json")
+    response = await client.post(path, data=_NOT_GZIP, headers={
+        **headers, "Content-Encoding": "gzip", "Content-Type": content_type})
+    text = await response.text()
+    assert response.status == 400, (path, response.status, text)
+    assert json.loads(text) == {"error": {
+        "code": "malformed_body",
+        "message": "the body could not be read (its Content-Encoding)"}}, (path, text)
+    assert response.headers.get("Connection", "").lower() == "close", (path, response.headers)
+
+
+async def test_a_body_that_does_not_decompress_is_400_not_500(
+    client: Client, pool: asyncpg.Pool, json_logs: Output
+) -> None:
+    """`Content-Encoding: gzip` on a body that is not gzip: aiohttp raises
+    web.RequestPayloadError from the body read (inputs.read_json, the webhook's, the staff
+    login's form), whichever handler reads it. It is the client's malformed request: 400 in
+    the error shape, the connection closed (what follows is no next request), nothing logged
+    as an error (neither `request_crashed` nor aiohttp's "Unhandled exception" as it drains
+    the broken body), and the webhook stores nothing."""
+    admin = {"Authorization": f"Bearer {await _token(pool, 'ops', 'admin')}"}
+    for path, headers in [
+        ("/webhooks/stripe", {"Stripe-Signature": "t=1,v1=00"}),
+        ("/v1/campaigns", admin),
+        ("/v1/reconciliation/discrepancies/1/acknowledge", admin),
+        ("/staff/login", {}),
+    ]:
+        await _post_not_gzip(client, path, headers)
+    assert await pool.fetchval("SELECT count(*) FROM stripe_events") == 0
+    assert await pool.fetchval("SELECT count(*) FROM campaigns") == 0
+    assert (await client.get("/healthz")).status == 200  # the service carries on
+    errors = [line for line in json_logs.lines() if line["level"] in ("error", "critical")]
+    assert errors == [], errors
+    assert "Traceback" not in json_logs.text
+
+
+async def test_a_checkout_or_portal_body_that_does_not_decompress_is_400(
+    pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
+) -> None:
+    """The same at checkout and the portal (the site's and its server's POSTs)."""
+    async with checkout_service(aiohttp_client, dsn) as (client, _fake):
+        await _post_not_gzip(client, "/v1/checkout/contributions", {})
+        await _post_not_gzip(client, "/v1/checkout/subscriptions", {})
+        await _post_not_gzip(client, "/v1/portal-sessions", {
+            "Authorization": f"Bearer {await _token(pool, 'site', 'portal')}"})
+    assert await pool.fetchval("SELECT count(*) FROM checkout_requests") == 0
+
+
 # --- unauthenticated writes ------------------------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 
 import asyncpg
@@ -11,7 +12,9 @@ from pytest_aiohttp import AiohttpClient
 from donations import auth, db
 from donations.app import create_app
 from tests.conftest import Client, make_settings, raw_request
+from tests.fakestripe.world import World
 from tests.test_cli import _env, _run
+from tests.webhook_helpers import post_all
 
 
 async def _token(pool: asyncpg.Pool, name: str, *scopes: str) -> str:
@@ -226,6 +229,32 @@ async def test_a_campaign_at_the_first_or_last_instant_is_refused_and_the_list_s
     [campaign] = (await listed.json())["data"]
     assert (campaign["starts_at"], campaign["ends_at"]) == (
         "0001-01-01T00:00:01Z", "9999-12-31T23:59:59Z")
+
+
+@pytest.mark.parametrize(("field", "counted"), [("starts", 1), ("ends", 0)])
+async def test_a_campaign_window_edge_with_a_fraction_of_a_second_is_the_one_reported(
+    client: Client, pool: asyncpg.Pool, field: str, counted: int
+) -> None:
+    """`starts` or `ends` of `…T10:00:00.5Z` is answered (and listed) as `…T10:00:00Z`, so
+    that is the window kept: a contribution made at 10:00:00 (Stripe's times are whole
+    seconds) is inside a campaign said to start then (starts inclusive) and outside one said
+    to end then (ends exclusive), not the other way round."""
+    world = World(seed=404)
+    world.one_off(2500, "gbp", email="reader@example.org", campaign="launch")
+    await post_all(client, world.events)
+    happened = await pool.fetchval("SELECT created_at FROM payments")
+    assert happened is not None and happened.microsecond == 0
+    second = happened.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    headers = _bearer(await _token(pool, "ops", "admin"))
+    made = await client.post("/v1/campaigns", headers=headers, json={
+        "slug": "launch", "title": "Launch", field: f"{second}.5Z"})
+    body = await made.json()
+    assert made.status == 201, body
+    assert body[f"{field}_at"] == f"{second}Z"  # the window the API says it has
+    stored = await pool.fetchrow("SELECT starts_at, ends_at FROM campaigns")
+    assert stored is not None and stored[f"{field}_at"] == happened
+    totals = await (await client.get("/v1/campaigns/launch/totals")).json()
+    assert totals["contributions"] == counted, totals
 
 
 async def test_a_title_with_a_control_character_is_refused(

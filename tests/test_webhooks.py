@@ -7,6 +7,7 @@ import copy
 import datetime as dt
 import io
 import json
+import re
 import time
 from typing import Any
 
@@ -19,9 +20,10 @@ from donations.events import PINNED_API_VERSION, NotAnEvent, parse_event
 from donations.ingest import Outcome, ingest_many, retry_unfinished
 from donations.ledger import FoundingOffer
 from donations.openapi import SPEC
+from donations.reconcile import PAGE_MAX
 from donations.settings import Secret
-from tests.checkout_helpers import checkout_service, token
-from tests.conftest import WEBHOOK_SECRET, Client, make_settings, payments_refused
+from tests.checkout_helpers import SITE, checkout_service, token
+from tests.conftest import WEBHOOK_SECRET, Client, make_settings, payments_refused, staff_cookie
 from tests.fakestripe import objects as shapes
 from tests.fakestripe.signing import sign, signed_request
 from tests.fakestripe.world import World
@@ -430,6 +432,118 @@ async def test_openapi_lists_every_status_the_routes_answer(
         (path, method, status) for path, method, status in seen
         if str(status) not in spec["paths"][path][method]["responses"]})
     assert undocumented == [], "\n".join(map(str, undocumented))
+
+
+def _listed(path: str, method: str) -> set[str]:
+    """The statuses the OpenAPI document lists for an operation."""
+    return set(SPEC["paths"][path][method]["responses"])
+
+
+async def test_the_staff_pages_bad_month_and_rate_limited_answers_are_in_the_openapi_document(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """GET /staff/ signed in with `month=2026-13` is 400 invalid_month (staff_page.py
+    `_month`); after 20 unknown session cookies from one client it is the sign-in page with
+    429 (staff_page.py `staff`). The document lists both."""
+    cookie = await staff_cookie(client, await token(pool, "finance", "reports:read"))
+    bad_month = await client.get("/staff/", params={"month": "2026-13"}, headers=cookie)
+    body = await bad_month.json()
+    assert (bad_month.status, body["error"]["code"]) == (400, "invalid_month"), body
+    statuses = []
+    for attempt in range(21):
+        response = await client.get(
+            "/staff/", headers={"Cookie": f"donations_staff=dns_bogus{attempt}"})
+        statuses.append(response.status)
+    assert statuses[-1] == 429, statuses
+    assert response.headers["Content-Type"].startswith("text/html")
+    assert {"200", "400", "429", "503"} <= _listed("/staff/", "get"), _listed("/staff/", "get")
+    assert "text/html" in SPEC["paths"]["/staff/"]["get"]["responses"]["429"]["content"]
+
+
+async def test_the_portal_sessions_request_schema_refuses_what_the_service_refuses(
+    pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
+) -> None:
+    """POST /v1/portal-sessions refuses an unknown field (400 unknown_field), a body with
+    neither or both of customer and email (400 missing_field) and a customer that is no
+    `cus_…` id (400 invalid_field): its request schema says so (additionalProperties false, one
+    of customer or email required, the id's pattern), so that a client generated from the
+    document, or schemathesis, sends no body the document calls valid and gets 400."""
+    async with checkout_service(aiohttp_client, dsn, World(seed=5)) as (client, _):
+        headers = {"Authorization": f"Bearer {await token(pool, 'site', 'portal')}"}
+        return_url = f"{SITE}/account"
+        for body, code in [
+            ({"customer": "cus_123", "return_url": return_url, "referrer": "x"},
+             "unknown_field"),
+            ({"return_url": return_url}, "missing_field"),
+            ({"customer": "cus_123", "email": "a@example.org", "return_url": return_url},
+             "missing_field"),
+            ({"customer": "123", "return_url": return_url}, "invalid_field"),
+            ({"email": "", "return_url": return_url}, "invalid_field"),
+        ]:
+            response = await client.post("/v1/portal-sessions", headers=headers, json=body)
+            error = (await response.json())["error"]
+            assert (response.status, error["code"]) == (400, code), body
+    schema = SPEC["paths"]["/v1/portal-sessions"]["post"]["requestBody"]["content"][
+        "application/json"]["schema"]
+    assert schema.get("additionalProperties") is False, schema
+    alternatives = [set(choice.get("required", ())) for choice in schema.get("oneOf", [])]
+    assert sorted(map(sorted, alternatives)) == [["customer"], ["email"]], schema
+    customer = re.compile(schema["properties"]["customer"]["pattern"])
+    assert customer.search("cus_123") and not customer.search("123"), schema
+    assert schema["properties"]["email"]["minLength"] == 1, schema
+
+
+async def test_the_largest_id_the_document_allows_is_read_and_one_more_digit_refused(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """`after` and the {id} of the reconciliation paths are read by inputs.whole_number, at
+    most 18 digits: the document gives that maximum, the service answers it (200, or 404 for
+    a path id nothing has), and beyond it `after` is 400 invalid_after."""
+    headers = {"Authorization": f"Bearer {await token(pool, 'finance', 'reports:read')}"}
+    too_big = await client.get("/v1/reconciliation/discrepancies",
+                               params={"after": str(10**19)}, headers=headers)
+    assert too_big.status == 400
+    assert (await too_big.json())["error"]["code"] == "invalid_after"
+    for path in ("/v1/reconciliation/discrepancies",
+                 "/v1/reconciliation/runs/{id}/discrepancies"):
+        (after,) = [p for p in SPEC["paths"][path]["get"]["parameters"] if p["name"] == "after"]
+        assert after["schema"].get("maximum") == 999_999_999_999_999_999, after
+    at_most = await client.get("/v1/reconciliation/discrepancies",
+                               params={"after": "999999999999999999", "limit": str(PAGE_MAX)},
+                               headers=headers)
+    assert at_most.status == 200, await at_most.text()
+    for path, method in (("/v1/reconciliation/runs/{id}/discrepancies", "get"),
+                         ("/v1/reconciliation/discrepancies/{id}/acknowledge", "post")):
+        (id_,) = [p for p in SPEC["paths"][path][method]["parameters"] if p["name"] == "id"]
+        assert id_["schema"].get("maximum") == 999_999_999_999_999_999, id_
+    largest = await client.get(
+        "/v1/reconciliation/runs/999999999999999999/discrepancies", headers=headers)
+    assert (largest.status, (await largest.json())["error"]["code"]) == (404, "run_not_found")
+
+
+async def test_the_checkout_idempotency_key_schema_refuses_what_the_service_refuses(
+    pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
+) -> None:
+    """The checkout's Idempotency-Key is 1 to 200 visible ASCII characters (idempotency.py
+    `_KEY`; anything else 400 invalid_idempotency_key): the document's schema says so (not
+    only maxLength 200, which lets "" and "a b" through)."""
+    async with checkout_service(aiohttp_client, dsn, World(seed=6)) as (client, _):
+        body = {"amount": 2500, "currency": "gbp", "success_url": f"{SITE}/thanks",
+                "cancel_url": f"{SITE}/support"}
+        for key in ("", "a b", "é", "x" * 201):
+            response = await client.post("/v1/checkout/contributions", json=body,
+                                         headers={"Idempotency-Key": key})
+            error = (await response.json())["error"]
+            assert (response.status, error["code"]) == (400, "invalid_idempotency_key"), key
+    for path in ("/v1/checkout/contributions", "/v1/checkout/subscriptions"):
+        (header,) = [p for p in SPEC["paths"][path]["post"]["parameters"]
+                     if p["name"] == "Idempotency-Key"]
+        schema = header["schema"]
+        assert (schema.get("minLength"), schema.get("maxLength")) == (1, 200), schema
+        pattern = re.compile(schema["pattern"])
+        assert pattern.search("a" * 200) and pattern.search("~!0-_")
+        for refused in ("", "a b", "é", "x" * 201):
+            assert not pattern.search(refused), (refused, schema)
 
 
 # --- failures in a group, and what is not an event --------------------------------------------
