@@ -102,6 +102,14 @@ class PaymentRow:
     # reports count it; a bank debit settles days after its charge was created
     settled_at: datetime | None
     created_at: datetime
+    # A bank debit (Bacs, SEPA) that Stripe booked in the balance when it was submitted and
+    # reversed when the bank refused it: that charge's `balance_transaction` (the booking, with
+    # Stripe's fee, which it keeps) and `failure_balance_transaction` (the reversal;
+    # stripe/_charge.py). Both are paid out like any other movement, so the contributions report
+    # shows them (sql/032); the payment's own balance_transaction, fee and net stay those of a
+    # charge that took the money (none, for a payment that failed: it kept no money).
+    booked_balance_transaction: str | None = None
+    failure_balance_transaction: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,6 +345,12 @@ def derive_payment(key: str, cluster: Cluster) -> PaymentRow | None:
     ) or (key if key.startswith("pi_") else None)
     bt_id = ref(good_charge.get("balance_transaction")) if good_charge else None
     bt = cluster.balance_transactions.get(bt_id) if bt_id else None
+    # a charge that failed after Stripe had booked it (a bank debit): the payment's own charge
+    # when it is one, else the first by id (a payment whose later try succeeded)
+    booked = [c for c in charges
+              if c.get("status") == "failed" and ref(c.get("balance_transaction"))]
+    failed_charge = next((c for c in booked if c.id == charge_id),
+                         booked[0] if booked else None)
 
     created = _first_int(
         good_charge and good_charge.get("created"),
@@ -373,6 +387,10 @@ def derive_payment(key: str, cluster: Cluster) -> PaymentRow | None:
         settlement_amount=bt.amount if bt else None,
         settled_at=bt.created_at if bt else None,
         created_at=_ts(created),
+        booked_balance_transaction=(ref(failed_charge.get("balance_transaction"))
+                                    if failed_charge else None),
+        failure_balance_transaction=(ref(failed_charge.get("failure_balance_transaction"))
+                                     if failed_charge else None),
     )
 
 

@@ -51,7 +51,11 @@ FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 PUBLIC_TEXT = frozenset({"campaign", "email", "name"})
 BATCH = 5000  # rows per cursor fetch and per write: bounded memory, few round trips
 
-# Movements, one row each: a succeeded payment; a refund (negative) that is live or that took
+# Movements, one row each: a succeeded payment; a bank debit (Bacs, SEPA) that Stripe booked
+# in the balance when it was submitted and reversed when the bank refused it, as a refund that
+# failed is: its booking (positive, status failed, with the fee Stripe keeps) at its balance
+# transaction's time, and the reversal (negative, status payment_failure) at the time it
+# happened; a refund (negative) that is live or that took
 # money before it failed or was cancelled, at its own time, and for those the money coming back
 # (positive, status refund_failure) at the time it did, so that a closed month never changes and
 # each payout ties; and each balance transaction a dispute embeds (Stripe's record of the funds
@@ -72,6 +76,37 @@ SELECT coalesce(p.settled_at, p.created_at) AS created_at, 'payment' AS type, p.
  -- bank debit days after its charge was made); until that is known, when it was made
  WHERE p.status = 'succeeded' AND coalesce(p.settled_at, p.created_at) >= $1
    AND coalesce(p.settled_at, p.created_at) < $2
+UNION ALL
+SELECT coalesce(bt.created_at, p.created_at), 'payment', p.kind, 'failed', p.currency, p.amount,
+       bt.fee, bt.net, bt.currency, bt.amount, p.campaign, p.email, c.name, p.payment_intent,
+       coalesce(bt.source, p.charge), p.invoice, p.subscription, p.customer, bt.payout, NULL,
+       NULL, p.booked_balance_transaction, p.metadata, p.payment_key || ':booked'
+  FROM payments p
+  LEFT JOIN balance_transactions bt ON bt.id = p.booked_balance_transaction
+  LEFT JOIN customers c ON c.id = p.customer
+ -- (until the booking is fetched, dated as the payment: its time within seconds)
+ WHERE p.booked_balance_transaction IS NOT NULL
+   AND coalesce(bt.created_at, p.created_at) >= $1 AND coalesce(bt.created_at, p.created_at) < $2
+UNION ALL
+SELECT back.at, 'payment', p.kind, 'payment_failure', p.currency, -p.amount,
+       bt.fee, bt.net, bt.currency, bt.amount, p.campaign, p.email, c.name, p.payment_intent,
+       coalesce(bt.source, booking.source, p.charge), p.invoice, p.subscription, p.customer,
+       bt.payout, NULL, NULL, p.failure_balance_transaction, p.metadata,
+       p.payment_key || ':failure'
+  FROM payments p
+  LEFT JOIN balance_transactions bt ON bt.id = p.failure_balance_transaction
+  LEFT JOIN balance_transactions booking ON booking.id = p.booked_balance_transaction
+  LEFT JOIN stripe_objects o ON o.id = coalesce(booking.source, p.charge)
+  LEFT JOIN customers c ON c.id = p.customer
+  -- when the money went out again: the reversal's time, else that of the event that said the
+  -- charge failed (an imported object's synthetic event says nothing of it), else the booking's
+ CROSS JOIN LATERAL (
+      SELECT coalesce(bt.created_at,
+                      CASE WHEN left(o.event_id, 11) <> 'evt_import_'
+                           THEN to_timestamp(o.event_created) END,
+                      booking.created_at, p.created_at) AS at) back
+ WHERE p.booked_balance_transaction IS NOT NULL
+   AND back.at >= $1 AND back.at < $2
 UNION ALL
 SELECT r.created_at, 'refund', p.kind, r.status, r.currency, -r.amount, bt.fee, bt.net,
        bt.currency, bt.amount, p.campaign, p.email, c.name,
@@ -463,10 +498,14 @@ class _Figures:
     def add(self, row: asyncpg.Record, amount: int) -> None:
         n = int(row["n"])
         if row["type"] == "payment":
+            # a bank debit booked and then reversed is money in and out again (its fee stays
+            # out): in the gross, so that the figures are the rows' sums and each payout ties,
+            # but no payment in the counts (a payment that failed is no contribution)
+            counted = n if row["status"] not in ("failed", "payment_failure") else 0
             self.gross += amount
-            self.payments += n
+            self.payments += counted
             split = self.recurring if row["kind"] == "recurring" else self.one_off
-            split[0] += n
+            split[0] += counted
             split[1] += amount
         elif row["type"] == "refund":
             self.refunds += -amount  # net of the money of failed refunds coming back

@@ -494,7 +494,9 @@ async def put_rows(
 
 async def put_payments(conn: asyncpg.Connection, derived: dict[str, PaymentRow | None]) -> None:
     """Write the payments derived for these keys (None: no payment stands, the row goes), and
-    queue the look-up of each new settlement's fee (fees come later, from the worker)."""
+    queue the look-up of each new settlement's fee (fees come later, from the worker), and of
+    the booking and reversal of a bank debit that failed after Stripe booked it (for the
+    reports, as a refund's are)."""
     gone = [key for key, row in derived.items() if row is None]
     if gone:
         await conn.execute("DELETE FROM payments WHERE payment_key = any($1::text[])", gone)
@@ -503,12 +505,16 @@ async def put_payments(conn: asyncpg.Connection, derived: dict[str, PaymentRow |
         return
     sql = _upsert("payments", list(rows[0]), "payment_key")
     await conn.executemany(
-        f"WITH upsert AS ({sql} RETURNING balance_transaction, fee) "  # noqa: S608
+        f"WITH upsert AS ({sql} RETURNING balance_transaction, fee,"  # noqa: S608
+        "                   booked_balance_transaction, failure_balance_transaction) "
         "INSERT INTO balance_transaction_fetches (id)"
-        " SELECT balance_transaction FROM upsert"
-        "  WHERE balance_transaction IS NOT NULL AND fee IS NULL"
-        "    AND NOT EXISTS (SELECT 1 FROM balance_transactions b"
-        "                     WHERE b.id = upsert.balance_transaction)"
+        " SELECT DISTINCT t.id FROM upsert"
+        " CROSS JOIN LATERAL (VALUES (CASE WHEN upsert.fee IS NULL"
+        "                                  THEN upsert.balance_transaction END),"
+        "                            (upsert.booked_balance_transaction),"
+        "                            (upsert.failure_balance_transaction)) AS t(id)"
+        "  WHERE t.id IS NOT NULL"
+        "    AND NOT EXISTS (SELECT 1 FROM balance_transactions b WHERE b.id = t.id)"
         " ON CONFLICT (id) DO NOTHING",
         [list(row.values()) for row in rows],
     )

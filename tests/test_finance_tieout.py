@@ -144,8 +144,9 @@ async def test_months_partition_and_tie_in_every_time_zone(
 ) -> None:
     """Movements placed just either side of local
     midnight on the London DST change days and at month ends, in GBP, USD, JPY, BHD and KWD,
-    with partial refunds, a refund that fails a month later, disputes won (reinstated in a
-    later month) and lost, and a payout. For UTC, Europe/London, Pacific/Kiritimati (+14) and
+    with partial refunds, a refund that fails a month later, a bank debit Stripe booked in
+    November and reversed in December (its fee kept), disputes won (reinstated in a later
+    month) and lost, and a payout. For UTC, Europe/London, Pacific/Kiritimati (+14) and
     America/Los_Angeles: each movement is in exactly one month; the monthly summaries add up to
     the whole window's; each month's CSV rows add up to its summary; gross - refunds -
     disputes + reinstated - fees = net to the penny; the money is in each currency's own units
@@ -164,6 +165,8 @@ async def test_months_partition_and_tie_in_every_time_zone(
     world.refund(usd.charge, 1500)                                    # partial, a month later
     failing = world.refund(gbp.charge, 1000)
     world.fail_refund(failing.refund)
+    # a SEPA debit Stripe books on 30 November and reverses on 3 December, keeping its fee
+    bounced = world.async_checkout(4500, "eur", False, booked=True, settle_after=3 * DAY)
     at(world, "2026-12-31T12:00:00")
     lost = world.one_off(3000, "gbp")
     world.dispute(lost.charge, "lost")
@@ -177,7 +180,13 @@ async def test_months_partition_and_tie_in_every_time_zone(
     await settle(client, pool, world)
     everything = await rows(pool, MONTHS[0], MONTHS[-1])
     ids = {(r["balance_transaction"], r["type"], r["status"]) for r in everything}
-    assert len(ids) == len(everything) == 15
+    assert len(ids) == len(everything) == 17
+    debit = world.get(bounced.charge)
+    assert [(r["type"], r["status"], r["amount"], r["balance_transaction"])
+            for r in everything if r["payment_intent"] == bounced.payment_intent] == [
+        ("payment", "failed", {"amount": 4500, "currency": "eur"}, debit["balance_transaction"]),
+        ("payment", "payment_failure", {"amount": -4500, "currency": "eur"},
+         debit["failure_balance_transaction"])]
 
     for tz in ("UTC", "Europe/London", "Pacific/Kiritimati", "America/Los_Angeles"):
         whole = await summary(pool, MONTHS[0], MONTHS[-1], tz)

@@ -16,6 +16,7 @@ from pytest_aiohttp import AiohttpClient
 
 from donations import auth, db, fees, payouts, reports
 from donations.app import create_app
+from donations.metrics import Metrics
 from donations.settings import Secret
 from tests.conftest import Client, make_settings
 from tests.fakestripe import objects as o
@@ -643,3 +644,87 @@ def test_the_csv_names_the_currency_of_each_amount_and_neutralises_every_text_ce
     old = ["payout", "payout_status", "payout_arrival_date", "payout_amount",
            "payout_balanced", *payouts.MEMBER_FIELDS]
     assert [c for c in columns if c in old] == old
+
+
+# --- found in review: what the payouts CSV says of its amounts and of a payout without a tie ---
+
+
+async def _settle(client: Client, pool: asyncpg.Pool, world: World) -> None:
+    """The events delivered, then what the fee and payout workers do once Stripe answers."""
+    await post_all(client, world.events)
+    async with stripe_against(world) as (_, stripe_client):
+        while await fees.run_once(pool, stripe_client, Metrics()):
+            pass
+        while await payouts.run_once(pool, stripe_client):
+            pass
+
+
+async def _payouts_csv(pool: asyncpg.Pool, win: reports.Window) -> list[dict[str, str]]:
+    out: list[bytes] = []
+
+    async def write(chunk: bytes) -> None:
+        out.append(chunk)
+
+    async with db.connection(pool) as conn:
+        await payouts.write_report(conn, win, "csv", write)
+    return list(csv.DictReader(io.StringIO(b"".join(out).decode("utf-8"), newline="")))
+
+
+async def test_the_payouts_csv_says_which_currency_each_amount_is_in(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """The payouts CSV writes `payout_amount`, `amount`, `fee`, `net` (the balance transaction's
+    currency) and `payment_amount` (the payment's currency) in major units: a ¥1,000 payment's
+    line reads `payment_amount` 1000 beside an `amount` of 5.00, and the file says that the one
+    is yen and the other pounds."""
+    world = World(seed=9103, start=1_795_000_000)
+    jpy = world.one_off(1000, "jpy")
+    world.one_off(2500, "gbp")
+    paid_out = world.payout()
+    await _settle(client, pool, world)
+
+    lines = await _payouts_csv(pool, reports.window(WIDE["from"], WIDE["to"]))
+    (line,) = [r for r in lines if r["payment_intent"] == jpy.payment_intent]
+    assert line["payout"] == paid_out.payout
+    assert (line["payment_amount"], line["amount"]) == ("1000", "5.00")
+    assert (line["payment_currency"], line["currency"], line["payout_currency"]) == (
+        "jpy", "gbp", "gbp")
+
+
+async def test_the_payouts_csv_tells_a_manual_payout_from_one_whose_transactions_are_awaited(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """A manual payout (never to be tied: finance ties it by hand) and an automatic one whose
+    transactions are simply not fetched yet (come back later) both have an empty
+    `payout_balanced`; the CSV tells them apart (`payout_automatic`,
+    `payout_reconciliation_status`, `payout_transactions_fetched`)."""
+    world = World(seed=9105, start=1_795_000_000)
+    world.one_off(2500, "gbp")
+    world.advance(4 * 86400)
+    manual = world._put(o.payout(ids=world.ids, amount=1000, currency="gbp", created=world.now,
+                                 arrival_date=(world.now // 86400 + 2) * 86400,
+                                 status="pending", automatic=False))
+    emitted = Emitted()
+    world._emit(emitted, "payout.created", manual)
+    world.advance(2 * 86400)
+    manual["status"] = "paid"
+    world._emit(emitted, "payout.paid", manual)
+    world.one_off(4000, "gbp")
+    automatic = world.payout()
+    await post_all(client, world.events)  # the payout worker has not fetched anything yet
+
+    lines = {r["payout"]: r for r in await _payouts_csv(
+        pool, reports.window(WIDE["from"], WIDE["to"]))}
+    hand, awaited = lines[manual["id"]], lines[automatic.payout]
+    assert (hand["payout_status"], hand["payout_balanced"]) == ("paid", "")
+    assert (awaited["payout_status"], awaited["payout_balanced"]) == ("paid", "")
+    own = ("payout", "payout_arrival_date", "payout_amount")
+
+    def why(line: dict[str, str]) -> dict[str, str]:
+        return {k: v for k, v in line.items() if k not in own}
+
+    assert why(hand) != why(awaited), (hand, awaited)
+    assert (hand["payout_automatic"], hand["payout_reconciliation_status"]) == (
+        "false", "not_applicable")
+    assert (awaited["payout_automatic"], awaited["payout_transactions_fetched"]) == (
+        "true", "false")

@@ -26,12 +26,13 @@ import asyncpg
 import pytest
 from aiohttp import web
 
-from donations import auth, cli, db, fees, payouts, reports
+from donations import auth, cli, db, display, fees, payouts, reports
 from donations.app import create_app
 from donations.errors import BadRequest, Unprocessable
 from donations.metrics import Metrics
+from donations.money import to_major
 from tests.conftest import Client, make_settings, staff_cookie, wait_until
-from tests.fakestripe.world import World
+from tests.fakestripe.world import DEFAULT_RATES, World
 from tests.test_cli import _env, _run
 from tests.test_fees import stripe_against
 from tests.test_reconcile import signalled_half_way
@@ -985,3 +986,159 @@ async def test_a_database_lost_mid_report_is_an_error_and_the_connection_is_cut(
     assert [(e["event"], e["log_level"]) for e in outcomes] == [
         ("report_stream_failed", "error")], outcomes
     assert outcomes[0]["exc_info"] and outcomes[0]["report"] == "contributions"
+
+
+# --- found in review: UGX, a failed bank debit Stripe booked, `report --out` ----------------------
+
+
+async def test_ugx_amounts_are_read_as_stripe_writes_them_with_two_decimals(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """docs.stripe.com/currencies#special-cases: "UGX became a zero-decimal currency, but
+    backwards compatibility requires you to represent it as a two-decimal value, where the
+    decimal amount is always 00. To charge 5 UGX, provide an amount value of 500." A payment of
+    USh 5,000 reaches us as `amount: 500000`: the contributions CSV says 5000.00 shillings, the
+    widget "UGX 5,000", and the summary converts it at its value, not 100 times it."""
+    world = World(seed=9101, start=START,
+                  rates={**DEFAULT_RATES, "ugx": Fraction(1, 5000)})
+    paid = world.one_off(500_000, "ugx")  # USh 5,000.00 as Stripe writes it
+    await post_all(client, world.events)
+    response = await client.get("/v1/reports/contributions", headers=await _bearer(pool),
+                                params=WIDE)
+    assert response.status == 200
+    (row,) = [r for r in _parse(await response.text()) if r["payment_intent"]
+              == paid.payment_intent]
+    assert (row["currency"], row["amount"]) == ("ugx", "5000.00")
+    assert to_major(500_000, "ugx") == "5000.00"
+    assert display.money(500_000, "ugx") == "UGX\u00a05,000"
+    # USh 5,000 at 1/5000 GBP per shilling is £1.00 (100 pence), not £100
+    assert reports.convert(500_000, "ugx", "gbp", Fraction(1, 5000)) == 100
+
+
+async def test_a_failed_bank_debit_stripe_booked_is_in_the_contributions_that_tie_to_its_payout(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """A SEPA/Bacs debit that Stripe booked into the balance when submitted and reversed when
+    the bank refused it (its charge's `balance_transaction`, type `payment`/category `charge`,
+    with Stripe's fee; then its `failure_balance_transaction`, type `payment_failure_refund`/
+    category `charge_failure`, the settled amount back out and the fee kept: stripe/_charge.py)
+    is paid out like any other movement: the payout is the card payment's net less that kept
+    fee. The contributions report has a `payment` row for the booking (positive, status
+    `failed`, at its transaction's time) and one for the reversal (negative, status
+    `payment_failure`, at its own), so the rows naming the payout add up to it and the
+    summary's fees and net are Stripe's. A failed payment is no contribution: the summary's
+    counts, its gross (in and out again) and the public totals are the card payment's only."""
+    world = World(seed=9102, start=START)
+    card = world.one_off(2500, "gbp")
+    debit = world.async_checkout(3000, "eur", False, booked=True)
+    paid_out = world.payout()
+    charge = world.get(debit.charge)
+    booking = world.balance_transactions[charge["balance_transaction"]]
+    reversal = world.balance_transactions[charge["failure_balance_transaction"]]
+    assert {booking["id"], reversal["id"]} <= set(paid_out.balance_transactions)
+    assert (reversal["amount"], reversal["fee"]) == (-booking["amount"], 0)
+    await post_all(client, world.events)
+    await _settle_everything(pool, world)
+    headers = await _bearer(pool)
+
+    response = await client.get("/v1/reports/contributions", headers=headers, params=WIDE)
+    assert response.status == 200
+    rows = _parse(await response.text())
+    mine = [r for r in rows if r["payment_intent"] == debit.payment_intent]
+
+    def at(bt: dict[str, Any]) -> str:
+        return datetime.fromtimestamp(int(bt["created"]), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    def major(amount: int) -> str:
+        return to_major(amount, "gbp")
+
+    assert [(r["created_at"], r["type"], r["kind"], r["status"], r["currency"], r["amount"],
+             r["fee"], r["net"], r["settlement_currency"], r["settlement_amount"], r["charge"],
+             r["balance_transaction"], r["payout"]) for r in mine] == [
+        (at(booking), "payment", "one_off", "failed", "eur", "30.00", major(booking["fee"]),
+         major(booking["net"]), "gbp", major(booking["amount"]), debit.charge, booking["id"],
+         paid_out.payout),
+        (at(reversal), "payment", "one_off", "payment_failure", "eur", "-30.00", "0.00",
+         major(reversal["net"]), "gbp", major(reversal["amount"]), debit.charge,
+         reversal["id"], paid_out.payout)]
+    payout_amount = world.get(paid_out.payout)["amount"]
+    in_payout = [r for r in rows if r["payout"] == paid_out.payout]
+    assert sorted(r["balance_transaction"] for r in in_payout) == sorted(
+        t for t in paid_out.balance_transactions
+        if world.balance_transactions[t]["type"] != "payout")
+    assert sum(_minor(r["net"]) for r in in_payout) == payout_amount
+
+    summary = await (await client.get("/v1/reports/summary", headers=headers,
+                                      params=WIDE)).json()
+    stripe_fees = sum(int(bt["fee"]) for bt in world.balance_transactions.values()
+                      if bt["type"] != "payout")
+    rep = summary["reporting"]
+    assert rep["fees"]["amount"] == stripe_fees == 2 * booking["fee"]
+    assert rep["net"]["amount"] == payout_amount
+    assert (rep["gross"]["amount"], rep["payments"], rep["one_off"]["payments"],
+            rep["pending_settlement"]) == (2500, 1, 1, 0)
+    eur = next(c for c in summary["by_currency"] if c["currency"] == "eur")
+    assert (eur["gross"], eur["net"], eur["payments"], eur["fees"], eur["settled_net"]) == (
+        {"amount": 0, "currency": "eur"}, {"amount": 0, "currency": "eur"}, 0,
+        {"amount": booking["fee"], "currency": "gbp"},
+        {"amount": -booking["fee"], "currency": "gbp"})
+    # the public totals: the card payment only
+    totals = await (await client.get("/v1/totals")).json()
+    assert (totals["contributions"], totals["raised"]) == (1, {"amount": 2500, "currency": "gbp"})
+    # the payment row itself keeps no fee or net (it kept no money), only the two ids
+    row = await pool.fetchrow(
+        "SELECT status, balance_transaction, fee, net, booked_balance_transaction,"
+        "       failure_balance_transaction FROM payments WHERE payment_key = $1",
+        debit.payment_intent)
+    assert row is not None and tuple(row) == ("failed", None, None, None, booking["id"],
+                                              reversal["id"])
+    assert card.payment_intent in {r["payment_intent"] for r in in_payout}
+
+
+async def test_a_failed_bank_debits_booking_and_reversal_are_fetched_before_any_payout(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """The fee worker fetches the booking and the reversal as soon as the charge says it failed
+    (as it does a refund's and its failure's), not only once a payout lists them: the rows have
+    their fees and net before any payout, and a booking and a reversal that fall either side of
+    a month's end are each in their own month (a closed month does not change)."""
+    world = World(seed=9106, start=1_795_996_800)  # 2026-11-30T00:00:00Z
+    debit = world.async_checkout(3000, "gbp", False, booked=True, settle_after=3 * 86_400)
+    charge = world.get(debit.charge)
+    await post_all(client, world.events)
+    queued = {r["id"] for r in await pool.fetch("SELECT id FROM balance_transaction_fetches")}
+    assert queued == {charge["balance_transaction"], charge["failure_balance_transaction"]}
+    async with stripe_against(world) as (_, stripe_client):
+        while await fees.run_once(pool, stripe_client, Metrics()):
+            pass
+    headers = await _bearer(pool)
+    booking = world.balance_transactions[charge["balance_transaction"]]
+    sums = []
+    for month in ({"from": "2026-11-01", "to": "2026-12-01"},
+                  {"from": "2026-12-01", "to": "2027-01-01"}):
+        _, text = await _csv(client, headers, **month)
+        (row,) = _parse(text)
+        assert row["fee"] != "" and row["payout"] == ""
+        rep = (await (await client.get("/v1/reports/summary", headers=headers,
+                                       params=month)).json())["reporting"]
+        sums.append((row["status"], rep["gross"]["amount"], rep["fees"]["amount"],
+                     rep["net"]["amount"], rep["payments"]))
+    assert sums == [("failed", 3000, booking["fee"], booking["net"], 0),
+                    ("payment_failure", -3000, 0, -3000, 0)]
+
+
+async def test_a_report_out_in_a_folder_that_does_not_exist_is_one_line_and_exit_1(
+    dsn: str, tmp_path: Path
+) -> None:
+    """README: "a report that cannot be written (a full disk, a pipe closed by its reader) is one
+    line, `cannot write the report to …`, and exit 1". `--out` in a folder that does not exist
+    (a typo in a cron job's path, a share not mounted) or naming a folder is such a report, not
+    a traceback of the FileNotFoundError / IsADirectoryError of opening it."""
+    env = _env(DATABASE_URL=dsn, LOG_LEVEL="warning")
+    for out in (tmp_path / "no-such-folder" / "november.csv", tmp_path):
+        code, _, err = await _run("report", "contributions", "--from", "2026-11-01", "--to",
+                                  "2026-12-01", "--out", str(out), env=env)
+        assert "Traceback" not in err, err[-1500:]
+        assert code == 1, err[-1500:]
+        assert err.splitlines()[-1].startswith(
+            f"donations: cannot write the report to {out}: "), err[-1500:]

@@ -42,7 +42,7 @@ UPGRADE = ("019_payments_settled_at.sql", "020_founding_coupon_used_up.sql",
            "025_metrics_counts.sql", "026_discrepancies_by_run.sql",
            "027_discrepancy_pages.sql", "028_discrepancies_by_status.sql",
            "029_founding_seats_never_started.sql",
-           "030_subscription_statuses.sql", "031_coupons.sql")
+           "030_subscription_statuses.sql", "031_coupons.sql", "032_failed_bank_debits.sql")
 
 # Run with the 018-era code (cwd: its tree): fill a database at 018 as that code would.
 POPULATE = r'''
@@ -199,9 +199,14 @@ async def test_upgrade_backfills_settled_at_from_balance_transactions_and_nothin
     conn = await asyncpg.connect(dsn)
     try:
         for table in LEDGER:
-            drop = {"payments": ("settled_at",), "founding_holds": ("client",),
+            # (sql/032's columns: NULL here, no debit in this database failed after booking)
+            drop = {"payments": ("settled_at", "booked_balance_transaction",
+                                 "failure_balance_transaction"), "founding_holds": ("client",),
                     "stripe_objects": ("progress",), "subscriptions": ("coupons",)}.get(table, ())
             assert await _rows(conn, table, drop) == before[table], table
+        assert await conn.fetchval(
+            "SELECT count(*) FROM payments WHERE booked_balance_transaction IS NOT NULL"
+            " OR failure_balance_transaction IS NOT NULL") == 0
         rows = await conn.fetch(
             """SELECT p.payment_key, p.settled_at, b.created_at AS bt_created FROM payments p
                  LEFT JOIN balance_transactions b ON b.id = p.balance_transaction""")
@@ -476,3 +481,53 @@ async def test_settled_at_is_the_same_whether_the_fee_worker_or_derivation_comes
     assert row["settled_at"] == datetime.fromtimestamp(int(bt2["created"]), UTC)
     assert row["fee"] == bt2["fee"]
     assert await pool.fetchval("SELECT count(*) FROM balance_transaction_fetches") == 0
+
+
+async def test_sql_032_fills_the_failed_bank_debits_of_the_payments_already_kept(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """sql/032 gives the payments already in the ledger the booking and reversal of a bank debit
+    that failed after Stripe booked it, from the charges kept, as derivation does (the charge's
+    ids given as strings or expanded), and queues their look-up; nothing else. Run here on the
+    ledger as it was before it (the columns dropped, in a transaction rolled back)."""
+    world = World(seed=4402)
+    world.one_off(2500, "gbp")
+    world.async_checkout(3000, "eur", True, email="paid@example.org")
+    bounced = world.async_checkout(3000, "eur", False, booked=True, email="a@example.org")
+    expanded = world.async_checkout(1800, "gbp", False, booked=True, email="b@example.org")
+    world.async_checkout(1200, "eur", False, email="never-booked@example.org")
+    await post_all(client, world.events)
+    columns = "payment_key, booked_balance_transaction, failure_balance_transaction"
+    derived = {tuple(r) for r in await pool.fetch(f"SELECT {columns} FROM payments")}  # noqa: S608
+    booked = {r[0]: r[1:] for r in derived if r[1] is not None}
+    assert set(booked) == {bounced.payment_intent, expanded.payment_intent}
+    for payment in (bounced, expanded):
+        charge = world.get(payment.charge)
+        assert booked[payment.payment_intent] == (charge["balance_transaction"],
+                                                 charge["failure_balance_transaction"])
+    (migration,) = [m for m in db.load_migrations() if m.version == 32]
+    async with pool.acquire() as conn:
+        tr = conn.transaction()
+        await tr.start()
+        try:
+            await conn.execute(
+                "ALTER TABLE payments DROP COLUMN booked_balance_transaction,"
+                " DROP COLUMN failure_balance_transaction")
+            await conn.execute("DELETE FROM balance_transaction_fetches")
+            await conn.execute(
+                """UPDATE stripe_objects
+                      SET data = data || jsonb_build_object(
+                          'balance_transaction', jsonb_build_object(
+                              'id', data -> 'balance_transaction', 'object', 'balance_transaction'),
+                          'failure_balance_transaction', jsonb_build_object(
+                              'id', data -> 'failure_balance_transaction'))
+                    WHERE id = $1""", expanded.charge)
+            await conn.execute(migration.sql)
+            assert {tuple(r) for r in await conn.fetch(
+                f"SELECT {columns} FROM payments")} == derived  # noqa: S608
+            assert {r["id"] for r in await conn.fetch(
+                "SELECT id FROM balance_transaction_fetches")} == {
+                    i for pair in booked.values() for i in pair}
+        finally:
+            await tr.rollback()
+    assert {tuple(r) for r in await pool.fetch(f"SELECT {columns} FROM payments")} == derived  # noqa: S608
