@@ -262,7 +262,9 @@ def instant(value: str | None, name: str, tz: ZoneInfo) -> tuple[datetime, str]:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace(" ", "T"))
         if parsed.tzinfo is None:
             parsed = parsed.replace(tzinfo=tz)
-        utc = parsed.astimezone(UTC)
+        # to the whole second its label says (Stripe's times are whole seconds): a fraction
+        # would leave out a movement at the second the report names as its start
+        utc = parsed.astimezone(UTC).replace(microsecond=0)
     # OverflowError: a moment that is before year 1 or after 9999 once in UTC
     except (ValueError, OverflowError):
         raise BadRequest("invalid_timestamp", f"{name} must be an ISO date (2026-11-01) or "

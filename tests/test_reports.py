@@ -834,6 +834,16 @@ def test_window_on_dst_days_in_london() -> None:
                                             datetime(2026, 11, 1, tzinfo=UTC))
 
 
+def test_a_window_given_to_a_fraction_of_a_second_is_the_whole_second_it_is_written_as() -> None:
+    """Stripe's times are whole seconds, and the window's labels write whole seconds: a `from`
+    of 10:00:00.5 is 10:00:00, so a movement at the second the report names as its start is
+    in it (found by fuzzing the campaigns' times, which had the same fault)."""
+    w = reports.window("2026-11-01T10:00:00.5Z", "2026-11-01T11:00:00.999Z")
+    assert (w.start, w.end) == (datetime(2026, 11, 1, 10, tzinfo=UTC),
+                                datetime(2026, 11, 1, 11, tzinfo=UTC))
+    assert w.as_json()["from"] == "2026-11-01T10:00:00Z"
+
+
 def test_a_window_in_the_first_years_is_written_with_four_digit_years() -> None:
     """Window times and file names write the year with four digits, the year 1 too (strftime's
     %Y writes it as "1" on glibc)."""
