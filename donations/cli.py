@@ -16,6 +16,7 @@ import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
+from urllib.parse import unquote, urlsplit
 
 import asyncpg
 import structlog
@@ -187,6 +188,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OutputError as exc:
         print(f"donations: {exc}", file=sys.stderr)
         return 1
+    except asyncpg.ClientConfigurationError as exc:
+        # a connection parameter asyncpg refuses that settings.py does not know of (the common
+        # ones it refuses at start): from the URL, or a PG… variable asyncpg reads beside it
+        print(f"donations: configuration error: DATABASE_URL (or a PG… environment variable): "
+              f"{_without_password(str(exc), settings)}", file=sys.stderr)
+        return 2
     except db.MigrationError as exc:
         print(f"donations: migration error: {exc}", file=sys.stderr)
         return 1
@@ -203,6 +210,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("donations: stopped by SIGINT", file=sys.stderr)
         return 128 + signal.SIGINT
     return 2
+
+
+def _without_password(text: str, settings: Settings) -> str:
+    """`text` with DATABASE_URL's password, as written and decoded, blotted out."""
+    if settings.database_url is None:
+        return text
+    password = urlsplit(settings.database_url.reveal()).password or ""
+    for form in (password, unquote(password)):
+        if form:
+            text = text.replace(form, "**********")
+    return text
 
 
 def serve(settings: Settings) -> int:
@@ -224,6 +242,12 @@ def serve(settings: Settings) -> int:
         code = loop.run_until_complete(main)
     except (web.GracefulExit, KeyboardInterrupt):  # SIGTERM, SIGINT: stopped below
         code = 0
+        # aiohttp's handlers stay installed until its clean-up ends: a second SIGTERM or SIGINT
+        # (a supervisor repeating itself, Ctrl-C pressed again) would raise out of that clean-up
+        # and cancel everything out of order. Now it is only said; the stop goes on in order.
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(signum, _already_stopping, signum)
     finally:
         try:
             if not main.done():
@@ -237,6 +261,10 @@ def serve(settings: Settings) -> int:
     if code == 0:
         log.info("stopped")
     return code
+
+
+def _already_stopping(signum: int) -> None:
+    log.warning("already_stopping", signal=signal.Signals(signum).name)
 
 
 async def _serve(app: web.Application, host: str, port: int) -> int:

@@ -328,7 +328,9 @@ class EmbeddedPostgres:
                 "as /var/lib/donations), run as a non-root user, or open it yourself: chmod go+rx "
                 + " ".join(str(folder) for folder, _ in closed))
         try:
-            self.data_dir.mkdir(parents=True, exist_ok=True)
+            # pgdata too: the wheel makes it outside its lock, and fails (FileExistsError) when
+            # another process starting on the same new data folder made it in between.
+            pgdata.mkdir(parents=True, exist_ok=True)
             # The wheel stops the server when the last process that uses it exits, by a list
             # of their ids; one killed outright (SIGKILL, out of memory) stays on it for good,
             # and the server would then never be stopped again. Its lock is the wheel's own.
@@ -354,7 +356,11 @@ class EmbeddedPostgres:
                 "SELECT 1 FROM pg_database WHERE datname = $1", self.DATABASE
             )
             if not exists:
-                await admin.execute(f'CREATE DATABASE "{self.DATABASE}"')
+                # Another process starting on the same new data folder (a `migrate` beside
+                # `serve`, two replicas on one volume) may make it between the look and this.
+                with contextlib.suppress(asyncpg.DuplicateDatabaseError,
+                                         asyncpg.UniqueViolationError):
+                    await admin.execute(f'CREATE DATABASE "{self.DATABASE}"')
         finally:
             await admin.close()
 

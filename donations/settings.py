@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from donations.money import is_currency_code
 from donations.offer import (
@@ -150,6 +150,14 @@ def _reconcile_interval(seconds: int) -> int:
     return seconds
 
 
+# The values asyncpg takes for the query parameters most often got wrong: libpq's (asyncpg also
+# reads `verify_ca` for `verify-ca`); anything else it refuses at the first connection, and
+# cli.main says so in one line too.
+_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+_TARGET_SESSION_ATTRS = ("any", "primary", "standby", "prefer-standby", "read-write",
+                         "read-only")
+
+
 def _check_database_url(value: str) -> str | None:
     # the problem is said without the value: it may hold a password
     try:
@@ -159,6 +167,21 @@ def _check_database_url(value: str) -> str | None:
         return "is not a URL that can be read (a bracket or the port?)"
     if parts.scheme not in ("postgres", "postgresql"):
         return "must be a postgresql:// URL"
+    if "@" in parts.netloc.rpartition("@")[0]:
+        # asyncpg splits at the first "@": the rest of the password would be taken for the host
+        return "has an @ in its user name or password: write it %40"
+    try:
+        query = parse_qs(parts.query, strict_parsing=True) if parts.query else {}
+    except ValueError:  # what asyncpg reads it with: `?sslmode`, `?a=1&&b=2`
+        return "has a query that cannot be read (name=value pairs joined by &)"
+    # asyncpg takes the last of a repeated parameter
+    sslmode = query.get("sslmode", [None])[-1]
+    if sslmode is not None and sslmode.replace("_", "-") not in _SSLMODES:
+        return f"sslmode must be one of {', '.join(_SSLMODES)}, got {sslmode!r}"
+    attrs = query.get("target_session_attrs", [None])[-1]
+    if attrs is not None and attrs not in _TARGET_SESSION_ATTRS:
+        return (f"target_session_attrs must be one of {', '.join(_TARGET_SESSION_ATTRS)}, "
+                f"got {attrs!r}")
     return None
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import aiohttp
 import asyncpg
+import pytest
 
 from donations.events import parse_event
 from donations.ingest import ingest, reapply, retry_unfinished
@@ -318,3 +319,26 @@ async def test_reconcile_and_import_commands_exit_by_what_they_found(
         code, out, err = await _run("import", "--since", "2026-11-01", env=env)
         assert code == 0, err
         assert "applied" in out
+
+
+@pytest.mark.parametrize(("command", "query"), [
+    ("migrate", "sslmode=bogus"),  # refused by settings.py at start
+    ("migrate", "target_session_attrs=bogus"),
+    ("serve", "sslmode=bogus"),
+    ("serve", "gsslib=bogus"),  # by asyncpg at the first connection: cli.main says it
+    ("migrate", "ssl_min_protocol_version=bogus"),
+])
+async def test_a_database_url_with_a_parameter_asyncpg_refuses_is_one_line(
+    command: str, query: str
+) -> None:
+    """CONTRACT: "Invalid configuration stops the service at start with one line naming the
+    variable and the problem"; README: exit status 2. A DATABASE_URL whose query asyncpg
+    refuses (a misspelt `sslmode`, the edit most often made to such a URL) was asyncpg's
+    ClientConfigurationError out of `main`: a traceback, exit 1, the variable never named."""
+    env = _env(DATABASE_URL=f"postgresql://u:supersecret99@127.0.0.1:1/db?{query}",
+               PORT=str(_free_port()), LOG_LEVEL="warning")
+    code, out, err = await _run(command, env=env)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert (code, len(lines)) == (2, 1), err[-1500:]
+    assert lines[0].startswith("donations: configuration error: DATABASE_URL")
+    assert "supersecret99" not in err + out

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -157,6 +158,29 @@ async def test_a_data_dir_whose_path_has_a_plus_sign_works(embedded_tmp: Path) -
         assert code == 0, err[-1500:]
     finally:
         _stop_postmaster(data_dir)
+
+
+async def test_commands_started_together_on_a_new_data_dir_all_work(embedded_tmp: Path) -> None:
+    """README: `migrate` is "safe when several replicas run it at once", and a run on a
+    DONATIONS_DATA_DIR in use shares its embedded server. On a data folder not made yet, three
+    processes started together (a compose file starting `migrate` beside `serve`, two `serve`s
+    on one volume) wait on the wheel's lock while the first makes the server (initdb, the start,
+    postmaster.pid); then each looks for the `donations` database and makes it when missing:
+    two may see none, and the second CREATE DATABASE is no failure (it was a
+    UniqueViolationError traceback, exit 1)."""
+    data_dir = embedded_tmp / "data"
+    env = _env(DONATIONS_DATA_DIR=str(data_dir), LOG_LEVEL="warning")
+    try:
+        results = await asyncio.gather(*(_run("migrate", env=env) for _ in range(3)))
+        left_running = _postmaster(data_dir)
+    finally:
+        _stop_postmaster(data_dir)
+    failed = [err[-1200:] for code, _, err in results if code != 0]
+    assert failed == [], failed
+    applied = [int(m.group(1)) for _, out, _ in results
+               if (m := re.search(r"applied (\d+) migration", out))]
+    assert sum(applied) == len(db.load_migrations())  # each applied once, by one of them
+    assert left_running is None  # the last to exit stopped it
 
 
 async def test_an_unusable_data_dir_stops_the_start_with_one_line_naming_it(tmp_path: Path) -> None:
@@ -530,6 +554,47 @@ async def test_a_client_gone_mid_body_is_not_logged_as_a_crash(
         ("client_disconnected", "info", None), ("request", "info", 499)], lines
     assert _loud(log) == []
     assert await pool.fetchval("SELECT count(*) FROM stripe_events") == 0
+
+
+@pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_a_second_signal_while_serve_stops_lets_it_stop_in_order(
+    embedded_tmp: Path, second: signal.Signals
+) -> None:
+    """CONTRACT and README: on SIGTERM/SIGINT `serve` lets requests in flight finish (up to its
+    grace), then stops the background tasks, the pool and any embedded PostgreSQL; exit 0. A
+    supervisor repeating its SIGTERM, or Ctrl-C pressed again, during that grace is logged
+    (`already_stopping`, a warning) and the stop goes on in order: it raised aiohttp's
+    GracefulExit out of the clean-up, every task was cancelled out of order, exit 1, with an
+    "Unhandled exception" traceback and `background_task_stopped` for every background task."""
+    data_dir = embedded_tmp / "data"
+    log = embedded_tmp / "serve.log"
+    env = _env(DONATIONS_DATA_DIR=str(data_dir), PORT=str(_free_port()),
+               STRIPE_WEBHOOK_SECRET=WEBHOOK_SECRET, LOG_LEVEL="info")
+    writer: asyncio.StreamWriter | None = None
+    try:
+        async with _serving(env, log, shutdown_timeout=3) as process:
+            # a delivery whose body never comes: in flight for the whole grace
+            _, writer = await asyncio.open_connection("127.0.0.1", int(env["PORT"]))
+            writer.write(b"POST /webhooks/stripe HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+            await writer.drain()
+            await asyncio.sleep(0.5)  # (its handler is reading the body)
+            process.send_signal(signal.SIGTERM)
+            await _stopped_listening(int(env["PORT"]))  # the graceful stop is under way
+            process.send_signal(second)
+            code = await asyncio.wait_for(process.wait(), 40)
+        await asyncio.sleep(0.5)
+        left_running = _postmaster(data_dir)
+    finally:
+        if writer is not None:
+            writer.close()
+        _stop_postmaster(data_dir)
+    text = log.read_text()
+    assert (code, [line[:300] for line in _loud(log)]) == (0, []), text[-3000:]
+    events = [json.loads(line)["event"] for line in text.splitlines() if line.startswith("{")]
+    assert "already_stopping" in events and "stopped" in events, events
+    assert events.index("already_stopping") < events.index("stopped")
+    assert left_running is None, "the embedded PostgreSQL was left running"
 
 # --- migrations ----------------------------------------------------------------------------------
 

@@ -176,6 +176,43 @@ def test_a_malformed_database_url_is_one_line_without_the_password(value: str) -
     assert "supersecret99" not in str(raised.value)
 
 
+@pytest.mark.parametrize(("query", "said"), [
+    ("sslmode=bogus", "sslmode must be one of"),
+    ("sslmode=require&sslmode=Require", "sslmode must be one of"),  # the last one counts
+    ("target_session_attrs=bogus", "target_session_attrs must be one of"),
+    ("sslmode", "a query that cannot be read"),
+    ("sslmode=require&&connect_timeout=5", "a query that cannot be read"),
+])
+def test_a_database_url_query_asyncpg_would_refuse_stops_the_start(query: str, said: str) -> None:
+    """asyncpg refuses these only at the first connection, with a traceback: they are read at
+    start, one line naming DATABASE_URL (and what is wrong, never the password)."""
+    with pytest.raises(ConfigError) as raised:
+        Settings.from_env({"DATABASE_URL": f"postgresql://u:supersecret99@db/x?{query}"})
+    assert str(raised.value).startswith("DATABASE_URL ")
+    assert said in str(raised.value)
+    assert "supersecret99" not in str(raised.value)
+
+
+def test_an_at_sign_in_the_database_password_must_be_written_percent_40() -> None:
+    """asyncpg splits the URL at its first "@": `p@ss` would be the password `p` on the host
+    `ss@db`, and the rest of the password would show in the errors that name that host."""
+    with pytest.raises(ConfigError, match="DATABASE_URL has an @") as raised:
+        Settings.from_env({"DATABASE_URL": "postgresql://u:super@secret99@db/x"})
+    assert "secret99" not in str(raised.value)
+    written = "postgresql://u:super%40secret99@db/x"
+    assert Settings.from_env({"DATABASE_URL": written}).database_url == Secret(written)
+
+
+@pytest.mark.parametrize("query", [
+    "sslmode=disable", "sslmode=verify-full", "sslmode=verify_ca", "sslmode=",
+    "target_session_attrs=read-write", "sslmode=require&target_session_attrs=prefer-standby",
+    "application_name=donations",
+])
+def test_a_database_url_query_asyncpg_takes_is_kept(query: str) -> None:
+    url = f"postgresql://u:pw@db/x?{query}"
+    assert Settings.from_env({"DATABASE_URL": url}).database_url == Secret(url)
+
+
 @pytest.mark.parametrize("value", [
     "https://[::1",  # urlsplit cannot read it
     "https://news.example:abc",  # else accepted, then dropped: every checkout 422
