@@ -14,7 +14,8 @@ One run, under a PostgreSQL advisory lock so that only one replica reconciles at
 2. Balance transactions of the window against payments, refunds and disputes: missing on either
    side, amounts, currencies or statuses that differ, fees not yet filled (filled now, the same
    way the fee worker fills them). A ledger value that disagrees with Stripe is recorded, never
-   overwritten.
+   overwritten. A bank debit Stripe booked while its outcome is not known yet is left to a
+   later run (compared_through stays before it).
 """
 
 from __future__ import annotations
@@ -85,10 +86,23 @@ _REFUND_FAILURE_TYPES = ("refund_failure",)
 _REFUND_TYPES = ("refund", "payment_refund", *_REFUND_FAILURE_TYPES)
 # Stripe's advice: group balance transactions by reporting_category, which stays the same
 # whatever the payment method (a type may be added for a new one; a failed refund can be typed
-# `adjustment`)
+# `adjustment`, a partial capture's reversal `refund`). Whenever a transaction has a category,
+# it decides: one not here (`fee`, such as a dispute's countered fee booked as an `adjustment`
+# naming the dispute; `other_adjustment`, `payout`, …) is not the ledger's business, whatever
+# its type and source. The types decide only for a transaction without one.
 _CATEGORY_OBJECT = {"charge": "payment", "charge_failure": "payment", "refund": "refund",
                     "refund_failure": "refund", "dispute": "dispute",
-                    "dispute_reversal": "dispute"}
+                    "dispute_reversal": "dispute", "partial_capture_reversal": "payment"}
+# A charge captured for less than it authorised has two balance transactions: its `charge` for
+# the whole authorisation, and this one (type `refund`, its source a Refund of the charge)
+# reversing the part never captured; the two together settle the captured amount, the
+# payment's (Stripe's "Reporting categories and types").
+_PARTIAL_CAPTURE_REVERSAL = "partial_capture_reversal"
+# A bank debit Stripe booked when it was submitted (Bacs, SEPA: its charge `pending`) has a
+# `payment` transaction days before the ledger has a payment (charge.pending and
+# payment_intent.processing make none): it is compared once the outcome is known, the
+# comparison held back before it meanwhile, for at most this long.
+IN_FLIGHT_AT_MOST = 30 * 86400
 _LIVE_REFUNDS = ("pending", "requires_action", "succeeded")
 # The ledger's statuses saying that what Stripe moved in the balance for the object was (or
 # should have been) put back: a bank debit that failed after Stripe booked it, a refund the
@@ -138,6 +152,8 @@ class RunResult:
     events_unreadable: int = 0  # of those, not events (never stored)
     balance_transactions: int = 0
     fees_filled: int = 0
+    # bank debits booked by Stripe whose outcome is not known yet: compared by a later run
+    debits_in_flight: int = 0
     discrepancies: list[Discrepancy] = field(default_factory=list)  # found by this run
     discrepancies_new: int = 0
     open: list[Discrepancy] = field(default_factory=list)  # every unresolved one, any run
@@ -166,7 +182,9 @@ class RunResult:
             f"  events: {self.events_listed} listed in {self.pages} page(s), "
             f"{self.events_applied} missing ones applied, {self.events_failed} failed",
             f"  balance transactions: {self.balance_transactions} compared, "
-            f"{self.fees_filled} fee(s) filled",
+            f"{self.fees_filled} fee(s) filled"
+            + (f", {self.debits_in_flight} bank debit(s) in flight left to a later run"
+               if self.debits_in_flight else ""),
             f"  discrepancies: {len(self.discrepancies)} found ({self.discrepancies_new} new), "
             f"{len(self.open)} unresolved in all",
         ]
@@ -305,6 +323,7 @@ class _Run:
     result: RunResult
     page_size: int
     compare_span: int = COMPARE_SPAN
+    now: int = 0  # the run's end (its `now`)
 
 
 async def run(
@@ -339,6 +358,7 @@ async def _locked_run(state: _Run, trigger: str, since: int | None, now: int | N
                       ) -> RunResult:
     pool, result = state.pool, state.result
     end = int(time.time()) if now is None else now
+    state.now = end
     oldest_listed = end - RETENTION_SECONDS
     async with db.connection(pool) as conn:
         checkpoint = await conn.fetchrow("SELECT * FROM reconciliation_checkpoint")
@@ -575,10 +595,25 @@ async def store_missing(
 # --- 2. balance transactions against the ledger ----------------------------------------------
 
 
-def _stripe_side(bt: dict[str, Any]) -> dict[str, Any]:
-    return {"id": bt["id"], "type": bt.get("type"), "amount": bt.get("amount"),
+def _stripe_side(bt: dict[str, Any], reversals: list[dict[str, Any]] | None = None
+                 ) -> dict[str, Any]:
+    side = {"id": bt["id"], "type": bt.get("type"), "amount": bt.get("amount"),
             "currency": bt.get("currency"), "fee": bt.get("fee"), "net": bt.get("net"),
             "reporting_category": bt.get("reporting_category")}
+    if reversals:  # a partial capture: what the charge's transactions settle together
+        side.update(partial_capture_reversals=[r["id"] for r in reversals],
+                    amount_settled=_settled(bt, reversals))
+    return side
+
+
+def _settled(bt: dict[str, Any], reversals: list[dict[str, Any]]) -> int:
+    """What a charge's transaction and its partial-capture reversals settle together."""
+    return int(bt.get("amount") or 0) + sum(int(r.get("amount") or 0) for r in reversals)
+
+
+def _is_reversal(bt: dict[str, Any]) -> bool:
+    """Whether the balance transaction reverses the part of an authorisation never captured."""
+    return bt.get("reporting_category") == _PARTIAL_CAPTURE_REVERSAL
 
 
 def _record(row: asyncpg.Record | None, *names: str) -> dict[str, Any] | None:
@@ -591,15 +626,21 @@ _REFUND_FIELDS = ("id", "status", "amount", "currency", "balance_transaction")
 _DISPUTE_FIELDS = ("id", "status", "amount", "currency", "amount_held")
 
 
-def compare_payment(charge: str, bt: dict[str, Any], row: asyncpg.Record | None
-                    ) -> list[Discrepancy]:
+def compare_payment(charge: str, bt: dict[str, Any], row: asyncpg.Record | None,
+                    reversals: list[dict[str, Any]] | None = None) -> list[Discrepancy]:
     """A charge's balance transaction against its payment row (pure: no repair here).
 
     A bank debit that failed after Stripe booked it has two: the booking and its reversal.
     The reversal agrees with a payment the ledger has as failed; the booking is compared for
     its amount only, whether it was reversed being compare_outcome's to say (with all of the
-    charge's transactions)."""
-    stripe_side, ledger = _stripe_side(bt), _record(row, *_PAYMENT_FIELDS)
+    charge's transactions).
+
+    A charge captured for less than it authorised has its `charge` transaction (for the whole
+    authorisation) and `reversals` (the part never captured): the payment's amount, the
+    captured one, is compared with what they settle together; its fee and net, which the fee
+    worker copies from the `charge` transaction alone, with that transaction's."""
+    reversals = reversals or []
+    stripe_side, ledger = _stripe_side(bt, reversals), _record(row, *_PAYMENT_FIELDS)
 
     def found(kind: str) -> Discrepancy:
         return Discrepancy(kind, "payment", charge, bt["id"], ledger, stripe_side)
@@ -617,7 +658,8 @@ def compare_payment(charge: str, bt: dict[str, Any], row: asyncpg.Record | None
     if row["settlement_currency"] is not None \
             and row["settlement_currency"] != bt.get("currency"):
         out.append(found("currency_mismatch"))
-    elif not _settles_as(row["amount"], row["currency"], int(bt.get("amount") or 0), bt):
+    elif not _settles_as(row["amount"], row["currency"], _settled(bt, reversals), bt,
+                         slack=1 + len(reversals)):
         out.append(found("amount_mismatch"))
     if row["fee"] is not None and (row["fee"], row["net"]) != (bt.get("fee"), bt.get("net")):
         out.append(found("fee_mismatch"))
@@ -640,10 +682,12 @@ def compare_refund(refund: str, bt: dict[str, Any], row: asyncpg.Record | None
     return []
 
 
-def _settles_as(amount: int, currency: str, settled: int, bt: dict[str, Any]) -> bool:
+def _settles_as(amount: int, currency: str, settled: int, bt: dict[str, Any], *,
+                slack: int = 1) -> bool:
     """Whether `amount` of `currency` is what the balance transaction settled (`settled`, in its
     own currency): exactly in the same currency; in another, at the transaction's exchange rate
-    to within a minor unit (Stripe rounds the converted amount). A rate missing: not compared."""
+    to within a minor unit (Stripe rounds the converted amount), or within `slack` of them when
+    `settled` sums several transactions, each rounded. A rate missing: not compared."""
     if currency == bt.get("currency"):
         return amount == settled
     rate = bt.get("exchange_rate")
@@ -653,7 +697,7 @@ def _settles_as(amount: int, currency: str, settled: int, bt: dict[str, Any]) ->
     # never a float in the arithmetic
     scale = Decimal(10) ** (exponent(str(bt.get("currency"))) - exponent(currency))
     expected = (Decimal(amount) * Decimal(str(rate)) * scale).to_integral_value(ROUND_HALF_UP)
-    return abs(expected - settled) <= 1
+    return abs(expected - settled) <= slack
 
 
 def compare_dispute(dispute: str, bt: dict[str, Any], row: asyncpg.Record | None
@@ -678,9 +722,11 @@ def _puts_back(obj: str, bt: dict[str, Any]) -> bool:
     reversal."""
     category = bt.get("reporting_category")
     if obj == "payment":
-        return category == "charge_failure" or bt.get("type") in _CHARGE_FAILURE_TYPES
+        return category == "charge_failure" if category \
+            else bt.get("type") in _CHARGE_FAILURE_TYPES
     if obj == "refund":
-        return category == "refund_failure" or bt.get("type") in _REFUND_FAILURE_TYPES
+        return category == "refund_failure" if category \
+            else bt.get("type") in _REFUND_FAILURE_TYPES
     return obj == "dispute" and category == "dispute_reversal"
 
 
@@ -705,29 +751,34 @@ def compare_outcome(obj: str, stripe_id: str, bts: list[dict[str, Any]],
 
 
 def _object_of(bt: dict[str, Any]) -> str | None:
-    source = ref(bt.get("source")) or ""
+    """The ledger object a balance transaction is about (payment, refund, dispute), or None:
+    by its reporting_category whenever it has one, by its type only when it has none. (A
+    partial capture's reversal is its charge's payment's, although its source is a refund.)"""
+    category = bt.get("reporting_category")
+    if category:
+        return _CATEGORY_OBJECT.get(str(category))
     kind = bt.get("type")
-    by_category = _CATEGORY_OBJECT.get(str(bt.get("reporting_category") or ""))
-    if by_category is not None:
-        return by_category
     if kind in _CHARGE_TYPES:
         return "payment"
     if kind in _REFUND_TYPES:
         return "refund"
-    if kind == "adjustment" and (source.startswith("dp_") or str(
-            bt.get("reporting_category", "")).startswith("dispute")):
+    if kind == "adjustment" and (ref(bt.get("source")) or "").startswith("dp_"):
         return "dispute"
     return None
 
 
 async def _compare_window(state: _Run, start: int, end: int) -> None:
     """Compare [start, end] a span at a time, oldest first (see COMPARE_SPAN); after each,
-    compared_through moves to where that span's comparison is known complete."""
+    compared_through moves to where that span's comparison is known complete, and never past a
+    bank debit still in flight (just before its booking: the next runs list it again until
+    its outcome is known; the later spans are compared all the same, and again by those runs,
+    since compared_through, held back, no longer reaches back to them)."""
     span_start, span = start, state.compare_span
     while True:
         span_end = min(end, span_start + span - 1)
         before = state.result.balance_transactions
-        compared = await _compare(state, span_start, span_end, reexamine=span_start == start)
+        compared, held = await _compare(state, span_start, span_end,
+                                        reexamine=span_start == start)
         listed = state.result.balance_transactions - before
         async with db.connection(state.pool) as conn:
             # only forward, and only from a span that reached back to where it stood
@@ -737,7 +788,8 @@ async def _compare_window(state: _Run, start: int, end: int) -> None:
                    SET compared_through = greatest(c.compared_through, $2), updated_at = now()
                  WHERE c.compared_through IS NULL OR $1 <= c.compared_through
                 """,
-                span_start if span_start == start else span_start - 1, compared,
+                span_start if span_start == start else span_start - 1,
+                compared if held is None else min(compared, held),
             )
         if span_end >= end or compared < span_end:
             # (Stripe's clock behind the span's end: the rest is for the next run)
@@ -749,14 +801,18 @@ async def _compare_window(state: _Run, start: int, end: int) -> None:
             span = max(MIN_COMPARE_SPAN, span // 2)
 
 
-async def _compare(state: _Run, start: int, end: int, *, reexamine: bool) -> int:
+async def _compare(state: _Run, start: int, end: int, *, reexamine: bool
+                   ) -> tuple[int, int | None]:
     """Compare the balance transactions created in [start, end] (and the ledger's side of that
     window; with `reexamine`, the open discrepancies found before too) and store what differs;
     returns how far the comparison is known complete (`end`, or when Stripe answered the
-    listing's first page if earlier: see _capped)."""
+    listing's first page if earlier: see _capped) and, when a bank debit in flight was listed
+    (left to a later run), the second before its booking, which compared_through must not
+    pass."""
     client, result = state.client, state.result
     by_object: dict[str, dict[str, list[dict[str, Any]]]] = {
         "payment": {}, "refund": {}, "dispute": {}}
+    reversals: dict[str, list[dict[str, Any]]] = {}  # refund -> partial-capture reversals
     params: Any = {"created": {"gte": start, "lte": end}, "limit": 100}
     compared: int | None = None
     async for page in dated_pages(client, "/v1/balance_transactions", params,
@@ -767,8 +823,10 @@ async def _compare(state: _Run, start: int, end: int, *, reexamine: bool) -> int
             kind = _object_of(bt)
             source = ref(bt.get("source"))
             if kind is not None and source:
-                by_object[kind].setdefault(source, []).append(bt)
+                into = reversals if _is_reversal(bt) else by_object[kind]
+                into.setdefault(source, []).append(bt)
                 result.balance_transactions += 1
+    released = await _attach_reversals(state, by_object["payment"], reversals)
 
     async with db.connection(state.pool) as conn:
         # The ledger's side of the window with no balance transaction listed: confirm with
@@ -843,11 +901,11 @@ async def _compare(state: _Run, start: int, end: int, *, reexamine: bool) -> int
         else:  # a discrepancy if the ledger has it (the look-ups below say)
             missing_at_stripe.append((obj, stripe_id))
 
-    discrepancies: list[Discrepancy] = []
     async with db.connection(state.pool) as conn:
         payments = {r["charge"]: r for r in await conn.fetch(
             f"SELECT charge, {', '.join(_PAYMENT_FIELDS)} FROM payments "  # noqa: S608
-            "WHERE charge = any($1::text[])", list(by_object["payment"]))}
+            "WHERE charge = any($1::text[])", list(by_object["payment"]) + [
+                i for o, i in missing_at_stripe if o == "payment"])}
         refunds = {r["id"]: r for r in await conn.fetch(
             f"SELECT {', '.join(_REFUND_FIELDS)} FROM refunds "  # noqa: S608
             "WHERE id = any($1::text[])", list(by_object["refund"]) + [
@@ -856,21 +914,32 @@ async def _compare(state: _Run, start: int, end: int, *, reexamine: bool) -> int
             f"SELECT {', '.join(_DISPUTE_FIELDS)} FROM disputes "  # noqa: S608
             "WHERE id = any($1::text[])", list(by_object["dispute"]) + [
                 i for o, i in missing_at_stripe if o == "dispute"])}
-        if missing := [i for o, i in missing_at_stripe if o == "payment"]:
-            payments.update({r["charge"]: r for r in await conn.fetch(
-                f"SELECT charge, {', '.join(_PAYMENT_FIELDS)} FROM payments "  # noqa: S608
-                "WHERE charge = any($1::text[])", missing)})
+    await _find_uncaptured_parts(state, by_object["payment"], payments)
+    in_flight = await _debits_in_flight(state, by_object["payment"], payments)
 
+    discrepancies: list[Discrepancy] = []
+    async with db.connection(state.pool) as conn:
         # what agrees (or fills a missing fee) is stored once everything is compared
         filled: list[dict[str, Any]] = []
         agreeing: list[dict[str, Any]] = []
         for charge, bts in by_object["payment"].items():
+            if charge in in_flight:  # its outcome is compared once the ledger has it
+                continue
+            row = payments.get(charge)
+            # a partial capture's reversals: compared with the charge's own transaction
+            uncaptured = [bt for bt in bts if _is_reversal(bt)]
+            found_for_charge: list[Discrepancy] = []
             for bt in bts:
-                found = compare_payment(charge, bt, payments.get(charge))
-                discrepancies += found
-                discrepancies += _fill_fee(charge, bt, payments.get(charge), found, filled,
-                                           agreeing)
-            discrepancies += compare_outcome("payment", charge, bts, payments.get(charge))
+                if _is_reversal(bt):
+                    continue
+                found = compare_payment(charge, bt, row,
+                                        None if _puts_back("payment", bt) else uncaptured)
+                found_for_charge += found
+                found_for_charge += _fill_fee(charge, bt, row, found, filled, agreeing)
+            if all(d.repaired for d in found_for_charge):
+                agreeing += uncaptured  # (kept for the reports, as the charge's are)
+            discrepancies += found_for_charge
+            discrepancies += compare_outcome("payment", charge, bts, row)
         for refund, bts in by_object["refund"].items():
             for bt in bts:
                 found = compare_refund(refund, bt, refunds.get(refund))
@@ -908,13 +977,113 @@ async def _compare(state: _Run, start: int, end: int, *, reexamine: bool) -> int
                 ledger_row["balance_transaction"] if "balance_transaction" in fields else None,
                 _record(ledger_row, *fields), None))
 
+        # (a debit in flight is examined: what an earlier run or release reported for it
+        # is closed; so is a partial capture's reversal an earlier release took for a refund
+        # missing in the ledger)
         examined = (list(by_object["payment"]) + list(by_object["refund"])
-                    + list(by_object["dispute"]) + [i for _, i in missing_at_stripe])
+                    + list(by_object["dispute"]) + [i for _, i in missing_at_stripe]
+                    + released)
         result.discrepancies += discrepancies
         result.discrepancies_new += await _store_discrepancies(
             conn, result.run_id, discrepancies, examined)
     result.fees_filled += sum(1 for d in discrepancies if d.kind == "fee_missing" and d.repaired)
-    return end if compared is None else compared
+    result.debits_in_flight += len(in_flight)
+    # held back before the earliest debit in flight this span listed (one found only by
+    # looking again at an open discrepancy lies before the span: no span lists it again)
+    booked = [at for at in in_flight.values() if at >= start]
+    return (end if compared is None else compared), (min(booked) - 1 if booked else None)
+
+
+async def _retrieve(client: stripe.StripeClient, path: str, what: str) -> dict[str, Any] | None:
+    """One object as the JSON Stripe sent; None when Stripe has no such object."""
+    try:
+        response = await call_stripe(lambda: client.raw_request_async("get", path), what)
+    except stripe.InvalidRequestError as exc:
+        if exc.code != "resource_missing":
+            raise
+        return None
+    return response.data if isinstance(response.data, dict) else None
+
+
+async def _attach_reversals(state: _Run, by_charge: dict[str, list[dict[str, Any]]],
+                            reversals: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Put each partial-capture reversal (listed by the Refund that is its source) with the
+    transactions of that refund's charge: the ledger's refunds table says which charge when it
+    has the refund, else one Stripe call (the refund). A charge whose reversal is listed but
+    whose own transaction is not (just before the span) has its transactions asked for.
+    Returns the refunds whose reversals were put with their charge's."""
+    if not reversals:
+        return []
+    attached: list[str] = []
+    async with db.connection(state.pool) as conn:
+        charge_of: dict[str, str] = {r["id"]: r["charge"] for r in await conn.fetch(
+            "SELECT id, charge FROM refunds WHERE id = any($1::text[]) AND charge IS NOT NULL",
+            list(reversals))}
+    for refund, bts in reversals.items():
+        charge = charge_of.get(refund)
+        if charge is None:
+            found = await _retrieve(state.client, f"/v1/refunds/{refund}", "refunds.retrieve")
+            charge = ref((found or {}).get("charge"))
+        if charge is None:
+            # (Stripe listed a transaction whose refund it does not have: left out, said)
+            log.warning("reconciliation_reversal_without_charge", refund=refund,
+                        balance_transactions=[bt["id"] for bt in bts])
+            continue
+        by_charge.setdefault(charge, []).extend(bts)
+        attached.append(refund)
+    for charge, bts in by_charge.items():
+        if all(_is_reversal(bt) for bt in bts):
+            theirs = [bt for bt in await _balance_transactions_of(state.client, charge)
+                      if _object_of(bt) == "payment"]
+            state.result.balance_transactions += len(theirs)
+            bts[:0] = theirs
+    return attached
+
+
+async def _find_uncaptured_parts(state: _Run, by_charge: dict[str, list[dict[str, Any]]],
+                                 payments: dict[str, asyncpg.Record]) -> None:
+    """A payment the ledger has for less than its charge's transaction settled, with no
+    partial-capture reversal in hand: the reversal may lie in another span, or the payment
+    is looked at again for an amount_mismatch found before reversals were understood. Its
+    charge's refunds (one Stripe call, their balance transactions expanded) say whether part
+    of the authorisation was released; their reversals join the comparison."""
+    for charge, bts in by_charge.items():
+        row = payments.get(charge)
+        if row is None or row["status"] != "succeeded" or any(_is_reversal(bt) for bt in bts):
+            continue
+        if not any(d.kind == "amount_mismatch" for bt in bts if not _puts_back("payment", bt)
+                   for d in compare_payment(charge, bt, row)):
+            continue
+        found: list[dict[str, Any]] = []
+        async for items, _more in pages(
+                state.client, "/v1/refunds",
+                {"charge": charge, "limit": 100, "expand": ["data.balance_transaction"]},
+                "refunds.list"):
+            found += [r["balance_transaction"] for r in items
+                      if isinstance(r.get("balance_transaction"), dict)
+                      and _is_reversal(r["balance_transaction"])]
+        state.result.balance_transactions += len(found)
+        bts.extend(found)
+
+
+async def _debits_in_flight(state: _Run, by_charge: dict[str, list[dict[str, Any]]],
+                            payments: dict[str, asyncpg.Record]) -> dict[str, int]:
+    """The charges whose transactions are listed while the ledger has no payment for them and
+    Stripe has them `pending` (one call each): bank debits Stripe booked when they were
+    submitted, whose outcome is not known yet. By charge, when its booking was made. One
+    booked longer ago than IN_FLIGHT_AT_MOST is not: it is reported as any other."""
+    in_flight: dict[str, int] = {}
+    for charge, bts in by_charge.items():
+        bookings = [int(bt.get("created") or 0) for bt in bts
+                    if not _puts_back("payment", bt) and not _is_reversal(bt)]
+        if charge in payments or not bookings or state.now - min(bookings) > IN_FLIGHT_AT_MOST:
+            continue
+        found = await _retrieve(state.client, f"/v1/charges/{charge}", "charges.retrieve")
+        if found is not None and found.get("status") == "pending":
+            in_flight[charge] = min(bookings)
+            log.info("reconciliation_debit_in_flight", charge=charge,
+                     booked_at=_iso(min(bookings)))
+    return in_flight
 
 
 async def _balance_transactions_of(client: stripe.StripeClient, source: str

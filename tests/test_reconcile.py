@@ -4,6 +4,7 @@ gives, resumable runs, balance transactions compared and differences recorded, n
 from __future__ import annotations
 
 import asyncio
+import copy
 import itertools
 import json
 import random
@@ -26,6 +27,7 @@ from donations.ledger import BalanceTransaction, FoundingOffer
 from donations.metrics import Metrics
 from donations.settings import Secret
 from tests.conftest import Client, make_settings, payments_held, wait_until, waiting_on_a_lock
+from tests.fakestripe import objects as o
 from tests.fakestripe.server import FakeStripe, running_fake_stripe
 from tests.fakestripe.world import World
 from tests.ledger_check import dump, reference
@@ -114,10 +116,14 @@ async def eventually(check: Callable[[], Awaitable[bool]], within: float = 10) -
 
 
 
-async def _run(pool: asyncpg.Pool, world: World) -> reconcile.RunResult:
-    """One reconciliation run against the World's fake Stripe, from START to just after now."""
-    async with stripe_against(world) as (_, stripe_client):
-        return await reconcile.run(pool, stripe_client, OFFER, since=START, now=world.now + 60)
+async def _run(pool: asyncpg.Pool, world: World, *put: dict[str, Any], now: int | None = None
+               ) -> reconcile.RunResult:
+    """One reconciliation run against the World's fake Stripe (serving `put` beside the World's
+    objects), from START to just after the World's now unless told."""
+    async with stripe_against(world) as (fake, stripe_client):
+        fake.put(*put)
+        return await reconcile.run(pool, stripe_client, OFFER, since=START,
+                                   now=world.now + 60 if now is None else now)
 
 async def test_reconcile_after_losing_30_percent_of_webhooks_gives_the_full_ledger(
     client: Client, pool: asyncpg.Pool
@@ -987,6 +993,283 @@ async def test_the_discrepancies_an_earlier_release_opened_for_a_failed_bank_deb
     assert result.open == [], result.summary()
     assert await pool.fetchval("SELECT count(*) FROM reconciliation_discrepancies"
                                " WHERE resolved_at IS NULL") == 0
+
+
+# --- bank debits still in flight -----------------------------------------------------------------
+
+
+def _as_submitted(debit_events: list[dict[str, Any]]) -> tuple[dict[str, Any], int]:
+    """The debit's charge as Stripe has it while the bank has not answered (its charge.pending
+    snapshot, `pending`), booked (a `payment` transaction) from then on; and when it was
+    submitted."""
+    pending = next(e for e in debit_events if e["type"] == "charge.pending")
+    charge = copy.deepcopy(pending["data"]["object"])
+    assert charge["status"] == "pending"
+    return charge, int(pending["created"])
+
+
+async def test_a_bank_debit_still_processing_is_no_discrepancy(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """A delayed-notification debit (Bacs, SEPA) is booked in the balance when it is submitted
+    (a `payment` transaction, category `charge`, from charge.pending on: stripe/_charge.py
+    `failure_balance_transaction`, "the reversal of the balance on your account due to payment
+    failure", is the reversal of a booking made before the outcome is known). For the days it
+    is processing the ledger rightly counts nothing for it (charge.pending and
+    payment_intent.processing are not ledger events) while Stripe lists the booking: its
+    charge, asked for, is `pending`, so nothing is reported, and compared_through stays
+    before the booking, so that the runs after list it again until the outcome is known."""
+    world = World(seed=7702)
+    world.one_off(2500, "gbp")
+    debit = world.async_checkout(3000, "gbp", False, booked=True, settle_after=5 * DAY)
+    failed = world.get(debit.charge)
+    booking = world.balance_transactions[failed["balance_transaction"]]
+    # the account as it stands a day after submission: the outcome has not come yet
+    _drop_bt(world, failed["failure_balance_transaction"])
+    in_flight, submitted = _as_submitted(debit.events)
+    assert in_flight["balance_transaction"] == booking["id"]
+    world.objects[debit.charge] = in_flight
+    world.events[:] = [e for e in world.events if e["created"] <= submitted]
+    await post_all(client, world.events)
+    assert await pool.fetchval("SELECT count(*) FROM payments WHERE payment_key = $1",
+                               debit.payment_intent) == 0
+
+    result = await _run(pool, world, now=submitted + DAY)
+    assert [(d.kind, d.object, d.stripe_id) for d in result.open] == [], result.summary()
+    assert result.matches, result.summary()
+    assert result.debits_in_flight == 1 and "1 bank debit(s) in flight" in result.summary()
+    assert await pool.fetchval(
+        "SELECT compared_through FROM reconciliation_checkpoint") == booking["created"] - 1
+    # still pending a month on, it is no longer taken for one in flight
+    late = await _run(pool, world, now=int(booking["created"]) + 31 * DAY)
+    assert [(d.kind, d.object, d.stripe_id) for d in late.open] == [
+        ("missing_in_ledger", "payment", debit.charge)], late.summary()
+
+
+async def test_a_bank_debit_booked_when_submitted_is_compared_once_it_succeeded(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """A run while the debit is in flight moves compared_through no further than just before
+    its booking; once the debit succeeded and its webhooks arrived, the next scheduled run
+    lists the booking again, compares it with the payment and fills its fee."""
+    world = World(seed=7704)
+    world.one_off(2500, "gbp")
+    before_debit = world.now
+    debit = world.async_checkout(3000, "gbp", True, settle_after=5 * DAY)
+    settled = world.get(debit.charge)
+    booking = world.balance_transactions[settled["balance_transaction"]]
+    in_flight, submitted = _as_submitted(debit.events)
+    booking["created"] = submitted  # booked when submitted, as the bank debit's booking is
+    in_flight["balance_transaction"] = booking["id"]
+    world.objects[debit.charge] = in_flight
+    later = [e for e in world.events if e["created"] > submitted]
+    world.events[:] = [e for e in world.events if e["created"] <= submitted]
+    await post_all(client, world.events)
+
+    async with stripe_against(world) as (fake, stripe_client):
+        await reconcile.run(pool, stripe_client, OFFER, since=START, now=before_debit)
+        assert await pool.fetchval(
+            "SELECT compared_through FROM reconciliation_checkpoint") == before_debit
+        between = await reconcile.run(pool, stripe_client, OFFER, now=submitted + DAY)
+        assert between.open == [] and between.debits_in_flight == 1, between.summary()
+        assert await pool.fetchval(
+            "SELECT compared_through FROM reconciliation_checkpoint") == submitted - 1
+        # the bank collected it: Stripe's charge succeeded, its webhooks arrive
+        world.objects[debit.charge] = settled
+        world.events.extend(later)
+        await post_all(client, later)
+        fake.requests.clear()
+        after = await reconcile.run(pool, stripe_client, OFFER, now=world.now + 60)
+        listed_from = min(int(r.query["created"]["gte"])
+                          for r in fake.requests_to("/v1/balance_transactions")
+                          if "created" in r.query)
+    assert listed_from <= submitted
+    assert after.matches and after.debits_in_flight == 0, after.summary()
+    assert [(d.kind, d.stripe_id, d.repaired) for d in after.discrepancies] == [
+        ("fee_missing", debit.charge, True)], after.summary()
+    row = await pool.fetchrow("SELECT status, amount, fee, net FROM payments"
+                              " WHERE payment_key = $1", debit.payment_intent)
+    assert dict(row or {}) == {"status": "succeeded", "amount": 3000, "fee": booking["fee"],
+                               "net": booking["net"]}
+    assert await pool.fetchval(
+        "SELECT compared_through FROM reconciliation_checkpoint") == world.now + 60
+
+
+# --- partial captures: two balance transactions for one charge ------------------------------------
+
+
+class PartialCapture(NamedTuple):
+    charge: str
+    payment_intent: str
+    authorisation: dict[str, Any]  # the charge's `charge` transaction: the whole £20
+    reversal: dict[str, Any]  # `partial_capture_reversal` of the £5 never captured
+    release: dict[str, Any]  # the Refund that is the reversal's source
+    captured_at: int
+
+
+async def _partially_captured(client: Client, pool: asyncpg.Pool, world: World
+                              ) -> PartialCapture:
+    """£20 authorised, £15 captured an hour later, its events delivered. Stripe's "Reporting
+    categories and types" page: "you capture an amount less than the initial authorization,
+    you see two balance transactions: one for the full amount of the authorization, and
+    another reversing the uncaptured portion. (Summing the two balance transactions yields the
+    captured portion of the charge.) The balance transaction reversing the uncaptured portion
+    has type=refund ... we label these with the distinct reporting category
+    partial_capture_reversal." A Refund is the source of a `type: refund` transaction
+    (stripe/_balance_transaction.py `source`). The ledger rightly has the payment as £15 and
+    no refund (tests/test_ledger_shapes_more.py)."""
+    t = world.now
+    pi, ch, cus = "pi_review_pcap", "ch_review_pcap", "cus_review_pcap"
+    txn, reversal_txn, released = "txn_review_pcap", "txn_review_pcap_rev", "re_review_pcap"
+    held_intent = o.payment_intent(amount=2000, currency="gbp", created=t, id=pi,
+                                   latest_charge=ch, customer=cus)
+    held_intent.update(status="requires_capture", amount_capturable=2000, amount_received=0,
+                       capture_method="manual")
+    held = o.charge(amount=2000, currency="gbp", created=t, id=ch, payment_intent=pi,
+                    customer=cus, balance_transaction=None)
+    held.update(captured=False, amount_captured=0)
+    captured_at = t + 3600
+    intent = dict(held_intent, status="succeeded", amount_capturable=0, amount_received=1500)
+    charge = o.charge(amount=2000, currency="gbp", created=t, id=ch, payment_intent=pi,
+                      customer=cus, balance_transaction=txn, amount_refunded=500)
+    charge["amount_captured"] = 1500
+    world.events.extend([
+        o.event("charge.succeeded", held, created=t, id="evt_review_pcap_1"),
+        o.event("payment_intent.amount_capturable_updated", held_intent, created=t,
+                id="evt_review_pcap_2"),
+        o.event("charge.captured", charge, created=captured_at, id="evt_review_pcap_3"),
+        o.event("payment_intent.succeeded", intent, created=captured_at,
+                id="evt_review_pcap_4"),
+    ])
+    world.advance(3600 + 60)
+    await post_all(client, world.events)
+    row = await pool.fetchrow("SELECT status, amount, amount_refunded FROM payments"
+                              " WHERE payment_key = $1", pi)
+    assert dict(row or {}) == {"status": "succeeded", "amount": 1500, "amount_refunded": 0}
+    return PartialCapture(
+        ch, pi,
+        o.balance_transaction(id=txn, amount=2000, currency="gbp", created=captured_at,
+                              source=ch, type="charge", reporting_category="charge",
+                              fee=world.processing_fee(2000)),
+        o.balance_transaction(id=reversal_txn, amount=-500, currency="gbp",
+                              created=captured_at, source=released, type="refund",
+                              reporting_category="partial_capture_reversal"),
+        o.refund(amount=500, currency="gbp", created=captured_at, charge=ch, payment_intent=pi,
+                 id=released, balance_transaction=reversal_txn, reason=None),
+        captured_at)
+
+
+async def test_a_partially_captured_payment_is_no_discrepancy(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """Stripe and the ledger agree (2000 - 500 = 1500): the reversal, its category read before
+    its `type`, is the payment's (its refund, asked for once, names the charge), not a refund
+    missing in the ledger; the payment is compared once, its amount with what the two settle
+    together, its fee with the `charge` transaction's (filled from it, as the fee worker
+    fills it)."""
+    world = World(seed=7701)
+    world.one_off(1000, "gbp")  # an ordinary payment beside it
+    world.advance(600)
+    pcap = await _partially_captured(client, pool, world)
+    async with stripe_against(world) as (fake, stripe_client):
+        fake.put(pcap.authorisation, pcap.reversal, pcap.release)
+        result = await reconcile.run(pool, stripe_client, OFFER, since=START,
+                                     now=world.now + 60)
+        asked = [r.path for r in fake.requests if not r.path.startswith(
+            ("/v1/events", "/v1/balance_transactions"))]
+    assert [(d.kind, d.object, d.stripe_id) for d in result.open] == [], result.summary()
+    assert result.matches, result.summary()
+    assert asked == [f"/v1/refunds/{pcap.release['id']}"]
+    assert [(d.kind, d.stripe_id, d.repaired) for d in result.discrepancies
+            if d.stripe_id == pcap.charge] == [("fee_missing", pcap.charge, True)]
+    fee = await pool.fetchval("SELECT fee FROM payments WHERE payment_key = $1",
+                              pcap.payment_intent)
+    assert fee == pcap.authorisation["fee"]
+    assert await pool.fetchval("SELECT source FROM balance_transactions WHERE id = $1",
+                               pcap.reversal["id"]) == pcap.release["id"]
+    # and again: nothing found
+    again = await _run(pool, world, pcap.authorisation, pcap.reversal, pcap.release)
+    assert again.discrepancies == [] and again.matches, again.summary()
+
+
+async def test_a_partially_captured_payment_stripe_settled_otherwise_is_an_amount_mismatch(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """What the charge's transaction and its reversal settle together is compared: a reversal
+    of £4 where £5 was never captured leaves £16 at Stripe for a £15 payment."""
+    world = World(seed=7705)
+    pcap = await _partially_captured(client, pool, world)
+    reversal = dict(pcap.reversal, amount=-400, net=-400)
+    result = await _run(pool, world, pcap.authorisation, reversal, pcap.release)
+    assert [(d.kind, d.object, d.stripe_id) for d in result.open] == [
+        ("amount_mismatch", "payment", pcap.charge)], result.summary()
+    stripe_side = result.open[0].stripe or {}
+    assert (stripe_side["amount_settled"], stripe_side["partial_capture_reversals"]) == (
+        1600, [reversal["id"]])
+
+
+async def test_the_discrepancies_an_earlier_release_opened_for_a_partial_capture_close(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """The two discrepancies an earlier release recorded for a partially captured payment
+    (the £20 transaction alone an amount_mismatch with the £15 payment, the reversal a refund
+    missing in the ledger) are closed by the next run even when its window no longer holds
+    them: the payment, looked at again, disagrees with its `charge` transaction alone, so its
+    charge's refunds are asked for (their balance transactions expanded) and the reversal
+    found."""
+    world = World(seed=7706)
+    pcap = await _partially_captured(client, pool, world)
+    run_id = await pool.fetchval(
+        "INSERT INTO reconciliation_runs (trigger, window_start, window_end)"
+        " VALUES ('command', to_timestamp($1), to_timestamp($2)) RETURNING id",
+        START, world.now)
+    await pool.executemany(
+        "INSERT INTO reconciliation_discrepancies (run_id, last_run_id, kind, object, stripe_id,"
+        " balance_transaction, stripe) VALUES ($1, $1, $2, $3, $4, $5, '{}')",
+        [(run_id, "amount_mismatch", "payment", pcap.charge, pcap.authorisation["id"]),
+         (run_id, "missing_in_ledger", "refund", pcap.release["id"], pcap.reversal["id"])])
+    world.advance(DAY)
+    async with stripe_against(world) as (fake, stripe_client):
+        fake.put(pcap.authorisation, pcap.reversal, pcap.release)
+        result = await reconcile.run(pool, stripe_client, OFFER, since=world.now - 3600,
+                                     now=world.now)
+        refunds = [r.query for r in fake.requests_to("/v1/refunds")]
+    assert refunds == [{"charge": pcap.charge, "limit": "100",
+                        "expand": ["data.balance_transaction"]}]
+    assert result.open == [], result.summary()
+    assert await pool.fetchval("SELECT count(*) FROM reconciliation_discrepancies"
+                               " WHERE resolved_at IS NULL") == 0
+
+
+# --- balance transactions that are not the ledger's ----------------------------------------------
+
+
+async def test_a_dispute_fee_booked_as_its_own_adjustment_is_no_dispute_amount(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """Stripe's "Reporting categories" page: reporting_category "separates balance
+    transactions with type=adjustment into several different categories, including disputes,
+    dispute reversals, and failed refunds. Additionally, it categorizes several types of fees
+    ... with reporting_category=fee". The dispute countered fee (Stripe support, "Calculate
+    dispute countered fees") is charged when evidence is submitted, "applied directly to your
+    account balance" and "not shown in the balance_transactions field of the Dispute": an
+    `adjustment` of category `fee`, here naming the dispute as its source.
+
+    It is a Stripe fee, not the chargeback: the category decides (the `adjustment` type and
+    `dp_` source are read only for a transaction without one), so it is not compared with the
+    dispute, whose withdrawal (category `dispute`) agrees with the ledger."""
+    world = World(seed=7703)
+    paid = world.one_off(4000, "gbp")
+    disputed = world.dispute(paid.charge)  # evidence submitted: under_review
+    await post_all(client, world.events)
+    countered_fee = o.balance_transaction(
+        amount=-1500, currency="gbp", created=world.now, source=disputed.dispute,
+        type="adjustment", reporting_category="fee", ids=world.ids,
+        description=f"Dispute countered fee ({disputed.dispute})")
+    world.advance(60)
+    result = await _run(pool, world, countered_fee)
+    assert [(d.kind, d.object, d.stripe_id) for d in result.open] == [], result.summary()
+    assert result.matches, result.summary()
 
 
 async def test_a_replica_clock_ahead_of_stripe_costs_a_re_read_never_an_event(
