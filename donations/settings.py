@@ -97,6 +97,12 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
+        if env.get("STRIPE_LOG") in ("debug", "info"):
+            # the library would print every request and answer to stderr itself (readers'
+            # e-mails among them), past this service's log and its masking
+            raise ConfigError("STRIPE_LOG must not be debug or info: the stripe library would "
+                              "print each request and answer, readers' e-mails with them, "
+                              "past the service's log; use LOG_LEVEL=debug instead")
         get = _Reader(env)
         return cls(
             database_url=get.secret("DATABASE_URL", check=_check_database_url),
@@ -178,6 +184,9 @@ def _check_database_url(value: str) -> str | None:
     sslmode = query.get("sslmode", [None])[-1]
     if sslmode is not None and sslmode.replace("_", "-") not in _SSLMODES:
         return f"sslmode must be one of {', '.join(_SSLMODES)}, got {sslmode!r}"
+    port = query.get("port", [None])[-1]
+    if port is not None and not all(p.strip().isdigit() for p in port.split(",")):
+        return f"port must be a number (or numbers, comma-separated), got {port!r}"
     attrs = query.get("target_session_attrs", [None])[-1]
     if attrs is not None and attrs not in _TARGET_SESSION_ATTRS:
         return (f"target_session_attrs must be one of {', '.join(_TARGET_SESSION_ATTRS)}, "

@@ -182,6 +182,8 @@ def test_a_malformed_database_url_is_one_line_without_the_password(value: str) -
     ("target_session_attrs=bogus", "target_session_attrs must be one of"),
     ("sslmode", "a query that cannot be read"),
     ("sslmode=require&&connect_timeout=5", "a query that cannot be read"),
+    ("port=abc", "port must be a number"),
+    ("host=a,b&port=5432,x", "port must be a number"),
 ])
 def test_a_database_url_query_asyncpg_would_refuse_stops_the_start(query: str, said: str) -> None:
     """asyncpg refuses these only at the first connection, with a traceback: they are read at
@@ -240,3 +242,20 @@ def test_a_host_that_is_neither_an_address_nor_a_host_name_stops_the_start(host:
     neither (RFC 1123 2.1: a name's last label is never all digits), and stops the start."""
     with pytest.raises(ConfigError, match="HOST"):
         Settings.from_env({"HOST": host})
+
+
+@pytest.mark.parametrize("level", ["debug", "info"])
+def test_stripe_log_that_would_print_requests_past_the_log_stops_the_start(level: str) -> None:
+    """With STRIPE_LOG at debug or info the stripe library prints every request and answer to
+    stderr itself (stripe/_util.py), the reader's e-mail in a checkout's form among them, where
+    the service's log masking never sees it."""
+    with pytest.raises(ConfigError, match=r"^STRIPE_LOG must not be debug or info"):
+        Settings.from_env({"STRIPE_LOG": level})
+    Settings.from_env({"STRIPE_LOG": ""})  # unset in all but name: nothing printed
+
+
+def test_database_url_ports_asyncpg_reads_are_kept() -> None:
+    for query in ("port=5433", "host=a,b&port=5432,5433"):
+        url = f"postgresql://u@db/x?{query}"
+        settings = Settings.from_env({"DATABASE_URL": url})
+        assert settings.database_url is not None and settings.database_url.reveal() == url
