@@ -19,13 +19,18 @@ routes = web.RouteTableDef()
 
 _CUSTOMER = re.compile(r"^cus_[A-Za-z0-9]{1,250}$")
 _FIELDS = frozenset({"customer", "email", "return_url"})
+# A subscription that has not ended (of the statuses the ledger keeps, sql/001): one the reader
+# may be charged for, or may resume, so the one to manage. Not `incomplete` (its first payment
+# not made: it ends by itself), `incomplete_expired` or `canceled`.
+LIVE = ("active", "trialing", "past_due", "unpaid", "paused")
 
 
 @routes.post("/v1/portal-sessions")
 async def create_portal_session(request: web.Request) -> web.Response:
     """For the site's server (scope `portal`) or staff (`admin`): `{customer | email,
     return_url}` → 201 `{url}`. By e-mail, the supporter is the ledger's customer with that
-    e-mail who has a subscription (the most recent such one), else the most recent customer."""
+    e-mail whose subscription is live (LIVE), else one with any subscription, else any; the most
+    recent of those. Checkout makes a customer per checkout, so one e-mail may have several."""
     await auth.require(request, "portal")
     client = request.app[STRIPE]
     if client is None:
@@ -47,11 +52,13 @@ async def create_portal_session(request: web.Request) -> web.Response:
                 """
                 SELECT c.id FROM customers c
                  WHERE lower(c.email) = lower($1) AND NOT c.deleted
-                 ORDER BY EXISTS (SELECT 1 FROM subscriptions s WHERE s.customer = c.id) DESC,
+                 ORDER BY EXISTS (SELECT 1 FROM subscriptions s
+                                   WHERE s.customer = c.id AND s.status = ANY($2::text[])) DESC,
+                          EXISTS (SELECT 1 FROM subscriptions s WHERE s.customer = c.id) DESC,
                           c.created_at DESC, c.id
                  LIMIT 1
                 """,
-                email,
+                email, list(LIVE),
             )
         if customer is None:
             raise NotFound("customer_not_found", "no supporter has that e-mail", field="email")

@@ -16,6 +16,7 @@ the lock held only inside PostgreSQL.
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from time import monotonic
 
 import asyncpg
 
@@ -27,6 +28,10 @@ LOCK_KEY = "donations:founding_seats"  # the advisory lock founding_seat_hold ta
 # again after leaving a checkout; a script starting checkouts it never pays takes two seats, not
 # the offer (sql/022). Beyond it, full price, as when no seat is free.
 HOLDS_PER_CLIENT = 2
+# How long a process believes "every seat is taken" without asking again: a taken seat can come
+# back (its subscription never started, sql/029), so this is only a shortcut that spares a sold-out
+# offer's checkouts the queue on the lock, and it lapses. Seconds, on the monotonic clock.
+FULL_FOR = 30.0
 
 class FoundingSeats:
     """The offer's seats for one process: `seats` from FOUNDING_SEATS, redeemed at Stripe through
@@ -35,9 +40,24 @@ class FoundingSeats:
     def __init__(self, seats: int, coupon_id: str = "founding-supporter") -> None:
         self.seats = seats
         self.coupon_id = coupon_id
-        # Taken seats never come back, so once all are taken the offer is closed for good and
-        # later checkouts need not queue on the lock to learn it.
-        self._sold_out = seats <= 0
+        # Closed for good: no seats at all, or Stripe said the coupon is used up (that never
+        # changes back, so later checkouts need not queue on the lock to learn it).
+        self._closed = seats <= 0
+        # Every seat taken when last counted: believed until this moment (monotonic) and then
+        # counted again, since a seat whose subscription never started is given back (sql/029).
+        self._full_until: float | None = None
+
+    def _sold_out(self) -> bool:
+        if self._closed:
+            return True
+        if self._full_until is not None and monotonic() < self._full_until:
+            return True
+        self._full_until = None
+        return False
+
+    def _counted(self, taken: int) -> None:
+        """What a count (under the lock or not) says of the seats taken: full, for FULL_FOR."""
+        self._full_until = monotonic() + FULL_FOR if taken >= self.seats else None
 
     async def hold(
         self, conn: asyncpg.Connection, until: datetime, client: str | None = None
@@ -47,20 +67,23 @@ class FoundingSeats:
         transaction, or outside one as a statement of its own: then the hold is committed
         (waiting for its WAL flush: a hold lost in a crash could sell its seat twice) when this
         returns."""
-        if self._sold_out:
+        if self._sold_out():
             return None
         row = await conn.fetchrow(
             "SELECT hold_id, taken, closed FROM founding_seat_hold($1, $2, $3, $4, $5)",
             self.seats, until, client, HOLDS_PER_CLIENT, self.coupon_id)
         assert row is not None
-        if row["taken"] >= self.seats or row["closed"]:
-            self._sold_out = True
+        if row["closed"]:
+            self._closed = True
+        self._counted(int(row["taken"]))
         hold_id: int | None = row["hold_id"]
         return hold_id
 
     async def left(self, conn: asyncpg.Connection) -> int:
-        """Seats neither taken nor held now (for display: a checkout decides under the lock)."""
-        if self._sold_out:
+        """Seats neither taken nor held now (for display: a checkout decides under the lock).
+        Counted each time (no lock is waited for) until the offer is closed for good; what the
+        count says of the seats taken serves the next checkouts' shortcut too."""
+        if self._closed:
             return 0
         row = await conn.fetchrow(
             """
@@ -71,15 +94,16 @@ class FoundingSeats:
             self.coupon_id,
         )
         assert row is not None
-        if row["taken"] >= self.seats or row["used_up"]:
-            self._sold_out = True
+        if row["used_up"]:
+            self._closed = True
             return 0
+        self._counted(int(row["taken"]))
         return max(0, self.seats - int(row["taken"]) - int(row["held"]))
 
     async def used_up_at_stripe(self, conn: asyncpg.Connection) -> None:
         """Stripe refused the coupon as used up: the offer is over, for every replica (they read
         it in `left`) and the public totals."""
-        self._sold_out = True
+        self._closed = True
         await conn.execute(
             "INSERT INTO founding_coupons_used_up (coupon_id) VALUES ($1) ON CONFLICT DO NOTHING",
             self.coupon_id,

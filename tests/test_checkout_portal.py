@@ -6,7 +6,7 @@ import asyncpg
 from pytest_aiohttp import AiohttpClient
 
 from tests.checkout_helpers import SITE, checkout_service, token
-from tests.fakestripe.world import World
+from tests.fakestripe.world import DAY, World
 from tests.webhook_helpers import post_all
 
 PORTAL = "/v1/portal-sessions"
@@ -73,3 +73,32 @@ async def test_an_email_holding_nul_is_refused_naming_it(
     assert response.status == 400, body
     assert (body["error"]["code"], body["error"]["field"]) == ("invalid_character", "email")
     assert asked == []
+
+
+async def test_the_portal_by_email_opens_the_customer_whose_subscription_is_live(
+    pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
+) -> None:
+    """Checkout is given `customer_email`, not a customer, so every checkout makes a new Stripe
+    customer: a reader who subscribes and later starts another subscription that ends (a
+    second one cancelled, an abandoned upgrade) has two customers with the e-mail. The portal
+    by e-mail used to pick the newest customer with *any* subscription, ended ones included, so
+    the reader landed in a portal with nothing to manage and could not cancel the subscription
+    still charging them: the customer with a live subscription comes first."""
+    world = World(seed=7302)
+    live = world.subscribe(1000, "gbp", email="reader@example.org")
+    world.advance(DAY)
+    ended = world.subscribe(500, "gbp", email="reader@example.org")
+    world.cancel(ended.subscription, at_period_end=False)
+    site = {"Authorization": f"Bearer {await token(pool, 'site', 'portal')}"}
+    async with checkout_service(aiohttp_client, dsn, world) as (client, fake):
+        await post_all(client, world.events)
+        statuses = {r["customer"]: r["status"]
+                    for r in await pool.fetch("SELECT customer, status FROM subscriptions")}
+        response = await client.post(PORTAL, headers=site, json={
+            "email": "reader@example.org", "return_url": f"{SITE}/account"})
+        sent = [r.form for r in fake.requests if r.path == "/v1/billing_portal/sessions"]
+
+    assert live.customer != ended.customer
+    assert statuses == {live.customer: "active", ended.customer: "canceled"}
+    assert response.status == 201, await response.text()
+    assert [f["customer"] for f in sent] == [live.customer]

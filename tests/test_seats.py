@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+import pytest
 from pytest_aiohttp import AiohttpClient
 
-from donations import db
+from donations import db, seats
 from donations.appkeys import TOTALS
 from donations.seats import FoundingSeats
 from tests.checkout_helpers import (
@@ -18,6 +20,7 @@ from tests.checkout_helpers import (
     subscription,
 )
 from tests.conftest import Client
+from tests.fakestripe import objects as o
 from tests.fakestripe.world import World
 from tests.webhook_helpers import post_all
 
@@ -230,3 +233,72 @@ async def test_a_replica_that_did_not_see_the_refusal_does_not_ask_for_a_used_up
     assert response.status == 201, body
     assert body["founding_discount"] is False
     assert ["discounts" in r.form for r in sent] == [False]
+
+
+def _founding_subscription_never_paid(world: World) -> tuple[list[dict[str, Any]],
+                                                               dict[str, Any]]:
+    """A founding subscription Stripe made `incomplete` (its first payment not made yet), and
+    the event, 23 hours on, that says it never started (`incomplete_expired`)."""
+    sub = world.subscribe(1000, "gbp", founding=True, email="never@example.org",
+                          metadata={"founding_supporter": "true"})
+    before_payment = {"customer.created", "customer.subscription.created",
+                      "customer.discount.created", "invoice.created", "invoice.finalized"}
+    events = [e for e in sub.events if e["type"] in before_payment]
+    created = next(e for e in events if e["type"] == "customer.subscription.created")
+    state = copy.deepcopy(created["data"]["object"])
+    world.advance(23 * 3600)
+    state.update(status="incomplete_expired", canceled_at=world.now, ended_at=world.now)
+    expired = o.event("customer.subscription.updated", state, created=world.now, ids=world.ids,
+                      previous_attributes={"status": "incomplete", "canceled_at": None,
+                                           "ended_at": None})
+    return events, expired
+
+
+async def test_a_seat_given_back_by_a_subscription_that_never_started_is_offered_again(
+    pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
+) -> None:
+    """sql/029 gives a founding seat back when its subscription ends `incomplete_expired` (it
+    never started), so "taken" can go down. FoundingSeats used to latch "sold out" the first
+    time taken reached the seats and answer from memory for the life of the process: the seat
+    given back was never offered again by that replica (full price, `open: false`,
+    `seats_left: 0`) while the database, and a freshly started replica, said it was free. The
+    options count on every call, and what they count serves the checkouts too."""
+    world = World(seed=7301)
+    before_payment, never_started = _founding_subscription_never_paid(world)
+    async with checkout_service(aiohttp_client, dsn, world, founding_seats=1) as (client, _):
+        await post_all(client, before_payment)  # incomplete, founding: the one seat is taken
+        assert (await _start(client))["founding_discount"] is False  # full price meanwhile
+        await post_all(client, [never_started])
+        assert await pool.fetchval("SELECT taken + held FROM founding_seat_counts") == 0
+        offer = (await (await client.get("/v1/checkout/options")).json())["founding_offer"]
+        again = await _start(client)
+
+    assert (offer["open"], offer["seats_left"]) == (True, 1)
+    assert again["founding_discount"] is True
+
+
+async def test_a_seat_given_back_reaches_checkout_once_the_sold_out_shortcut_lapses(
+    pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With every seat taken a replica believes it, without queuing on the lock, for
+    seats.FULL_FOR (30 s) only: a seat given back (its subscription never started) is held
+    again by the next checkout after that, even when no one asked for the options meanwhile."""
+    world = World(seed=7304)
+    before_payment, never_started = _founding_subscription_never_paid(world)
+    clock = [1000.0]
+    monkeypatch.setattr(seats, "monotonic", lambda: clock[0])
+    async with checkout_service(aiohttp_client, dsn, world, founding_seats=1) as (client, _):
+        await post_all(client, before_payment)
+        assert (await _start(client))["founding_discount"] is False  # counted: all taken
+        await post_all(client, [never_started])
+        clock[0] += seats.FULL_FOR - 1
+        # still believed: no wait on the lock (held elsewhere), full price
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended('donations:founding_seats', 0))")
+            meanwhile = await asyncio.wait_for(_start(client), timeout=5)
+        clock[0] += 2
+        later = await _start(client)
+
+    assert meanwhile["founding_discount"] is False
+    assert later["founding_discount"] is True
