@@ -623,6 +623,13 @@ async def _with_stripe(settings: Settings, args: argparse.Namespace) -> int:
                 except importer.AlreadyImporting as exc:
                     print(f"donations: {exc}", file=sys.stderr)
                     return 1
+                except stripe.StripeError as exc:
+                    if sys.stderr.isatty():
+                        print(file=sys.stderr)  # ends the progress bar's line
+                    print(f"donations: Stripe failed: {type(exc).__name__}: "
+                          f"{exc.user_message or exc}; run it again to resume where it stopped",
+                          file=sys.stderr)
+                    return 1
                 for name, count in done.imported.items():
                     note = " (finished before)" if name in done.skipped else ""
                     print(f"{name}\t{count}{note}")

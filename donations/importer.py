@@ -2,14 +2,22 @@
 
 Stripe lists events for 30 days only; a publisher moving an existing account onto the service has
 years of charges, subscriptions and refunds. Those are listed (newest first, through the stripe
-library) and each object is stored as a synthetic event, `evt_import_<object id>`, applied by
-`ingest` like any other, with source `import`. Then what the charges and invoice payments listed
-refer to is fetched whenever it was made (REFERENCES), so that a payment made after --since is
-tied to the invoice and subscription it paid even when they are older.
+library) and each object is stored as a synthetic event, `evt_import_<object id>_<content>`
+(`<content>`: 16 hex digits of the SHA-256 of the object's canonical JSON), applied by `ingest`
+like any other, with source `import`. The discounts a subscription is listed with (expanded) are
+stored too, each as the `customer.discount.updated` its creation would have been, since the
+subscription's later events name them by id only. Then what the charges and invoice payments
+listed refer to is fetched whenever it was made (REFERENCES), so that a payment made after --since
+is tied to the invoice and subscription it paid even when they are older.
 
 Why a synthetic event and not a snapshot written directly: the event store keeps what the ledger
-was derived from, `events retry` and every other tool work on it unchanged, and importing twice is
-a duplicate event (the id is fixed per object), so the import is idempotent by construction.
+was derived from, and `events retry` and every other tool work on it unchanged. The id follows the
+object's content: importing an object again as it was is a duplicate event, while an object that
+changed since it was imported (an import over a later gap) is a new one. An object whose kept
+snapshot is already what Stripe lists is not stored again at all (so an object imported by an
+earlier release, as `evt_import_<object id>`, is not stored twice); one that went back to a
+state imported before (A, then B by a real event, then A again) gets an id salted with the time it
+was listed, since the A stored before no longer wins.
 
 How its snapshot ranks (events.snapshot_version: stage, progress, created, type, id): the stage
 and progress are the object's own, so a later state is never lost; `created` is the second before
@@ -17,13 +25,16 @@ Stripe answered the page that listed it (by Stripe's clock: the answer's Date he
 object as listed is what Stripe says now. So among snapshots at the same stage and progress, the
 imported one outranks every real event stamped before it was listed (whose changes it already
 holds: an import covering a gap in the events brings in what changed in it) and every real event
-stamped after outranks it, whatever order they arrive in. The id is fixed per object, so an
-import run again stores nothing new and changes nothing.
+stamped after outranks it, whatever order they arrive in. An import run again over objects that
+did not change stores nothing new and changes nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, TextIO
@@ -35,7 +46,7 @@ import structlog
 from donations import db
 from donations.events import PINNED_API_VERSION
 from donations.ledger import FoundingOffer
-from donations.reconcile import call_stripe, dated_pages, store_missing, stripe_time
+from donations.reconcile import _DONE, call_stripe, dated_pages, store_missing, stripe_time
 
 log = structlog.get_logger(__name__)
 
@@ -52,14 +63,22 @@ class Resource:
     params: tuple[tuple[str, Any], ...] = ()
     # listed whatever their creation date: objects that keep changing long after they are made
     # (a subscription started before --since still renews, is cancelled; a dispute is decided,
-    # a refund fails, a payout is paid), so that what changed since is brought in too
+    # a refund fails, a payout is paid), so that what changed since is brought in too; and the
+    # customers those name (a supporter since before --since)
     every: bool = False
+    # the discounts (expanded) of the subscriptions listed are stored as snapshots of their own
+    discounts: bool = False
 
 
 # Customers first, then payments, then what refers to them; the ledger does not depend on the
 # order, but a partial import is easier to read this way.
 RESOURCES: tuple[Resource, ...] = (
-    Resource("customers", "customer.updated", "/v1/customers"),
+    # Every customer, whenever made: a supporter since before --since has a subscription (listed
+    # whatever its age) and payments after --since, and is found by e-mail (the portal) and
+    # named in the reports through the customer. Listing them all costs one request per 100
+    # customers; fetching those the imported rows name would cost one per supporter older
+    # than --since, far more on an account with many.
+    Resource("customers", "customer.updated", "/v1/customers", every=True),
     Resource("checkout_sessions", "checkout.session.completed", "/v1/checkout/sessions"),
     Resource("payment_intents", "payment_intent.succeeded", "/v1/payment_intents"),
     Resource("charges", "charge.updated", "/v1/charges"),
@@ -67,7 +86,7 @@ RESOURCES: tuple[Resource, ...] = (
     # items') expanded to tell founding supporters and which coupons to look up
     Resource("subscriptions", "customer.subscription.updated", "/v1/subscriptions",
              (("status", "all"), ("expand", ["data.discounts", "data.items.data.discounts"])),
-             every=True),
+             every=True, discounts=True),
     Resource("invoices", "invoice.finalized", "/v1/invoices"),
     Resource("invoice_payments", "invoice_payment.paid", "/v1/invoice_payments"),
     Resource("refunds", "refund.updated", "/v1/refunds", every=True),
@@ -87,11 +106,28 @@ class AlreadyImporting(Exception):
     """Another import holds the lock."""
 
 
-def synthetic_event(obj: dict[str, Any], event_type: str, listed_at: int) -> dict[str, Any]:
+# What an object id may be to go into an event id as it is (events.py: `evt_[A-Za-z0-9_]{1,250}`,
+# with room for the rest); Stripe's ids all are, anything else goes in hashed.
+_PLAIN_ID = re.compile(r"[A-Za-z0-9_]{1,200}")
+
+
+def synthetic_id(obj: dict[str, Any], salt: str = "") -> str:
+    """`evt_import_<object id>_<16 hex digits of the SHA-256 of its canonical JSON>`: the same
+    for the same content, another once the object changed (see the module docstring)."""
+    canonical = json.dumps(obj, sort_keys=True, separators=(",", ":"))
+    content = hashlib.sha256((canonical + salt).encode()).hexdigest()[:16]
+    own = str(obj["id"])
+    if not _PLAIN_ID.fullmatch(own):
+        own = hashlib.sha256(own.encode()).hexdigest()[:40]
+    return f"evt_import_{own}_{content}"
+
+
+def synthetic_event(obj: dict[str, Any], event_type: str, listed_at: int, salt: str = ""
+                    ) -> dict[str, Any]:
     """An event-shaped envelope for an object Stripe listed at `listed_at` (its clock; see the
     module docstring)."""
     return {
-        "id": f"evt_import_{obj['id']}",
+        "id": synthetic_id(obj, salt),
         "object": "event",
         "api_version": PINNED_API_VERSION,  # the client is pinned: objects come in this shape
         "created": max(0, listed_at - 1),
@@ -105,21 +141,26 @@ def synthetic_event(obj: dict[str, Any], event_type: str, listed_at: int) -> dic
 
 @dataclass
 class Progress:
-    """A line per resource on a terminal: a bar of the time span covered so far."""
+    """A line per resource on a terminal: a bar of the time span covered so far; for a list read
+    whatever its age (no start to measure against), the creation date reached and the count."""
 
     out: TextIO | None
     width: int = 30
 
     def show(self, resource: str, since: int, until: int, reached: int, imported: int,
-             done: bool = False) -> None:
+             done: bool = False, every: bool = False) -> None:
         if self.out is None:
             return
-        span = max(1, until - since)
-        share = 1.0 if done else min(1.0, max(0.0, (until - reached) / span))
-        filled = int(share * self.width)
-        bar = "#" * filled + "." * (self.width - filled)
+        if every and not done:
+            day = time.strftime("%Y-%m-%d", time.gmtime(max(0, reached)))
+            shown = f"[{'back to ' + day:<{self.width}}]     "  # as wide as the bar and its %
+        else:
+            span = max(1, until - since)
+            share = 1.0 if done else min(1.0, max(0.0, (until - reached) / span))
+            filled = int(share * self.width)
+            shown = f"[{'#' * filled + '.' * (self.width - filled)}] {share:4.0%}"
         end = "\n" if done else ""
-        self.out.write(f"\r{resource:<18} [{bar}] {share:4.0%} {imported:>9,} imported{end}")
+        self.out.write(f"\r{resource:<18} {shown} {imported:>9,} imported{end}")
         self.out.flush()
 
 
@@ -215,7 +256,7 @@ async def _import_one(
     if row["cursor"] is not None:
         params["starting_after"] = row["cursor"]
     reached = until
-    bar.show(resource.name, since, until, reached, imported)
+    bar.show(resource.name, since, until, reached, imported, every=resource.every)
     while True:
         try:
             async for page in dated_pages(client, resource.path, params,
@@ -225,13 +266,14 @@ async def _import_one(
                     continue
                 # (without a Date from Stripe, the local time the listing was started at)
                 listed_at = page.listed_at if page.listed_at is not None else until
-                events = [synthetic_event(obj, resource.event_type, listed_at) for obj in items]
-                stored = await store_missing(pool, offer, events, "import")
-                result.applied += stored.applied
-                result.failed += stored.failed
+                listed = [(obj, resource.event_type, listed_at) for obj in items]
+                if resource.discounts:
+                    listed += [(d, DISCOUNT_EVENT, listed_at) for d in _discounts(items)]
+                await _store(pool, offer, listed, result)
                 imported += len(items)
-                reached = max(since, min(reached, *(int(o.get("created") or until)
-                                                    for o in items)))
+                reached = min(reached, *(int(o.get("created") or until) for o in items))
+                if not resource.every:
+                    reached = max(since, reached)
                 async with db.connection(pool) as conn:
                     # after the page is stored: an interrupted import resumes from the next one
                     await conn.execute(
@@ -239,7 +281,7 @@ async def _import_one(
                         " WHERE resource = $1",
                         resource.name, items[-1]["id"], imported,
                     )
-                bar.show(resource.name, since, until, reached, imported)
+                bar.show(resource.name, since, until, reached, imported, every=resource.every)
             break
         except stripe.InvalidRequestError as exc:
             if "starting_after" not in params or exc.param != "starting_after":
@@ -257,6 +299,68 @@ async def _import_one(
     result.imported[resource.name] = imported
     log.info("import_finished", resource=resource.name, imported=imported)
 
+
+# A discount the import finds expanded on a subscription is stored as the event that made it
+# would have stored it (customer.discount.created; `.updated` ranks it as the import's other
+# snapshots): the subscription's next event names it by id only, and the ledger then finds its
+# coupon (a founding seat, the price after it) in the discount's own snapshot.
+DISCOUNT_EVENT = "customer.discount.updated"
+
+
+def _discounts(subscriptions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The discounts the subscriptions and their items list expanded, each once."""
+    found: dict[str, dict[str, Any]] = {}
+    for sub in subscriptions:
+        listed = list(sub.get("discounts") or [])
+        items = sub.get("items")
+        for item in (items.get("data") or []) if isinstance(items, dict) else []:
+            if isinstance(item, dict):
+                listed += item.get("discounts") or []
+        for discount in listed:
+            if isinstance(discount, dict) and isinstance(discount.get("id"), str) \
+                    and discount["id"]:
+                found.setdefault(discount["id"], discount)
+    return list(found.values())
+
+
+async def _store(pool: asyncpg.Pool, offer: FoundingOffer,
+                 listed: list[tuple[dict[str, Any], str, int]], result: ImportResult) -> None:
+    """Store and apply the synthetic events of the objects listed (object, event type, when
+    Stripe listed it) that can change something: not one whose kept snapshot is already the
+    object as listed (whichever event brought it); one stored before as it is now but outranked
+    since (it went back to a state imported before) under an id salted with `listed_at`."""
+    if not listed:
+        return
+    events = [synthetic_event(obj, kind, at) for obj, kind, at in listed]
+    async with db.connection(pool) as conn:
+        rows = await conn.fetch(
+            """
+            SELECT l.n, o.data = l.data::jsonb AS kept, e.status = any($4::text[]) AS done
+              FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY
+                   AS l(id, data, event, n)
+              LEFT JOIN stripe_objects o ON o.id = l.id
+              LEFT JOIN stripe_events e ON e.id = l.event
+            """,
+            [str(obj["id"]) for obj, _, _ in listed],
+            [json.dumps(obj) for obj, _, _ in listed],
+            [e["id"] for e in events], list(_DONE),
+        )
+    todo: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        n = row["n"] - 1
+        obj, kind, at = listed[n]
+        if row["kept"]:
+            continue  # the ledger has it as it is
+        event = events[n]
+        if row["done"]:
+            if row["kept"] is None:
+                continue  # applied before, with nothing kept of it (ignored): as before
+            event = synthetic_event(obj, kind, at, salt=f"@{at}")
+        todo.setdefault(event["id"], event)
+    if todo:
+        stored = await store_missing(pool, offer, list(todo.values()), "import")
+        result.applied += stored.applied
+        result.failed += stored.failed
 
 
 async def _progress(pool: asyncpg.Pool, name: str, since: int, until: int) -> asyncpg.Record:
@@ -327,12 +431,7 @@ async def _import_references(
 
     async def store(objs: list[tuple[dict[str, Any], int]], event_type: str) -> None:
         nonlocal imported
-        if not objs:
-            return
-        events = [synthetic_event(obj, event_type, at) for obj, at in objs]
-        stored = await store_missing(pool, offer, events, "import")
-        result.applied += stored.applied
-        result.failed += stored.failed
+        await _store(pool, offer, [(obj, event_type, at) for obj, at in objs], result)
         imported += len(objs)
 
     async def ids(query: str, *args: Any) -> list[str]:

@@ -343,3 +343,197 @@ async def test_import_since_between_a_failed_renewal_and_its_retry_keeps_it_recu
         fake.requests.clear()
         again = await importer.run(pool, stripe_client, OFFER, since, now=world.now + 60)
         assert importer.REFERENCES in again.skipped and fake.requests == []
+
+
+# --- importing again later, old supporters, and how it reports -------------------------------
+
+
+async def test_an_import_over_a_later_gap_brings_in_changes_to_objects_imported_before(
+    pool: asyncpg.Pool,
+) -> None:
+    """The account is moved over with `import --since`; months later the service is away for
+    longer than Stripe keeps events, reconciliation records the gap and `import --since <gap
+    start>` covers it. A subscription the first import brought in and cancelled inside the gap
+    is cancelled after the second import: the synthetic event's id follows the object's content,
+    so the snapshot listed now is not taken for the one imported before."""
+    world = World(seed=9401)
+    sub = world.subscribe(1500, "gbp")
+    world.advance(DAY)
+    async with stripe_against(world) as (fake, stripe_client):
+        fake.use_world_clock()
+        first = await importer.run(pool, stripe_client, OFFER, world.now - 3 * DAY,
+                                   now=world.now + 60)
+        assert first.failed == 0
+    assert await pool.fetchval("SELECT status FROM subscriptions WHERE id = $1",
+                               sub.subscription) == "active"
+    world.advance(40 * DAY)
+    gap_from = await _cancelled_in_a_gap(pool, world, sub.subscription)
+    async with stripe_against(world) as (fake, stripe_client):
+        fake.use_world_clock()
+        second = await importer.run(pool, stripe_client, OFFER, gap_from, now=world.now + 60)
+    assert second.failed == 0
+    assert await pool.fetchval("SELECT gap_from FROM reconciliation_checkpoint") is None
+    assert await pool.fetchval("SELECT status FROM subscriptions WHERE id = $1",
+                               sub.subscription) == "canceled"
+    # one subscription row, two snapshots of it stored as events
+    assert await pool.fetchval("SELECT count(*) FROM subscriptions") == 1
+    assert await pool.fetchval(
+        "SELECT count(*) FROM stripe_events WHERE id LIKE $1",
+        f"evt\\_import\\_{sub.subscription}\\_%") == 2
+
+
+async def test_an_object_back_in_a_state_imported_before_is_imported_again(
+    client: Client, pool: asyncpg.Pool,
+) -> None:
+    """A subscription imported as it was (A), set to cancel at the period's end by a real event
+    (B), then listed again as A by a later import (the reader changed their mind during a gap):
+    A's synthetic event is stored already but no longer wins, so it is stored again under an id
+    salted with when it was listed, and the ledger has A."""
+    before = World(seed=9406)  # the subscription as listed, both times
+    before.subscribe(1500, "gbp")
+    world = World(seed=9406)  # the same history, with the cancellation after the first listing
+    sub = world.subscribe(1500, "gbp")
+    async with stripe_against(before) as (fake, stripe_client):
+        fake.use_world_clock()
+        await importer.run(pool, stripe_client, OFFER, before.now - DAY, now=before.now + 60)
+    world.advance(DAY)
+    await post_all(client, world.cancel(sub.subscription, at_period_end=True).events)
+    query = "SELECT cancel_at_period_end FROM subscriptions WHERE id = $1"
+    assert await pool.fetchval(query, sub.subscription) is True
+    before.advance(3 * DAY)  # listed again after the cancellation's event
+    async with stripe_against(before) as (fake, stripe_client):
+        fake.use_world_clock()
+        again = await importer.run(pool, stripe_client, OFFER, before.now - 2 * DAY,
+                                   now=before.now + 60)
+        assert (again.applied, again.failed) == (1, 0)
+        assert await pool.fetchval(query, sub.subscription) is False
+        # and once more: the kept snapshot is what Stripe lists, nothing is stored
+        events = await pool.fetchval("SELECT count(*) FROM stripe_events")
+        once_more = await importer.run(pool, stripe_client, OFFER, before.now - 4 * DAY,
+                                       now=before.now + 60)
+    assert (once_more.applied, once_more.failed) == (0, 0)
+    assert await pool.fetchval("SELECT count(*) FROM stripe_events") == events
+
+
+async def test_objects_imported_by_an_earlier_release_are_not_stored_again(
+    pool: asyncpg.Pool,
+) -> None:
+    """An earlier release named every synthetic event `evt_import_<object id>`. Importing again
+    after the upgrade stores nothing for the objects that did not change since: their kept
+    snapshot is already what Stripe lists."""
+    world = scenario(seed=706, steps=20)
+    async with stripe_against(world) as (_, stripe_client):
+        await importer.run(pool, stripe_client, OFFER, SINCE, now=world.now + 60)
+        # as the earlier release named them
+        await pool.execute("UPDATE stripe_events SET id = regexp_replace(id, '_[0-9a-f]{16}$', '')"
+                           " WHERE id LIKE 'evt\\_import\\_%'")
+        await pool.execute(
+            "UPDATE stripe_objects SET event_id = regexp_replace(event_id, '_[0-9a-f]{16}$', '')"
+            " WHERE event_id LIKE 'evt\\_import\\_%'")
+        before = await dump(pool)
+        events = await pool.fetchval("SELECT count(*) FROM stripe_events")
+        again = await importer.run(pool, stripe_client, OFFER, SINCE - DAY, now=world.now + 60)
+    assert (again.applied, again.failed) == (0, 0)
+    assert await dump(pool) == before
+    assert await pool.fetchval("SELECT count(*) FROM stripe_events") == events
+
+
+async def test_a_founding_subscription_imported_keeps_its_seat_and_discount_after_a_renewal(
+    client: Client, pool: asyncpg.Pool,
+) -> None:
+    """A founding supporter who subscribed before --since: the import lists the subscription
+    with its discounts expanded, so the row is founding and 50% off. Its next renewal's
+    `customer.subscription.updated` (events name discounts by id) outranks the imported
+    snapshot; the discount was stored as a snapshot of its own (as its
+    `customer.discount.created` would have been), so the row keeps its seat and discount."""
+    world = World(seed=9402)
+    sub = world.subscribe(1500, "gbp", founding=True)
+    world.advance(5 * DAY)
+    since = world.now
+    async with stripe_against(world) as (fake, stripe_client):
+        fake.use_world_clock()
+        done = await importer.run(pool, stripe_client, OFFER, since, now=world.now + 60)
+    assert done.failed == 0
+    query = "SELECT founding, percent_off FROM subscriptions WHERE id = $1"
+    row = await pool.fetchrow(query, sub.subscription)
+    assert row is not None and (row["founding"], row["percent_off"]) == (True, 50)
+    assert await pool.fetchval(
+        "SELECT count(*) FROM stripe_objects WHERE object = 'discount'"
+        " AND subscription_id = $1", sub.subscription) == 1
+    renewal = world.renew(sub.subscription)  # a month on, delivered by webhook
+    await post_all(client, renewal.events)
+    row = await pool.fetchrow(query, sub.subscription)
+    assert row is not None
+    assert (row["founding"], row["percent_off"]) == (True, 50)
+
+
+async def test_the_customer_of_a_supporter_who_joined_before_since_is_imported(
+    pool: asyncpg.Pool,
+) -> None:
+    """A monthly supporter since long before --since: their subscription is imported (listed
+    whenever made) and so is their renewal after --since, and so is their customer (customers
+    are listed whenever made too): the portal finds them by e-mail, the reports name them."""
+    world = World(seed=9403)
+    sub = world.subscribe(1500, "gbp", email="old.reader@example.org")
+    world.advance(5 * DAY)
+    since = world.now
+    renewal = world.renew(sub.subscription)
+    async with stripe_against(world) as (_, stripe_client):
+        done = await importer.run(pool, stripe_client, OFFER, since, now=world.now + 60)
+    assert done.failed == 0
+    assert await pool.fetchval("SELECT customer FROM payments WHERE invoice = $1",
+                               renewal.invoice) == sub.customer
+    # the portal's own look-up by e-mail (donations/portal.py)
+    found = await pool.fetchval(
+        "SELECT c.id FROM customers c WHERE lower(c.email) = lower($1) AND NOT c.deleted",
+        "old.reader@example.org")
+    assert found == sub.customer
+
+
+async def test_the_progress_bar_is_not_full_while_older_objects_are_still_listed(
+    pool: asyncpg.Pool,
+) -> None:
+    """Refunds (like customers, subscriptions, disputes and payouts) are listed whatever their
+    age: --since is no start to measure them against, so their line shows the creation date
+    reached and the count, and only the finishing frame says 100%."""
+    world = World(seed=9404)
+    for i in range(12):
+        paid = world.one_off(1000 + i, "gbp")
+        assert paid.charge is not None
+        world.refund(paid.charge, 100)
+        world.advance(DAY)
+    since = world.now  # every refund is older than --since
+    shown = Terminal()
+    async with stripe_against(world) as (_, stripe_client):
+        done = await importer.run(pool, stripe_client, OFFER, since, now=world.now + 60,
+                                  progress=shown, page_size=3,
+                                  resources=tuple(r for r in importer.RESOURCES
+                                                  if r.name == "refunds"))
+    assert done.imported["refunds"] == 12
+    frames = [f for f in shown.getvalue().split("\r") if f.startswith("refunds")]
+    assert len(frames) >= 5  # the start, four pages, the end
+    assert frames[-1].endswith("\n") and "100%" in frames[-1]
+    early = [f for f in frames[:-1] if "%" in f]
+    assert early == [], early
+    assert "back to" in frames[-2] and frames[-2].rstrip().endswith("12 imported")
+    assert len({len(f.rstrip("\n")) for f in frames}) == 1  # each frame covers the one before
+
+
+async def test_the_import_command_says_in_one_line_that_stripe_failed(dsn: str) -> None:
+    """Stripe failing (an outage, a revoked key) stops `donations import` as it stops
+    `reconcile`: one line saying so, no traceback, exit 1."""
+    world = World(seed=9405)
+    world.one_off(1000, "gbp")
+    async with running_fake_stripe(world) as fake:
+        fake.fail_next(20, 500, "/v1/customers", should_retry=False)
+        code, _, err = await _run(
+            "import", "--since", "2026-11-01",
+            env=_env(DATABASE_URL=dsn, STRIPE_SECRET_KEY=TEST_KEY,
+                     STRIPE_API_BASE=fake.base_url, LOG_LEVEL="warning"))
+    assert code == 1, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    lines = [line for line in err.splitlines() if line.startswith("donations: ")]
+    assert len(lines) == 1, err[-2000:]
+    assert lines[0].startswith("donations: Stripe failed: APIError: ")
+    assert lines[0].endswith("; run it again to resume where it stopped")
+    assert TEST_KEY not in err
