@@ -243,6 +243,11 @@ def snapshot_version(event: Event) -> Version:
         progress = 1 if obj.get("reconciliation_status") == "completed" else 0
     elif kind in ("customer", "discount", "coupon"):
         progress = 1 if event.type.endswith(".deleted") or obj.get("deleted") else 0
+    elif kind == "subscription":
+        # a subscription's period only moves forward (a renewal, a trial's end, a new billing
+        # anchor), so two snapshots in one second rank by it, not by their ids (sql/033 gave the
+        # stored subscriptions this figure)
+        progress = subscription_period_start(obj)
     else:
         progress = 0
     if event.type.endswith(".created"):
@@ -252,6 +257,31 @@ def snapshot_version(event: Event) -> Version:
     else:
         type_rank = 1
     return Version(stage, progress, event.created, type_rank, event.id)
+
+
+def subscription_period_start(obj: dict[str, Any]) -> int:
+    """Where a subscription snapshot's current period starts, as its rank's progress: the
+    earliest start of its items' periods (where the pinned API version keeps them), else the
+    subscription's own `current_period_start` (older shapes), else 0. Only whole seconds a
+    timestamp can hold count (sql/033 reads them the same way). The earliest, not the latest:
+    items may keep periods of their own (flexible billing), and removing the item that renewed
+    last must not make the later snapshot rank below the ones before; an item added starts now,
+    one removed takes its start away, a renewal moves it on: the earliest never goes back."""
+    items = _dict(obj.get("items")).get("data")
+    starts = [_second(i.get("current_period_start"))
+              for i in (items if isinstance(items, list) else []) if isinstance(i, dict)]
+    known = [s for s in starts if s is not None]
+    if known:
+        return min(known)
+    own = _second(obj.get("current_period_start"))
+    return own if own is not None else 0
+
+
+def _second(value: object) -> int | None:
+    """A Unix timestamp Stripe could have written (a whole second from 1970 to 9999), else None."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _LAST_SECOND:
+        return value
+    return None
 
 
 def links(kind: str, obj: dict[str, Any]) -> Links:

@@ -135,3 +135,17 @@ async def test_an_event_of_a_connected_account_is_not_our_money(
         assert status in (200, 400)
 
     assert await count(pool, "payments") == 0
+
+
+def test_a_subscription_item_removed_never_ranks_the_later_snapshot_below_the_earlier() -> None:
+    """Items can keep periods of their own (flexible billing): removing the one that renewed
+    last, or adding one (it starts now), must not make the later snapshot's progress lower, or
+    the older snapshot would be kept for good (events.subscription_period_start, sql/033)."""
+    from donations.events import subscription_period_start
+
+    def sub(*starts: int) -> dict[str, Any]:
+        return {"items": {"data": [{"current_period_start": s} for s in starts]}}
+
+    assert subscription_period_start(sub(100, 200)) <= subscription_period_start(sub(100))
+    assert subscription_period_start(sub(100)) <= subscription_period_start(sub(100, 300))
+    assert subscription_period_start(sub(100, 200)) <= subscription_period_start(sub(150, 200))

@@ -26,8 +26,9 @@ import asyncpg
 import pytest
 
 from donations import auth, db, fees, payouts, reports, seats, totals
-from donations.events import parse_event
-from donations.ledger import snapshot_of
+from donations.events import parse_event, subscription_period_start
+from donations.ingest import ingest
+from donations.ledger import FoundingOffer, snapshot_of
 from donations.metrics import Metrics
 from tests.conftest import Client, _admin, _with_database
 from tests.fakestripe.world import World
@@ -42,7 +43,8 @@ UPGRADE = ("019_payments_settled_at.sql", "020_founding_coupon_used_up.sql",
            "025_metrics_counts.sql", "026_discrepancies_by_run.sql",
            "027_discrepancy_pages.sql", "028_discrepancies_by_status.sql",
            "029_founding_seats_never_started.sql",
-           "030_subscription_statuses.sql", "031_coupons.sql", "032_failed_bank_debits.sql")
+           "030_subscription_statuses.sql", "031_coupons.sql", "032_failed_bank_debits.sql",
+           "033_subscription_period_progress.sql")
 
 # Run with the 018-era code (cwd: its tree): fill a database at 018 as that code would.
 POPULATE = r'''
@@ -186,7 +188,8 @@ async def test_upgrade_backfills_settled_at_from_balance_transactions_and_nothin
     conn = await asyncpg.connect(dsn)
     try:
         assert await conn.fetchval("SELECT max(version) FROM schema_migrations") == 18
-        # (sql/023 puts the stored charges' progress on a new scale: checked below)
+        # (sql/023 and sql/033 put the stored charges' and subscriptions' progress on a new
+        # scale: checked below)
         before = {t: await _rows(conn, t, ("progress",) if t == "stripe_objects" else ())
                   for t in LEDGER}
         assert await conn.fetchval("SELECT count(*) FROM payments") >= 10
@@ -222,6 +225,13 @@ async def test_upgrade_backfills_settled_at_from_balance_transactions_and_nothin
         assert datas and all(
             progress == 4 * int(data["amount_refunded"]) + (0 if data["captured"] is False else 2)
             + (1 if data["balance_transaction"] else 0) for progress, data in datas)
+        # and the stored subscriptions' is their period's start (sql/033), the renewed one's
+        subscriptions = [(r["progress"], json.loads(r["data"])) for r in await conn.fetch(
+            "SELECT progress, data FROM stripe_objects WHERE object = 'subscription'")]
+        assert subscriptions and all(
+            progress == subscription_period_start(data) == min(
+                i["current_period_start"] for i in data["items"]["data"])
+            for progress, data in subscriptions), subscriptions
         result = await totals.verify(conn)
         assert result.differences == (), totals.describe(result)
         # sql/031 queues a look-up of every coupon a stored discount names (the founding one
@@ -531,3 +541,76 @@ async def test_sql_032_fills_the_failed_bank_debits_of_the_payments_already_kept
         finally:
             await tr.rollback()
     assert {tuple(r) for r in await pool.fetch(f"SELECT {columns} FROM payments")} == derived  # noqa: S608
+
+
+async def test_sql_033_ranks_the_subscriptions_kept_by_their_period_as_ingest_does(
+    pool: asyncpg.Pool
+) -> None:
+    """sql/033 gives the subscriptions already kept the progress events.snapshot_version gives a
+    subscription now (its items' earliest period start, else its own, else 0), whatever shape
+    their periods have, and touches no other row. Run here on snapshots as the previous release
+    stored them (progress 0; odd shapes written directly), in a transaction rolled back."""
+    others_sql = "SELECT * FROM stripe_objects WHERE object <> 'subscription' ORDER BY id"
+    world = World(seed=4403)
+    renewed = world.subscribe(1000, "gbp").subscription
+    world.renew(renewed)
+    world.subscribe(700, "usd", interval="year")
+    for e in world.events:
+        await ingest(pool, parse_event(e), json.dumps(e), FoundingOffer())
+    kept = {r["id"]: r["progress"] for r in await pool.fetch(
+        "SELECT id, progress FROM stripe_objects WHERE object = 'subscription'")}
+    assert len(kept) == 2 and all(kept.values())
+    item: dict[str, Any] = {"object": "subscription_item", "current_period_start": 1_790_000_000}
+    odd: dict[str, dict[str, Any]] = {  # id -> the subscription's data as stored
+        "sub_odd_items": {"items": {"data": [
+            dict(item), dict(item, current_period_start=1_795_000_000), "si_not_expanded", None]}},
+        "sub_odd_own": {"current_period_start": 1_780_000_000, "items": {"data": []}},
+        "sub_odd_items_first": {"current_period_start": 1_799_000_000,
+                                "items": {"data": [dict(item)]}},
+        "sub_odd_some_items_bad": {"items": {"data": [
+            dict(item, current_period_start="1795000000"), dict(item),
+            dict(item, current_period_start=1_795_000_000.5)]}},
+        "sub_odd_all_items_bad": {"current_period_start": 1_770_000_000, "items": {"data": [
+            dict(item, current_period_start=True), dict(item, current_period_start=-5),
+            dict(item, current_period_start=10**13), dict(item, current_period_start=None),
+            {"object": "subscription_item"}]}},
+        "sub_odd_zero": {"items": {"data": [dict(item, current_period_start=0)]},
+                         "current_period_start": 1_770_000_000},
+        "sub_odd_items_not_listed": {"items": "si_1", "current_period_start": 1_760_000_000},
+        "sub_odd_data_not_a_list": {"items": {"data": {"current_period_start": 1}}},
+        "sub_odd_own_bad": {"current_period_start": "soon"},
+        "sub_odd_nothing": {},
+        "sub_odd_last_second": {"items": {"data": [
+            dict(item, current_period_start=253_402_300_799),
+            dict(item, current_period_start=253_402_300_800)]}},
+    }
+    (migration,) = [m for m in db.load_migrations() if m.version == 33]
+    async with pool.acquire() as conn:
+        tr = conn.transaction()
+        await tr.start()
+        try:
+            others = await conn.fetch(others_sql)
+            await conn.executemany(
+                "INSERT INTO stripe_objects (id, object, rank, progress, event_created,"
+                " type_rank, event_id, subscription_id, data)"
+                " VALUES ($1, 'subscription', 1, 0, 1, 1, 'evt_odd', $1, $2::jsonb)",
+                [(i, json.dumps({"id": i, "object": "subscription", **data}))
+                 for i, data in odd.items()])
+            await conn.execute("UPDATE stripe_objects SET progress = 0"
+                               " WHERE object = 'subscription'")
+            await conn.execute(migration.sql)
+            rows = {r["id"]: (r["progress"], r["data"]) for r in await conn.fetch(
+                "SELECT id, progress, data FROM stripe_objects WHERE object = 'subscription'")}
+            assert {i: p for i, (p, _) in rows.items() if i in kept} == kept
+            assert {i: p for i, (p, _) in rows.items()} == {
+                i: subscription_period_start(data) for i, (_, data) in rows.items()}
+            assert {i: rows[i][0] for i in odd} == {
+                "sub_odd_items": 1_790_000_000, "sub_odd_own": 1_780_000_000,
+                "sub_odd_items_first": 1_790_000_000, "sub_odd_some_items_bad": 1_790_000_000,
+                "sub_odd_all_items_bad": 1_770_000_000, "sub_odd_zero": 0,
+                "sub_odd_items_not_listed": 1_760_000_000, "sub_odd_data_not_a_list": 0,
+                "sub_odd_own_bad": 0, "sub_odd_nothing": 0,
+                "sub_odd_last_second": 253_402_300_799}
+            assert await conn.fetch(others_sql) == others
+        finally:
+            await tr.rollback()
