@@ -676,6 +676,15 @@ def _write_stale_postmaster_pid(data_dir: Path, pid: int) -> None:
         "  5432001         0\nready   \n")
 
 
+async def _listening(port: int) -> bool:
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return False
+    writer.close()
+    return True
+
+
 async def test_a_stale_postmaster_pid_naming_another_process_never_kills_that_process(
     embedded_tmp: Path,
 ) -> None:
@@ -694,8 +703,12 @@ async def test_a_stale_postmaster_pid_naming_another_process_never_kills_that_pr
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "donations", "serve", env=env,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(process.wait(), timeout=15)
+        port = int(env["PORT"])
+        for _ in range(150):  # until it has stopped, or listens (it started), 15 s at most
+            if process.returncode is not None or await _listening(port):
+                break
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(process.wait(), timeout=0.1)
         if process.returncode is None:  # it started: fine, as long as the bystander lives
             process.send_signal(signal.SIGTERM)
             await asyncio.wait_for(process.wait(), timeout=30)
