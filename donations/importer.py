@@ -45,8 +45,9 @@ import structlog
 
 from donations import db
 from donations.events import PINNED_API_VERSION
+from donations.ingest import FINAL
 from donations.ledger import FoundingOffer
-from donations.reconcile import _DONE, call_stripe, dated_pages, store_missing, stripe_time
+from donations.reconcile import call_stripe, dated_pages, store_missing, stripe_time
 
 log = structlog.get_logger(__name__)
 
@@ -343,7 +344,7 @@ async def _store(pool: asyncpg.Pool, offer: FoundingOffer,
             """,
             [str(obj["id"]) for obj, _, _ in listed],
             [json.dumps(obj) for obj, _, _ in listed],
-            [e["id"] for e in events], list(_DONE),
+            [e["id"] for e in events], [o.value for o in FINAL],
         )
     todo: dict[str, dict[str, Any]] = {}
     for row in rows:

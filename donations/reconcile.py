@@ -42,7 +42,7 @@ from donations import auth, db, fees
 from donations.appkeys import POOL
 from donations.errors import BadRequest, Conflict, NotFound
 from donations.events import NotAnEvent, parse_event, ref
-from donations.ingest import Item, Outcome, ingest_many
+from donations.ingest import FINAL, Item, Outcome, ingest_many
 from donations.inputs import read_json, rfc3339, text, whole_number
 from donations.ledger import FoundingOffer
 from donations.metrics import gauge
@@ -75,7 +75,6 @@ COMPARE_BATCH = 5000
 MIN_COMPARE_SPAN = 3600
 REEXAMINE = 200  # open discrepancies outside the window a run looks at again, at most
 
-_DONE = ("processed", "ignored", "needs_attention")
 # card payments, and payments by other methods (Bacs, SEPA…), with the reversal of one that
 # failed after Stripe booked it (a bank debit: booked when submitted, reversed when the bank
 # refuses it; stripe/_charge.py `failure_balance_transaction`)
@@ -575,7 +574,7 @@ async def store_missing(
     async with db.connection(pool) as conn:
         done = {r["id"] for r in await conn.fetch(
             "SELECT id FROM stripe_events WHERE id = any($1::text[]) AND status = any($2::text[])",
-            [str(e.get("id")) for e in items], list(_DONE),
+            [str(e.get("id")) for e in items], [o.value for o in FINAL],
         )}
     todo = [e for e in items if e.get("id") not in done]
     group: list[Item] = []

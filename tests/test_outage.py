@@ -241,14 +241,8 @@ async def refusing_database(server_dsn: str) -> AsyncIterator[tuple[str, str]]:
         yield made
 
 
-async def test_a_database_not_accepting_connections_is_503_not_500(
-    refusing_database: tuple[str, str], server_dsn: str, aiohttp_client: AiohttpClient
-) -> None:
-    """A database that does not take connections (`ALTER DATABASE … ALLOW_CONNECTIONS false`,
-    during maintenance) is an outage like any other: webhooks 503 (Stripe retries), /readyz
-    503, /metrics 200 with `donations_database_up 0`; nothing is answered 500."""
-    url, name = refusing_database
-    client = await aiohttp_client(create_app(make_settings(url)))
+async def _stop_accepting_connections(server_dsn: str, name: str) -> None:
+    """The database stops taking connections (maintenance), its open ones ended."""
     admin = await asyncpg.connect(server_dsn)
     try:
         await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
@@ -257,6 +251,17 @@ async def test_a_database_not_accepting_connections_is_503_not_500(
     finally:
         await admin.close()
     await asyncio.sleep(0.5)
+
+
+async def test_a_database_not_accepting_connections_is_503_not_500(
+    refusing_database: tuple[str, str], server_dsn: str, aiohttp_client: AiohttpClient
+) -> None:
+    """A database that does not take connections (`ALTER DATABASE … ALLOW_CONNECTIONS false`,
+    during maintenance) is an outage like any other: webhooks 503 (Stripe retries), /readyz
+    503, /metrics 200 with `donations_database_up 0`; nothing is answered 500."""
+    url, name = refusing_database
+    client = await aiohttp_client(create_app(make_settings(url)))
+    await _stop_accepting_connections(server_dsn, name)
     world = World(seed=71)
     world.one_off(1500, "gbp")
     webhook, _ = await post_event(client, world.events[0])
@@ -281,14 +286,7 @@ async def test_a_503_of_the_database_being_unavailable_is_in_the_openapi_documen
     /openapi.json lists that answer for them: a client generated from it expects it."""
     url, name = refusing_database
     client = await aiohttp_client(create_app(make_settings(url)))
-    admin = await asyncpg.connect(server_dsn)
-    try:
-        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
-        await admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name)
-    finally:
-        await admin.close()
-    await asyncio.sleep(0.5)
+    await _stop_accepting_connections(server_dsn, name)
     response = await client.get(path, headers=headers)
     body = await response.json()
     assert (response.status, body["error"]["code"]) == (503, "database_unavailable"), body

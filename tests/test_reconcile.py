@@ -94,6 +94,12 @@ def charge_bts(world: World) -> dict[str, BalanceTransaction]:
     }
 
 
+async def open_discrepancies(pool: asyncpg.Pool) -> int:
+    count: int = await pool.fetchval(
+        "SELECT count(*) FROM reconciliation_discrepancies WHERE resolved_at IS NULL")
+    return count
+
+
 async def discrepancy_rows(pool: asyncpg.Pool) -> list[dict[str, Any]]:
     return [dict(r) for r in await pool.fetch(
         "SELECT * FROM reconciliation_discrepancies ORDER BY id")]
@@ -854,8 +860,7 @@ async def test_a_prevented_dispute_moved_no_money_and_is_no_discrepancy(
     for _ in range(2):
         result = await _run(pool, world)
         assert result.open == [], result.summary()
-    assert await pool.fetchval("SELECT count(*) FROM reconciliation_discrepancies"
-                               " WHERE resolved_at IS NULL") == 0
+    assert await open_discrepancies(pool) == 0
 
 
 async def test_a_refund_the_ledger_calls_failed_while_stripe_kept_it_refunded_is_reported(
@@ -991,8 +996,7 @@ async def test_the_discrepancies_an_earlier_release_opened_for_a_failed_bank_deb
           charge["failure_balance_transaction"])])
     result = await _run(pool, world)
     assert result.open == [], result.summary()
-    assert await pool.fetchval("SELECT count(*) FROM reconciliation_discrepancies"
-                               " WHERE resolved_at IS NULL") == 0
+    assert await open_discrepancies(pool) == 0
 
 
 # --- bank debits still in flight -----------------------------------------------------------------
@@ -1237,8 +1241,7 @@ async def test_the_discrepancies_an_earlier_release_opened_for_a_partial_capture
     assert refunds == [{"charge": pcap.charge, "limit": "100",
                         "expand": ["data.balance_transaction"]}]
     assert result.open == [], result.summary()
-    assert await pool.fetchval("SELECT count(*) FROM reconciliation_discrepancies"
-                               " WHERE resolved_at IS NULL") == 0
+    assert await open_discrepancies(pool) == 0
 
 
 # --- balance transactions that are not the ledger's ----------------------------------------------
