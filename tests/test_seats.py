@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import copy
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,8 +19,8 @@ from tests.checkout_helpers import (
     subscription,
 )
 from tests.conftest import Client
-from tests.fakestripe import objects as o
 from tests.fakestripe.world import World
+from tests.test_subscription_lifecycle import _founding_checkout_never_paid
 from tests.webhook_helpers import post_all
 
 SUBSCRIPTIONS = "/v1/checkout/subscriptions"
@@ -237,21 +236,10 @@ async def test_a_replica_that_did_not_see_the_refusal_does_not_ask_for_a_used_up
 
 def _founding_subscription_never_paid(world: World) -> tuple[list[dict[str, Any]],
                                                                dict[str, Any]]:
-    """A founding subscription Stripe made `incomplete` (its first payment not made yet), and
-    the event, 23 hours on, that says it never started (`incomplete_expired`)."""
-    sub = world.subscribe(1000, "gbp", founding=True, email="never@example.org",
-                          metadata={"founding_supporter": "true"})
-    before_payment = {"customer.created", "customer.subscription.created",
-                      "customer.discount.created", "invoice.created", "invoice.finalized"}
-    events = [e for e in sub.events if e["type"] in before_payment]
-    created = next(e for e in events if e["type"] == "customer.subscription.created")
-    state = copy.deepcopy(created["data"]["object"])
-    world.advance(23 * 3600)
-    state.update(status="incomplete_expired", canceled_at=world.now, ended_at=world.now)
-    expired = o.event("customer.subscription.updated", state, created=world.now, ids=world.ids,
-                      previous_attributes={"status": "incomplete", "canceled_at": None,
-                                           "ended_at": None})
-    return events, expired
+    """The events of a founding subscription before its first payment, and the one, 23 hours
+    on, that says it never started (`incomplete_expired`)."""
+    _, events = _founding_checkout_never_paid(world)
+    return events[:-1], events[-1]
 
 
 async def test_a_seat_given_back_by_a_subscription_that_never_started_is_offered_again(
