@@ -25,6 +25,7 @@ import contextlib
 import json
 import random
 import time
+from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -47,6 +48,7 @@ from donations.inputs import read_json, rfc3339, text, whole_number
 from donations.ledger import FoundingOffer
 from donations.metrics import gauge
 from donations.money import exponent
+from donations.stripe_api import get_list
 
 log = structlog.get_logger(__name__)
 
@@ -58,6 +60,7 @@ RETENTION_SECONDS = 30 * 86400  # how far back Stripe lists events
 # the second it is stamped with. Re-reading is cheap (stored events are skipped in one query).
 OVERLAP_SECONDS = 300
 PAGE_SIZE = 100
+APPLYING_AT_ONCE = 2  # event pages applied at once (see _read_pages)
 # After the library's own retries: how often and how long a run waits out a rate limit (429)
 # or a connection failure before it gives up (the checkpoint keeps what was done).
 BUSY_ATTEMPTS = 6
@@ -240,6 +243,7 @@ class Page(NamedTuple):
     # when Stripe answered, by its own clock (the response's Date header): what the page shows
     # is Stripe's state at that second. None when the answer had no readable Date.
     listed_at: int | None
+    texts: list[str]  # each item's JSON text as Stripe sent it
 
 
 async def dated_pages(
@@ -248,20 +252,19 @@ async def dated_pages(
     """The pages of a Stripe list, the next one fetched while the caller works on the current
     one.
 
-    Read with the client's `raw_request_async`: the same authentication, API version, retries
-    and errors as its `list_async`, without turning every object of every page into a
+    Read with `stripe_api.get_list`: the same authentication, API version, retries and errors
+    as the client's `list_async`, without turning every object of every page into a
     StripeObject first (that took six times as long as fetching the page, and reconciliation
     wants the JSON as sent anyway, to store it). Pages follow Stripe's `starting_after` cursor.
     """
 
     async def fetch(cursor: str | None) -> Page:
         query = dict(params, starting_after=cursor) if cursor else dict(params)
-        response = await call_stripe(
-            lambda: client.raw_request_async("get", path, **query), what)
-        body = response.data if isinstance(response.data, dict) else {}
-        items = [i for i in body.get("data") or [] if isinstance(i, dict)]
-        return Page(items, bool(body.get("has_more")) and bool(items),
-                    stripe_time(response.headers))
+        listed = await call_stripe(lambda: get_list(client, path, query), what)
+        kept = [k for k, i in enumerate(listed.items) if isinstance(i, dict)]
+        items = [listed.items[k] for k in kept]
+        return Page(items, listed.has_more and bool(items), stripe_time(listed.headers),
+                    [listed.texts[k] for k in kept])
 
     page = await fetch(None)
     while True:
@@ -512,47 +515,85 @@ async def _read_events(state: _Run, start: int, end: int, cursor: str | None,
 
 async def _read_pages(state: _Run, start: int, end: int, params: Any) -> int:
     """Read the window's pages; returns how far it is known complete (see _capped). A window
-    resumed from a cursor was capped when its first page was read, and saved so."""
-    result = state.result
+    resumed from a cursor was capped when its first page was read, and saved so.
+
+    Up to APPLYING_AT_ONCE pages are applied at once, each in a transaction of its own (one
+    page's Python work overlaps another's in PostgreSQL: the ledger is the same in any order,
+    and events about the same object wait for each other on its advisory lock); the cursor is
+    saved past a page once it and every page before it are applied."""
     capped: int | None = None
-    async for page in dated_pages(state.client, "/v1/events", params, "events.list"):
-        if capped is None:
-            capped = _capped(end, page.listed_at, start)
-            if capped < end:
-                log.info("reconciliation_window_capped", local_end=_iso(end),
-                         stripe_time=_iso(capped))
-        items = page.items
-        if not items:
-            continue
-        await _apply_page(state, items)
-        result.pages += 1
-        result.events_listed += len(items)
-        async with db.connection(state.pool) as conn, conn.transaction():
-            await conn.execute(
-                """
-                INSERT INTO reconciliation_checkpoint AS c (pending_start, pending_end,
-                                                            pending_cursor)
-                VALUES ($1, $2, $3)
-                ON CONFLICT (id) DO UPDATE
-                   SET pending_start = excluded.pending_start, pending_end = excluded.pending_end,
-                       pending_cursor = excluded.pending_cursor, updated_at = now()
-                """,
-                start, capped, items[-1]["id"],
-            )
-            await conn.execute(
-                """
-                UPDATE reconciliation_runs
-                   SET pages = $2, events_listed = $3, events_applied = $4, events_failed = $5
-                 WHERE id = $1
-                """,
-                result.run_id, result.pages, result.events_listed, result.events_applied,
-                result.events_failed,
-            )
+    applying: deque[asyncio.Future[None]] = deque()
+    listing = dated_pages(state.client, "/v1/events", params, "events.list")
+    try:
+        while True:
+            try:
+                page = await anext(listing)
+            except StopAsyncIteration:
+                break
+            except BaseException:
+                # the listing failed (or the run was stopped while waiting for a page): the
+                # pages read before it are applied and saved, for the next run to go on after
+                while applying:
+                    await applying.popleft()
+                raise
+            if capped is None:
+                capped = _capped(end, page.listed_at, start)
+                if capped < end:
+                    log.info("reconciliation_window_capped", local_end=_iso(end),
+                             stripe_time=_iso(capped))
+            if not page.items:
+                continue
+            applying.append(asyncio.ensure_future(_apply_and_save(
+                state, page, applying[-1] if applying else None, start, capped)))
+            while len(applying) >= APPLYING_AT_ONCE:
+                await applying.popleft()
+        while applying:
+            await applying.popleft()
+    finally:
+        for task in applying:  # a page failed: the ones after it are moot
+            task.cancel()
+        for task in applying:
+            with contextlib.suppress(BaseException):
+                await task
+        await listing.aclose()
     return end if capped is None else capped
 
 
-async def _apply_page(state: _Run, items: list[dict[str, Any]]) -> None:
-    stored = await store_missing(state.pool, state.offer, items, "reconcile")
+async def _apply_and_save(state: _Run, page: Page, previous: asyncio.Future[None] | None,
+                          start: int, capped: int | None) -> None:
+    """Apply a page, then, once the page before it is applied and saved, save the cursor past
+    it (an error of the page before is this one's too: the cursor stays where it is)."""
+    await _apply_page(state, page)
+    if previous is not None:
+        await previous
+    result = state.result
+    result.pages += 1
+    result.events_listed += len(page.items)
+    async with db.connection(state.pool) as conn, conn.transaction():
+        await conn.execute(
+            """
+            INSERT INTO reconciliation_checkpoint AS c (pending_start, pending_end,
+                                                        pending_cursor)
+            VALUES ($1, $2, $3)
+            ON CONFLICT (id) DO UPDATE
+               SET pending_start = excluded.pending_start, pending_end = excluded.pending_end,
+                   pending_cursor = excluded.pending_cursor, updated_at = now()
+            """,
+            start, capped, page.items[-1]["id"],
+        )
+        await conn.execute(
+            """
+            UPDATE reconciliation_runs
+               SET pages = $2, events_listed = $3, events_applied = $4, events_failed = $5
+             WHERE id = $1
+            """,
+            result.run_id, result.pages, result.events_listed, result.events_applied,
+            result.events_failed,
+        )
+
+
+async def _apply_page(state: _Run, page: Page) -> None:
+    stored = await store_missing(state.pool, state.offer, page.items, "reconcile", page.texts)
     state.result.events_applied += stored.applied
     state.result.events_failed += stored.failed
     state.result.events_unreadable += stored.unreadable
@@ -567,21 +608,24 @@ class Stored(NamedTuple):
 
 
 async def store_missing(
-    pool: asyncpg.Pool, offer: FoundingOffer, items: list[dict[str, Any]], source: str
+    pool: asyncpg.Pool, offer: FoundingOffer, items: list[dict[str, Any]], source: str,
+    texts: list[str] | None = None,
 ) -> Stored:
     """Store and apply, as webhook deliveries would be, the events of a page that are not
-    stored or stored but not applied."""
+    stored or stored but not applied; each stored as its text in `texts` (as Stripe sent it)
+    where given, else as its JSON."""
     async with db.connection(pool) as conn:
         done = {r["id"] for r in await conn.fetch(
             "SELECT id FROM stripe_events WHERE id = any($1::text[]) AND status = any($2::text[])",
             [str(e.get("id")) for e in items], [o.value for o in FINAL],
         )}
-    todo = [e for e in items if e.get("id") not in done]
+    todo = [k for k, e in enumerate(items) if e.get("id") not in done]
     group: list[Item] = []
     unreadable = 0
-    for body in todo:
+    for k in todo:
+        body = items[k]
         try:
-            group.append((parse_event(body), json.dumps(body)))
+            group.append((parse_event(body), texts[k] if texts else json.dumps(body)))
         except NotAnEvent:
             log.warning("reconciliation_not_an_event", event_id=str(body.get("id"))[:80])
             unreadable += 1
