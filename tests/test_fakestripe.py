@@ -408,6 +408,29 @@ async def test_library_auto_paginates_a_payout_s_transactions() -> None:
 
 
 @pytest.mark.asyncio
+async def test_a_listing_s_pages_follow_its_first_and_a_new_listing_sees_changes() -> None:
+    """The fake keeps a listing between its pages (a page costs a page, as Stripe's do, not a
+    scan of every object): its later pages are the list its first page saw; a new listing (a
+    first page) sees what changed since."""
+    w = World()
+    for amount in (1000, 1100, 1200):
+        w.one_off(amount, "gbp")
+    async with running_fake_stripe(w) as fake, stripe_client(fake) as client:
+        first = await client.v1.balance_transactions.list_async(
+            params={"type": "charge", "limit": 1})
+        newest = first.data[0].id
+        w.balance_transactions[newest]["type"] = "payment"
+        w.balance_transactions[next(iter(w.balance_transactions))]["type"] = "payment"
+        rest = await client.v1.balance_transactions.list_async(
+            params={"type": "charge", "limit": 10, "starting_after": newest})
+        again = await client.v1.balance_transactions.list_async(
+            params={"type": "charge", "limit": 10})
+    charges = [i for i, bt in w.balance_transactions.items() if bt["source"].startswith("ch_")]
+    assert [bt.id for bt in rest.data] == charges[::-1][1:]  # as the listing began
+    assert [bt.id for bt in again.data] == charges[1:2]  # the one still a `charge`
+
+
+@pytest.mark.asyncio
 async def test_library_lists_events_newest_first_since_a_time() -> None:
     w = World()
     w.one_off(1000, "gbp")

@@ -480,15 +480,22 @@ class FakeStripe:
             if payout is not None and payout.get("automatic") is False:
                 raise StripeError(400, "Balance transaction history can only be filtered on "
                                   "automatic transfers, not manual.", param="payout")
-        # Events only grow at the end: the filtered, sorted list is kept between the pages of
-        # one listing, so paging through 100,000 events costs a page, not a sort, per request.
-        cache_key: tuple[str, int, int] | None = None
+        # The filtered, sorted list is kept between the pages of one listing, so that paging
+        # through 100,000 events or 15,000 balance transactions costs a page per request, not a
+        # scan and a sort, as a page of Stripe's does. Events only grow at the end: theirs is
+        # kept while none is added. Other objects change in place: theirs is made again for
+        # each listing's first page (one without a cursor).
+        filters = {k: v for k, v in params.items()
+                   if k not in ("limit", "starting_after", "ending_before")}
+        cache_key: tuple[str, int, int] | None
         if kind == "event":
-            filters = {k: v for k, v in params.items()
-                       if k not in ("limit", "starting_after", "ending_before")}
             cache_key = (repr(sorted(filters.items())), len(self._events),
                          id(self._events[-1]) if self._events else 0)
-        if cache_key is not None and cache_key in self._list_cache:
+        else:
+            cache_key = (f"{collection} {sorted(filters.items())!r}", len(self._objects), 0)
+            if "starting_after" not in params and "ending_before" not in params:
+                self._list_cache.pop(cache_key, None)
+        if cache_key in self._list_cache:
             items, ids = self._list_cache[cache_key]
         else:
             if kind == "event":
@@ -500,8 +507,9 @@ class FakeStripe:
             order = {id(o): i for i, o in enumerate(pool)}
             items.sort(key=lambda o: (int(o.get("created", 0)), order[id(o)]), reverse=True)
             ids = {o["id"]: i for i, o in enumerate(items)}
-            if cache_key is not None:
-                self._list_cache = {cache_key: (items, ids)}
+            self._list_cache[cache_key] = (items, ids)
+            while len(self._list_cache) > 8:  # a few listings under way at once
+                del self._list_cache[next(iter(self._list_cache))]
         after, before = params.get("starting_after"), params.get("ending_before")
         for cursor, name in ((after, "starting_after"), (before, "ending_before")):
             if cursor is not None and cursor not in ids:
