@@ -25,7 +25,6 @@ import contextlib
 import json
 import random
 import time
-from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -60,7 +59,6 @@ RETENTION_SECONDS = 30 * 86400  # how far back Stripe lists events
 # the second it is stamped with. Re-reading is cheap (stored events are skipped in one query).
 OVERLAP_SECONDS = 300
 PAGE_SIZE = 100
-APPLYING_AT_ONCE = 2  # event pages applied at once (see _read_pages)
 # After the library's own retries: how often and how long a run waits out a rate limit (429)
 # or a connection failure before it gives up (the checkpoint keeps what was done).
 BUSY_ATTEMPTS = 6
@@ -515,81 +513,43 @@ async def _read_events(state: _Run, start: int, end: int, cursor: str | None,
 
 async def _read_pages(state: _Run, start: int, end: int, params: Any) -> int:
     """Read the window's pages; returns how far it is known complete (see _capped). A window
-    resumed from a cursor was capped when its first page was read, and saved so.
-
-    Up to APPLYING_AT_ONCE pages are applied at once, each in a transaction of its own (one
-    page's Python work overlaps another's in PostgreSQL: the ledger is the same in any order,
-    and events about the same object wait for each other on its advisory lock); the cursor is
-    saved past a page once it and every page before it are applied."""
-    capped: int | None = None
-    applying: deque[asyncio.Future[None]] = deque()
-    listing = dated_pages(state.client, "/v1/events", params, "events.list")
-    try:
-        while True:
-            try:
-                page = await anext(listing)
-            except StopAsyncIteration:
-                break
-            except BaseException:
-                # the listing failed (or the run was stopped while waiting for a page): the
-                # pages read before it are applied and saved, for the next run to go on after
-                while applying:
-                    await applying.popleft()
-                raise
-            if capped is None:
-                capped = _capped(end, page.listed_at, start)
-                if capped < end:
-                    log.info("reconciliation_window_capped", local_end=_iso(end),
-                             stripe_time=_iso(capped))
-            if not page.items:
-                continue
-            applying.append(asyncio.ensure_future(_apply_and_save(
-                state, page, applying[-1] if applying else None, start, capped)))
-            while len(applying) >= APPLYING_AT_ONCE:
-                await applying.popleft()
-        while applying:
-            await applying.popleft()
-    finally:
-        for task in applying:  # a page failed: the ones after it are moot
-            task.cancel()
-        for task in applying:
-            with contextlib.suppress(BaseException):
-                await task
-        await listing.aclose()
-    return end if capped is None else capped
-
-
-async def _apply_and_save(state: _Run, page: Page, previous: asyncio.Future[None] | None,
-                          start: int, capped: int | None) -> None:
-    """Apply a page, then, once the page before it is applied and saved, save the cursor past
-    it (an error of the page before is this one's too: the cursor stays where it is)."""
-    await _apply_page(state, page)
-    if previous is not None:
-        await previous
+    resumed from a cursor was capped when its first page was read, and saved so."""
     result = state.result
-    result.pages += 1
-    result.events_listed += len(page.items)
-    async with db.connection(state.pool) as conn, conn.transaction():
-        await conn.execute(
-            """
-            INSERT INTO reconciliation_checkpoint AS c (pending_start, pending_end,
-                                                        pending_cursor)
-            VALUES ($1, $2, $3)
-            ON CONFLICT (id) DO UPDATE
-               SET pending_start = excluded.pending_start, pending_end = excluded.pending_end,
-                   pending_cursor = excluded.pending_cursor, updated_at = now()
-            """,
-            start, capped, page.items[-1]["id"],
-        )
-        await conn.execute(
-            """
-            UPDATE reconciliation_runs
-               SET pages = $2, events_listed = $3, events_applied = $4, events_failed = $5
-             WHERE id = $1
-            """,
-            result.run_id, result.pages, result.events_listed, result.events_applied,
-            result.events_failed,
-        )
+    capped: int | None = None
+    async for page in dated_pages(state.client, "/v1/events", params, "events.list"):
+        if capped is None:
+            capped = _capped(end, page.listed_at, start)
+            if capped < end:
+                log.info("reconciliation_window_capped", local_end=_iso(end),
+                         stripe_time=_iso(capped))
+        items = page.items
+        if not items:
+            continue
+        await _apply_page(state, page)
+        result.pages += 1
+        result.events_listed += len(items)
+        async with db.connection(state.pool) as conn, conn.transaction():
+            await conn.execute(
+                """
+                INSERT INTO reconciliation_checkpoint AS c (pending_start, pending_end,
+                                                            pending_cursor)
+                VALUES ($1, $2, $3)
+                ON CONFLICT (id) DO UPDATE
+                   SET pending_start = excluded.pending_start, pending_end = excluded.pending_end,
+                       pending_cursor = excluded.pending_cursor, updated_at = now()
+                """,
+                start, capped, items[-1]["id"],
+            )
+            await conn.execute(
+                """
+                UPDATE reconciliation_runs
+                   SET pages = $2, events_listed = $3, events_applied = $4, events_failed = $5
+                 WHERE id = $1
+                """,
+                result.run_id, result.pages, result.events_listed, result.events_applied,
+                result.events_failed,
+            )
+    return end if capped is None else capped
 
 
 async def _apply_page(state: _Run, page: Page) -> None:

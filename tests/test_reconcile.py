@@ -205,47 +205,6 @@ async def test_a_run_stopped_half_way_is_completed_by_the_next(
         assert checkpoint["pending_cursor"] is None
 
 
-async def test_the_cursor_never_passes_a_page_not_applied_though_a_later_one_is(
-    client: Client, pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Pages are applied two at a time: the third can be applied before the second. When the
-    second then fails, the cursor stays after the first (the third's events, applied, are found
-    applied by the next run, which goes on from the cursor and completes the ledger)."""
-    world = scenario(seed=613, steps=30)
-    applied_pages: list[list[str]] = []
-    third_applied = asyncio.Event()
-    apply_page = reconcile._apply_page
-
-    async def second_fails_after_the_third(state: Any, page: reconcile.Page) -> None:
-        number = len(applied_pages) + 1
-        applied_pages.append([e["id"] for e in page.items])
-        if number == 2:
-            await asyncio.wait_for(third_applied.wait(), 10)
-            raise RuntimeError("the second page fails")
-        await apply_page(state, page)
-        if number == 3:
-            third_applied.set()
-
-    monkeypatch.setattr(reconcile, "_apply_page", second_fails_after_the_third)
-    async with stripe_against(world) as (_, stripe_client):
-        with pytest.raises(RuntimeError):
-            await reconcile_world(pool, stripe_client, world, 20)
-        first, second, third = applied_pages[:3]
-        checkpoint = await pool.fetchrow("SELECT * FROM reconciliation_checkpoint")
-        assert checkpoint is not None and checkpoint["pending_cursor"] == first[-1]
-        run = await pool.fetchrow("SELECT status, pages, events_listed FROM reconciliation_runs")
-        assert run is not None and tuple(run) == ("failed", 1, 20)
-        stored = {r["id"] for r in await pool.fetch("SELECT id FROM stripe_events")}
-        assert set(first) | set(third) <= stored and not stored & set(second)
-
-        monkeypatch.setattr(reconcile, "_apply_page", apply_page)
-        after = await reconcile.run(pool, stripe_client, OFFER, page_size=20,
-                                    now=world.now + 60)
-    assert after.matches, after.summary()
-    assert after.events_applied == len(world.events) - len(first) - len(third)
-    assert await dump(pool) == reference(world.events, OFFER, charge_bts(world))
-
-
 async def test_events_are_stored_as_the_text_stripe_sent(pool: asyncpg.Pool) -> None:
     """A listed event is stored as its text in the page (Stripe pretty-prints its answers), not
     re-encoded: the payload is the body as Stripe sent it, as a webhook's is."""
