@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -72,21 +73,32 @@ async def store_balance_transactions(conn: asyncpg.Connection, bts: list[dict[st
     unique = list({bt["id"]: bt for bt in bts}.values())  # (a balance transaction listed twice)
     ids = [bt["id"] for bt in unique]
     async with conn.transaction():
-        await conn.executemany(
+        await conn.execute(
             """
             INSERT INTO balance_transactions (id, type, source, amount, currency, fee, net,
                 exchange_rate, status, reporting_category, available_on, created_at, data)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8::numeric, $9, $10, to_timestamp($11),
-                    to_timestamp($12), $13)
+            SELECT id, type, source, amount, currency, fee, net, exchange_rate, status,
+                   reporting_category, to_timestamp(available_on), to_timestamp(created),
+                   data::jsonb
+              FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[],
+                          $6::bigint[], $7::bigint[], $8::numeric[], $9::text[], $10::text[],
+                          $11::bigint[], $12::bigint[], $13::text[])
+                   AS b(id, type, source, amount, currency, fee, net, exchange_rate, status,
+                        reporting_category, available_on, created, data)
             ON CONFLICT (id) DO UPDATE
                SET status = excluded.status, data = excluded.data, fetched_at = now()
             """,
-            [(bt["id"], bt.get("type") or "unknown", ref(bt.get("source")), int(bt["amount"]),
-              str(bt["currency"]), int(bt.get("fee") or 0), int(bt["net"]),
-              # the rate is a decimal string to PostgreSQL's numeric; never a float on our side
-              None if bt.get("exchange_rate") is None else str(bt["exchange_rate"]),
-              bt.get("status"), bt.get("reporting_category"), int(bt.get("available_on") or 0),
-              int(bt.get("created") or 0), bt) for bt in unique],
+            ids, [bt.get("type") or "unknown" for bt in unique],
+            [ref(bt.get("source")) for bt in unique], [int(bt["amount"]) for bt in unique],
+            [str(bt["currency"]) for bt in unique], [int(bt.get("fee") or 0) for bt in unique],
+            [int(bt["net"]) for bt in unique],
+            # the rate is a decimal string to PostgreSQL's numeric; never a float on our side
+            [None if bt.get("exchange_rate") is None else str(bt["exchange_rate"])
+             for bt in unique],
+            [bt.get("status") for bt in unique], [bt.get("reporting_category") for bt in unique],
+            [int(bt.get("available_on") or 0) for bt in unique],
+            [int(bt.get("created") or 0) for bt in unique],
+            [json.dumps(bt, separators=(",", ":")) for bt in unique],
         )
         # The payments' locks, as a webhook deriving the same payment holds them: whichever
         # comes second sees the other's committed work, so a fee is never overwritten with NULL.

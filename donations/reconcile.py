@@ -528,9 +528,16 @@ async def _read_pages(state: _Run, start: int, end: int, params: Any) -> int:
         await _apply_page(state, page)
         result.pages += 1
         result.events_listed += len(items)
-        async with db.connection(state.pool) as conn, conn.transaction():
+        async with db.connection(state.pool) as conn:
+            # the cursor past the page and the run's progress: one statement, one transaction
             await conn.execute(
                 """
+                WITH progress AS (
+                    UPDATE reconciliation_runs
+                       SET pages = $5, events_listed = $6, events_applied = $7,
+                           events_failed = $8
+                     WHERE id = $4
+                )
                 INSERT INTO reconciliation_checkpoint AS c (pending_start, pending_end,
                                                             pending_cursor)
                 VALUES ($1, $2, $3)
@@ -538,16 +545,8 @@ async def _read_pages(state: _Run, start: int, end: int, params: Any) -> int:
                    SET pending_start = excluded.pending_start, pending_end = excluded.pending_end,
                        pending_cursor = excluded.pending_cursor, updated_at = now()
                 """,
-                start, capped, items[-1]["id"],
-            )
-            await conn.execute(
-                """
-                UPDATE reconciliation_runs
-                   SET pages = $2, events_listed = $3, events_applied = $4, events_failed = $5
-                 WHERE id = $1
-                """,
-                result.run_id, result.pages, result.events_listed, result.events_applied,
-                result.events_failed,
+                start, capped, items[-1]["id"], result.run_id, result.pages,
+                result.events_listed, result.events_applied, result.events_failed,
             )
     return end if capped is None else capped
 
