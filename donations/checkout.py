@@ -412,12 +412,13 @@ async def _create(request: web.Request, kind: Kind) -> web.Response:
     # Anything but a StripeError (a bug, a cancelled request) leaves the seat held and the key
     # claimed: the session may exist at Stripe, and a seat given back could then be sold twice.
     # The hold lapses with the session (30 minutes and the grace), the claim after STALE.
-    full_price_retry = ""
+    full_price_retry = False
     while True:
         params = session_params(order, settings, founding=founding, expires_at=expires_at)
         options: stripe.RequestOptions = {}
         if key is not None:
-            options["idempotency_key"] = idempotency.stripe_key(key, attempt) + full_price_retry
+            options["idempotency_key"] = idempotency.stripe_key(key, attempt,
+                                                                full_price=full_price_retry)
         try:
             session = await stripe_api.create_checkout_session(client, params, options)
             break
@@ -432,7 +433,7 @@ async def _create(request: web.Request, kind: Kind) -> web.Response:
                 await _undo(pool, hold_id, None)
                 async with db.connection(pool) as conn:
                     await app[SEATS].used_up_at_stripe(conn)
-                hold_id, founding, full_price_retry = None, False, ":full-price"
+                hold_id, founding, full_price_retry = None, False, True
                 continue
             await _fail_checkout(exc, metrics, pool, hold_id, key)
 

@@ -82,10 +82,17 @@ def refusal(earlier: asyncpg.Record, digest: bytes) -> Replay:
                    "retry in a moment", field=HEADER, headers={"Retry-After": "1"})
 
 
-def stripe_key(key: str, attempt: int) -> str:
+def stripe_key(key: str, attempt: int, *, full_price: bool = False) -> str:
     """The idempotency key Stripe gets. A try after a failed one gets a key of its own: Stripe
-    keeps a key's first result (errors too), and the new try's parameters (its expiry) differ."""
-    return f"checkout:{key}" if attempt == 1 else f"checkout:{key}:{attempt}"
+    keeps a key's first result (errors too), and the new try's parameters (its expiry) differ;
+    so does the same try again at full price (the founding coupon used up at Stripe).
+
+    The reader's key is written with `%` and `:` escaped, so that what follows it cannot be
+    read as part of it: keys `k:2` and `k` (its second try) get keys of their own at Stripe.
+    (A key with neither, as the site's UUIDs, is unchanged.)"""
+    own = key.replace("%", "%25").replace(":", "%3A")
+    return ":".join(["checkout", own, *([str(attempt)] if attempt > 1 else []),
+                     *(["full-price"] if full_price else [])])
 
 
 async def fail(conn: asyncpg.Connection, key: str) -> None:

@@ -14,7 +14,7 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from pytest_aiohttp import AiohttpClient
 
-from donations import ratelimit, stripe_api
+from donations import idempotency, ratelimit, stripe_api
 from donations.app import create_app
 from donations.events import PINNED_API_VERSION
 from donations.settings import Secret
@@ -232,6 +232,44 @@ async def test_a_failed_stripe_call_frees_the_seat_and_the_key_for_a_retry(
     # a new Stripe key for the new try: Stripe keeps a key's first result, errors included
     assert keys == ["checkout:retry-me", "checkout:retry-me:2"]
     assert await pool.fetchval("SELECT count(*) FROM founding_holds") == 1
+
+
+async def test_readers_keys_never_share_a_stripe_key_whatever_they_hold(
+    dsn: str, aiohttp_client: AiohttpClient
+) -> None:
+    """The key Stripe gets is the reader's key and the try: a reader's key `k:2` and the second
+    try of another's `k` (or `k:full-price` and `k`'s try at full price) must not be one key at
+    Stripe, which would answer the second with the first's session."""
+    async with checkout_service(aiohttp_client, dsn) as (client, fake):
+        first = await client.post(CONTRIBUTIONS, json=order(),
+                                  headers={"Idempotency-Key": "k:2"})
+        assert first.status == 201
+        fake.fail_next(1, 500, SESSIONS, should_retry=False)
+        failed = await client.post(CONTRIBUTIONS, json=order(),
+                                   headers={"Idempotency-Key": "k"})
+        assert failed.status == 503
+        second = await client.post(CONTRIBUTIONS, json=order(),
+                                   headers={"Idempotency-Key": "k"})
+        assert second.status == 201
+        keys = [r.headers["Idempotency-Key"] for r in created_sessions(fake)]
+    assert (await first.json())["id"] != (await second.json())["id"]
+    assert keys == ["checkout:k%3A2", "checkout:k", "checkout:k:2"]
+    assert len(set(keys)) == 3
+
+
+def test_stripe_keys_keep_the_reader_s_key_apart_from_what_follows_it() -> None:
+    keys = {
+        ("k", 1, False): "checkout:k",  # (as before for keys without ':' or '%')
+        ("k", 2, False): "checkout:k:2",
+        ("k:2", 1, False): "checkout:k%3A2",
+        ("k", 1, True): "checkout:k:full-price",
+        ("k:full-price", 1, False): "checkout:k%3Afull-price",
+        ("k%3A2", 1, False): "checkout:k%253A2",
+        ("k", 3, True): "checkout:k:3:full-price",
+    }
+    for (key, attempt, full_price), expected in keys.items():
+        assert idempotency.stripe_key(key, attempt, full_price=full_price) == expected
+    assert len(set(keys.values())) == len(keys)
 
 
 async def test_a_failed_seat_hold_frees_the_key_for_a_retry(
