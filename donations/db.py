@@ -256,6 +256,16 @@ async def pending_migrations(
     return [m for m in migrations if m.version not in applied]
 
 
+def _failed(migration: Migration, exc: asyncpg.PostgresError) -> str:
+    """What an operator needs of a migration PostgreSQL refused: which, where, and why."""
+    where = ""
+    position = getattr(exc, "position", None)
+    if position and str(position).isdigit():
+        where = f", line {migration.sql[:int(position)].count(chr(10)) + 1}"
+    return (f"{migration.name}{where} failed and was rolled back, nothing of it applied: "
+            f"{type(exc).__name__}: {exc}")
+
+
 async def migrate(dsn: str, migrations: list[Migration] | None = None) -> list[str]:
     """Apply pending migrations, one transaction each, under an advisory lock. Returns names."""
     migrations = load_migrations() if migrations is None else migrations
@@ -273,15 +283,22 @@ async def migrate(dsn: str, migrations: list[Migration] | None = None) -> list[s
         try:
             await conn.execute(_CREATE_TABLE)
             for migration in await pending_migrations(conn, migrations):
-                async with conn.transaction():
-                    await conn.execute("SET LOCAL lock_timeout = '10s'")
-                    await conn.execute("SET LOCAL statement_timeout = '10min'")
-                    await conn.execute(migration.sql)
-                    await conn.execute(
-                        "INSERT INTO schema_migrations (version, name, checksum)"
-                        " VALUES ($1, $2, $3)",
-                        migration.version, migration.name, migration.checksum,
-                    )
+                try:
+                    async with conn.transaction():
+                        await conn.execute("SET LOCAL lock_timeout = '10s'")
+                        await conn.execute("SET LOCAL statement_timeout = '10min'")
+                        await conn.execute(migration.sql)
+                        await conn.execute(
+                            "INSERT INTO schema_migrations (version, name, checksum)"
+                            " VALUES ($1, $2, $3)",
+                            migration.version, migration.name, migration.checksum,
+                        )
+                except UNAVAILABLE_ERRORS as exc:
+                    raise DatabaseUnavailable(
+                        f"lost while applying {migration.name} (rolled back): "
+                        f"{type(exc).__name__}: {exc}") from exc
+                except asyncpg.PostgresError as exc:
+                    raise MigrationError(_failed(migration, exc)) from exc
                 log.info("migration_applied", migration=migration.name)
                 applied.append(migration.name)
         finally:

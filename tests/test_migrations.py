@@ -132,8 +132,19 @@ async def test_a_failing_migration_leaves_nothing_behind_and_can_be_fixed(
     broken = sql_copy / NEW_NAME
     broken.write_text(NEW_MIGRATION + "SELECT 1 / 0;\n")
 
-    with pytest.raises(asyncpg.DivisionByZeroError):
+    with pytest.raises(db.MigrationError) as failed:
         await db.migrate(scratch_dsn, db.load_migrations(sql_copy))
+    # which file and PostgreSQL's own words: one line for the operator
+    assert str(failed.value) == (f"{NEW_NAME} failed and was rolled back, nothing of it "
+                                 "applied: DivisionByZeroError: division by zero")
+    assert isinstance(failed.value.__cause__, asyncpg.DivisionByZeroError)
+    # a syntax error: where in the file too
+    broken.write_text(NEW_MIGRATION + "\nSELEC 1;\n")
+    with pytest.raises(db.MigrationError) as failed:
+        await db.migrate(scratch_dsn, db.load_migrations(sql_copy))
+    line = NEW_MIGRATION.count("\n") + 2
+    assert str(failed.value).startswith(f"{NEW_NAME}, line {line} failed and was rolled back")
+    assert "PostgresSyntaxError" in str(failed.value)
     assert not await table_exists(scratch_dsn, "campaign_goals")
     assert [v for v, _, _ in await recorded(scratch_dsn)] == [m.version for m in ON_DISK]
 
