@@ -55,7 +55,6 @@ async def create_checkout_session(
     return data
 
 
-
 class ListPage(NamedTuple):
     """One page of a Stripe list, read by `get_list`."""
 
@@ -111,7 +110,7 @@ def split_list(text: str) -> tuple[dict[str, Any], list[str]]:
     texts: list[str] = []
     _, i = expect(0, "{")
     if text[i:i + 1] == "}":
-        i += 1
+        i = space(i + 1)
     else:
         while True:
             key, i = decode(text, i)

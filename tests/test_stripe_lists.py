@@ -47,6 +47,8 @@ def test_a_list_s_keys_in_any_order_and_an_empty_page() -> None:
     envelope, texts = split_list('{"has_more": false, "data": [], "url": "/v1/events"}')
     assert (envelope, texts) == ({"has_more": False, "data": [], "url": "/v1/events"}, [])
     assert split_list("{}") == ({}, [])
+    assert split_list(" {\n}\n") == ({}, [])
+    assert split_list('{"data": [ ]} ') == ({"data": []}, [])
     # `data` that is not an array is decoded as it is, with no texts
     assert split_list('{"data": null}') == ({"data": None}, [])
 
