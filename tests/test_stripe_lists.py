@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 import stripe
 from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from donations.settings import Secret
 from donations.stripe_api import get_list, make_client, split_list
@@ -115,3 +117,30 @@ async def test_a_body_that_is_not_a_list_is_the_library_s_api_error() -> None:
                               '"message": "Invalid API Key provided"}}') as client:
         with pytest.raises(stripe.AuthenticationError):
             await get_list(client, "/v1/events", {})
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8)
+    | st.floats(allow_nan=False, allow_infinity=False),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner,
+                                                                max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(envelope=st.dictionaries(st.text(max_size=6), _JSON, max_size=4),
+       data=st.none() | st.lists(_JSON, max_size=5),
+       indent=st.sampled_from([None, 0, 1, 2, "\t"]), ascii_only=st.booleans())
+def test_any_json_object_is_split_as_json_reads_it(
+    envelope: dict[str, Any], data: list[Any] | None, indent: int | str | None,
+    ascii_only: bool,
+) -> None:
+    if data is not None:
+        envelope = {**envelope, "data": data}
+    text = json.dumps(envelope, indent=indent, ensure_ascii=ascii_only)
+    decoded, texts = split_list(text)
+    assert decoded == json.loads(text)
+    items = decoded.get("data")
+    expected = items if isinstance(items, list) else []
+    assert [json.loads(t) for t in texts] == expected
