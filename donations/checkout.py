@@ -401,7 +401,8 @@ async def _create(request: web.Request, kind: Kind) -> web.Response:
         if kind == "subscription":
             try:
                 # its own statement and transaction, committed (flushed) before Stripe is asked
-                hold_id = await app[SEATS].hold(conn, session_end + seats.HOLD_GRACE, bucket)
+                hold_id = await app[SEATS].hold(conn, session_end + seats.HOLD_GRACE, bucket,
+                                                ratelimit.client_site(bucket))
             except Exception:
                 if key is not None:  # free the key for a retry at once, if the database lets us
                     with contextlib.suppress(Exception):

@@ -53,6 +53,18 @@ SELECT set_config('synchronous_commit', 'off', true) AS async_commit, {COUNT_COL
 """
 
 
+def client_site(network: str) -> str | None:
+    """The IPv6 /48 a client network (as `client_network` names it) lies in, named the same
+    way; None for an IPv4 client or one not known."""
+    if not network.startswith("ip:") or ":" not in network[3:]:
+        return None
+    try:
+        within = ipaddress.IPv6Network(network[3:], strict=False)
+    except ValueError:
+        return None
+    return f"ip:{within.supernet(new_prefix=48)}" if within.prefixlen >= 48 else None
+
+
 def client_network(request: web.Request, proxy_hops: int) -> str:
     """Who is asking, as a rate-limit bucket: the client's IPv4 address or IPv6 /64.
 

@@ -28,6 +28,9 @@ LOCK_KEY = "donations:founding_seats"  # the advisory lock founding_seat_hold ta
 # again after leaving a checkout; a script starting checkouts it never pays takes two seats, not
 # the offer (sql/022). Beyond it, full price, as when no seat is free.
 HOLDS_PER_CLIENT = 2
+# Seats one IPv6 /48 (a site: see ratelimit.client_site) may hold at once, whatever its /64s: a
+# household or an office gets a /48 or less, a tunnel broker hands one to anyone (sql/034).
+HOLDS_PER_SITE = 20
 # How long a process believes "every seat is taken" without asking again: a taken seat can come
 # back (its subscription never started, sql/029), so this is only a shortcut that spares a sold-out
 # offer's checkouts the queue on the lock, and it lapses. Seconds, on the monotonic clock.
@@ -60,18 +63,20 @@ class FoundingSeats:
         self._full_until = monotonic() + FULL_FOR if taken >= self.seats else None
 
     async def hold(
-        self, conn: asyncpg.Connection, until: datetime, client: str | None = None
+        self, conn: asyncpg.Connection, until: datetime, client: str | None = None,
+        site: str | None = None,
     ) -> int | None:
-        """Hold a seat until `until` for `client` (a network, as checkout's rate limits name it);
-        None when none is left, or the client already holds HOLDS_PER_CLIENT. In the caller's
+        """Hold a seat until `until` for `client` (a network, as checkout's rate limits name it)
+        of `site` (its IPv6 /48, if any); None when none is left, the client already holds
+        HOLDS_PER_CLIENT or its site HOLDS_PER_SITE. In the caller's
         transaction, or outside one as a statement of its own: then the hold is committed
         (waiting for its WAL flush: a hold lost in a crash could sell its seat twice) when this
         returns."""
         if self._sold_out():
             return None
         row = await conn.fetchrow(
-            "SELECT hold_id, taken, closed FROM founding_seat_hold($1, $2, $3, $4, $5)",
-            self.seats, until, client, HOLDS_PER_CLIENT, self.coupon_id)
+            "SELECT hold_id, taken, closed FROM founding_seat_hold($1, $2, $3, $4, $5, $6, $7)",
+            self.seats, until, client, HOLDS_PER_CLIENT, self.coupon_id, site, HOLDS_PER_SITE)
         assert row is not None
         if row["closed"]:
             self._closed = True

@@ -278,7 +278,7 @@ async def test_a_failed_seat_hold_frees_the_key_for_a_retry(
     headers = {"Idempotency-Key": "hold-failed"}
     async with checkout_service(aiohttp_client, dsn, founding_seats=1) as (client, fake):
         await pool.execute("ALTER FUNCTION founding_seat_hold(bigint, timestamptz, text, bigint,"
-                           " text)"
+                           " text, text, bigint)"
                            " RENAME TO founding_seat_hold_away")
         try:
             failed = await client.post(SUBSCRIPTIONS, json=subscription(), headers=headers)

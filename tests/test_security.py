@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 from pytest_aiohttp import AiohttpClient
 
-from donations import auth, db
+from donations import auth, db, ratelimit, seats
 from donations.app import create_app
 from donations.logging import _scrub
 from donations.settings import Secret
@@ -201,3 +201,37 @@ async def test_one_anonymous_client_cannot_hold_every_founding_seat(
                                    headers={"X-Forwarded-For": "198.51.100.5"})
         assert reader.status == 201
         assert (await reader.json())["founding_discount"] is True
+
+
+async def test_one_ipv6_site_cannot_hold_every_founding_seat_from_its_many_networks(
+    pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An IPv6 /48 is 65,536 /64s, each a client network of its own: its holds are capped too
+    (seats.HOLDS_PER_SITE, whatever /64 they come from), so one site's checkouts never paid
+    still leave seats to readers elsewhere, over IPv6 or IPv4."""
+    monkeypatch.setattr(seats, "HOLDS_PER_SITE", 3)
+    async with checkout_service(aiohttp_client, dsn, founding_seats=6, checkout_rate_per_ip=10,
+                                proxy_hops=1) as (client, _fake):
+        async def start(address: str, key: str) -> bool:
+            r = await client.post("/v1/checkout/subscriptions", json=subscription(),
+                                  headers={"X-Forwarded-For": address, "Idempotency-Key": key})
+            assert r.status == 201, await r.text()
+            return bool((await r.json())["founding_discount"])
+
+        # five /64s of one /48, one checkout each: three seats, then full price
+        site = [await start(f"2001:db8:77:{n}::1", f"site-{n}") for n in range(5)]
+        assert site == [True, True, True, False, False]
+        # another /48, and an IPv4 reader: the seats left are theirs
+        assert await start("2001:db8:78::1", "elsewhere-6")
+        assert await start("198.51.100.9", "elsewhere-4")
+    holds = await pool.fetch("SELECT site FROM founding_holds ORDER BY id")
+    assert [r["site"] for r in holds] == ["ip:2001:db8:77::/48"] * 3 + [
+        "ip:2001:db8:78::/48", None]
+
+
+def test_a_client_s_site_is_its_ipv6_48_and_an_ipv4_client_has_none() -> None:
+    assert ratelimit.client_site("ip:2001:db8:77:5::/64") == "ip:2001:db8:77::/48"
+    assert ratelimit.client_site("ip:2001:db8::/64") == "ip:2001:db8::/48"
+    assert ratelimit.client_site("ip:198.51.100.9") is None
+    assert ratelimit.client_site("ip:unknown") is None
+    assert ratelimit.client_site("ip:2001:db8::/32") is None  # (never a network checkout names)
