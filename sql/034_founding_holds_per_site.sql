@@ -7,8 +7,8 @@
 ALTER TABLE founding_holds ADD COLUMN site text;
 CREATE INDEX founding_holds_site ON founding_holds (site, expires_at) WHERE site IS NOT NULL;
 
--- As founding_seat_hold(seats, until, holder, per_client, coupon) (sql/022, kept for replicas
--- not yet updated), and the holder's site's own open holds must be under `per_site`.
+-- As founding_seat_hold(seats, until, holder, per_client, coupon) (sql/022), and the holder's
+-- site's own open holds must be under `per_site`.
 CREATE FUNCTION founding_seat_hold(seats bigint, until timestamptz, holder text,
                                    per_client bigint, coupon text, holder_site text,
                                    per_site bigint)
@@ -42,4 +42,13 @@ BEGIN
         RETURNING id)
     SELECT (SELECT id FROM inserted), counts.taken, counts.closed FROM counts;
 END
+$$;
+
+-- The sql/022 form, still called by replicas not yet updated, is now this one for no site, so
+-- that the hold's rules are written once.
+CREATE OR REPLACE FUNCTION founding_seat_hold(seats bigint, until timestamptz, holder text,
+                                              per_client bigint, coupon text)
+RETURNS TABLE (hold_id bigint, taken bigint, closed boolean)
+LANGUAGE sql VOLATILE AS $$
+    SELECT * FROM founding_seat_hold(seats, until, holder, per_client, coupon, NULL, NULL)
 $$;

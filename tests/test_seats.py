@@ -290,3 +290,26 @@ async def test_a_seat_given_back_reaches_checkout_once_the_sold_out_shortcut_lap
 
     assert meanwhile["founding_discount"] is False
     assert later["founding_discount"] is True
+
+
+async def test_a_replica_not_yet_updated_holds_by_the_sql_022_form_with_its_client_cap(
+    pool: asyncpg.Pool,
+) -> None:
+    """During a deploy, replicas of the release before call founding_seat_hold with five
+    arguments (sql/022): it still holds a seat, keeps each client to its cap and counts for no
+    site; the seats it holds count against everyone's."""
+    until = datetime.now(UTC) + timedelta(minutes=30)
+
+    async def old_hold(client: str) -> int | None:
+        hold: int | None = await pool.fetchval(
+            "SELECT hold_id FROM founding_seat_hold($1, $2, $3, $4, $5)",
+            3, until, client, 2, "founding-supporter")
+        return hold
+
+    assert await old_hold("ip:2001:db8:1:1::/64") is not None
+    assert await old_hold("ip:2001:db8:1:1::/64") is not None
+    assert await old_hold("ip:2001:db8:1:1::/64") is None  # its client's two
+    assert await pool.fetchval("SELECT count(*) FROM founding_holds WHERE site IS NULL") == 2
+    async with db.connection(pool) as conn:
+        assert await FoundingSeats(3).hold(conn, until, "ip:198.51.100.1") is not None
+    assert await old_hold("ip:198.51.100.2") is None  # three seats, all held
