@@ -29,6 +29,7 @@ def ts(text: str) -> int:
 
 
 async def settle(client: Client, pool: asyncpg.Pool, world: World) -> None:
+    """The events delivered, then what the fee and payout workers do once Stripe answers."""
     await post_all(client, world.events)
     async with stripe_against(world) as (_, stripe_client):
         while await fees.run_once(pool, stripe_client, Metrics()):

@@ -116,10 +116,12 @@ async def test_the_database_ledger_equals_the_reference_in_any_order(
 
 
 async def _deliver_in_groups(
-    pool: asyncpg.Pool, events: list[dict[str, Any]], sizes: list[int], racing: int
+    pool: asyncpg.Pool, events: list[dict[str, Any]], sizes: list[int], racing: int,
+    sources: tuple[str, ...] = ("webhook",),
 ) -> None:
     """Deliver in order of the list, cut into groups of the given sizes (cycled), each group
-    applied in one transaction (as the webhooks' group commit does), `racing` groups at once."""
+    applied in one transaction (as the webhooks' group commit does), `racing` groups at once,
+    the groups of each race from `sources` in turn (as webhooks and reconciliation race)."""
     groups, start, n = [], 0, 0
     while start < len(events):
         size = sizes[n % len(sizes)]
@@ -127,8 +129,9 @@ async def _deliver_in_groups(
         start, n = start + size, n + 1
     for first in range(0, len(groups), racing):
         await asyncio.gather(*(
-            ingest_many(pool, [(parse_event(e), json.dumps(e)) for e in group], OFFER)
-            for group in groups[first:first + racing]
+            ingest_many(pool, [(parse_event(e), json.dumps(e)) for e in group], OFFER,
+                        source=sources[i % len(sources)])
+            for i, group in enumerate(groups[first:first + racing])
         ))
 
 

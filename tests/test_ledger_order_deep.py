@@ -40,13 +40,14 @@ from hypothesis import strategies as st
 
 from donations import db, fees, totals
 from donations.events import parse_event
-from donations.ingest import ingest, ingest_many
+from donations.ingest import ingest
 from donations.ledger import DISPUTE_HOLDS, BalanceTransaction, FoundingOffer
 from donations.money import apply_percent_off
 from tests.fakestripe import objects as o
 from tests.fakestripe.world import DAY, DEFAULT_RATES, Emitted, Payment, World
 from tests.ledger_check import dump, reference
 from tests.scenarios import deliveries
+from tests.test_ledger_order import _deliver_in_groups
 
 OFFER = FoundingOffer()
 DEEP = os.environ.get("DEEP_ORDER") == "1"
@@ -478,16 +479,7 @@ async def _deliver(pool: asyncpg.Pool, events: list[dict[str, Any]], mode: int, 
             await asyncio.gather(*(ingest(pool, parse_event(e), json.dumps(e), OFFER)
                                    for e in events[start:start + racing]))
         return
-    groups, start, n = [], 0, 0
-    while start < len(events):
-        size = sizes[n % len(sizes)]
-        groups.append(events[start:start + size])
-        start, n = start + size, n + 1
-    for first in range(0, len(groups), racing):
-        await asyncio.gather(*(
-            ingest_many(pool, [(parse_event(e), json.dumps(e)) for e in g], OFFER,
-                        source="reconcile" if i % 2 else "webhook")
-            for i, g in enumerate(groups[first:first + racing])))
+    await _deliver_in_groups(pool, events, sizes, racing, sources=("webhook", "reconcile"))
 
 
 async def _check_db(pool: asyncpg.Pool, events: list[dict[str, Any]],

@@ -102,12 +102,7 @@ async def _serving(env: dict[str, str], log: Path, *, shutdown_timeout: float | 
 async def _stopped_listening(port: int) -> None:
     """Until `serve` has closed its listening socket: its shutdown is under way."""
     async def refused() -> bool:
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            return True
-        writer.close()
-        return False
+        return not await _listening(port)
 
     await wait_until(refused)
 

@@ -16,7 +16,6 @@ from pytest_aiohttp import AiohttpClient
 
 from donations import auth, db, fees, payouts, reports
 from donations.app import create_app
-from donations.metrics import Metrics
 from donations.settings import Secret
 from tests.conftest import Client, make_settings
 from tests.fakestripe import objects as o
@@ -24,6 +23,7 @@ from tests.fakestripe.server import FakeStripe, running_fake_stripe
 from tests.fakestripe.world import DAY, Emitted, World
 from tests.test_cli import _env, _run
 from tests.test_fees import TEST_KEY, stripe_against
+from tests.test_finance_tieout import settle
 from tests.webhook_helpers import post_all
 
 WIDE = {"from": "2026-11-01", "to": "2027-03-01"}
@@ -649,16 +649,6 @@ def test_the_csv_names_the_currency_of_each_amount_and_neutralises_every_text_ce
 # --- found in review: what the payouts CSV says of its amounts and of a payout without a tie ---
 
 
-async def _settle(client: Client, pool: asyncpg.Pool, world: World) -> None:
-    """The events delivered, then what the fee and payout workers do once Stripe answers."""
-    await post_all(client, world.events)
-    async with stripe_against(world) as (_, stripe_client):
-        while await fees.run_once(pool, stripe_client, Metrics()):
-            pass
-        while await payouts.run_once(pool, stripe_client):
-            pass
-
-
 async def _payouts_csv(pool: asyncpg.Pool, win: reports.Window) -> list[dict[str, str]]:
     out: list[bytes] = []
 
@@ -681,7 +671,7 @@ async def test_the_payouts_csv_says_which_currency_each_amount_is_in(
     jpy = world.one_off(1000, "jpy")
     world.one_off(2500, "gbp")
     paid_out = world.payout()
-    await _settle(client, pool, world)
+    await settle(client, pool, world)
 
     lines = await _payouts_csv(pool, reports.window(WIDE["from"], WIDE["to"]))
     (line,) = [r for r in lines if r["payment_intent"] == jpy.payment_intent]

@@ -114,6 +114,20 @@ async def reconcile_world(
                                page_size=page_size)
 
 
+async def _found_before(pool: asyncpg.Pool, world: World,
+                        found: list[tuple[str, str, str, str | None]]) -> None:
+    """An earlier run (over the World's history) that left these discrepancies open: (kind,
+    object, Stripe id, balance transaction)."""
+    run_id = await pool.fetchval(
+        "INSERT INTO reconciliation_runs (trigger, window_start, window_end)"
+        " VALUES ('command', to_timestamp($1), to_timestamp($2)) RETURNING id",
+        START, world.now)
+    await pool.executemany(
+        "INSERT INTO reconciliation_discrepancies (run_id, last_run_id, kind, object, stripe_id,"
+        " balance_transaction, stripe) VALUES ($1, $1, $2, $3, $4, $5, '{}')",
+        [(run_id, *row) for row in found])
+
+
 async def eventually(check: Callable[[], Awaitable[bool]], within: float = 10) -> None:
     for _ in range(int(within / 0.02)):
         if await check():
@@ -998,16 +1012,9 @@ async def test_the_discrepancies_an_earlier_release_opened_for_a_failed_bank_deb
     debit = world.async_checkout(3000, "eur", False, booked=True)
     await post_all(client, world.events)
     charge = world.get(debit.charge)
-    run_id = await pool.fetchval(
-        "INSERT INTO reconciliation_runs (trigger, window_start, window_end)"
-        " VALUES ('command', to_timestamp($1), to_timestamp($2)) RETURNING id",
-        START, world.now)
-    await pool.executemany(
-        "INSERT INTO reconciliation_discrepancies (run_id, last_run_id, kind, object, stripe_id,"
-        " balance_transaction, stripe) VALUES ($1, $1, $2, $3, $4, $5, '{}')",
-        [(run_id, "status_mismatch", "payment", debit.charge, charge["balance_transaction"]),
-         (run_id, "missing_in_ledger", "refund", debit.charge,
-          charge["failure_balance_transaction"])])
+    await _found_before(pool, world, [
+        ("status_mismatch", "payment", debit.charge, charge["balance_transaction"]),
+        ("missing_in_ledger", "refund", debit.charge, charge["failure_balance_transaction"])])
     result = await _run(pool, world)
     assert result.open == [], result.summary()
     assert await open_discrepancies(pool) == 0
@@ -1237,15 +1244,9 @@ async def test_the_discrepancies_an_earlier_release_opened_for_a_partial_capture
     found."""
     world = World(seed=7706)
     pcap = await _partially_captured(client, pool, world)
-    run_id = await pool.fetchval(
-        "INSERT INTO reconciliation_runs (trigger, window_start, window_end)"
-        " VALUES ('command', to_timestamp($1), to_timestamp($2)) RETURNING id",
-        START, world.now)
-    await pool.executemany(
-        "INSERT INTO reconciliation_discrepancies (run_id, last_run_id, kind, object, stripe_id,"
-        " balance_transaction, stripe) VALUES ($1, $1, $2, $3, $4, $5, '{}')",
-        [(run_id, "amount_mismatch", "payment", pcap.charge, pcap.authorisation["id"]),
-         (run_id, "missing_in_ledger", "refund", pcap.release["id"], pcap.reversal["id"])])
+    await _found_before(pool, world, [
+        ("amount_mismatch", "payment", pcap.charge, pcap.authorisation["id"]),
+        ("missing_in_ledger", "refund", pcap.release["id"], pcap.reversal["id"])])
     world.advance(DAY)
     async with stripe_against(world) as (fake, stripe_client):
         fake.put(pcap.authorisation, pcap.reversal, pcap.release)
