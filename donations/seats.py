@@ -36,6 +36,7 @@ HOLDS_PER_SITE = 20
 # offer's checkouts the queue on the lock, and it lapses. Seconds, on the monotonic clock.
 FULL_FOR = 30.0
 
+
 class FoundingSeats:
     """The offer's seats for one process: `seats` from FOUNDING_SEATS, redeemed at Stripe through
     the coupon `coupon_id`."""
