@@ -461,9 +461,65 @@ async def queue_coupon_lookups(conn: asyncpg.Connection, coupon_ids: list[str]) 
 # --- the ledger -----------------------------------------------------------------------------
 
 
-def _upsert(table: str, columns: list[str], key: str) -> str:
-    """Insert or update a row; a row derived again unchanged is left alone (no new row version,
-    no trigger: most events about a payment do not change it)."""
+def _upsert(table: str, columns: list[str], key: str, types: list[str]) -> str:
+    """Insert or update rows given as one array per column (`types`: the columns' SQL types);
+    a row derived again unchanged is left alone (no new row version, no trigger: most events
+    about a payment do not change it).
+
+    One statement for all the rows, not one per row: the statement-level triggers (sql/025's
+    counts) then run once per write instead of once per row.
+    """
+    arrays = ", ".join(f"${i}::{t}[]" for i, t in enumerate(types, start=1))
+    others = [c for c in columns if c != key]
+    return (
+        f"INSERT INTO {table} AS t ({', '.join(columns)})"  # noqa: S608 - names are constants
+        f" SELECT * FROM unnest({arrays})"
+        f" ON CONFLICT ({key}) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in others)}"
+        f" WHERE ({', '.join(f't.{c}' for c in others)})"
+        f" IS DISTINCT FROM ({', '.join(f'excluded.{c}' for c in others)})"
+    )
+
+
+# Each ledger table's column types, read from the catalogue once per process (and again if a
+# column is missing, as after a migration).
+_COLUMN_TYPES: dict[str, dict[str, str]] = {}
+
+
+async def _column_types(conn: asyncpg.Connection, table: str, columns: list[str]) -> list[str]:
+    known = _COLUMN_TYPES.get(table, {})
+    if any(c not in known for c in columns):
+        rows = await conn.fetch(
+            "SELECT attname, format_type(atttypid, NULL) AS type FROM pg_attribute"
+            " WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped",
+            table,
+        )
+        known = _COLUMN_TYPES[table] = {r["attname"]: r["type"] for r in rows}
+    return [known[c] for c in columns]
+
+
+async def _upsert_rows(
+    conn: asyncpg.Connection, table: str, rows: list[dict[str, Any]], key: str,
+    then: str = "{upsert}",
+) -> None:
+    """Upsert `rows` (column: value, the same columns in each) into `table` in one statement;
+    `then` wraps the upsert's SQL (to use what it returns). A table with an array column takes
+    one statement per row (unnest would flatten the arrays)."""
+    columns = list(rows[0])
+    types = await _column_types(conn, table, columns)
+    if any(t.endswith("[]") for t in types):
+        await conn.executemany(
+            then.format(upsert=_upsert_each(table, columns, key)),
+            [list(row.values()) for row in rows],
+        )
+        return
+    await conn.execute(
+        then.format(upsert=_upsert(table, columns, key, types)),
+        *([row[c] for row in rows] for c in columns),
+    )
+
+
+def _upsert_each(table: str, columns: list[str], key: str) -> str:
+    """`_upsert` for one row given as one parameter per column."""
     placeholders = ", ".join(f"${i}" for i in range(1, len(columns) + 1))
     others = [c for c in columns if c != key]
     return (
@@ -487,9 +543,7 @@ async def put_rows(
 ) -> None:
     """Upsert ledger rows (dataclasses of one type) into `table`, in one round trip."""
     if rows:
-        values = [_columns(row) for row in rows]
-        sql = _upsert(table, list(values[0]), key)
-        await conn.executemany(sql, [list(v.values()) for v in values])
+        await _upsert_rows(conn, table, [_columns(row) for row in rows], key)
 
 
 async def put_payments(conn: asyncpg.Connection, derived: dict[str, PaymentRow | None]) -> None:
@@ -503,10 +557,10 @@ async def put_payments(conn: asyncpg.Connection, derived: dict[str, PaymentRow |
     rows = [_columns(row) for row in derived.values() if row is not None]
     if not rows:
         return
-    sql = _upsert("payments", list(rows[0]), "payment_key")
-    await conn.executemany(
-        f"WITH upsert AS ({sql} RETURNING balance_transaction, fee,"  # noqa: S608
-        "                   booked_balance_transaction, failure_balance_transaction) "
+    await _upsert_rows(
+        conn, "payments", rows, "payment_key",
+        "WITH upsert AS ({upsert} RETURNING balance_transaction, fee,"
+        "                 booked_balance_transaction, failure_balance_transaction) "
         "INSERT INTO balance_transaction_fetches (id)"
         " SELECT DISTINCT t.id FROM upsert"
         " CROSS JOIN LATERAL (VALUES (CASE WHEN upsert.fee IS NULL"
@@ -516,7 +570,6 @@ async def put_payments(conn: asyncpg.Connection, derived: dict[str, PaymentRow |
         "  WHERE t.id IS NOT NULL"
         "    AND NOT EXISTS (SELECT 1 FROM balance_transactions b WHERE b.id = t.id)"
         " ON CONFLICT (id) DO NOTHING",
-        [list(row.values()) for row in rows],
     )
 
 
