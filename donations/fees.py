@@ -86,7 +86,12 @@ async def store_balance_transactions(conn: asyncpg.Connection, bts: list[dict[st
                    AS b(id, type, source, amount, currency, fee, net, exchange_rate, status,
                         reporting_category, available_on, created, data)
             ON CONFLICT (id) DO UPDATE
-               SET status = excluded.status, data = excluded.data, fetched_at = now()
+               SET type = excluded.type, source = excluded.source, amount = excluded.amount,
+                   currency = excluded.currency, fee = excluded.fee, net = excluded.net,
+                   exchange_rate = excluded.exchange_rate, status = excluded.status,
+                   reporting_category = excluded.reporting_category,
+                   available_on = excluded.available_on, created_at = excluded.created_at,
+                   data = excluded.data, fetched_at = now()
             """,
             ids, [bt.get("type") or "unknown" for bt in unique],
             [ref(bt.get("source")) for bt in unique], [int(bt["amount"]) for bt in unique],
@@ -106,15 +111,21 @@ async def store_balance_transactions(conn: asyncpg.Connection, bts: list[dict[st
             "SELECT payment_key FROM payments WHERE balance_transaction = any($1::text[])", ids
         )
         await db.lock(conn, sorted(r["payment_key"] for r in keys))
+        # Only what the ledger does not have yet: a value that disagrees with Stripe's is left
+        # as it is, for reconciliation to report (never overwritten).
         await conn.execute(
             """
             UPDATE payments p
-               SET fee = b.fee, net = b.net, settlement_currency = b.currency,
-                   settlement_amount = b.amount, settled_at = to_timestamp(b.created)
+               SET fee = coalesce(p.fee, b.fee), net = coalesce(p.net, b.net),
+                   settlement_currency = coalesce(p.settlement_currency, b.currency),
+                   settlement_amount = coalesce(p.settlement_amount, b.amount),
+                   settled_at = coalesce(p.settled_at, to_timestamp(b.created))
               FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::bigint[],
                           $6::bigint[])
                    AS b(id, fee, net, currency, amount, created)
              WHERE p.balance_transaction = b.id
+               AND (p.fee IS NULL OR p.net IS NULL OR p.settlement_currency IS NULL
+                    OR p.settlement_amount IS NULL OR p.settled_at IS NULL)
             """,
             ids, [int(bt.get("fee") or 0) for bt in unique], [int(bt["net"]) for bt in unique],
             [str(bt["currency"]) for bt in unique], [int(bt["amount"]) for bt in unique],

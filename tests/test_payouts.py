@@ -14,8 +14,9 @@ import pytest
 import stripe
 from pytest_aiohttp import AiohttpClient
 
-from donations import auth, db, fees, payouts, reports
+from donations import auth, db, fees, payouts, reconcile, reports
 from donations.app import create_app
+from donations.ledger import FoundingOffer
 from donations.settings import Secret
 from tests.conftest import Client, make_settings
 from tests.fakestripe import objects as o
@@ -24,6 +25,7 @@ from tests.fakestripe.world import DAY, Emitted, World
 from tests.test_cli import _env, _run
 from tests.test_fees import TEST_KEY, stripe_against
 from tests.test_finance_tieout import settle
+from tests.test_reconcile import START
 from tests.webhook_helpers import post_all
 
 WIDE = {"from": "2026-11-01", "to": "2027-03-01"}
@@ -718,3 +720,32 @@ async def test_the_payouts_csv_tells_a_manual_payout_from_one_whose_transactions
         "false", "not_applicable")
     assert (awaited["payout_automatic"], awaited["payout_transactions_fetched"]) == (
         "true", "false")
+
+
+async def test_the_payout_worker_does_not_overwrite_a_fee_reported_as_disagreeing(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """A payment whose fee differs from its balance transaction's is reported (fee_mismatch)
+    and left as the ledger has it; the payout worker, storing the payout's transactions, fills
+    only what the ledger lacks, so it does not overwrite that fee either (README: a disagreeing
+    ledger value is never overwritten)."""
+    world = World(seed=7305)
+    paid = world.one_off(5000, "gbp")
+    await post_all(client, world.events)
+    async with stripe_against(world) as (_, stripe_client):
+        await reconcile.run(pool, stripe_client, FoundingOffer(), since=START, now=world.now + 60)
+        fee = await pool.fetchval("SELECT fee FROM payments WHERE payment_key = $1",
+                                  paid.payment_intent)
+        assert fee is not None
+        bt = world.balance_transactions[str(paid.balance_transaction)]
+        bt["fee"] += 7
+        bt["net"] -= 7
+        found = await reconcile.run(pool, stripe_client, FoundingOffer(), since=START,
+                                    now=world.now + 60)
+        assert [(d.kind, d.stripe_id) for d in found.open] == [("fee_mismatch", paid.charge)]
+        paid_out = world.payout()
+        await post_all(client, paid_out.events)
+        assert await payouts.run_once(pool, stripe_client) == 1
+    after = await pool.fetchval("SELECT fee FROM payments WHERE payment_key = $1",
+                                paid.payment_intent)
+    assert after == fee  # recorded, never overwritten
