@@ -374,10 +374,16 @@ async def _locked_run(state: _Run, trigger: str, since: int | None, now: int | N
     else:
         start = oldest_listed
     # Events the checkpoint says are still to read but Stripe no longer lists (the service was
-    # away longer than Stripe keeps them): a gap, kept until an import covers it. A --since
-    # further back than that is only warned about: nothing was promised there.
-    gap = (through, oldest_listed) if through is not None and through < oldest_listed \
-        and since is None else None
+    # away longer than Stripe keeps them): a gap, kept until an import covers it, whatever
+    # --since says (no run can list them). A --since further back than what Stripe lists is
+    # only warned about: nothing was promised there.
+    gap = (through, oldest_listed) if through is not None and through < oldest_listed else None
+    # A window read through moves the checkpoint to its end only if it starts where every
+    # earlier event is accounted for: at or before the checkpoint, or, with no checkpoint or a
+    # gap recorded, before what Stripe still lists. A --since after that leaves the checkpoint
+    # where it is, so the next run reads the events in between. A pending window (a run that
+    # stopped part-way) is judged by the same rule when it is resumed.
+    reach = oldest_listed if through is None else max(through, oldest_listed)
     if since is not None and since < oldest_listed:
         result.unlisted_before = oldest_listed
     if since is None:
@@ -428,9 +434,9 @@ async def _locked_run(state: _Run, trigger: str, since: int | None, now: int | N
                  window_end=_iso(end), compare_start=_iso(compare_start),
                  resuming=pending is not None)
         if pending is not None:
-            await _read_events(state, pending[0], pending[1], pending[2])
-        await _read_events(state, start, end, None,
-                           advance=since is None or through is None or since <= through)
+            await _read_events(state, pending[0], pending[1], pending[2],
+                               advance=pending[0] <= reach)
+        await _read_events(state, start, end, None, advance=since is None or since <= reach)
         await _compare_window(state, compare_start, end)
     except BaseException as exc:
         if result.run_id:  # recorded (else the next run finds it `running` and closes it)
@@ -476,7 +482,7 @@ async def _finish(pool: asyncpg.Pool, result: RunResult, error: str | None) -> N
 
 
 async def _read_events(state: _Run, start: int, end: int, cursor: str | None,
-                       advance: bool = True) -> None:
+                       advance: bool) -> None:
     """Read (and apply what is missing of) the events created in [start, end]; then move the
     checkpoint to `end`, or to when Stripe answered the listing's first page if that is
     earlier (by Stripe's clock: this replica's may run ahead), unless told not to (a --since
@@ -499,7 +505,8 @@ async def _read_events(state: _Run, start: int, end: int, cursor: str | None,
         # only forward: an explicit --since far back must not pull the checkpoint back
         await conn.execute(
             """
-            INSERT INTO reconciliation_checkpoint AS c (events_through) VALUES ($1)
+            INSERT INTO reconciliation_checkpoint AS c (events_through)
+            VALUES (CASE WHEN $2 THEN $1::bigint END)
             ON CONFLICT (id) DO UPDATE
                SET events_through = CASE WHEN $2 THEN greatest(c.events_through,
                                                                excluded.events_through)
@@ -883,13 +890,31 @@ async def _compare(state: _Run, start: int, end: int, *, reexamine: bool
             """,
             list(by_object["refund"]), list(by_object["dispute"]), list(by_object["payment"]),
             list(_UNDONE["refund"]), list(_UNDONE["dispute"]), list(_UNDONE["payment"]))
-    for r in undone:
-        listed = by_object[r["object"]][r["id"]]
-        if not any(_puts_back(r["object"], bt) for bt in listed):
-            everything = [bt for bt in await _balance_transactions_of(client, r["id"])
-                          if _object_of(bt) == r["object"]]
-            result.balance_transactions += len(everything) - len(listed)
-            by_object[r["object"]][r["id"]] = everything or listed
+        # A listed object with an open discrepancy about a transaction the window does not
+        # hold (a dispute's withdrawal that disagreed, when only its reversal is listed now):
+        # all of its transactions are asked for, so that the difference is compared again
+        # before the object counts as examined (which closes what it no longer finds).
+        partly = await conn.fetch(
+            """
+            SELECT DISTINCT object, stripe_id AS id FROM reconciliation_discrepancies
+             WHERE resolved_at IS NULL
+               AND ((object = 'payment' AND stripe_id = any($1::text[]))
+                    OR (object = 'refund' AND stripe_id = any($2::text[]))
+                    OR (object = 'dispute' AND stripe_id = any($3::text[])))
+               AND (balance_transaction IS NULL OR balance_transaction <> all($4::text[]))
+            """,
+            list(by_object["payment"]), list(by_object["refund"]), list(by_object["dispute"]),
+            [bt["id"] for listed in by_object.values() for bts in listed.values()
+             for bt in bts])
+    whole = {(r["object"], r["id"]) for r in undone
+             if not any(_puts_back(r["object"], bt) for bt in by_object[r["object"]][r["id"]])}
+    whole |= {(r["object"], r["id"]) for r in partly}
+    for obj, stripe_id in sorted(whole):
+        listed = by_object[obj][stripe_id]
+        everything = [bt for bt in await _balance_transactions_of(client, stripe_id)
+                      if _object_of(bt) == obj]
+        result.balance_transactions += len(everything) - len(listed)
+        by_object[obj][stripe_id] = everything or listed
     to_confirm = {(r["object"], r["id"]) for r in unlisted}
     to_confirm |= {(r["object"], r["id"]) for r in still_open
                    if r["id"] not in by_object.get(r["object"], {})}

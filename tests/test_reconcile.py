@@ -643,13 +643,16 @@ async def test_a_discrepancy_fixed_later_is_closed_by_the_next_scheduled_run(
 async def test_events_lost_beyond_stripes_30_days_are_a_gap_until_an_import_covers_it(
     client: Client, pool: asyncpg.Pool
 ) -> None:
-    """The service was away 40 days: Stripe no longer lists the events from the checkpoint to
-    30 days ago. Runs say the ledger does not match (a gap) until an import covers it."""
+    """The service was away 40 days (the checkpoint older than Stripe's 30 days) and the
+    operator runs `reconcile --since` further back than the checkpoint: the events between the
+    checkpoint and 30 days ago cannot be listed (a cancellation among them), so that run and
+    the next keep the gap and say the ledger does not match, until an import covers it."""
     world = World(seed=9103)
     first = world.one_off(1000, "gbp")
     await post_all(client, first.events)
     async with stripe_against(world) as (_, stripe_client):
-        await reconcile.run(pool, stripe_client, OFFER, since=START, now=world.now + 60)
+        # the first run (reading Stripe's 30 days) sets the checkpoint
+        await reconcile.run(pool, stripe_client, OFFER, now=world.now + 60)
         world.advance(3600)
         lost = world.one_off(2000, "gbp")  # its webhooks never arrived
         world.advance(40 * DAY)
@@ -1302,7 +1305,7 @@ async def test_a_replica_clock_ahead_of_stripe_costs_a_re_read_never_an_event(
     skew = 900
     async with stripe_against(world) as (fake, stripe_client):
         fake.use_world_clock()
-        await reconcile.run(pool, stripe_client, OFFER, since=START, now=world.now + skew)
+        await reconcile.run(pool, stripe_client, OFFER, now=world.now + skew)
         checkpoint = await pool.fetchrow("SELECT * FROM reconciliation_checkpoint")
         assert checkpoint is not None
         assert (checkpoint["events_through"], checkpoint["compared_through"]) == (
@@ -1752,3 +1755,136 @@ async def test_a_long_comparison_goes_a_span_at_a_time_and_resumes_after_the_las
     # as far as Stripe's clock (the fake's is the World's) when it answered the last span
     assert await pool.fetchval(
         "SELECT compared_through FROM reconciliation_checkpoint") == world.now
+
+
+async def _subscription_status(pool: asyncpg.Pool, sub: str) -> str | None:
+    status: str | None = await pool.fetchval(
+        "SELECT status FROM subscriptions WHERE id = $1", sub)
+    return status
+
+
+async def _open_discrepancies(pool: asyncpg.Pool) -> list[tuple[str, str]]:
+    return [(r["kind"], r["stripe_id"]) for r in await pool.fetch(
+        "SELECT kind, stripe_id FROM reconciliation_discrepancies WHERE resolved_at IS NULL"
+        " ORDER BY id")]
+
+
+async def test_a_dispute_amount_mismatch_is_not_closed_when_only_its_reversal_is_listed(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """Stripe withdrew another amount for a dispute than the ledger has (amount_mismatch); the
+    dispute is then won and the next run's window lists only the reversal. The withdrawal is
+    asked for and compared again, so the difference stays open instead of being closed by a
+    run that never looked at it."""
+    world = World(seed=7301)
+    paid = world.one_off(5000, "gbp")
+    disputed = world.dispute(paid.charge)  # withdrawn, under review
+    await post_all(client, world.events)
+    withdrawal = world.balance_transactions[disputed.balance_transactions[0]]
+    withdrawal["amount"] += 100  # Stripe withdrew 49.00, the ledger's dispute is 50.00
+    withdrawal["net"] += 100
+    async with stripe_against(world) as (_, stripe_client):
+        first = await reconcile.run(pool, stripe_client, OFFER, now=world.now + 60)
+        assert [(d.kind, d.stripe_id) for d in first.open] == [
+            ("amount_mismatch", disputed.dispute)]
+        # decided soon after (as an inquiry settled early, or a bank that answers quickly)
+        won = world.close_dispute(disputed.dispute, "won", after=3600)
+        await post_all(client, won.events)
+        world.advance(600)
+        second = await reconcile.run(pool, stripe_client, OFFER, now=world.now)
+    # nothing changed about the withdrawal: the difference is still there at Stripe
+    assert ("amount_mismatch", disputed.dispute) in await _open_discrepancies(pool)
+    assert not second.matches
+
+
+async def test_a_since_before_a_stale_checkpoint_does_not_forget_the_gap(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """The service was away 40 days (checkpoint older than Stripe's 30 days). The operator runs
+    `reconcile --since` further back than the checkpoint: the run records no gap (only when
+    `since is None`), moves the checkpoint to now, and says the ledger matches (exit 0), though
+    the events between the checkpoint and 30 days ago were never listed (a cancellation lost
+    here). README: the gap is kept, and every run says no match, until an import covers it."""
+    world = World(seed=7302)
+    sub = world.subscribe(1500, "gbp")
+    await post_all(client, world.events)
+    async with stripe_against(world) as (_, stripe_client):
+        await reconcile.run(pool, stripe_client, OFFER, now=world.now + 60)  # sets the checkpoint
+        world.advance(3600)
+        world.cancel(sub.subscription, at_period_end=False)  # its webhooks never arrived
+        world.advance(40 * DAY)
+        recent = world.one_off(3000, "gbp")
+        await post_all(client, recent.events)
+        now = world.now + 60
+        world.events[:] = [e for e in world.events if e["created"] >= now - 30 * DAY]
+        result = await reconcile.run(pool, stripe_client, OFFER, since=START, now=now)
+        # (Stripe says canceled: the events that say so are no longer listed)
+        assert await _subscription_status(pool, sub.subscription) == "active"
+        scheduled = await reconcile.run(pool, stripe_client, OFFER, now=now + 3600)
+    assert result.gap is not None and not result.matches
+    assert scheduled.gap is not None and not scheduled.matches
+
+
+async def test_a_first_run_with_a_recent_since_leaves_the_earlier_events_to_the_next_run(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """No checkpoint yet, and the operator's first run is `reconcile --since <yesterday>`: it
+    sets no checkpoint, so the next run reads Stripe's 30 days, as a first run does, and
+    applies the cancellation lost before yesterday."""
+    world = World(seed=7303)
+    sub = world.subscribe(1500, "gbp")
+    await post_all(client, world.events)
+    world.advance(DAY)
+    world.cancel(sub.subscription, at_period_end=False)  # webhooks lost (an endpoint down)
+    world.advance(5 * DAY)
+    recent = world.one_off(3000, "gbp")
+    await post_all(client, recent.events)
+    async with stripe_against(world) as (_, stripe_client):
+        since = world.now - DAY  # "reconcile --since yesterday"
+        await reconcile.run(pool, stripe_client, OFFER, since=since, now=world.now + 60)
+        world.advance(3600)
+        scheduled = await reconcile.run(pool, stripe_client, OFFER, now=world.now)
+    assert await _subscription_status(pool, sub.subscription) == "canceled", scheduled.summary()
+
+
+async def test_a_resumed_since_window_does_not_move_the_checkpoint_past_unread_events(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """`reconcile --since S` (S after the checkpoint T0) stops after its first page, its window
+    saved as pending. The next run resumes that window without moving the checkpoint past T0
+    (the events between T0 and S were not read), and its own window fails: the run after that
+    still reads from T0 and applies the cancellation lost in between."""
+    world = World(seed=7304)
+    sub = world.subscribe(1500, "gbp")
+    await post_all(client, world.events)
+    async with stripe_against(world) as (fake, stripe_client):
+        await reconcile.run(pool, stripe_client, OFFER, now=world.now + 60)  # T0
+        world.advance(3600)
+        world.cancel(sub.subscription, at_period_end=False)  # webhooks lost
+        world.advance(3600)
+        since = world.now
+        for amount in (1000, 1100):  # delivered; the --since window's events
+            paid = world.one_off(amount, "gbp")
+            await post_all(client, paid.events)
+        world.advance(60)
+        assert len([e for e in world.events if e["created"] >= since]) > 3
+
+        # the --since run: first page applied, the second answered with a 500
+        fake.fail_next(1, 500, "/v1/events", should_retry=False, after=1)
+        with pytest.raises(stripe.APIError):
+            await reconcile.run(pool, stripe_client, OFFER, since=since, now=world.now,
+                                page_size=2)
+        assert await pool.fetchval("SELECT pending_cursor FROM reconciliation_checkpoint")
+
+        # the next scheduled run: resumes the pending window, then its own window's first
+        # page fails (Stripe still failing)
+        world.advance(3600)
+        requests = len(fake.requests_to("/v1/events"))
+        fake.fail_next(1, 500, "/v1/events", should_retry=False, after=1)
+        with pytest.raises(stripe.APIError):
+            await reconcile.run(pool, stripe_client, OFFER, now=world.now, page_size=100)
+        assert len(fake.requests_to("/v1/events")) == requests + 2
+
+        world.advance(3600)
+        third = await reconcile.run(pool, stripe_client, OFFER, now=world.now)
+    assert await _subscription_status(pool, sub.subscription) == "canceled", third.summary()
