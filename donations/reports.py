@@ -437,9 +437,10 @@ SELECT s.currency, s.amount, s.interval, s.interval_count, s.percent_off, s.amou
  GROUP BY s.currency, s.amount, s.interval, s.interval_count, s.percent_off, s.amount_off
 """
 
-# The rate of each payment currency named ($1) to the settlement currency: the latest Stripe
-# applied, that of the payment it converted last (settled_at is its balance transaction's
-# time). Read from sql/024's index of the converted payments, a look-up per currency: a join of
+# The rate of each payment currency named ($1) to the reporting currency ($2): the latest
+# Stripe applied, that of the payment it converted into that currency last (settled_at is its
+# balance transaction's time; a conversion into another currency the account settles in is no
+# rate to this one). Read from sql/024's index of the converted payments, a look-up per currency: a join of
 # every payment with its balance transaction took most of a second per summary, twelve per
 # staff page, at a million payments.
 RATES = """
@@ -447,7 +448,7 @@ SELECT c.currency,
        (SELECT bt.exchange_rate::text
           FROM payments p JOIN balance_transactions bt ON bt.id = p.balance_transaction
          WHERE p.currency = c.currency AND p.settlement_currency <> p.currency
-           AND bt.exchange_rate IS NOT NULL
+           AND p.settlement_currency = $2 AND bt.exchange_rate IS NOT NULL
          ORDER BY p.settled_at DESC, p.payment_key DESC
          LIMIT 1) AS rate
   FROM unnest($1::text[]) AS c(currency)
@@ -553,7 +554,8 @@ async def summary(conn: asyncpg.Connection, win: Window, reporting: str) -> dict
         subs = {r["currency"]: r for r in await conn.fetch(SUBSCRIPTIONS, win.start, win.end)}
         active = await conn.fetch(ACTIVE_AT_END, win.end)
         rates = {r["currency"]: Fraction(r["rate"]) for r in await conn.fetch(
-            RATES, sorted({r["currency"] for r in active} - {reporting})) if r["rate"]}
+            RATES, sorted({r["currency"] for r in active} - {reporting}), reporting)
+            if r["rate"]}
 
     per: dict[str, _Figures] = {}
     fees: dict[str, int] = {}

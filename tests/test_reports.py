@@ -1152,3 +1152,49 @@ async def test_a_report_out_in_a_folder_that_does_not_exist_is_one_line_and_exit
         assert code == 1, err[-1500:]
         assert err.splitlines()[-1].startswith(
             f"donations: cannot write the report to {out}: "), err[-1500:]
+
+
+async def _inserted_payment(conn: Any, key: str, amount: int, currency: str = "gbp", **columns: Any
+                   ) -> None:
+    values = {"payment_key": key, "kind": "one_off", "status": "succeeded",
+              "currency": currency, "amount": amount,
+              "created_at": datetime(2026, 11, 10, 12, tzinfo=UTC), **columns}
+    names = ", ".join(values)
+    marks = ", ".join(f"${i}" for i in range(1, len(values) + 1))
+    await conn.execute(f"INSERT INTO payments ({names}) VALUES ({marks})",  # noqa: S608 - test
+                       *values.values())
+
+
+async def _inserted_balance_transaction(conn: Any, bt_id: str, amount: int, currency: str,
+                               rate: str | None, at: datetime) -> None:
+    await conn.execute(
+        "INSERT INTO balance_transactions (id, type, amount, currency, fee, net, exchange_rate,"
+        " reporting_category, created_at, data) VALUES ($1, 'charge', $2, $3, 0, $2, $4::numeric,"
+        " 'charge', $5, '{}')", bt_id, amount, currency, rate, at)
+
+
+async def test_monthly_recurring_is_converted_at_a_rate_to_the_reporting_currency(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """The summary converts a currency's monthly recurring into the reporting currency at the
+    latest rate Stripe applied converting a payment in it *into the reporting currency*: on an
+    account that also settles in EUR, a later USD payment settled in EUR gives no rate to GBP."""
+    async with db.connection(pool) as conn:
+        await _inserted_balance_transaction(conn, "txn_gbp", 790, "gbp", "0.79",
+                                            datetime(2026, 11, 5, tzinfo=UTC))
+        await _inserted_payment(conn, "pi_to_gbp", 1000, "usd", balance_transaction="txn_gbp",
+                                created_at=datetime(2026, 11, 5, tzinfo=UTC))
+        await _inserted_balance_transaction(conn, "txn_eur", 920, "eur", "0.92",
+                                            datetime(2026, 11, 6, tzinfo=UTC))
+        await _inserted_payment(conn, "pi_to_eur", 1000, "usd", balance_transaction="txn_eur",
+                                created_at=datetime(2026, 11, 6, tzinfo=UTC))
+        await conn.execute(
+            "INSERT INTO subscriptions (id, status, currency, amount, interval, interval_count,"
+            " created_at) VALUES ('sub_usd', 'active', 'usd', 1000, 'month', 1, $1)",
+            datetime(2026, 11, 1, tzinfo=UTC))
+    response = await client.get("/v1/reports/summary", headers=await _bearer(pool),
+                                params={"from": "2026-11-01", "to": "2026-12-01"})
+    assert response.status == 200, await response.text()
+    reporting = (await response.json())["reporting"]
+    # $10.00 a month at the USD->GBP rate Stripe applied (0.79), not the USD->EUR one (0.92)
+    assert reporting["monthly_recurring"] == {"amount": 790, "currency": "gbp"}
