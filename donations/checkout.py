@@ -482,6 +482,7 @@ async def _undo(pool: asyncpg.Pool, hold_id: int | None, key: str | None) -> Non
 async def checkout_options(request: web.Request) -> web.Response:
     """What the forms offer, so they keep no copy: currencies, amounts, the founding offer."""
     settings = request.app[SETTINGS]
+    _check_origin(request, settings)
     async with db.connection(request.app[POOL]) as conn:
         left = await request.app[SEATS].left(conn)
     table = settings.checkout_amounts

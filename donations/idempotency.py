@@ -26,6 +26,7 @@ KEEP = timedelta(hours=24)  # as long as Stripe keeps its own keys
 # stripe library's timeout and retries) another request with the same key and body may take over.
 STALE = timedelta(minutes=2)
 _KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
+STRIPE_KEY_MAX = 255  # the longest idempotency key Stripe accepts
 
 
 def key_of(request: web.Request) -> str | None:
@@ -89,10 +90,14 @@ def stripe_key(key: str, attempt: int, *, full_price: bool = False) -> str:
 
     The reader's key is written with `%` and `:` escaped, so that what follows it cannot be
     read as part of it: keys `k:2` and `k` (its second try) get keys of their own at Stripe.
-    (A key with neither, as the site's UUIDs, is unchanged.)"""
+    (A key with neither, as the site's UUIDs, is unchanged.) One that would then be longer than
+    Stripe takes (255 characters) is sent as its SHA-256 under a prefix of its own instead."""
+    suffix = [*([str(attempt)] if attempt > 1 else []), *(["full-price"] if full_price else [])]
     own = key.replace("%", "%25").replace(":", "%3A")
-    return ":".join(["checkout", own, *([str(attempt)] if attempt > 1 else []),
-                     *(["full-price"] if full_price else [])])
+    written = ":".join(["checkout", own, *suffix])
+    if len(written) <= STRIPE_KEY_MAX:
+        return written
+    return ":".join(["checkout-sha256", hashlib.sha256(key.encode()).hexdigest(), *suffix])
 
 
 async def fail(conn: asyncpg.Connection, key: str) -> None:

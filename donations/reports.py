@@ -440,9 +440,9 @@ SELECT s.currency, s.amount, s.interval, s.interval_count, s.percent_off, s.amou
 # The rate of each payment currency named ($1) to the reporting currency ($2): the latest
 # Stripe applied, that of the payment it converted into that currency last (settled_at is its
 # balance transaction's time; a conversion into another currency the account settles in is no
-# rate to this one). Read from sql/024's index of the converted payments, a look-up per currency: a join of
-# every payment with its balance transaction took most of a second per summary, twelve per
-# staff page, at a million payments.
+# rate to this one). Read from sql/024's index of the converted payments, a look-up per
+# currency: a join of every payment with its balance transaction took most of a second per
+# summary, twelve per staff page, at a million payments.
 RATES = """
 SELECT c.currency,
        (SELECT bt.exchange_rate::text

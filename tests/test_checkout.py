@@ -3,6 +3,7 @@ reached Stripe, what the form is answered, and the ledger once Stripe's webhooks
 
 from __future__ import annotations
 
+import hashlib
 import json
 import socket
 import time
@@ -272,6 +273,24 @@ def test_stripe_keys_keep_the_reader_s_key_apart_from_what_follows_it() -> None:
     assert len(set(keys.values())) == len(keys)
 
 
+async def test_a_key_too_long_for_stripe_once_escaped_is_sent_as_its_hash(
+    dsn: str, aiohttp_client: AiohttpClient
+) -> None:
+    """A valid Idempotency-Key (up to 200 characters) with many `:` or `%` grows past Stripe's
+    255 characters once escaped (which Stripe refuses, every try): it goes as its SHA-256 under
+    a prefix no escaped key has, and its second try gets a key of its own as ever."""
+    key = ("order:" * 34)[:200]  # 33 of them ':'
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    assert idempotency.stripe_key(key, 2, full_price=True) == \
+        f"checkout-sha256:{digest}:2:full-price"
+    async with checkout_service(aiohttp_client, dsn) as (client, fake):
+        response = await client.post(CONTRIBUTIONS, json=order(),
+                                     headers={"Idempotency-Key": key})
+        assert response.status == 201, await response.text()
+        [sent] = created_sessions(fake)
+    assert sent.headers["Idempotency-Key"] == f"checkout-sha256:{digest}"
+
+
 async def test_a_failed_seat_hold_frees_the_key_for_a_retry(
     pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
 ) -> None:
@@ -362,6 +381,9 @@ async def test_a_foreign_origin_is_refused_before_anything_else(client: Client) 
                                  headers={"Origin": "https://evil.example"})
     body = await response.json()
     assert (response.status, body["error"]["code"]) == (403, "origin_not_allowed")
+    options = await client.get("/v1/checkout/options", headers={"Origin": "https://evil.example"})
+    body = await options.json()
+    assert (options.status, body["error"]["code"]) == (403, "origin_not_allowed")
 
 
 async def test_invalid_requests_name_the_field_and_never_reach_stripe(

@@ -93,6 +93,9 @@ class _Writes:
     def idempotent(self, handler: Callable[[web.Request], Obj]) -> Handler:
         async def wrapped(request: web.Request) -> web.Response:
             key = request.headers.get("Idempotency-Key")
+            if key is not None and len(key) > 255:  # as Stripe refuses it
+                raise _error("Keys for idempotent requests can only be 255 characters long "
+                             f"and cannot be empty. You passed in a key of length {len(key)}.")
             form = json.dumps(self._form(request), sort_keys=True)
             if key is not None and key in self._answers:
                 path, seen_form, status, body = self._answers[key]
