@@ -38,6 +38,9 @@ from donations.money import Money, apply_percent_off
 GLOBAL = "*"  # the scope of everything; campaign slugs cannot be "*"
 ACTIVE = frozenset({"active", "trialing", "past_due"})
 _PER_YEAR = {"day": 365, "week": 52, "month": 12, "year": 1}
+# A supporter known only by an e-mail: its ASCII letters folded, as sql/035 folds them whatever
+# the database's locale (Unicode case rules differ between PostgreSQL's locales and Python).
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 # --- arithmetic -----------------------------------------------------------------------------
 
@@ -126,7 +129,7 @@ class PaymentFacts:
         if self.customer:
             return self.customer
         if self.email:
-            return f"email:{self.email.lower()}"
+            return f"email:{self.email.translate(_ASCII_LOWER)}"
         return f"payment:{self.payment_key}"
 
 

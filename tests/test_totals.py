@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
 import asyncpg
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from pytest_aiohttp import AiohttpClient
@@ -18,7 +20,7 @@ from donations.appkeys import TOTALS
 from donations.campaigns import Campaign
 from donations.money import Money, discount_columns, subscription_price
 from donations.totals import Bucket, PaymentFacts, Tally, Window
-from tests.conftest import Client, make_settings
+from tests.conftest import Client, _admin, _with_database, make_settings
 from tests.fakestripe.world import World
 from tests.test_cli import _env, _run
 from tests.test_staff import _bearer, _token
@@ -408,3 +410,93 @@ async def test_a_founding_discount_on_an_odd_amount_counts_what_each_invoice_cha
     assert body["monthly_recurring"] == {"amount": 499, "currency": "gbp"}
     await _verify_clean(pool)  # the triggers (sql/016) and the Python agree
 
+
+
+async def _insert_payment(conn: asyncpg.Connection, key: str, amount: int, email: str) -> None:
+    await conn.execute(
+        "INSERT INTO payments (payment_key, kind, status, currency, amount, email, created_at)"
+        " VALUES ($1, 'one_off', 'succeeded', 'gbp', $2, $3, $4)",
+        key, amount, email, datetime(2026, 11, 10, 12, tzinfo=UTC))
+
+
+async def _kept_supporters(conn: asyncpg.Connection) -> int:
+    return int(await conn.fetchval(
+        "SELECT coalesce(sum(supporters), 0) FROM (SELECT supporters FROM totals WHERE scope = '*'"
+        " UNION ALL SELECT supporters FROM totals_deltas WHERE scope = '*') AS kept"))
+
+
+async def test_verify_folds_supporters_emails_as_the_triggers_do(pool: asyncpg.Pool) -> None:
+    """Python's str.lower and PostgreSQL's lower() disagree on some letters ('İ', a final 'Σ'):
+    both sides fold only A-Z (sql/035), so `totals verify` finds no difference where there is
+    none."""
+    async with db.connection(pool) as conn:
+        await _insert_payment(conn, "pi_ilkay", 1000, "İLKAY@example.org")
+        await _insert_payment(conn, "pi_odys", 1000, "ΟΔΥΣ@example.org")
+        await _insert_payment(conn, "pi_jane1", 1000, "Jane@Example.org")
+        await _insert_payment(conn, "pi_jane2", 1000, "jane@example.ORG")
+        result = await totals.verify(conn)
+        assert await _kept_supporters(conn) == 3
+    assert result.differences == (), list(totals.describe(result))
+
+
+async def test_supporters_are_counted_alike_whatever_the_database_locale(
+    server_dsn: str, pool: asyncpg.Pool
+) -> None:
+    """The same e-mails give the same supporters in a database whose LC_CTYPE is C (where
+    lower() folds A-Z only) and in the suite's own (whatever its locale): case-insensitive in
+    A-Z, 'ÉVA@…' and 'éva@…' two people everywhere."""
+    emails = ("ÉVA@example.org", "éva@example.org", "Eva@example.org", "eva@EXAMPLE.org")
+
+    async def count(conn: asyncpg.Connection) -> int:
+        for i, email in enumerate(emails):
+            await _insert_payment(conn, f"pi_locale_{i}", 1000, email)
+        return await _kept_supporters(conn)
+
+    name = f"donations_c_locale_{secrets.token_hex(4)}"
+    await _admin(server_dsn, f'CREATE DATABASE "{name}" TEMPLATE template0 ENCODING \'UTF8\''
+                             " LC_COLLATE 'C' LC_CTYPE 'C'")
+    try:
+        url = _with_database(server_dsn, name)
+        await db.migrate(url)
+        conn = await asyncpg.connect(url)
+        try:
+            in_c = await count(conn)
+        finally:
+            await conn.close()
+    finally:
+        await _admin(server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    async with db.connection(pool) as conn:
+        in_suite = await count(conn)
+    assert (in_c, in_suite) == (3, 3)
+
+
+async def test_sql_035_counts_again_the_supporters_an_earlier_folding_merged(
+    server_dsn: str,
+) -> None:
+    """A database whose locale folded every letter kept 'ÉVA@…' and 'éva@…' as one supporter;
+    sql/035 rebuilds the kept totals, so they are two, as on any other server."""
+    name = f"donations_utf8_locale_{secrets.token_hex(4)}"
+    try:
+        await _admin(server_dsn, f'CREATE DATABASE "{name}" TEMPLATE template0'
+                                 " ENCODING 'UTF8' LC_COLLATE 'C.UTF-8' LC_CTYPE 'C.UTF-8'")
+    except asyncpg.PostgresError as exc:  # a server without that locale
+        pytest.skip(f"no C.UTF-8 locale on this server: {exc}")
+    try:
+        url = _with_database(server_dsn, name)
+        migrations = db.load_migrations()
+        before = [m for m in migrations if m.name < "035"]
+        await db.migrate(url, before)
+        conn = await asyncpg.connect(url)
+        try:
+            await _insert_payment(conn, "pi_eva_1", 1000, "ÉVA@example.org")
+            await _insert_payment(conn, "pi_eva_2", 1000, "éva@example.org")
+            merged = await _kept_supporters(conn)
+            await db.migrate(url, migrations)
+            counted = await _kept_supporters(conn)
+            result = await totals.verify(conn)
+        finally:
+            await conn.close()
+    finally:
+        await _admin(server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    assert (merged, counted) == (1, 2)
+    assert result.differences == (), list(totals.describe(result))

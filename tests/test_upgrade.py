@@ -44,7 +44,8 @@ UPGRADE = ("019_payments_settled_at.sql", "020_founding_coupon_used_up.sql",
            "027_discrepancy_pages.sql", "028_discrepancies_by_status.sql",
            "029_founding_seats_never_started.sql",
            "030_subscription_statuses.sql", "031_coupons.sql", "032_failed_bank_debits.sql",
-           "033_subscription_period_progress.sql", "034_founding_holds_per_site.sql")
+           "033_subscription_period_progress.sql", "034_founding_holds_per_site.sql",
+           "035_supporter_emails.sql")
 
 # Run with the 018-era code (cwd: its tree): fill a database at 018 as that code would.
 POPULATE = r'''
