@@ -45,7 +45,7 @@ import structlog
 
 from donations import db
 from donations.events import PINNED_API_VERSION
-from donations.ingest import FINAL
+from donations.ingest import FINAL, Outcome, retry_unfinished
 from donations.ledger import FoundingOffer
 from donations.reconcile import call_stripe, dated_pages, store_missing, stripe_time
 
@@ -69,7 +69,12 @@ class Resource:
     every: bool = False
     # the discounts (expanded) of the subscriptions listed are stored as snapshots of their own
     discounts: bool = False
+    # listed from this many seconds before --since: a Checkout session made up to a day before
+    # it (its longest life) can be paid after it
+    lead: int = 0
 
+
+SESSION_LIFE = 24 * 3600  # the longest a Checkout session stays open (Stripe's expires_at)
 
 # Customers first, then payments, then what refers to them; the ledger does not depend on the
 # order, but a partial import is easier to read this way.
@@ -80,7 +85,8 @@ RESOURCES: tuple[Resource, ...] = (
     # customers; fetching those the imported rows name would cost one per supporter older
     # than --since, far more on an account with many.
     Resource("customers", "customer.updated", "/v1/customers", every=True),
-    Resource("checkout_sessions", "checkout.session.completed", "/v1/checkout/sessions"),
+    Resource("checkout_sessions", "checkout.session.completed", "/v1/checkout/sessions",
+             lead=SESSION_LIFE),
     Resource("payment_intents", "payment_intent.succeeded", "/v1/payment_intents"),
     Resource("charges", "charge.updated", "/v1/charges"),
     # canceled ones are left out unless asked for; discounts (the subscription's and its
@@ -207,6 +213,11 @@ async def _locked_run(
     result = ImportResult(imported={})
     skipped: list[str] = []
     until = max(since, until_default)
+    # What an earlier run could not apply (its listing went on past it) is applied again
+    # first, so that running the import again resumes it; what fails again counts as failed.
+    retried = await retry_unfinished(pool, offer, ("failed",), sources=("import",))
+    result.applied += retried.get(Outcome.PROCESSED.value, 0)
+    result.failed += retried.get(Outcome.FAILED.value, 0)
     for resource in resources:
         row = await _progress(pool, resource.name, since, until)
         if row["finished_at"] is not None:
@@ -252,7 +263,7 @@ async def _import_one(
     row: asyncpg.Record, bar: Progress, result: ImportResult, page_size: int,
 ) -> None:
     since, until, imported = row["since"], row["until"], row["imported"]
-    created = {"lte": until} if resource.every else {"gte": since, "lte": until}
+    created = {"lte": until} if resource.every else {"gte": since - resource.lead, "lte": until}
     params: Any = {"created": created, "limit": page_size, **dict(resource.params)}
     if row["cursor"] is not None:
         params["starting_after"] = row["cursor"]
@@ -292,6 +303,7 @@ async def _import_one(
             log.warning("import_cursor_gone", resource=resource.name,
                         cursor=params["starting_after"])
             del params["starting_after"]
+            imported, reached = 0, until  # counted again from the top
     async with db.connection(pool) as conn:
         await conn.execute(
             "UPDATE import_progress SET finished_at = now() WHERE resource = $1", resource.name
@@ -384,8 +396,9 @@ async def _progress(pool: asyncpg.Pool, name: str, since: int, until: int) -> as
     return row
 
 
-# The payment intents of the charges and invoice payments made since --since that are not
-# stored (made before it).
+# The payment intents of the charges and invoice payments made since --since, and of the
+# Checkout sessions stored, that are not stored (made before it, or paid by a bank debit that
+# settled after a gap began).
 _MISSING_INTENTS = """
 SELECT DISTINCT r.id FROM (
        SELECT data ->> 'payment_intent' AS id FROM stripe_objects
@@ -393,10 +406,22 @@ SELECT DISTINCT r.id FROM (
        UNION ALL
        SELECT data -> 'payment' ->> 'payment_intent' FROM stripe_objects
         WHERE object = 'invoice_payment' AND (data ->> 'created')::bigint >= $1
+       UNION ALL
+       SELECT data ->> 'payment_intent' FROM stripe_objects
+        WHERE object = 'checkout.session' AND jsonb_typeof(data -> 'payment_intent') = 'string'
        ) AS r
  WHERE r.id IS NOT NULL
    AND NOT EXISTS (SELECT 1 FROM stripe_objects o WHERE o.id = r.id)
  ORDER BY r.id
+"""
+
+# The latest charges of stored payment intents that are not stored (a payment intent brought in
+# above, made before --since).
+_MISSING_CHARGES = """
+SELECT DISTINCT data ->> 'latest_charge' AS id FROM stripe_objects p
+ WHERE object = 'payment_intent' AND jsonb_typeof(data -> 'latest_charge') = 'string'
+   AND NOT EXISTS (SELECT 1 FROM stripe_objects o WHERE o.id = p.data ->> 'latest_charge')
+ ORDER BY 1
 """
 
 # Payment intents made before --since and charged after it, with no invoice payment nor checkout
@@ -412,6 +437,34 @@ SELECT DISTINCT p.id FROM stripe_objects c
  ORDER BY p.id
 """
 
+# Objects stored from before --since (their events read before a gap, say) that were still in
+# flight: a bank debit pending, an authorisation not captured, a payment intent processing, a
+# Checkout payment by bank debit not yet paid, an invoice open or draft. What became of them
+# may lie in the span the import covers, which no listing by creation date reaches: each is
+# asked for again. (object, id, the path to retrieve it, the event type it is stored as)
+_UNFINISHED = """
+SELECT object, id FROM stripe_objects
+ WHERE (data ->> 'created')::bigint < $1
+   AND ((object = 'charge' AND (data ->> 'status' = 'pending'
+                                OR (data ->> 'status' = 'succeeded'
+                                    AND data ->> 'captured' = 'false')))
+        OR (object = 'payment_intent'
+            AND data ->> 'status' IN ('processing', 'requires_capture'))
+        OR (object = 'checkout.session'
+            AND (data ->> 'status' = 'open'
+                 OR (data ->> 'status' = 'complete' AND data ->> 'payment_status' = 'unpaid')))
+        OR (object = 'invoice' AND data ->> 'status' IN ('draft', 'open')))
+ ORDER BY object, id
+"""
+_RETRIEVE = {
+    "charge": ("/v1/charges", "charges.retrieve", "charge.updated"),
+    "payment_intent": ("/v1/payment_intents", "payment_intents.retrieve",
+                       "payment_intent.succeeded"),
+    "checkout.session": ("/v1/checkout/sessions", "checkout.sessions.retrieve",
+                         "checkout.session.completed"),
+    "invoice": ("/v1/invoices", "invoices.retrieve", "invoice.finalized"),
+}
+
 # The invoices of stored invoice payments that are not stored.
 _MISSING_INVOICES = """
 SELECT DISTINCT data ->> 'invoice' AS id FROM stripe_objects i
@@ -426,8 +479,10 @@ async def _import_references(
     until: int, result: ImportResult,
 ) -> None:
     """Bring in, whenever they were made, the payment intents, invoice payments and invoices
-    that the charges and invoice payments listed since --since refer to (see REFERENCES).
-    Driven by what is stored, so an interrupted import does it all again on resuming."""
+    that the charges and invoice payments listed since --since refer to (see REFERENCES), and
+    what became of the objects stored from before --since that were still in flight
+    (_UNFINISHED). Driven by what is stored, so an interrupted import does it all again on
+    resuming."""
     imported = 0
 
     async def store(objs: list[tuple[dict[str, Any], int]], event_type: str) -> None:
@@ -439,9 +494,18 @@ async def _import_references(
         async with db.connection(pool) as conn:
             return [r["id"] for r in await conn.fetch(query, *args)]
 
+    async with db.connection(pool) as conn:
+        in_flight = [(r["object"], r["id"]) for r in await conn.fetch(_UNFINISHED, since)]
+    for kind, (path, what, event_type) in _RETRIEVE.items():
+        found = [await _retrieve(client, f"{path}/{i}", what, until)
+                 for k, i in in_flight if k == kind]
+        await store([o for o in found if o is not None], event_type)
     intents = [await _retrieve(client, f"/v1/payment_intents/{i}", "payment_intents.retrieve",
                                until) for i in await ids(_MISSING_INTENTS, since)]
     await store([o for o in intents if o is not None], "payment_intent.succeeded")
+    charges = [await _retrieve(client, f"/v1/charges/{i}", "charges.retrieve", until)
+               for i in await ids(_MISSING_CHARGES)]
+    await store([o for o in charges if o is not None], "charge.updated")
     payments: list[tuple[dict[str, Any], int]] = []
     for intent in await ids(_INTENTS_TO_PLACE, since):
         params: Any = {"payment": {"type": "payment_intent", "payment_intent": intent},

@@ -345,15 +345,16 @@ PAGE = 500  # stored events read at a time by `events retry` and `events reapply
 
 async def retry_unfinished(
     pool: asyncpg.Pool, offer: FoundingOffer, statuses: Iterable[str] = ("failed", "pending"),
-    page: int = PAGE,
+    page: int = PAGE, sources: Sequence[str] | None = None,
 ) -> dict[str, int]:
-    """Apply again the stored events that did not apply (the `events retry` command): every
-    one, oldest first, a page at a time (those that fail again are passed, not read again)."""
+    """Apply again the stored events that did not apply (the `events retry` command; an import
+    run, its own): every one, oldest first, a page at a time (those that fail again are
+    passed, not read again)."""
     counts: dict[str, int] = {}
     after: tuple[datetime, str] | None = None
     while True:
         async with db.connection(pool) as conn:
-            todo = await store.unfinished_events(conn, list(statuses), after, page)
+            todo = await store.unfinished_events(conn, list(statuses), after, page, sources)
         if not todo:
             return counts
         after = (todo[-1][1], todo[-1][0])

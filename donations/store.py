@@ -169,31 +169,36 @@ async def finish_event(conn: asyncpg.Connection, event_id: str, status: str) -> 
     )
 
 
-def _page(sql: str, after: tuple[datetime, str] | None, key: str) -> tuple[str, tuple[Any, ...]]:
+def _page(sql: str, after: tuple[datetime, str] | None, key: str, first: int = 3
+          ) -> tuple[str, tuple[Any, ...]]:
     """`sql` (its WHERE ending in `{after}`) for the first page, or for the one after the last
-    page's last (key, id): a statement of its own, so that even a generic plan starts the index
-    scan at `after` instead of filtering from the beginning."""
+    page's last (key, id), given as parameters `first` and the next: a statement of its own,
+    so that even a generic plan starts the index scan at `after` instead of filtering from the
+    beginning."""
     if after is None:
         return sql.format(after=""), ()
-    return sql.format(after=f"AND ({key}, id) > ($3::timestamptz, $4::text)"), after
+    return sql.format(
+        after=f"AND ({key}, id) > (${first}::timestamptz, ${first + 1}::text)"), after
 
 
 async def unfinished_events(
     conn: asyncpg.Connection, statuses: list[str], after: tuple[datetime, str] | None = None,
-    limit: int = 500,
+    limit: int = 500, sources: Sequence[str] | None = None,
 ) -> list[tuple[str, datetime, str]]:
-    """A page of the events to apply again: (id, received_at, payload text), oldest first, after
-    `after` (the last page's last (received_at, id)). The first clause is the partial index
-    stripe_events_unfinished's own: a generic plan uses it too."""
+    """A page of the events to apply again (of these sources, or any): (id, received_at, payload
+    text), oldest first, after `after` (the last page's last (received_at, id)). The first
+    clause is the partial index stripe_events_unfinished's own: a generic plan uses it too."""
     sql, cursor = _page(
         """
         SELECT id, received_at, payload::text AS payload FROM stripe_events
          WHERE status IN ('pending', 'failed', 'needs_attention') AND status = any($1::text[])
+           AND ($3::text[] IS NULL OR source = any($3::text[]))
            {after}
          ORDER BY received_at, id
          LIMIT $2
-        """, after, "received_at")
-    rows = await conn.fetch(sql, statuses, limit, *cursor)
+        """, after, "received_at", first=4)
+    rows = await conn.fetch(sql, statuses, limit, None if sources is None else list(sources),
+                            *cursor)
     return [(r["id"], r["received_at"], r["payload"]) for r in rows]
 
 
