@@ -17,7 +17,10 @@ from donations.db import UNAVAILABLE_ERRORS
 # Keys whose values are personal or secret wherever they appear in an event.
 _EMAIL_KEYS = frozenset({"email", "customer_email", "receipt_email"})
 _SECRET_KEYS = frozenset({"authorization", "token", "secret", "api_key", "password", "signature"})
-_SECRET_TEXT = re.compile(r"\b(whsec|sk_live|sk_test|rk_live|rk_test)_[A-Za-z0-9_]+")
+# Stripe's secrets, and the service's own staff tokens and staff-page sessions (auth.py)
+_SECRET_TEXT = re.compile(r"\b(whsec|sk_live|sk_test|rk_live|rk_test|dnt|dns)_[A-Za-z0-9_-]+")
+# What aiohttp's parser quotes of a request it refuses (a header line, whole: a credential)
+_QUOTED_BYTES = re.compile(r"""b(['"]).*?(?<!\\)\1""", re.DOTALL)
 # An address in free text (an error message, a traceback): a local part of any characters an
 # address may hold (RFC 5322's atext and dots, and letters beyond ASCII), then a domain: any
 # dotted name or none (`example.c`, `192.168.10.20`, `localhost` are masked too: a typo a reader
@@ -123,7 +126,10 @@ class _BadRequestQuietly(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
         if record.levelno > logging.INFO and isinstance(error, HttpProcessingError):
-            reason = " ".join(error.message.split())  # aiohttp's is lines, with a caret
+            # aiohttp's is lines, with a caret under the request's bytes, which it quotes
+            # (a header line whole, an Authorization or Cookie among them): left out
+            reason = " ".join(_QUOTED_BYTES.sub("<request bytes>", error.message).split())
+            reason = reason.replace("^", "").strip()
             record.msg = f"{record.getMessage()} ({type(error).__name__}: {reason})"
             record.args = None
             record.exc_info = None

@@ -205,6 +205,28 @@ async def test_a_request_aiohttp_cannot_parse_is_one_info_line_without_a_traceba
     assert "Traceback" not in info_logs.text
 
 
+@pytest.mark.parametrize(("header", "secret"), [
+    ("Authorization: Bearer ", "dnt_" + "Q" * 43),  # a staff token (auth.ISSUED_PREFIX)
+    ("Cookie: donations_staff=", "dns_" + "Z" * 43),  # a staff page session (SESSION_PREFIX)
+])
+async def test_a_credential_in_a_request_aiohttp_refuses_never_reaches_the_log(
+    info_logs: Output, client: Client, header: str, secret: str
+) -> None:
+    """aiohttp's message for a header it refuses (a stray control character after a pasted
+    token) quotes the header line whole: the line logged leaves the request's bytes out, and
+    the service's own tokens and sessions are redacted wherever they appear, as Stripe's keys
+    are."""
+    request = (b"GET /v1/campaigns HTTP/1.1\r\nHost: x\r\n" + header.encode() + secret.encode()
+               + b"\x01\r\nConnection: close\r\n\r\n")
+    status, _ = await raw_request(client, request)
+    assert status == 400
+    await asyncio.sleep(0.1)
+    (line,) = [line for line in info_logs.lines() if line["logger"] == "aiohttp.server"]
+    assert "<request bytes>" in line["event"], line
+    assert secret not in info_logs.text and secret[4:] not in info_logs.text
+    assert _scrub("event", f"given {secret}.") == f"given {secret[:4]}[redacted]."
+
+
 async def test_at_warning_a_request_aiohttp_cannot_parse_is_not_written(
     warning_logs: Output, client: Client
 ) -> None:
