@@ -101,7 +101,7 @@ async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10) -> asy
             command_timeout=30,
             server_settings={"application_name": "donations", "timezone": "UTC"},
         )
-    except UNAVAILABLE_ERRORS as exc:
+    except _CONNECT_ERRORS as exc:  # (a database not taking connections, say)
         raise DatabaseUnavailable(
             f"cannot connect to PostgreSQL: {type(exc).__name__}: {exc}") from exc
 
@@ -273,16 +273,18 @@ async def migrate(dsn: str, migrations: list[Migration] | None = None) -> list[s
         conn = await asyncpg.connect(
             dsn, server_settings={"application_name": "donations-migrate"}
         )
-    except UNAVAILABLE_ERRORS as exc:
+    except _CONNECT_ERRORS as exc:  # (a database not taking connections, say)
         raise DatabaseUnavailable(
             f"cannot connect to PostgreSQL: {type(exc).__name__}: {exc}") from exc
     applied: list[str] = []
+    doing = "taking the migrations' lock"
     try:
         # Replicas starting together queue here; each then sees what the others applied.
         await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
         try:
             await conn.execute(_CREATE_TABLE)
             for migration in await pending_migrations(conn, migrations):
+                doing = f"applying {migration.name} (rolled back)"
                 try:
                     async with conn.transaction():
                         await conn.execute("SET LOCAL lock_timeout = '10s'")
@@ -293,16 +295,23 @@ async def migrate(dsn: str, migrations: list[Migration] | None = None) -> list[s
                             " VALUES ($1, $2, $3)",
                             migration.version, migration.name, migration.checksum,
                         )
-                except UNAVAILABLE_ERRORS as exc:
-                    raise DatabaseUnavailable(
-                        f"lost while applying {migration.name} (rolled back): "
-                        f"{type(exc).__name__}: {exc}") from exc
+                except UNAVAILABLE_ERRORS:
+                    raise
                 except asyncpg.PostgresError as exc:
                     raise MigrationError(_failed(migration, exc)) from exc
                 log.info("migration_applied", migration=migration.name)
                 applied.append(migration.name)
         finally:
-            await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
+            if not conn.is_closed():  # (else the lock went with the session)
+                with contextlib.suppress(*_RELEASE_ERRORS):
+                    await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
+    except _RELEASE_ERRORS as exc:
+        # the server went away (a failover, a restart): asyncpg says so with a server error,
+        # or, once the connection is closed under it, with an InterfaceError
+        if not isinstance(exc, UNAVAILABLE_ERRORS) and not conn.is_closed():
+            raise
+        raise DatabaseUnavailable(
+            f"lost while {doing}: {type(exc).__name__}: {exc}") from exc
     finally:
         await conn.close()
     return applied

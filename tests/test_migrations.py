@@ -16,6 +16,7 @@ from donations import db
 from donations.app import create_app
 from donations.appkeys import MIGRATIONS
 from tests.conftest import make_settings, scratch_database
+from tests.test_cli import _env, _free_port, _run
 
 NEW_MIGRATION = "CREATE TABLE campaign_goals (campaign text PRIMARY KEY, goal bigint NOT NULL);\n"
 ON_DISK = db.load_migrations()
@@ -204,3 +205,62 @@ async def test_readyz_lists_pending_migrations_and_refuses_edited_ones(
     finally:
         await conn.close()
     assert (await client.get("/healthz")).status == 200
+
+
+def _error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("command", ["migrate", "serve"])
+async def test_a_database_not_accepting_connections_is_one_line(
+    server_dsn: str, command: str
+) -> None:
+    """A database closed for maintenance (ALLOW_CONNECTIONS false: PostgreSQL answers, and
+    refuses) stops `migrate` and `serve` with one line, exit status 1, as an unreachable one
+    does."""
+    async with scratch_database(server_dsn, "closed", migrated=False) as (url, name):
+        conn = await asyncpg.connect(server_dsn)
+        try:
+            await conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        finally:
+            await conn.close()
+        code, _, err = await _run(command, env=_env(DATABASE_URL=url, PORT=str(_free_port()),
+                                                    LOG_LEVEL="warning"))
+    assert "Traceback" not in err, err[-1500:]
+    assert code == 1, err[-800:]
+    lines = _error_lines(err)
+    assert len(lines) == 1 and "DATABASE_URL" in lines[0], err[-800:]
+
+
+async def test_a_database_url_parameter_the_server_refuses_is_one_line_naming_it(
+    dsn: str,
+) -> None:
+    """A query parameter asyncpg does not know goes to the server as a setting; a misspelt one
+    (`sslmdoe=require` for `sslmode`) the server refuses: one line naming it, exit status 1."""
+    code, _, err = await _run("migrate", env=_env(DATABASE_URL=f"{dsn}?sslmdoe=require"))
+    assert "Traceback" not in err, err[-1500:]
+    lines = _error_lines(err)
+    assert len(lines) == 1 and "DATABASE_URL" in lines[0] and "sslmdoe" in lines[0], err[-800:]
+    assert code == 1
+
+
+async def test_the_server_going_away_mid_migration_is_database_unavailable(
+    server_dsn: str,
+) -> None:
+    """A failover or restart while a migration runs ends the migrating session: asyncpg says so
+    with an InterfaceError once the connection is closed under it, and the advisory lock went
+    with the session. It is DatabaseUnavailable (one line from the CLI), the migration rolled
+    back, and the next start applies it."""
+    migrations = [
+        db.Migration(1, "001_first.sql", "CREATE TABLE lost_first (x int)"),
+        db.Migration(2, "002_lost.sql", "SELECT pg_terminate_backend(pg_backend_pid())"),
+    ]
+    async with scratch_database(server_dsn, "lost", migrated=False) as (url, _):
+        with pytest.raises(db.DatabaseUnavailable, match=r"lost while applying 002_lost\.sql"):
+            await db.migrate(url, migrations)
+        conn = await asyncpg.connect(url)
+        try:
+            applied = await conn.fetchval("SELECT array_agg(name) FROM schema_migrations")
+        finally:
+            await conn.close()
+    assert applied == ["001_first.sql"]
