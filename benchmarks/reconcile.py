@@ -7,9 +7,10 @@ of its own. In the same run: the rate at which its event pages can be fetched at
 aiohttp GETs, 100 a page, one after the other, nothing done with them), the same through
 `reconcile.pages` (the stripe library's raw requests, as a run reads them; for information),
 then one `reconcile.run` over an empty ledger, so every event is missing and applied, followed
-by the balance-transaction comparison. Target: reconciliation events/s >= 0.5 x the raw
-page-fetch events/s. Exit status 0 when the ledger then equals the reference ledger of the same
-events and the totals equal the ledger (unless --no-check), 1 otherwise.
+by the balance-transaction comparison, and the page-fetch rate again (the faster of the two is
+the floor). Target: reconciliation events/s >= 0.5 x the raw page-fetch events/s. Exit status 0
+when the ledger then equals the reference ledger of the same events and the totals equal the
+ledger (unless --no-check), 1 otherwise.
 """
 
 from __future__ import annotations
@@ -98,7 +99,13 @@ async def measure(args: argparse.Namespace, world: World, events: list[dict[str,
                     ok = await scenario(args, world, events, client, offer, dsn, until,
                                         fraction, rows) and ok
             version = f"{await server_version(admin)} at {describe_server(admin)}"
-        _report(version, pages, fetched, floor_seconds, lib_events, lib_seconds, rows)
+        # The floor again, after the runs: the fetch rate varies by a third from one minute to
+        # the next on a shared machine, and the faster of the two (the stricter) is the floor.
+        _, _, again = await fetch_floor(base, until)
+        print(f"the floor fetched every page in {floor_seconds:.2f} s before the runs and "
+              f"{again:.2f} s after them; the faster is the floor")
+        _report(version, pages, fetched, min(floor_seconds, again), lib_events, lib_seconds,
+                rows)
     finally:
         await http_client.close_async()  # type: ignore[no-untyped-call]
     return 0 if ok else 1

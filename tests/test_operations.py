@@ -894,14 +894,12 @@ async def test_run_as_root_the_folders_above_the_servers_binaries_are_named_when
     monkeypatch.setattr(postgres_server, "POSTGRES_BIN_PATH", install / "bin")
     monkeypatch.setattr(_commands, "POSTGRES_BIN_PATH", install / "bin")
     data_dir = embedded_tmp / "data"
-    logs = _pipeline("json", "warning")
-    output = next(logs)
     try:
-        _, embedded = await db.start_embedded(data_dir)
-        await asyncio.to_thread(embedded.stop)
+        with contextlib.contextmanager(_pipeline)("json", "warning") as output:
+            _, embedded = await db.start_embedded(data_dir)
+            await asyncio.to_thread(embedded.stop)
         (warning,) = output.events("embedded_postgres_opens_folders")
     finally:
-        logs.close()
         private.chmod(0o755)  # (for the clean-up)
     assert warning["level"] == "warning"
     assert warning["folders"] == [str(private)]
