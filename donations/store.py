@@ -475,10 +475,14 @@ def _upsert(table: str, columns: list[str], key: str, types: list[str]) -> str:
     counts) then run once per write instead of once per row.
     """
     arrays = ", ".join(f"${i}::{t}[]" for i, t in enumerate(types, start=1))
+    return (f"INSERT INTO {table} AS t ({', '.join(columns)})"  # noqa: S608 - constant names
+            f" SELECT * FROM unnest({arrays}){_changed_only(columns, key)}")
+
+
+def _changed_only(columns: list[str], key: str) -> str:
+    """An upsert's conflict clause: the row updated only where a column differs."""
     others = [c for c in columns if c != key]
     return (
-        f"INSERT INTO {table} AS t ({', '.join(columns)})"  # noqa: S608 - names are constants
-        f" SELECT * FROM unnest({arrays})"
         f" ON CONFLICT ({key}) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in others)}"
         f" WHERE ({', '.join(f't.{c}' for c in others)})"
         f" IS DISTINCT FROM ({', '.join(f'excluded.{c}' for c in others)})"
@@ -526,13 +530,8 @@ async def _upsert_rows(
 def _upsert_each(table: str, columns: list[str], key: str) -> str:
     """`_upsert` for one row given as one parameter per column."""
     placeholders = ", ".join(f"${i}" for i in range(1, len(columns) + 1))
-    others = [c for c in columns if c != key]
-    return (
-        f"INSERT INTO {table} AS t ({', '.join(columns)}) VALUES ({placeholders})"  # noqa: S608
-        f" ON CONFLICT ({key}) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in others)}"
-        f" WHERE ({', '.join(f't.{c}' for c in others)})"
-        f" IS DISTINCT FROM ({', '.join(f'excluded.{c}' for c in others)})"
-    )
+    return (f"INSERT INTO {table} AS t ({', '.join(columns)})"  # noqa: S608 - constant names
+            f" VALUES ({placeholders}){_changed_only(columns, key)}")
 
 
 LedgerRow = RefundRow | DisputeRow | SubscriptionRow | CustomerRow | PayoutRow
