@@ -32,7 +32,7 @@ import structlog
 from donations import db, fees, ingest, store
 from donations.events import parse_event
 from donations.importer import synthetic_event
-from donations.ledger import FoundingOffer
+from donations.ledger import FoundingOffer, lacks_options
 from donations.stripe_api import plain
 
 log = structlog.get_logger(__name__)
@@ -57,8 +57,8 @@ async def derive_users(pool: asyncpg.Pool, coupon_id: str, offer: FoundingOffer)
     async def work(conn: asyncpg.Connection) -> bool:
         snapshot = await store.load_snapshot(conn, coupon_id)
         if coupon_id != offer.coupon_id:  # (the founding coupon's terms are the settings')
-            if snapshot is None or snapshot.kind != "coupon":
-                return False
+            if snapshot is None or snapshot.kind != "coupon" or lacks_options(snapshot.data):
+                return False  # (an amount-off coupon's options come only when asked for)
             await ingest.apply_snapshots(conn, [snapshot], offer, ingest.Plan.of([], offer))
         await conn.execute(_END, coupon_id)
         return True
@@ -89,7 +89,9 @@ async def run_once(
                 del left[coupon_id]
                 continue
             try:
-                coupon = plain(await client.v1.coupons.retrieve_async(coupon_id))
+                # its amounts in other currencies are included only when asked for
+                coupon = plain(await client.v1.coupons.retrieve_async(
+                    coupon_id, params={"expand": ["currency_options"]}))
             except stripe.StripeError as exc:
                 delay = await fees.postpone(pool, QUEUE, KEY, coupon_id, attempts, exc)
                 fees.log_failure("coupon_lookup_failed", attempts, exc, delay, coupon=coupon_id)

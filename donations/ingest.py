@@ -35,6 +35,7 @@ from donations.ledger import (
     derive_payout,
     derive_refund,
     derive_subscription,
+    lacks_options,
     snapshot_of,
 )
 
@@ -313,7 +314,12 @@ async def apply_snapshots(
         await db.lock(conn, late)
         held.locked.update(late)
         terms = await store.load_coupons(conn, wanted)
-        await store.queue_coupon_lookups(conn, [c for c in wanted if c not in terms])
+        # not known, or known from an event (without its options) while a subscription in
+        # another currency uses it: asked of Stripe
+        await store.queue_coupon_lookups(conn, sorted(
+            {c for c in wanted if c not in terms}
+            | {c for own, discounts in found for c in coupons_to_look_up(own, discounts, offer)
+               if c in terms and lacks_options(terms[c], own.get("currency"))}))
         await store.put_rows(conn, "subscriptions", [
             derive_subscription(own, discounts, offer, terms) for own, discounts in found
         ])

@@ -548,7 +548,7 @@ def _terms(discount: dict[str, Any] | None, currency: str, offer: FoundingOffer,
         return None, None
     coupon = discount_coupon(discount)
     coupon_id = ref(coupon)
-    if isinstance(coupon, dict) and has_terms(coupon):
+    if isinstance(coupon, dict) and has_terms(coupon) and not lacks_options(coupon, currency):
         return coupon_terms(coupon, currency)
     if coupon_id == offer.coupon_id:
         return Decimal(offer.percent_off), None
@@ -596,6 +596,15 @@ def has_terms(coupon: dict[str, Any]) -> bool:
     return coupon.get("percent_off") is not None or coupon.get("amount_off") is not None
 
 
+def lacks_options(coupon: dict[str, Any], currency: str | None = None) -> bool:
+    """Whether an amount-off coupon is known without its `currency_options` (Stripe includes
+    them only when asked to expand them: never in its events), so that what it takes off a
+    price in `currency` (any other than its own, when None) is not known from it."""
+    return (coupon.get("percent_off") is None and coupon.get("amount_off") is not None
+            and "currency_options" not in coupon
+            and (currency is None or coupon.get("currency") != currency))
+
+
 def coupon_terms(coupon: dict[str, Any], currency: str) -> tuple[Decimal | None, int | None]:
     """What a coupon takes off a price in `currency`: (percent off, None) or (None, amount off
     in that currency: the coupon's own when it is in that currency, else its `currency_options`
@@ -634,7 +643,8 @@ def coupons_to_look_up(snapshot: Snapshot, discounts: list[Snapshot], offer: Fou
         coupon = discount_coupon(discount)
         coupon_id = ref(coupon)
         if (discount_id in applied and coupon_id is not None and coupon_id != offer.coupon_id
-                and not (isinstance(coupon, dict) and has_terms(coupon))):
+                and not (isinstance(coupon, dict) and has_terms(coupon)
+                         and not lacks_options(coupon, snapshot.get("currency")))):
             wanted.add(coupon_id)
     return wanted
 

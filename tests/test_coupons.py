@@ -228,6 +228,32 @@ async def test_the_worker_fetches_a_coupon_no_event_brought(
     assert dict(stored) == {"source": "import", "type": "coupon.updated"}
 
 
+async def test_an_amount_off_coupon_is_asked_for_with_the_options_stripe_leaves_out(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """A £3-off coupon with a ¥100 option on a yen subscription. Stripe's coupon events (and a
+    retrieve that does not expand them) leave `currency_options` out: the event tells nothing
+    of the yen amount, so the coupon is asked for again with its options expanded, and then
+    the subscription is discounted."""
+    world = World(seed=8, start=START)
+    created = world.create_coupon("promo", amount_off=300, currency="gbp",
+                                  currency_options={"jpy": 100})
+    assert "currency_options" not in created.events[0]["data"]["object"]  # as Stripe sends it
+    sub = world.subscribe(999, "jpy", email="reader@example.org")
+    world.discount_subscription(sub.subscription, "promo")
+    await post_all(client, world.events)
+    row = await _row(pool, sub.subscription)
+    assert (row["currency"], row["amount_off"]) == ("jpy", None)  # not known from the event
+    assert [r["coupon_id"] for r in await _lookups(pool)] == ["promo"]
+    async with stripe_against(world) as (fake, stripe_client):
+        assert await coupons.run_once(pool, stripe_client, OFFER) == 1
+        (asked,) = [r for r in fake.requests if r.method == "GET"]
+    assert (asked.path, asked.query.get("expand")) == ("/v1/coupons/promo",
+                                                       ["currency_options"])
+    assert (await _row(pool, sub.subscription))["amount_off"] == 100
+    assert await _lookups(pool) == []
+
+
 async def test_a_coupon_stripe_does_not_have_is_retried_then_set_aside(
     client: Client, pool: asyncpg.Pool
 ) -> None:
@@ -356,7 +382,11 @@ def test_stacked_amount_off_in_yen_comes_off_after_the_founding_percentage() -> 
     sub_id, invoice = _stacked(world, 999, "jpy", amount_off=300, currency="gbp",
                                currency_options={"jpy": 100})
     assert world.objects[invoice]["total"] == 399
-    assert _price(reference(world.events, OFFER)["subscriptions"][sub_id]) == 399
+    # the coupon's event leaves its options out: the yen amount comes with the look-up
+    assert _price(reference(world.events, OFFER)["subscriptions"][sub_id]) == 499
+    looked_up = importer.synthetic_event(world.objects["promo"], "coupon.updated", world.now)
+    assert looked_up["data"]["object"]["currency_options"] == {"jpy": {"amount_off": 100}}
+    assert _price(reference([*world.events, looked_up], OFFER)["subscriptions"][sub_id]) == 399
 
 
 def test_a_stacked_amount_off_in_another_currency_takes_nothing() -> None:

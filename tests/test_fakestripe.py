@@ -458,6 +458,22 @@ async def test_library_expands_subscription_discounts() -> None:
 
 
 @pytest.mark.asyncio
+async def test_a_coupon_s_currency_options_come_only_when_expanded() -> None:
+    """Stripe includes an amount-off coupon's `currency_options` only when a request expands
+    them: never in its events, nor in a plain retrieve."""
+    w = World()
+    created = w.create_coupon("promo", amount_off=300, currency="gbp",
+                              currency_options={"jpy": 100})
+    assert "currency_options" not in created.events[0]["data"]["object"]
+    async with running_fake_stripe(w) as fake, stripe_client(fake) as client:
+        plain = await client.v1.coupons.retrieve_async("promo")
+        expanded = await client.v1.coupons.retrieve_async(
+            "promo", params={"expand": ["currency_options"]})
+    assert "currency_options" not in plain
+    assert expanded["currency_options"]["jpy"]["amount_off"] == 100
+
+
+@pytest.mark.asyncio
 async def test_unknown_id_raises_invalid_request_error() -> None:
     async with running_fake_stripe(World()) as fake, stripe_client(fake) as client:
         with pytest.raises(stripe.InvalidRequestError) as info:

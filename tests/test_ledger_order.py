@@ -11,7 +11,7 @@ import asyncpg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from donations import db, totals
+from donations import db, importer, totals
 from donations.events import parse_event
 from donations.ingest import ingest, ingest_many
 from donations.ledger import FoundingOffer
@@ -35,8 +35,13 @@ def test_any_order_with_duplicates_gives_the_same_ledger(data: st.DataObject) ->
 @settings(max_examples=100, deadline=None)
 @given(history=histories())
 def test_the_ledger_agrees_with_stripes_final_objects(history: History) -> None:
-    ledger = reference(history.events, OFFER)
     world = history.world
+    # with the coupons the coupon worker looks up (Stripe's events leave an amount-off
+    # coupon's amounts in other currencies out; the look-up expands them)
+    looked_up = [importer.synthetic_event(c, "coupon.updated", world.now)
+                 for c in world.objects.values()
+                 if c.get("object") == "coupon" and "currency_options" in c]
+    ledger = reference([*history.events, *looked_up], OFFER)
     payments = ledger["payments"]
     succeeded = {p["charge"]: p for p in payments.values() if p["status"] == "succeeded"}
     charges = {i: o for i, o in world.objects.items()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import string
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 API_VERSION = "2026-10-28.endive"
@@ -47,6 +47,17 @@ ABSENT_FIELDS: Mapping[str, frozenset[str]] = {
     # `account` and `context` appear only on events from connected accounts.
     "event": frozenset({"account", "context"}),
 }
+
+# Fields Stripe includes only when a request asks to expand them ("includable"): never in
+# events, nor in a retrieve or list that does not name them in `expand`.
+INCLUDABLE: dict[str, frozenset[str]] = {"coupon": frozenset({"currency_options"})}
+
+
+def as_sent(obj: dict[str, Any], expand: Iterable[str] = ()) -> dict[str, Any]:
+    """The object as Stripe writes it out: without the includable fields not asked for."""
+    left_out = INCLUDABLE.get(str(obj.get("object")), frozenset()) - set(expand)
+    return {k: v for k, v in obj.items() if k not in left_out} if left_out & obj.keys() else obj
+
 
 ZERO_DECIMAL = frozenset(
     {

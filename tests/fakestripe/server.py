@@ -16,7 +16,7 @@ from urllib.parse import parse_qsl
 from aiohttp import web
 
 from . import writes
-from .objects import API_VERSION, IdGenerator, Obj
+from .objects import API_VERSION, IdGenerator, Obj, as_sent
 from .world import World
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -434,10 +434,10 @@ class FakeStripe:
         return found
 
     def _expand(self, obj: Obj, params: Mapping[str, Any]) -> Obj:
-        out = copy.deepcopy(obj)
         paths = params.get("expand", [])
         if isinstance(paths, str):
             paths = [paths]
+        out = copy.deepcopy(as_sent(obj, [str(p) for p in paths]))
         for path in paths:
             out = self._expand_path(out, str(path).split("."))
         return out

@@ -209,9 +209,10 @@ class World:
         request: tuple[str, str] | None = None,
     ) -> Obj:
         # Events carry a snapshot: later changes to the object must not leak into old events.
+        # (Without what Stripe includes only when asked to expand it.)
         ev = o.event(
             type,
-            copy.deepcopy(obj),
+            copy.deepcopy(o.as_sent(obj)),
             created=self.now,
             ids=self.ids,
             livemode=self.livemode,
