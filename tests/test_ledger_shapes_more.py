@@ -43,9 +43,11 @@ def _partially_captured(name: str, authorised: int, captured: int
     as the generated SDKs carry it, e.g. stripe-dotnet ChargeCaptureOptions.Amount, stripe-go
     CaptureParams.Amount): "The amount to capture, which must be less than or equal to the
     original amount. Any additional amount will be automatically refunded." So the captured
-    charge keeps `amount` (what was authorised), has `amount_captured` (what was taken) and
-    counts the released remainder in `amount_refunded`, with `refunded` false; the intent has
-    `amount_received` = the captured amount.
+    charge keeps `amount` (what was authorised), has `amount_captured` (what was taken) and,
+    as Stripe wrote it before 2025-03-31 (a capture made at an older account version), counts
+    the released remainder in `amount_refunded`, with `refunded` false; the intent has
+    `amount_received` = the captured amount. (At the pinned version the remainder is not
+    counted there, and no Refund is made for it: see the basil test below.)
     """
     pi, ch, txn = f"pi_review_{name}", f"ch_review_{name}", f"txn_review_{name}"
     cus = f"cus_review_{name}"
@@ -109,6 +111,23 @@ async def test_a_refund_of_a_partially_captured_charge_counts_only_itself(
     row = await _payment(pool, pi)
     assert (row["status"], row["amount"]) == ("succeeded", 1500)
     assert row["amount_refunded"] == 300
+
+
+async def test_a_refund_of_a_charge_partially_captured_as_stripe_now_does_counts_from_the_charge(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """Since 2025-03-31 (the pinned version) a partial capture creates no Refund and leaves
+    `amount_refunded` alone (Stripe's changelog, "Partially capturing or cancelling payments no
+    longer creates a Refund"): £20 authorised, £15 captured (`amount_refunded` 0), then £3
+    refunded, of which only `charge.refunded` has come (`amount_refunded` 300): £3 refunded."""
+    events, pi, _ = _partially_captured("pcbasil", 2000, 1500)
+    captured = events[2]["data"]["object"]
+    captured["amount_refunded"] = 0  # (as Stripe writes it at the pinned version)
+    refunded = dict(captured, amount_refunded=300)
+    events.append(_ev("charge.refunded", refunded, T0 + DAY, "pcbasil_5"))
+    await post_all(client, events)
+    row = await _payment(pool, pi)
+    assert (row["status"], row["amount"], row["amount_refunded"]) == ("succeeded", 1500, 300)
 
 
 # --- an event of a connected account -------------------------------------------------------------
