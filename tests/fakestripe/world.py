@@ -991,7 +991,9 @@ class World:
         cs["total_details"]["amount_discount"] = inv["subtotal"] - inv["total"]
         if di is not None:
             cs["discounts"] = [{"coupon": di["source"]["coupon"], "promotion_code": None}]
-        cs.update(self._completed_session(cs, email, payment_status="paid"))
+        # (a first invoice of nothing, under a 100% coupon, is no payment: Stripe says so)
+        cs.update(self._completed_session(
+            cs, email, payment_status="paid" if inv["total"] else "no_payment_required"))
         self._emit(out, "checkout.session.completed", cs, request=req)
         if out.charge:
             out.balance_transaction = self._attach_bt(out, self.objects[out.charge])
