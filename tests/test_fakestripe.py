@@ -474,6 +474,18 @@ async def test_a_coupon_s_currency_options_come_only_when_expanded() -> None:
 
 
 @pytest.mark.asyncio
+async def test_a_list_parameter_stripe_does_not_take_is_refused() -> None:
+    """As Stripe answers one (`status` is no filter of charges): a typo in a listing's
+    parameters fails in the tests as it would in production, instead of filtering nothing."""
+    params: Any = {"status": "succeeded"}  # (not a parameter the library's types know either)
+    async with running_fake_stripe(World()) as fake, stripe_client(fake) as client:
+        with pytest.raises(stripe.InvalidRequestError) as info:
+            await client.v1.charges.list_async(params=params)
+    assert info.value.http_status == 400
+    assert info.value.param == "status"
+
+
+@pytest.mark.asyncio
 async def test_unknown_id_raises_invalid_request_error() -> None:
     async with running_fake_stripe(World()) as fake, stripe_client(fake) as client:
         with pytest.raises(stripe.InvalidRequestError) as info:

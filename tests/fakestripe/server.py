@@ -170,6 +170,16 @@ _FILTERS: Mapping[str, Mapping[str, tuple[str, ...]]] = {
 }
 
 
+# Every list takes these; beside a collection's filters, a few take more (read in _matches).
+_LIST_PARAMS = frozenset({"limit", "starting_after", "ending_before", "expand", "created"})
+_MORE_LIST_PARAMS: Mapping[str, frozenset[str]] = {
+    "events": frozenset({"types"}),
+    "invoice_payments": frozenset({"payment"}),
+    "balance_transactions": frozenset({"payout"}),
+    "subscriptions": frozenset({"status"}),
+}
+
+
 def _dig(obj: Any, path: Sequence[str]) -> Any:
     for part in path:
         if isinstance(obj, list):
@@ -470,6 +480,11 @@ class FakeStripe:
         if kind is None:
             raise web.HTTPNotFound()
         params = self._params(request)
+        known = _LIST_PARAMS | _FILTERS.get(collection, {}).keys() \
+            | _MORE_LIST_PARAMS.get(collection, frozenset())
+        for name in params:
+            if name not in known:  # as Stripe refuses it (a typo would otherwise filter nothing)
+                raise StripeError(400, f"Received unknown parameter: {name}", param=name)
         limit = _int_param(params, "limit") or 10
         if not 1 <= limit <= 100:
             raise StripeError(400, "Invalid limit: must be between 1 and 100", param="limit")
