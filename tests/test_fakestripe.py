@@ -524,3 +524,22 @@ async def test_rate_limit_is_raised_unless_stripe_says_retry() -> None:
         fake.fail_next(1, 429, should_retry=True)
         assert (await client.v1.charges.retrieve_async(p.charge)).id == p.charge
     assert len(fake.requests) == 3
+
+
+def test_a_bank_debit_books_payment_and_payment_refund_transactions() -> None:
+    """stripe/_balance_transaction.py `type`: a card's charge and refund are `charge` and
+    `refund`; a bank debit's (Bacs, SEPA) `payment` and `payment_refund`, of the same
+    reporting categories."""
+    w = World()
+    card = w.one_off(1000, "gbp")
+    w.refund(str(card.charge), 400)
+    debit = w.async_checkout(2000, "gbp", succeed=True)
+    debit_charge = next(o for o in w.objects.values() if o.get("object") == "charge"
+                        and o["payment_method_details"]["type"] != "card")
+    w.refund(debit_charge["id"], 500)
+    kinds = sorted({(bt["type"], bt["reporting_category"], w.objects[bt["source"]]["object"],
+                     bt["source"] in (card.charge, debit_charge["id"]))
+                    for bt in w.balance_transactions.values()})
+    assert kinds == [("charge", "charge", "charge", True), ("payment", "charge", "charge", True),
+                     ("payment_refund", "refund", "refund", False),
+                     ("refund", "refund", "refund", False)], (kinds, debit)

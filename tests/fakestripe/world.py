@@ -403,7 +403,7 @@ class World:
         if ch["balance_transaction"] is not None:
             return str(ch["balance_transaction"])
         self.advance(2)
-        bt = self._charge_bt(ch)
+        bt = self._charge_bt(ch, "charge" if _paid_by_card(ch) else "payment")
         prev = self._changes(ch, balance_transaction=bt["id"])
         self._emit(out, "charge.updated", ch, previous=prev)
         return str(bt["id"])
@@ -1269,7 +1269,7 @@ class World:
             amount=-settled,
             currency=self.settlement_currency,
             source=re_id,
-            type="refund",
+            type="refund" if _paid_by_card(ch) else "payment_refund",
             reporting_category="refund",
             exchange_rate=rate,
             description="REFUND FOR CHARGE",
@@ -1637,3 +1637,11 @@ class CheckoutOrder:
     interval: str | None  # None: a one-off payment
     object_metadata: dict[str, str]
     coupon: str | None = None
+
+
+def _paid_by_card(ch: Obj) -> bool:
+    """Whether a charge was paid by card: its balance transactions are then typed `charge` and
+    `refund`; a bank debit's (Bacs, SEPA) `payment` and `payment_refund`
+    (stripe/_balance_transaction.py `type`), of the same reporting categories."""
+    method = (ch.get("payment_method_details") or {}).get("type")
+    return method in (None, "card")
