@@ -66,15 +66,28 @@ class FailedAttempts:
             return 0
         return max(1, int(times[-self.limit] + self.window - now) + 1)
 
-    def failed(self, client: str) -> None:
+    def failed(self, client: str) -> float:
+        """Count a failure (or an attempt not decided yet: see `forgive`); its time."""
+        now = time.monotonic()
         times = self._seen.pop(client, [])
-        times.append(time.monotonic())
+        times.append(now)
         self._seen[client] = times[-self.limit:]  # the most recent failure last in the order
         while len(self._seen) > self.max_clients:
             self._seen.popitem(last=False)
+        return now
+
+    def forgive(self, client: str, at: float) -> None:
+        """Take back the attempt counted at `at`: it did not fail."""
+        times = self._seen.get(client)
+        if times is not None and at in times:
+            times.remove(at)
 
 
 FAILED_ATTEMPTS = web.AppKey("failed_auth_attempts", FailedAttempts)
+
+# A 401 names the scheme it wants (RFC 9110 11.6.1; RFC 6750 3 for Bearer)
+_CHALLENGE = 'Bearer realm="donations"'
+_CHALLENGE_INVALID = 'Bearer realm="donations", error="invalid_token"'
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +154,8 @@ async def require(request: web.Request, scope: str) -> Token:
     header = request.headers.get("Authorization", "")
     scheme, _, value = header.partition(" ")
     if scheme.lower() != "bearer" or not value.strip():
-        raise Unauthorized("unauthorized", "send Authorization: Bearer <token>")
+        raise Unauthorized("unauthorized", "send Authorization: Bearer <token>",
+                           headers={"WWW-Authenticate": _CHALLENGE})
     return await check(request, value.strip(), scope)
 
 
@@ -200,25 +214,34 @@ async def _authenticate(
         log.warning("auth_rate_limited", client=client, path=request.path)
         raise TooManyRequests("too_many_attempts", "too many failed attempts; try again later",
                               headers={"Retry-After": str(wait)})
-    # ours are ASCII: anything else (a header byte that is not UTF-8 arrives as a lone
-    # surrogate, which cannot even be hashed) is no token, and is not looked for
-    presented = token_hash(value) if value.isascii() else None
-    async with db.connection(request.app[POOL]) as conn:
-        row = None if presented is None else await conn.fetchrow(query, presented)
-        # (query names the hash looked up `presented_hash`: the token's, or the session's)
-        found = None if row is None else bytes(row["presented_hash"])
-        # compare the digests in constant time as well: the index lookup is not the check
-        if found is None or presented is None or not hmac.compare_digest(found, presented):
-            log.warning("auth_failed", reason=reason, path=request.path, client=client)
-            if attempts is not None:
-                attempts.failed(client)
-            raise Unauthorized("unauthorized", message)
-        assert row is not None
-        token = _token(row)
-        # at most one write a minute per token, not one per request
-        if token.last_used_at is None or datetime.now(UTC) - token.last_used_at > _TOUCH_EVERY:
-            await conn.execute("UPDATE api_tokens SET last_used_at = now() WHERE id = $1",
-                               token.id)
+    # Counted before the look-up, and taken back unless the token is wrong: guesses sent all at
+    # once would otherwise all pass the check above before the first of them had failed.
+    counted = attempts.failed(client) if attempts is not None else None
+    wrong = False
+    try:
+        # ours are ASCII: anything else (a header byte that is not UTF-8 arrives as a lone
+        # surrogate, which cannot even be hashed) is no token, and is not looked for
+        presented = token_hash(value) if value.isascii() else None
+        async with db.connection(request.app[POOL]) as conn:
+            row = None if presented is None else await conn.fetchrow(query, presented)
+            # (query names the hash looked up `presented_hash`: the token's, or the session's)
+            found = None if row is None else bytes(row["presented_hash"])
+            # compare the digests in constant time as well: the index lookup is not the check
+            if found is None or presented is None or not hmac.compare_digest(found, presented):
+                log.warning("auth_failed", reason=reason, path=request.path, client=client)
+                wrong = True
+                raise Unauthorized("unauthorized", message,
+                                   headers={"WWW-Authenticate": _CHALLENGE_INVALID})
+            assert row is not None
+            token = _token(row)
+            # at most one write a minute per token, not one per request
+            if token.last_used_at is None or \
+                    datetime.now(UTC) - token.last_used_at > _TOUCH_EVERY:
+                await conn.execute("UPDATE api_tokens SET last_used_at = now() WHERE id = $1",
+                                   token.id)
+    finally:
+        if attempts is not None and counted is not None and not wrong:
+            attempts.forgive(client, counted)
     if not token.allows(scope):
         log.warning("auth_forbidden", token_name=token.name, scope=scope, path=request.path)
         raise Forbidden("forbidden", f"this token does not have the {scope} scope")

@@ -94,8 +94,12 @@ async def login(request: web.Request) -> web.Response:
         return _page(login_page("That token cannot read reports."), status=403)
     except ApiError as exc:  # rate limited
         return _page(login_page(exc.message), status=exc.status, headers=exc.headers)
-    # the cookie carries a session of its own, never the token (which also opens the API)
-    async with db.connection(request.app[POOL]) as conn:
+    # the cookie carries a session of its own, never the token (which also opens the API);
+    # the session this browser had ends here (else signing out would leave it open)
+    async with db.connection(request.app[POOL]) as conn, conn.transaction():
+        earlier = request.cookies.get(COOKIE)
+        if earlier:
+            await auth.close_session(conn, earlier)
         session = await auth.open_session(conn, token, timedelta(seconds=COOKIE_MAX_AGE))
     response = web.HTTPSeeOther("/staff/")
     response.set_cookie(COOKIE, session, path=COOKIE_PATH, max_age=COOKIE_MAX_AGE, secure=True,

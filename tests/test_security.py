@@ -3,6 +3,7 @@ and what an anonymous client can take."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 
@@ -235,3 +236,66 @@ def test_a_client_s_site_is_its_ipv6_48_and_an_ipv4_client_has_none() -> None:
     assert ratelimit.client_site("ip:198.51.100.9") is None
     assert ratelimit.client_site("ip:unknown") is None
     assert ratelimit.client_site("ip:2001:db8::/32") is None  # (never a network checkout names)
+
+
+async def test_concurrent_wrong_tokens_are_not_held_to_the_20_failures_limit(
+    client: Client,
+) -> None:
+    """After 20 failed attempts within 5 minutes a client gets 429 (README), also when it sends
+    its guesses all at once: each attempt is counted before its look-up (and taken back when the
+    token is good), so no more than 20 are looked up and answered 401."""
+
+    async def guess(i: int) -> int:
+        response = await client.get(
+            "/v1/reports/summary?from=2026-11-01&to=2026-12-01",
+            headers={"Authorization": f"Bearer dnt_guess_{i}"})
+        await response.read()
+        return response.status
+
+    statuses = await asyncio.gather(*(guess(i) for i in range(80)))
+    assert set(statuses) <= {401, 429}, statuses
+    assert statuses.count(401) <= 20, (
+        f"{statuses.count(401)} wrong tokens from one address were looked up and answered 401 "
+        f"within the window; README allows 20, then 429")
+
+
+async def test_signing_in_again_then_out_leaves_no_earlier_session_of_the_browser_alive(
+    client: Client, pool: asyncpg.Pool,
+) -> None:
+    """A browser that signs in while it holds a session (a second tab left on the form, the
+    back button) has that session ended, not only its cookie overwritten: after Sign out, a
+    copy of the earlier cookie opens nothing either."""
+    token = await _token(pool, "finance", "reports:read")
+    first = await client.post("/staff/login", data={"token": token}, allow_redirects=False)
+    assert first.status == 303
+    old = {"Cookie": f"donations_staff={first.cookies['donations_staff'].value}"}
+    assert "Finance reports:" in await (await client.get("/staff/", headers=old)).text()
+
+    # the same browser signs in again, sending the cookie it holds
+    second = await client.post("/staff/login", data={"token": token}, headers=old,
+                               allow_redirects=False)
+    assert second.status == 303
+    new = {"Cookie": f"donations_staff={second.cookies['donations_staff'].value}"}
+    assert new != old
+    out = await client.post("/staff/logout", headers=new, allow_redirects=False)
+    assert out.status == 303
+
+    replay = await (await client.get("/staff/", headers=old)).text()
+    assert 'action="/staff/login"' in replay, (
+        "the session the browser held before signing in again still opens the finance page "
+        "after Sign out")
+
+
+async def test_a_401_names_the_bearer_scheme_in_www_authenticate(
+    client: Client, pool: asyncpg.Pool,
+) -> None:
+    """A 401 names the scheme it wants (RFC 9110 11.6.1; RFC 6750 3): `Bearer`, and
+    `error="invalid_token"` when a token was sent."""
+    for path in ("/v1/reports/summary?from=2026-11-01&to=2026-12-01", "/v1/campaigns",
+                 "/v1/reconciliation/runs"):
+        for headers in ({}, {"Authorization": "Bearer dnt_unknown"}):
+            response = await client.get(path, headers=headers)
+            assert response.status == 401, (path, response.status)
+            challenge = response.headers.get("WWW-Authenticate", "")
+            assert challenge.lower().startswith("bearer"), (path, headers, dict(response.headers))
+            assert ("invalid_token" in challenge) == bool(headers), challenge
