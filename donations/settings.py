@@ -106,7 +106,8 @@ class Settings:
         get = _Reader(env)
         return cls(
             database_url=get.secret("DATABASE_URL", check=_check_database_url),
-            data_dir=Path(get.text("DONATIONS_DATA_DIR") or ".donations"),
+            # (`~` as a shell would: set by Docker or systemd, it reaches us unexpanded)
+            data_dir=Path(get.text("DONATIONS_DATA_DIR") or ".donations").expanduser(),
             host=get.host("HOST", "127.0.0.1"),
             port=get.integer("PORT", 8080, low=0, high=65535),
             stripe_secret_key=get.secret("STRIPE_SECRET_KEY", check=_check_stripe_key),
@@ -195,9 +196,13 @@ def _check_database_url(value: str) -> str | None:
 
 
 def _check_stripe_key(value: str) -> str | None:
-    if not value.startswith(("sk_test_", "sk_live_", "rk_test_", "rk_live_")):
+    if not _STRIPE_KEY.fullmatch(value):
         return "must be a Stripe secret or restricted key (sk_test_…, sk_live_…, rk_…)"
     return None
+
+
+# A prefix and the key itself (letters, digits; the test suite's own use underscores too)
+_STRIPE_KEY = re.compile(r"(sk|rk)_(test|live)_[A-Za-z0-9_]+")
 
 
 # labels of letters, digits and inner hyphens, at most 63 each and 253 in all
@@ -227,7 +232,8 @@ class _Reader:
     def secrets(self, name: str, *, prefix: str) -> tuple[Secret, ...]:
         parts = [p.strip() for p in (self.text(name) or "").split(",") if p.strip()]
         for part in parts:
-            if not part.startswith(prefix):
+            if not part.startswith(prefix) or len(part) == len(prefix) or any(
+                    c.isspace() for c in part):
                 raise ConfigError(f"{name} must be one or more {prefix}… values, comma-separated")
         return tuple(Secret(p) for p in parts)
 
@@ -276,7 +282,8 @@ class _Reader:
         if raw is None:
             return None
         parts = urlsplit(raw)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
+        if parts.scheme not in ("http", "https") or not parts.netloc \
+                or any(c.isspace() for c in raw):
             raise ConfigError(f"{name} must be an http(s) URL, got {raw!r}")
         return raw.rstrip("/")
 

@@ -99,9 +99,13 @@ def test_stripe_mode_follows_the_key(key: str, mode: str) -> None:
         ("HOST", "[::1]"),
         ("HOST", "under_score.example"),
         ("STRIPE_SECRET_KEY", "pk_test_x"),
+        ("STRIPE_SECRET_KEY", "sk_test_"),  # a prefix, and no key after it
+        ("STRIPE_SECRET_KEY", "sk_live_abc def"),
         ("STRIPE_WEBHOOK_SECRET", "nope"),
         ("STRIPE_WEBHOOK_SECRET", "whsec_good,nope"),
+        ("STRIPE_WEBHOOK_SECRET", "whsec_"),
         ("STRIPE_API_BASE", "ftp://stripe.example"),
+        ("STRIPE_API_BASE", "http://exa mple"),
         ("SITE_ORIGINS", "https://a.org/path"),
         ("SITE_ORIGINS", "a.org"),
         ("REPORTING_CURRENCY", "pounds"),
@@ -130,6 +134,13 @@ def test_a_refused_secret_is_not_repeated_in_the_message(name: str, value: str) 
     with pytest.raises(ConfigError) as raised:
         Settings.from_env({name: value})
     assert "supersecret99" not in str(raised.value)
+
+
+def test_a_data_dir_under_home_is_expanded_as_a_shell_would() -> None:
+    """Set by Docker or systemd, `~` reaches the service unexpanded: it is the home folder, not a
+    folder named `~`."""
+    settings = Settings.from_env({"DONATIONS_DATA_DIR": "~/donations-data"})
+    assert settings.data_dir == Path.home() / "donations-data"
 
 
 def test_secrets_never_show_in_a_repr_or_str() -> None:
