@@ -44,10 +44,13 @@ WITHOUT_KEY_SECONDS = 3600
 _END = "DELETE FROM coupon_lookups WHERE coupon_id = $1"
 
 
-def event_id(coupon_id: str) -> str:
+def event_id(coupon_id: str, looked_up_at: int) -> str:
     """The synthetic event's id: a coupon's id is the account's own choice (`founding-supporter`),
-    not always made of the characters an event id may hold."""
-    return "evt_import_coupon_" + hashlib.sha256(coupon_id.encode()).hexdigest()[:40]
+    not always made of the characters an event id may hold. One per look-up (its time): a
+    coupon looked up again (a later `coupon.updated`, which leaves its options out, outranked
+    the one fetched) must be stored again, not taken for the earlier look-up's event."""
+    return (f"evt_import_coupon_{hashlib.sha256(coupon_id.encode()).hexdigest()[:40]}"
+            f"_{looked_up_at}")
 
 
 async def derive_users(pool: asyncpg.Pool, coupon_id: str, offer: FoundingOffer) -> bool:
@@ -97,8 +100,9 @@ async def run_once(
                 fees.log_failure("coupon_lookup_failed", attempts, exc, delay, coupon=coupon_id)
                 del left[coupon_id]
                 continue
-            body = synthetic_event(coupon, "coupon.updated", int(time.time()))
-            body["id"] = event_id(coupon_id)
+            now = int(time.time())
+            body = synthetic_event(coupon, "coupon.updated", now)
+            body["id"] = event_id(coupon_id, now)
             outcome = await ingest.ingest(pool, parse_event(body), json.dumps(body), offer,
                                           source="import")
             del left[coupon_id]
