@@ -60,8 +60,13 @@ async def derive_users(pool: asyncpg.Pool, coupon_id: str, offer: FoundingOffer)
     async def work(conn: asyncpg.Connection) -> bool:
         snapshot = await store.load_snapshot(conn, coupon_id)
         if coupon_id != offer.coupon_id:  # (the founding coupon's terms are the settings')
-            if snapshot is None or snapshot.kind != "coupon" or lacks_options(snapshot.data):
-                return False  # (an amount-off coupon's options come only when asked for)
+            if snapshot is None or snapshot.kind != "coupon":
+                return False
+            if lacks_options(snapshot.data) and await conn.fetchval(
+                    "SELECT EXISTS (SELECT 1 FROM subscriptions"
+                    " WHERE coupons && $1::text[] AND currency <> $2)",
+                    [coupon_id], snapshot.data.get("currency")):
+                return False  # its amount in another currency comes only when asked for
             await ingest.apply_snapshots(conn, [snapshot], offer, ingest.Plan.of([], offer))
         await conn.execute(_END, coupon_id)
         return True

@@ -307,8 +307,8 @@ async def apply_snapshots(
         found = [(own, discounts) for own, discounts
                  in (await store.load_subscriptions(conn, subscription_ids)).values()
                  if own is not None]
-        wanted = sorted({c for own, discounts in found
-                         for c in coupons_to_look_up(own, discounts, offer)})
+        needs = [(own, coupons_to_look_up(own, discounts, offer)) for own, discounts in found]
+        wanted = sorted({c for _, named in needs for c in named})
         # a discount committed since the look names a coupon not locked yet: locked now
         late = [COUPON_LOCK + c for c in wanted if COUPON_LOCK + c not in held.locked]
         await db.lock(conn, late)
@@ -317,9 +317,8 @@ async def apply_snapshots(
         # not known, or known from an event (without its options) while a subscription in
         # another currency uses it: asked of Stripe
         await store.queue_coupon_lookups(conn, sorted(
-            {c for c in wanted if c not in terms}
-            | {c for own, discounts in found for c in coupons_to_look_up(own, discounts, offer)
-               if c in terms and lacks_options(terms[c], own.get("currency"))}))
+            {c for own, named in needs for c in named
+             if c not in terms or lacks_options(terms[c], own.get("currency"))}))
         await store.put_rows(conn, "subscriptions", [
             derive_subscription(own, discounts, offer, terms) for own, discounts in found
         ])

@@ -176,6 +176,22 @@ async def test_an_amount_off_coupon_counts_in_the_subscriptions_currency(
     assert await _mrr(client) == {"amount": 750, "currency": "gbp"}
 
 
+async def test_an_amount_off_coupon_in_its_users_currency_needs_no_options(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """A £2.50-off coupon whose event came after the look-up was queued, used only by pound
+    subscriptions: its options (left out of the event) are not needed, so the look-up ends
+    without asking Stripe, with or without a key."""
+    world, coupon = _world_with_coupon(percent_off=None, amount_off=250, currency="gbp")
+    sub_id, events = _subscribed(world)
+    await post_all(client, events)
+    assert [r["coupon_id"] for r in await _lookups(pool)] == ["spring-20"]
+    await post_all(client, [_coupon_event(world, coupon)])
+    assert await coupons.run_once(pool, None, OFFER) == 1
+    assert await _lookups(pool) == []
+    assert (await _row(pool, sub_id))["amount_off"] == 250
+
+
 async def test_the_worker_derives_the_users_of_a_coupon_kept_since_it_was_queued(
     client: Client, pool: asyncpg.Pool
 ) -> None:
