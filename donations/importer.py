@@ -441,7 +441,7 @@ SELECT DISTINCT p.id FROM stripe_objects c
 # flight: a bank debit pending, an authorisation not captured, a payment intent processing, a
 # Checkout payment by bank debit not yet paid, an invoice open or draft. What became of them
 # may lie in the span the import covers, which no listing by creation date reaches: each is
-# asked for again. (object, id, the path to retrieve it, the event type it is stored as)
+# asked for again.
 _UNFINISHED = """
 SELECT object, id FROM stripe_objects
  WHERE (data ->> 'created')::bigint < $1
@@ -456,6 +456,8 @@ SELECT object, id FROM stripe_objects
         OR (object = 'invoice' AND data ->> 'status' IN ('draft', 'open')))
  ORDER BY object, id
 """
+# Per kind of object asked for again: the path to retrieve it, the operation (for the logs),
+# and the event type it is stored as.
 _RETRIEVE = {
     "charge": ("/v1/charges", "charges.retrieve", "charge.updated"),
     "payment_intent": ("/v1/payment_intents", "payment_intents.retrieve",

@@ -134,10 +134,15 @@ class _BadRequestQuietly(logging.Filter):
             record.args = None
             record.exc_info = None
             record.exc_text = None
-            record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
-            # the logger let it through at ERROR; at info it is written only when info is
-            return logging.getLogger(record.name).isEnabledFor(logging.INFO)
+            return _as_info(record)
         return True
+
+
+def _as_info(record: logging.LogRecord) -> bool:
+    """Lower a record to info; whether it is still to be written (the logger let it through
+    at its own level; at info it is written only when info is)."""
+    record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
+    return logging.getLogger(record.name).isEnabledFor(logging.INFO)
 
 
 class _SlowStartQuietly(logging.Filter):
@@ -148,8 +153,7 @@ class _SlowStartQuietly(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno > logging.INFO and str(record.msg).startswith("Timeout starting"):
-            record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
-            return logging.getLogger(record.name).isEnabledFor(logging.INFO)
+            return _as_info(record)
         return True
 
 
