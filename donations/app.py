@@ -9,10 +9,14 @@ import os
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from http import HTTPStatus
 
 import stripe
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 
 from donations import (
     auth,
@@ -46,7 +50,7 @@ from donations.appkeys import (
 )
 from donations.errors import ApiError, client_hung_up
 from donations.ledger import FoundingOffer
-from donations.logging import REQUEST_ID
+from donations.logging import REQUEST_ID, parser_reason
 from donations.metrics import Metrics, gauge
 from donations.seats import FoundingSeats
 from donations.settings import Settings
@@ -326,11 +330,7 @@ def error_answer(request: web.Request, exc: Exception) -> web.Response:
         request.content.feed_eof()
         return response
     if isinstance(exc, web.HTTPException):
-        code = re.sub(r"[^a-z]+", "_", (exc.reason or "error").lower()).strip("_")
-        return web.json_response(
-            {"error": {"code": code, "message": exc.reason}}, status=exc.status,
-            headers={k: v for k, v in exc.headers.items() if k.lower() == "allow"},
-        )
+        return _http_error_answer(exc)
     if isinstance(exc, db.DatabaseUnavailable):
         log.warning("database_unavailable", error=str(exc))
         return web.json_response(
@@ -349,6 +349,69 @@ def error_answer(request: web.Request, exc: Exception) -> web.Response:
     return web.json_response(
         {"error": {"code": "internal_error", "message": "something went wrong on our side"}},
         status=500,
+    )
+
+
+class Runner(web.AppRunner):
+    """aiohttp's AppRunner, whose connections answer what never reaches a route as the service
+    answers everything else (`_ConnectionHandler`)."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _Server  # the one that makes the connections' handlers: ours
+        return server
+
+
+class _Server(web.Server):
+    def __call__(self) -> RequestHandler:
+        # (aiohttp's own __call__, with our handler: no subclass hook is offered)
+        return _ConnectionHandler(self, loop=self._loop, **self._kwargs)
+
+
+class _ConnectionHandler(RequestHandler):
+    """What answers a request aiohttp's HTTP parser refuses before any route sees it (a
+    Content-Length that is no number or comes with chunked encoding, a header line too long, a
+    NUL in a header, `OPTIONS *`), or a failure outside the routes' own handling: a JSON error in
+    the contract's shape with an X-Request-ID, not aiohttp's plain text. aiohttp still logs it
+    (lowered to one info line for the parser's refusals: donations/logging.py), with the id."""
+
+    def handle_error(self, request: BaseRequest, status: int = 500,
+                     exc: BaseException | None = None, message: str | None = None
+                     ) -> web.StreamResponse:
+        # a parser's refusal came with no headers to read an id from; a failure after a route
+        # began has the route's
+        request_id = (REQUEST_ID.get() if status != 400 else None) or _request_ids.next()
+        REQUEST_ID.set(request_id)
+        super().handle_error(request, status, exc, message)  # logs it; refuses if sent already
+        if isinstance(exc, HttpProcessingError):
+            code, text = "malformed_request", f"not a valid HTTP request: {parser_reason(exc)}"
+        elif status >= 500:
+            code, text = "internal_error", "something went wrong on our side"
+        else:  # (another refusal of aiohttp's own: none is made today)
+            phrase = HTTPStatus(status).phrase
+            code, text = re.sub(r"[^a-z]+", "_", phrase.lower()).strip("_"), phrase
+        response = web.json_response({"error": {"code": code, "message": text}}, status=status,
+                                     headers={"X-Request-ID": request_id})
+        response.force_close()  # what follows on the connection cannot be read either
+        return response
+
+    async def finish_response(self, request: BaseRequest, resp: web.StreamResponse,
+                              start_time: float | None) -> tuple[web.StreamResponse, bool]:
+        if isinstance(resp, web.HTTPException) and resp.status >= 400:
+            # raised before any route: a request-target no route's path can match (`OPTIONS *`)
+            # (the routes answer their own errors, and let only redirects through raised)
+            error = _http_error_answer(resp)
+            error.headers["X-Request-ID"] = _request_ids.next()
+            resp = error
+        return await super().finish_response(request, resp, start_time)
+
+
+def _http_error_answer(exc: web.HTTPException) -> web.Response:
+    """aiohttp's 404, 405… in the contract's shape."""
+    code = re.sub(r"[^a-z]+", "_", (exc.reason or "error").lower()).strip("_")
+    return web.json_response(
+        {"error": {"code": code, "message": exc.reason}}, status=exc.status,
+        headers={k: v for k, v in exc.headers.items() if k.lower() == "allow"},
     )
 
 

@@ -274,10 +274,12 @@ async def _serve(app: web.Application, host: str, port: int) -> int:
     the cleanup contexts run (pool, workers, embedded server). A host that does not resolve or
     a port taken by another process is one line through the log and exit status 1, not a
     traceback."""
+    from donations.app import Runner  # noqa: PLC0415 - keeps `--help` fast
+
     # A client that hangs up does not cancel its request (handler_cancellation): a checkout goes
     # on to store the session Stripe made, so that the reader's retry with its key gets it.
-    runner = web.AppRunner(app, handle_signals=True, access_log=None,
-                           shutdown_timeout=SHUTDOWN_TIMEOUT, handler_cancellation=False)
+    runner = Runner(app, handle_signals=True, access_log=None,
+                    shutdown_timeout=SHUTDOWN_TIMEOUT, handler_cancellation=False)
     try:
         await runner.setup()
         try:

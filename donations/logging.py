@@ -126,16 +126,21 @@ class _BadRequestQuietly(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
         if record.levelno > logging.INFO and isinstance(error, HttpProcessingError):
-            # aiohttp's is lines, with a caret under the request's bytes, which it quotes
-            # (a header line whole, an Authorization or Cookie among them): left out
-            reason = " ".join(_QUOTED_BYTES.sub("<request bytes>", error.message).split())
-            reason = reason.replace("^", "").strip()
+            reason = parser_reason(error)
             record.msg = f"{record.getMessage()} ({type(error).__name__}: {reason})"
             record.args = None
             record.exc_info = None
             record.exc_text = None
             return _as_info(record)
         return True
+
+
+def parser_reason(error: HttpProcessingError) -> str:
+    """What aiohttp's HTTP parser found wrong, on one line. aiohttp's message is lines, with a
+    caret under the request's bytes, which it quotes (a header line whole, an Authorization or
+    Cookie among them): those are left out."""
+    reason = " ".join(_QUOTED_BYTES.sub("<request bytes>", error.message or "").split())
+    return reason.replace("^", "").strip() or "not a request"
 
 
 def _as_info(record: logging.LogRecord) -> bool:

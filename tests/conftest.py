@@ -19,11 +19,12 @@ import aiohttp
 import asyncpg
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 from pytest_aiohttp import AiohttpClient
 
 from donations import db
-from donations.app import create_app
+from donations.app import Runner, create_app
+from donations.appkeys import SETTINGS
 from donations.settings import Secret, Settings
 
 WEBHOOK_SECRET = "whsec_test_secret_for_the_donations_suite"
@@ -140,6 +141,29 @@ def make_settings(dsn: str, **overrides: object) -> Settings:
 
 
 Client = TestClient[web.Request, web.Application]
+
+
+class ServiceServer(TestServer):
+    """aiohttp's test server, serving the app as `donations serve` does (donations.app.Runner:
+    what aiohttp's HTTP parser refuses is answered in the service's own shape)."""
+
+    async def _make_runner(self, **kwargs: Any) -> Runner:
+        return Runner(self.app, **kwargs)
+
+
+@pytest.fixture
+def aiohttp_client(aiohttp_client: AiohttpClient) -> AiohttpClient:
+    """pytest-aiohttp's, with the service's app (not the fake Stripe's) in a ServiceServer."""
+
+    async def serve(app: Any, *args: Any, server_kwargs: dict[str, Any] | None = None,
+                    **kwargs: Any) -> Any:
+        if isinstance(app, web.Application) and SETTINGS in app:
+            app = ServiceServer(app, **(server_kwargs or {}))
+        elif server_kwargs is not None:
+            kwargs["server_kwargs"] = server_kwargs
+        return await aiohttp_client(app, *args, **kwargs)
+
+    return serve  # type: ignore[return-value]
 
 
 @pytest.fixture

@@ -97,6 +97,13 @@ async def test_serve_ledgers_signed_events_and_stops_cleanly_on_sigterm(
         again = random.Random(5).sample(world.events * 2, k=2 * len(world.events))
         answers = await asyncio.gather(*(_post(base, again[i::8]) for i in range(8)))
         assert {status for batch in answers for status in batch} == {200}
+        # what aiohttp's parser refuses is answered in the service's shape here too
+        reader, writer = await asyncio.open_connection("127.0.0.1", int(env["PORT"]))
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Probe: a\x00b\r\n\r\n")
+        refused = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        assert b" 400 " in refused.split(b"\r\n", 1)[0], refused
+        assert b"\r\n\r\n{\"error\": {\"code\": \"malformed_request\"" in refused, refused
     assert first == await dump(pool) == reference(world.events)
     assert 'donations_ledger_contributions{currency="gbp",kind="one_off"} 1' in metrics
 

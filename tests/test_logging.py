@@ -7,6 +7,7 @@ import asyncio
 import io
 import json
 import logging
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -203,6 +204,61 @@ async def test_a_request_aiohttp_cannot_parse_is_one_info_line_without_a_traceba
     assert "\n" not in line["event"], line
     assert "exception" not in line
     assert "Traceback" not in info_logs.text
+
+
+_REFUSED_BY_THE_PARSER = {
+    **_MALFORMED_REQUESTS,
+    "content-length-and-chunked": b"POST /webhooks/stripe HTTP/1.1\r\nHost: x\r\n"
+                                  b"Content-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n",
+    "header-line-too-long": b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Request-ID: "
+                            + b"r" * 9000 + b"\r\nConnection: close\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("request_bytes", list(_REFUSED_BY_THE_PARSER.values()),
+                         ids=list(_REFUSED_BY_THE_PARSER))
+async def test_a_request_aiohttp_cannot_parse_gets_a_json_error_with_a_request_id(
+    info_logs: Output, client: Client, request_bytes: bytes
+) -> None:
+    """What aiohttp's HTTP parser refuses before any route sees it is answered as every other
+    bad input is: 400, a JSON error naming the problem (never the request's bytes quoted back),
+    an X-Request-ID that the log line about it carries too, and the connection closed."""
+    head, body = await _raw_exchange(client, request_bytes)
+    assert head[0].split(b" ")[1] == b"400", head
+    headers = {k.strip().lower(): v.strip() for k, _, v in
+               (line.decode("latin-1").partition(":") for line in head[1:])}
+    assert headers["content-type"].startswith("application/json"), headers
+    error = json.loads(body)["error"]
+    assert error["code"] == "malformed_request", error
+    assert error["message"].startswith("not a valid HTTP request: "), error
+    assert "\\x" not in error["message"] and "rrrrrrrr" not in error["message"], error
+    request_id = headers["x-request-id"]
+    assert re.fullmatch(r"[0-9a-f]{32}", request_id), request_id
+    await asyncio.sleep(0.1)
+    (line,) = [line for line in info_logs.lines() if line["logger"] == "aiohttp.server"]
+    assert line["request_id"] == request_id, line
+
+
+async def test_a_request_target_no_route_can_match_gets_a_json_404(client: Client) -> None:
+    """`OPTIONS *` (the asterisk form, which some probes and proxies send) never reaches the
+    routes: aiohttp's router refuses it itself, and the answer is still the service's."""
+    head, body = await _raw_exchange(
+        client, b"OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert head[0].split(b" ")[1] == b"404", head
+    assert json.loads(body) == {"error": {"code": "not_found", "message": "Not Found"}}
+    assert any(line.lower().startswith(b"x-request-id: ") for line in head), head
+
+
+async def _raw_exchange(client: Client, request: bytes) -> tuple[list[bytes], bytes]:
+    """Send the bytes as they are; the answer's status and header lines, and its body."""
+    server = client.server
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    writer.write(request)
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(), 10)  # until aiohttp closes the connection
+    writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return head.split(b"\r\n"), body
 
 
 @pytest.mark.parametrize(("header", "secret"), [
