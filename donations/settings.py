@@ -109,7 +109,8 @@ class Settings:
             # (`~` as a shell would: set by Docker or systemd, it reaches us unexpanded)
             data_dir=Path(get.text("DONATIONS_DATA_DIR") or ".donations").expanduser(),
             host=get.host("HOST", "127.0.0.1"),
-            port=get.integer("PORT", 8080, low=0, high=65535),
+            port=get.integer("PORT", 8080, low=1, high=65535),  # (0, "any free port", would leave
+            # nobody knowing where the service listens)
             stripe_secret_key=get.secret("STRIPE_SECRET_KEY", check=_check_stripe_key),
             stripe_webhook_secrets=get.secrets("STRIPE_WEBHOOK_SECRET", prefix="whsec_"),
             stripe_api_base=get.url("STRIPE_API_BASE"),

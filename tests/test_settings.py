@@ -95,6 +95,7 @@ def test_stripe_mode_follows_the_key(key: str, mode: str) -> None:
         ("PORT", "abc"),
         ("PORT", "70000"),
         ("PORT", "-1"),
+        ("PORT", "0"),  # "any free port": nobody would know where it listens
         ("HOST", "not a host!"),
         ("HOST", "[::1]"),
         ("HOST", "under_score.example"),
