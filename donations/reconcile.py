@@ -451,7 +451,13 @@ async def _locked_run(state: _Run, trigger: str, since: int | None, now: int | N
 
 
 async def _finish(pool: asyncpg.Pool, result: RunResult, error: str | None) -> None:
-    with contextlib.suppress(db.DatabaseUnavailable, *db.UNAVAILABLE_ERRORS):
+    """Read the run's outcome (what is still open) and record it. After a run that failed, a
+    database gone too is suppressed (the run's own error is what the caller raises); after one
+    that did its work, it is raised: a run that cannot read what is open cannot say the ledger
+    matches."""
+    outage: tuple[type[BaseException], ...] = (
+        (db.DatabaseUnavailable, *db.UNAVAILABLE_ERRORS) if error else ())
+    with contextlib.suppress(*outage):
         async with db.connection(pool) as conn:
             result.open = [_discrepancy(r) for r in await conn.fetch(
                 "SELECT * FROM reconciliation_discrepancies WHERE resolved_at IS NULL ORDER BY id"
@@ -635,6 +641,17 @@ _REFUND_FIELDS = ("id", "status", "amount", "currency", "balance_transaction")
 _DISPUTE_FIELDS = ("id", "status", "amount", "currency", "amount_held")
 
 
+# The payments holding any of $1 (balance transactions) as a failed earlier try's (sql/032).
+_EARLIER_TRIES = f"""
+SELECT booked_balance_transaction AS booked, failure_balance_transaction AS failure,
+       {', '.join(_PAYMENT_FIELDS)}
+  FROM payments
+ WHERE booked_balance_transaction IS NOT NULL
+   AND (booked_balance_transaction = any($1::text[])
+        OR failure_balance_transaction = any($1::text[]))
+"""  # noqa: S608 - constants, not input
+
+
 def compare_payment(charge: str, bt: dict[str, Any], row: asyncpg.Record | None,
                     reversals: list[dict[str, Any]] | None = None) -> list[Discrepancy]:
     """A charge's balance transaction against its payment row (pure: no repair here).
@@ -720,6 +737,10 @@ def compare_dispute(dispute: str, bt: dict[str, Any], row: asyncpg.Record | None
         return [found("missing_in_ledger")]
     if bt.get("reporting_category") == "dispute_reversal":
         return [] if row["status"] == "won" else [found("status_mismatch")]
+    if row["status"] in _DISPUTES_WITHOUT_MONEY:
+        # Stripe withdrew money for what the ledger holds as an inquiry (no money held): the
+        # chargeback's events never reached the ledger
+        return [found("status_mismatch")]
     if not _settles_as(row["amount"], row["currency"], -int(bt.get("amount") or 0), bt):
         return [found("amount_mismatch")]
     return []
@@ -941,8 +962,20 @@ async def _compare(state: _Run, start: int, end: int, *, reexamine: bool
             f"SELECT {', '.join(_DISPUTE_FIELDS)} FROM disputes "  # noqa: S608
             "WHERE id = any($1::text[])", list(by_object["dispute"]) + [
                 i for o, i in missing_at_stripe if o == "dispute"])}
+        # A bank debit's earlier try, booked by Stripe and reversed when the bank refused it,
+        # whose payment a later charge of the same payment intent collected: the payment keeps
+        # that try's two transactions (sql/032), found by their ids (the partial index).
+        others = [bt["id"] for charge, bts in by_object["payment"].items()
+                  if charge not in payments for bt in bts]
+        tries: dict[str, asyncpg.Record] = {}
+        for r in await conn.fetch(_EARLIER_TRIES, others) if others else []:
+            tries.update({r["booked"]: r, r["failure"]: r} if r["failure"] else {r["booked"]: r})
+    earlier_tries = {charge for charge, bts in by_object["payment"].items()
+                     if charge not in payments and all(bt["id"] in tries for bt in bts)}
     await _find_uncaptured_parts(state, by_object["payment"], payments)
-    in_flight = await _debits_in_flight(state, by_object["payment"], payments)
+    in_flight = await _debits_in_flight(
+        state, {c: bts for c, bts in by_object["payment"].items() if c not in earlier_tries},
+        payments)
 
     discrepancies: list[Discrepancy] = []
     async with db.connection(state.pool) as conn:
@@ -951,6 +984,9 @@ async def _compare(state: _Run, start: int, end: int, *, reexamine: bool
         agreeing: list[dict[str, Any]] = []
         for charge, bts in by_object["payment"].items():
             if charge in in_flight:  # its outcome is compared once the ledger has it
+                continue
+            if charge in earlier_tries:  # the ledger holds each of its transactions as Stripe
+                agreeing += bts
                 continue
             row = payments.get(charge)
             # a partial capture's reversals: compared with the charge's own transaction

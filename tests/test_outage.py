@@ -19,7 +19,7 @@ import structlog
 from aiohttp import web
 from pytest_aiohttp import AiohttpClient
 
-from donations import db
+from donations import db, reconcile
 from donations.app import create_app
 from donations.appkeys import POOL
 from tests.conftest import (
@@ -34,6 +34,9 @@ from tests.conftest import (
 from tests.fakestripe.signing import signed_request
 from tests.fakestripe.world import World
 from tests.ledger_check import dump, reference
+from tests.test_fees import stripe_against
+from tests.test_reconcile import OFFER as RECONCILE_OFFER
+from tests.test_reconcile import START as RECONCILE_START
 from tests.webhook_helpers import post_event
 
 ANSWER_TIMEOUT = 20.0  # no answer may take longer: a hang fails the test instead of the suite
@@ -320,3 +323,32 @@ async def test_a_webhook_groups_connection_killed_mid_transaction_is_503_and_rol
         assert status == 200, body
     assert await dump(pool) == reference(paid.events)
     assert (await client.get("/readyz")).status == 200
+
+
+async def test_a_reconciliation_that_cannot_read_its_outcome_never_says_the_ledger_matches(
+    refusing_database: tuple[str, str], server_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stripe settled another amount than the ledger has (an amount_mismatch, stored open);
+    then the database stops taking connections (a fail-over, maintenance) just as the run
+    reads back what is still open. The run cannot know whether the ledger matches: it fails
+    (`reconcile` exits 1), never answering `matches` with the empty list of open discrepancies
+    it could not read (the command printed "the ledger matches Stripe" and exited 0)."""
+    url, name = refusing_database
+    world = World(seed=88003)
+    paid = world.one_off(4000, "gbp")
+    world.balance_transactions[str(paid.balance_transaction)]["amount"] += 100
+    compare = reconcile._compare_window
+
+    async def compare_then_fail_over(*args: Any, **kwargs: Any) -> None:
+        await compare(*args, **kwargs)  # the real comparison, then the real outage
+        await _stop_accepting_connections(server_dsn, name)
+
+    monkeypatch.setattr(reconcile, "_compare_window", compare_then_fail_over)
+    pool = await db.create_pool(url)
+    try:
+        async with stripe_against(world) as (_, stripe_client):
+            with pytest.raises(db.DatabaseUnavailable):
+                await reconcile.run(pool, stripe_client, RECONCILE_OFFER, since=RECONCILE_START,
+                                    now=world.now + 60)
+    finally:
+        pool.terminate()

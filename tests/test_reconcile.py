@@ -1888,3 +1888,71 @@ async def test_a_resumed_since_window_does_not_move_the_checkpoint_past_unread_e
         world.advance(3600)
         third = await reconcile.run(pool, stripe_client, OFFER, now=world.now)
     assert await _subscription_status(pool, sub.subscription) == "canceled", third.summary()
+
+
+async def test_a_withdrawal_for_a_dispute_the_ledger_has_as_an_inquiry_is_reported(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """The ledger has a dispute as an inquiry (warning_under_review: no money held, the payment
+    still counts in full) while Stripe escalated it and withdrew the amount: the escalation's
+    events are past the 30 days Stripe lists, so no run can replay them, but the withdrawal's
+    balance transaction is compared. Its amount agrees with the dispute's, its status does not
+    (an inquiry moves no money: Stripe has no balance transaction for one): that is a
+    status_mismatch, and the run must not say the ledger matches."""
+    world = World(seed=88002)
+    paid = world.one_off(5000, "gbp")
+    disputed = world.dispute(paid.charge, inquiry=True)  # escalated, awaiting evidence
+    escalation = [e for e in disputed.events
+                  if e["type"] == "charge.dispute.funds_withdrawn"
+                  or (e["data"]["object"].get("status") == "needs_response")]
+    assert len(escalation) == 2
+    await post_all(client, [e for e in world.events if e not in escalation])
+    assert await pool.fetchval("SELECT status FROM disputes WHERE id = $1",
+                               disputed.dispute) == "warning_under_review"
+    world.events[:] = [e for e in world.events if e not in escalation]  # no longer listed
+    world.advance(31 * 86400)
+    result = await _run(pool, world)
+    assert [(d.kind, d.object, d.stripe_id) for d in result.open] == [
+        ("status_mismatch", "dispute", disputed.dispute)], result.summary()
+    assert not result.matches
+
+
+async def test_a_failed_bank_debit_retried_on_the_same_payment_intent_is_no_discrepancy(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """A SEPA renewal: the first debit of the invoice's payment intent is booked by Stripe when
+    submitted and reversed when the bank refuses it (charge `failed`, with its
+    `balance_transaction` and `failure_balance_transaction`); Smart Retries then collect the
+    same payment intent with a new charge. The ledger has one payment (the retry's charge) and
+    keeps the failed charge's booking and reversal beside it (booked_/failure_balance_transaction,
+    sql/032). Stripe and the ledger agree: the booking and its reversal cancel out and belong to
+    a payment the ledger has. Reconciliation must not report the failed charge as a payment
+    missing in the ledger (a discrepancy no import or event could ever close)."""
+    world = World(seed=88004)
+    started = world.subscribe(3000, "eur")
+    failed = world.fail_renewal(started.subscription)
+    assert failed.charge
+    charge = world.objects[failed.charge]
+    # the failed attempt was a bank debit Stripe had booked, then reversed
+    booking = world._charge_bt(charge, type="payment")
+    reversal = world._bt(
+        amount=-int(booking["amount"]), currency=world.settlement_currency,
+        source=charge["id"], type="payment_failure_refund",
+        reporting_category="charge_failure", exchange_rate=booking["exchange_rate"],
+        description="PAYMENT FAILURE")
+    for obj in [charge] + [e["data"]["object"] for e in failed.events
+                           if e["data"]["object"].get("id") == charge["id"]]:
+        obj.update(balance_transaction=booking["id"],
+                   failure_balance_transaction=reversal["id"])
+    retried = world.retry_renewal(started.subscription)
+    assert retried.charge and retried.charge != failed.charge
+    await post_all(client, world.events)
+    row = await pool.fetchrow(
+        "SELECT status, charge, booked_balance_transaction, failure_balance_transaction"
+        " FROM payments WHERE payment_key = $1", retried.payment_intent)
+    assert dict(row or {}) == {"status": "succeeded", "charge": retried.charge,
+                               "booked_balance_transaction": booking["id"],
+                               "failure_balance_transaction": reversal["id"]}
+    result = await _run(pool, world)
+    assert [(d.kind, d.object, d.stripe_id) for d in result.open] == [], result.summary()
+    assert result.matches
