@@ -15,7 +15,8 @@ from donations.appkeys import POOL, SETTINGS, TOTALS
 from donations.errors import Conflict, Unprocessable
 from donations.money import Money
 
-SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}\Z")  # (\Z: `$` would let a final newline by)
+MAX_GOAL = 10**12  # minor units, as inputs.money bounds any amount
 _FIELDS = frozenset({"slug", "title", "goal", "starts", "ends"})  # of POST /v1/campaigns
 
 routes = web.RouteTableDef()
@@ -60,8 +61,9 @@ def validate(
         raise Unprocessable("invalid_title", "a title is 1 to 200 printable characters",
                             field="title")
     if goal is not None:
-        if goal <= 0:
-            raise Unprocessable("out_of_range", "goal must be above zero", field="goal")
+        if not 0 < goal <= MAX_GOAL:
+            raise Unprocessable("out_of_range", f"goal must be above zero and at most {MAX_GOAL}",
+                                field="goal")
         # totals are given in the reporting currency, so a goal in another one could not be
         # compared with them without guessing an exchange rate
         if (currency or reporting_currency) != reporting_currency:

@@ -444,7 +444,7 @@ def _ready_within(pgdata: Path, seconds: float) -> bool:
     while time.monotonic() < deadline:
         try:
             info = PostmasterInfo.read_from_pgdata(pgdata)
-        except (OSError, ValueError, IndexError, KeyError):  # (being written)
+        except (OSError, ValueError, IndexError, KeyError, AssertionError):  # (being written)
             info = None
         else:
             if info is None or not info.is_running():
@@ -502,13 +502,25 @@ def _closed_parents(data_dir: Path) -> list[tuple[Path, int]]:
 
 
 def _forget_dead_handles(path: Path) -> None:
-    """Drop from the wheel's list of processes using the server those that no longer run."""
-    if not path.exists():
+    """Drop from the wheel's list of processes using the server those that no longer run. The
+    wheel rewrites the list in place (truncated, then written): one left empty or cut short by a
+    process killed in between is read as no process (the wheel would otherwise fail on it at
+    every start), and each list is written whole under a temporary name, then renamed."""
+    try:
+        pids = json.loads(path.read_text())
+        if not isinstance(pids, list) or not all(type(pid) is int for pid in pids):
+            raise ValueError("not a list of process ids")
+    except FileNotFoundError:
         return
-    pids = json.loads(path.read_text())
-    alive = [pid for pid in pids if _running(int(pid))]
+    except ValueError as exc:  # (a JSONDecodeError too)
+        log.warning("embedded_postgres_process_list_unreadable", path=str(path),
+                    error=str(exc)[:200])
+        pids = None
+    alive = [pid for pid in pids or [] if _running(pid)]
     if alive != pids:
-        path.write_text(json.dumps(alive))
+        written = path.with_name(path.name + ".new")
+        written.write_text(json.dumps(alive))
+        written.replace(path)
 
 
 def _drop_stale_pid_file(pgdata: Path) -> None:
@@ -523,10 +535,20 @@ def _drop_stale_pid_file(pgdata: Path) -> None:
     pid_file = pgdata / "postmaster.pid"
     proc = Path("/proc")
     try:
-        pid = int(pid_file.read_text().split("\n", 1)[0])
+        first = pid_file.read_text().split("\n", 1)[0]
+    except OSError:
+        return  # no file
+    if not first.strip() and proc.is_dir() and not _postgres_in(pgdata):
+        # empty: "the remnant of a previous server startup crash" (PostgreSQL's words; it
+        # refuses to start while it is there), no server being started on the folder now
+        log.warning("embedded_postgres_empty_pid_file", path=str(pid_file))
+        pid_file.unlink(missing_ok=True)
+        return
+    try:
+        pid = int(first)
         name = (proc / str(pid) / "comm").read_text().strip()
     except (OSError, ValueError):
-        return  # no file, no /proc, or no such process
+        return  # no /proc, or no such process
     try:
         ours = name == "postgres" and Path(os.readlink(proc / str(pid) / "cwd")) == pgdata.resolve()
     except OSError:  # another user's process: not a server this service started
@@ -534,6 +556,21 @@ def _drop_stale_pid_file(pgdata: Path) -> None:
     if not ours:
         log.warning("embedded_postgres_stale_pid_file", pid=pid, process=name[:40])
         pid_file.unlink(missing_ok=True)
+
+
+def _postgres_in(pgdata: Path) -> bool:
+    """Whether a PostgreSQL process (of any user whose processes /proc shows) runs in
+    `pgdata`."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "comm").read_text().strip() == "postgres" \
+                    and Path(os.readlink(entry / "cwd")) == pgdata.resolve():
+                return True
+        except OSError:  # gone meanwhile, or another user's
+            continue
+    return False
 
 
 def _running(pid: int) -> bool:

@@ -24,11 +24,12 @@ _QUOTED_BYTES = re.compile(r"""b(['"]).*?(?<!\\)\1""", re.DOTALL)
 # An address in free text (an error message, a traceback): a local part of any characters an
 # address may hold (RFC 5322's atext and dots, and letters beyond ASCII), then a domain: any
 # dotted name or none (`example.c`, `192.168.10.20`, `localhost` are masked too: a typo a reader
-# made is still their address), or an address literal. Quotes, brackets, spaces and separators
-# end it, so a quoted or listed address is found too.
+# made is still their address), or an address literal. Double quotes, brackets, spaces and
+# separators end it, so a quoted or listed address is found too; `= / ? & # '` do not: an address
+# may hold them (checkout takes `jane=news@…`), and a path or query before one is masked with it.
 # (found from each "@": at most 64 characters back, as RFC 5321 allows, and a bounded domain
 # forward, so a long text, say a request path, costs time in proportion to its length)
-_LOCAL_ENDS = frozenset(" \t\r\n\f\v@<>()[]\\,;:\"'/?=&#")
+_LOCAL_ENDS = frozenset(" \t\r\n\f\v@<>()[]\\,;:\"")
 _EMAIL_DOMAIN = re.compile(r"\[[^\]\s]{1,64}\]|[\w-]{1,63}(?:\.[\w-]{1,63}){0,8}")
 
 # The id of the request being handled: set by the request context (donations/app.py), added

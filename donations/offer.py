@@ -146,6 +146,8 @@ def parse_overrides(text: str | None) -> Mapping[str, Any]:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise OfferError(f"is not valid JSON ({exc.msg})") from None
+    except (ValueError, RecursionError):  # an integer of thousands of digits, nesting too deep
+        raise OfferError("is not valid JSON (a number too long or nesting too deep)") from None
     if not isinstance(value, dict):
         raise OfferError("must be a JSON object of currencies")
     return value

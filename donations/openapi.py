@@ -378,6 +378,7 @@ SPEC["paths"].update({
         "summary": "Currencies, suggested amounts and limits, and the founding offer",
         "responses": {
             "200": _json({"type": "object"}, "What the forms offer"),
+            "403": _error("A browser Origin not on SITE_ORIGINS (origin_not_allowed)"),
             "503": _error("The database is unavailable or busy; see Retry-After"),
         },
     }},
@@ -476,9 +477,10 @@ SPEC["paths"].update({
     "/embed/{slug}": _public("The widget as a self-contained page for an iframe", "text/html",
                              {"type": "string"}, campaign=True),
     "/embed.js": {"get": {"summary": "The script that fills <div data-donations-campaign> "
-                          "elements (under 5 KB)", "responses": {"200": {
-                              "description": "JavaScript", "content": {"text/javascript": {
-                                  "schema": {"type": "string"}}}}}}},
+                          "elements (under 5 KB)", "responses": {
+                              "200": {"description": "JavaScript", "content": {
+                                  "text/javascript": {"schema": {"type": "string"}}}},
+                              "304": {"description": "Not modified (If-None-Match)"}}}},
 })
 
 # the embed page is shown inside the site's iframe: its 404 is a page saying so, not JSON

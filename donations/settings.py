@@ -106,8 +106,7 @@ class Settings:
         get = _Reader(env)
         return cls(
             database_url=get.secret("DATABASE_URL", check=_check_database_url),
-            # (`~` as a shell would: set by Docker or systemd, it reaches us unexpanded)
-            data_dir=Path(get.text("DONATIONS_DATA_DIR") or ".donations").expanduser(),
+            data_dir=get.folder("DONATIONS_DATA_DIR", ".donations"),
             host=get.host("HOST", "127.0.0.1"),
             port=get.integer("PORT", 8080, low=1, high=65535),  # (0, "any free port", would leave
             # nobody knowing where the service listens)
@@ -278,14 +277,30 @@ class _Reader:
                               f"{', '.join(sorted(STRIPE_MINIMUM))}")
         return raw
 
+    def folder(self, name: str, default: str) -> Path:
+        """A folder; a leading `~` or `~user` read as a shell would (set by Docker or systemd,
+        it reaches us unexpanded)."""
+        raw = self.text(name) or default
+        try:
+            return Path(raw).expanduser()
+        except RuntimeError:  # `~someone` who is no user here
+            raise ConfigError(f"{name}: {raw!r} starts with the home folder of a user this "
+                              "machine does not have") from None
+
     def url(self, name: str) -> str | None:
         raw = self.text(name)
         if raw is None:
             return None
-        parts = urlsplit(raw)
-        if parts.scheme not in ("http", "https") or not parts.netloc \
-                or any(c.isspace() for c in raw):
-            raise ConfigError(f"{name} must be an http(s) URL, got {raw!r}")
+        try:
+            parts = urlsplit(raw)
+            # reading the port checks it: one that is no number, or above 65535, raises
+            usable = parts.scheme in ("http", "https") and bool(parts.hostname) \
+                and parts.port != 0
+        except ValueError:  # an unclosed `[`, a port that is no number
+            usable = False
+        if not usable or any(c.isspace() for c in raw):
+            raise ConfigError(f"{name} must be an http(s) URL with a host (and a port from 1 "
+                              f"to 65535, if any), got {raw!r}")
         return raw.rstrip("/")
 
     def amounts(self, currencies_name: str, amounts_name: str, percent_off: int) -> AmountTable:

@@ -19,6 +19,7 @@ from pytest_aiohttp import AiohttpClient
 
 from donations import db
 from donations.app import install_routes
+from donations.checkout import _EMAIL
 from donations.errors import BadRequest
 from donations.logging import _scrub, configure, mask_email, redact
 from donations.metrics import Metrics
@@ -476,3 +477,21 @@ def test_addresses_are_found_from_each_at_sign_however_long_the_text() -> None:
     assert masked == f"/v1/{local[:-64]}a***@example.org/x"
     assert _scrub("path", "/v1/" + "x@/" * 4000) == "/v1/" + "x@/" * 4000  # no domain: as is
 
+
+@pytest.mark.parametrize("email", ["jane.doe=news@example.org", "jane.doe/news@example.org",
+                                   "jane.doe#news@example.org", "jane.doe&news@example.org"])
+def test_addresses_checkout_accepts_are_masked_whole_in_free_text(
+    json_logs: Output, email: str
+) -> None:
+    """README: "E-mails are masked (`j***@example.org`) … by the logging pipeline itself".
+    Checkout accepts RFC 5322 dot-atoms, whose atext includes = / # & ? and ', and Stripe's
+    refusals are logged with their message (checkout's `stripe_call_failed`, `stripe_message`:
+    "Invalid email address: …"). _mask_addresses stops its walk back from the @ at any of
+    those characters (logging._LOCAL_ENDS), so `jane.doe=news@example.org` is written as
+    `jane.doe=n***@example.org`: all but three letters of the address, in the clear."""
+    assert _EMAIL.match(email)  # an address the checkout form takes
+    log = structlog.get_logger("tests.logging")
+    log.warning("stripe_call_failed", operation="checkout_session_create",
+                stripe_message=f"Invalid email address: {email}")
+    assert "example.org" in json_logs.text
+    assert "jane.doe" not in json_logs.text, json_logs.text

@@ -271,3 +271,43 @@ def test_database_url_ports_asyncpg_reads_are_kept() -> None:
         url = f"postgresql://u@db/x?{query}"
         settings = Settings.from_env({"DATABASE_URL": url})
         assert settings.database_url is not None and settings.database_url.reveal() == url
+
+
+@pytest.mark.parametrize("value", [
+    "http://[::1",  # urlsplit raises ValueError: a traceback out of Settings.from_env
+    "http://localhost:abc",  # a port that is no number: every Stripe call would fail
+    "https://api.stripe.example:99999",  # a port out of range: likewise
+])
+def test_a_stripe_api_base_that_is_not_a_usable_url_is_a_config_error(value: str) -> None:
+    """CONTRACT: "Invalid configuration stops the service at start with one line naming the
+    variable and the problem". STRIPE_API_BASE is only checked for its scheme and netloc: an
+    unclosed bracket makes urlsplit raise ValueError out of Settings.from_env (main catches only
+    ConfigError: a traceback), and a port that is no number or out of range is accepted, so the
+    service starts and every checkout, portal session and fee look-up then fails at Stripe's
+    door. SITE_ORIGINS and DATABASE_URL already refuse the same mistakes."""
+    with pytest.raises(ConfigError) as raised:
+        Settings.from_env({"STRIPE_API_BASE": value})
+    assert str(raised.value).startswith("STRIPE_API_BASE ")
+
+
+@pytest.mark.parametrize("value", [
+    "[" * 100_000,  # nested deeper than json.loads can go: RecursionError
+    '{"gbp": {"month": {"minimum": ' + "9" * 5000 + "}}}",  # over Python's 4,300 digits
+])
+def test_checkout_amounts_json_that_cannot_be_read_is_a_config_error(value: str) -> None:
+    """CHECKOUT_AMOUNTS is JSON read at start; offer.parse_overrides turns only JSONDecodeError
+    into the one-line refusal. JSON nested thousands deep (RecursionError) or an integer of
+    thousands of digits (ValueError) escapes Settings.from_env as a traceback instead of
+    "CHECKOUT_AMOUNTS is not valid JSON" (the request bodies' reader, inputs.parse_json, already
+    catches both)."""
+    with pytest.raises(ConfigError) as raised:
+        Settings.from_env({"CHECKOUT_AMOUNTS": value})
+    assert str(raised.value).startswith("CHECKOUT_AMOUNTS")
+
+
+def test_a_data_dir_under_an_unknown_users_home_is_a_config_error() -> None:
+    """DONATIONS_DATA_DIR's leading `~` is read as a shell would; `~nosuchuser/data` (a typo in
+    a unit file) is one line naming the variable, not a traceback out of Path.expanduser."""
+    with pytest.raises(ConfigError) as raised:
+        Settings.from_env({"DONATIONS_DATA_DIR": "~no_such_user_for_donations/data"})
+    assert str(raised.value).startswith("DONATIONS_DATA_DIR: ")

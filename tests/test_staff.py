@@ -267,3 +267,35 @@ async def test_a_title_with_a_control_character_is_refused(
     assert response.status == 422
     assert (await response.json())["error"]["field"] == "title"
 
+
+@pytest.mark.parametrize("goal", ["1e20", "99999999999999999999"])
+async def test_campaigns_create_with_a_goal_too_large_is_one_line(
+    pool: asyncpg.Pool, dsn: str, goal: str
+) -> None:
+    """`campaigns create --goal` is major units; the HTTP API refuses a goal over 10^12 minor
+    units (422 out_of_range) but the command passes any size on, and asyncpg's DataError
+    ("value out of int64 range") escapes main: a traceback. It should be one line naming
+    --goal and exit 1, as `--goal nan` already is."""
+    code, _out, err = await _run("campaigns", "create", "--slug", "huge", "--title", "Huge",
+                                "--goal", goal, env=_env(DATABASE_URL=dsn, LOG_LEVEL="warning"))
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err, err[-1500:]
+    assert (code, len(lines)) == (1, 1), err[-1500:]
+    assert "goal" in lines[0]
+    assert await pool.fetchval("SELECT count(*) FROM campaigns") == 0
+
+
+async def test_campaigns_create_with_a_slug_ending_in_a_newline_is_one_line(
+    pool: asyncpg.Pool, dsn: str
+) -> None:
+    """campaigns.SLUG is `^…$`, and Python's `$` also matches before a final newline, so
+    validate() lets "winter\\n" through (campaigns.py:55); PostgreSQL's check constraint, whose
+    `$` does not, refuses it, and the CheckViolationError escapes `campaigns create` as a
+    traceback (the HTTP API strips the slug first, the command does not). It should be the
+    same one line as any other bad slug: `donations: a slug is lower-case letters…`."""
+    code, _out, err = await _run("campaigns", "create", "--slug", "winter\n", "--title", "Winter",
+                                env=_env(DATABASE_URL=dsn, LOG_LEVEL="warning"))
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err, err[-1500:]
+    assert (code, len(lines)) == (1, 1), err[-1500:]
+    assert "slug" in lines[0]

@@ -6,9 +6,11 @@ import re
 
 import asyncpg
 import pytest
+from pytest_aiohttp import AiohttpClient
 
+from donations.app import create_app
 from donations.embed import SCRIPT
-from tests.conftest import Client
+from tests.conftest import Client, make_settings
 from tests.fakestripe.world import World
 from tests.test_staff import _bearer, _token
 from tests.webhook_helpers import post_all
@@ -184,3 +186,27 @@ async def test_the_openapi_colour_pattern_is_the_one_the_server_applies(client: 
         response = await client.get("/v1/totals/progress.svg", params={"bar": colour})
         assert (response.status == 200) == bool(pattern.match(colour)), colour
 
+
+async def test_openapi_describes_the_statuses_the_public_endpoints_answer(
+    aiohttp_client: AiohttpClient, pool: asyncpg.Pool, dsn: str
+) -> None:
+    """CONTRACT: /openapi.json is "the OpenAPI 3 description of all of the above". GET
+    /v1/checkout/options answers 403 origin_not_allowed to a browser Origin not on SITE_ORIGINS
+    (checkout._check_origin), yet its description lists only 200 and 503; GET /embed.js answers
+    304 to If-None-Match (totals_api.respond), yet lists only 200. A client generated from the
+    document has no error shape for the first and no cached answer for the second."""
+    client = await aiohttp_client(
+        create_app(make_settings(dsn, site_origins=("https://news.example.org",))))
+
+    foreign = await client.get("/v1/checkout/options",
+                               headers={"Origin": "https://evil.example"})
+    assert foreign.status == 403
+    assert (await foreign.json())["error"]["code"] == "origin_not_allowed"
+
+    script = await client.get("/embed.js")
+    cached = await client.get("/embed.js", headers={"If-None-Match": script.headers["ETag"]})
+    assert cached.status == 304
+
+    spec = (await (await client.get("/openapi.json")).json())["paths"]
+    assert "403" in spec["/v1/checkout/options"]["get"]["responses"]
+    assert "304" in spec["/embed.js"]["get"]["responses"]
