@@ -107,8 +107,9 @@ def stripe_form(i: int) -> bytes:
 
 
 class FakeTimes:
-    """The fake Stripe's own time per Idempotency-Key (the service's `checkout:<key>[:<try>]`
-    counted as `<key>`), from its outermost middleware to its answer, retries summed."""
+    """The fake Stripe's own time per Idempotency-Key (the service's
+    `checkout:<key>:<claimed>[:<try>]` counted as `<key>`), from its outermost middleware to its
+    answer, retries summed."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}

@@ -332,11 +332,11 @@ campaign AS (
        SET state = 'pending', attempts = r.attempts + 1, claimed_at = now()
      WHERE r.request_hash = excluded.request_hash
        AND (r.state = 'failed' OR (r.state = 'pending' AND r.claimed_at < now() - $9::interval))
-    RETURNING attempts
+    RETURNING attempts, extract(epoch FROM created_at)::bigint AS since
 )
 SELECT set_config('synchronous_commit', 'off', true) AS async_commit, {ratelimit.COUNT_COLUMNS},
        (SELECT known FROM campaign) AS campaign_known,
-       (SELECT attempts FROM claim) AS attempt,
+       (SELECT attempts FROM claim) AS attempt, (SELECT since FROM claim) AS since,
        e.request_hash, e.state, e.response
   FROM (SELECT) AS one LEFT JOIN checkout_requests e ON e.idempotency_key = $6::text
 """  # noqa: S608 - constants, not input
@@ -385,7 +385,7 @@ async def _create(request: web.Request, kind: Kind) -> web.Response:
         if not row["campaign_known"]:
             raise Unprocessable("unknown_campaign", f"there is no campaign {order.campaign!r}",
                                 field="campaign")
-        attempt = 1
+        attempt, since = 1, 0
         if key is not None:
             if row["attempt"] is None:
                 assert digest is not None
@@ -396,7 +396,7 @@ async def _create(request: web.Request, kind: Kind) -> web.Response:
                 replay = idempotency.refusal(earlier, digest)  # or 409
                 return web.json_response(replay.response, status=201,
                                          headers={"Idempotent-Replayed": "true"})
-            attempt = row["attempt"]
+            attempt, since = row["attempt"], row["since"]
         hold_id: int | None = None
         if kind == "subscription":
             try:
@@ -418,7 +418,7 @@ async def _create(request: web.Request, kind: Kind) -> web.Response:
         params = session_params(order, settings, founding=founding, expires_at=expires_at)
         options: stripe.RequestOptions = {}
         if key is not None:
-            options["idempotency_key"] = idempotency.stripe_key(key, attempt,
+            options["idempotency_key"] = idempotency.stripe_key(key, since, attempt,
                                                                 full_price=full_price_retry)
         try:
             session = await stripe_api.create_checkout_session(client, params, options)

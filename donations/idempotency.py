@@ -21,7 +21,7 @@ from aiohttp import web
 from donations.errors import BadRequest, Conflict
 
 HEADER = "Idempotency-Key"
-KEEP = timedelta(hours=24)  # as long as Stripe keeps its own keys
+KEEP = timedelta(hours=24)  # as long as Stripe keeps its own keys, at least (see stripe_key)
 # A request whose process died mid-way leaves its key pending; after this (longer than the
 # stripe library's timeout and retries) another request with the same key and body may take over.
 STALE = timedelta(minutes=2)
@@ -83,8 +83,12 @@ def refusal(earlier: asyncpg.Record, digest: bytes) -> Replay:
                    "retry in a moment", field=HEADER, headers={"Retry-After": "1"})
 
 
-def stripe_key(key: str, attempt: int, *, full_price: bool = False) -> str:
-    """The idempotency key Stripe gets. A try after a failed one gets a key of its own: Stripe
+def stripe_key(key: str, since: int, attempt: int, *, full_price: bool = False) -> str:
+    """The idempotency key Stripe gets. It names when the reader's key was first claimed
+    (`since`, Unix time): Stripe drops its keys *at least* 24 hours after it saw them, while
+    ours are forgotten after KEEP, so the same key sent again later (a tab left open overnight)
+    is a new request to us and must be one to Stripe too, not a key it may still hold with
+    other parameters (refused). A try after a failed one gets a key of its own: Stripe
     keeps a key's first result (errors too), and the new try's parameters (its expiry) differ;
     so does the same try again at full price (the founding coupon used up at Stripe).
 
@@ -92,7 +96,8 @@ def stripe_key(key: str, attempt: int, *, full_price: bool = False) -> str:
     read as part of it: keys `k:2` and `k` (its second try) get keys of their own at Stripe.
     (A key with neither, as the site's UUIDs, is unchanged.) One that would then be longer than
     Stripe takes (255 characters) is sent as its SHA-256 under a prefix of its own instead."""
-    suffix = [*([str(attempt)] if attempt > 1 else []), *(["full-price"] if full_price else [])]
+    suffix = [str(since), *([str(attempt)] if attempt > 1 else []),
+              *(["full-price"] if full_price else [])]
     own = key.replace("%", "%25").replace(":", "%3A")
     written = ":".join(["checkout", own, *suffix])
     if len(written) <= STRIPE_KEY_MAX:

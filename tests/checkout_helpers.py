@@ -3,6 +3,7 @@ has what `donations stripe-setup` makes, and ways to read what reached "Stripe".
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -72,6 +73,14 @@ def subscription(**changes: Any) -> dict[str, Any]:
 def created_sessions(fake: FakeStripe) -> list[RecordedRequest]:
     """The session creations that reached the fake Stripe (replays by Stripe included)."""
     return [r for r in fake.requests if r.method == "POST" and r.path == SESSIONS]
+
+
+def stripe_keys(requests: list[RecordedRequest]) -> list[str]:
+    """The Idempotency-Keys the requests gave Stripe, each without the time its reader's key was
+    claimed (their one 10-digit part: idempotency.stripe_key)."""
+    keys = [r.headers["Idempotency-Key"] for r in requests]
+    assert all(re.search(r":\d{10}(:|$)", key) for key in keys), keys
+    return [re.sub(r":\d{10}(?=:|$)", "", key) for key in keys]
 
 
 def sessions_in(world: World) -> list[dict[str, Any]]:

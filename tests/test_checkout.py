@@ -3,6 +3,7 @@ reached Stripe, what the form is answered, and the ledger once Stripe's webhooks
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import socket
@@ -15,7 +16,7 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from pytest_aiohttp import AiohttpClient
 
-from donations import idempotency, ratelimit, stripe_api
+from donations import db, idempotency, ratelimit, stripe_api
 from donations.app import create_app
 from donations.events import PINNED_API_VERSION
 from donations.settings import Secret
@@ -28,6 +29,7 @@ from tests.checkout_helpers import (
     created_sessions,
     order,
     sessions_in,
+    stripe_keys,
     subscription,
 )
 from tests.conftest import Client, make_settings
@@ -162,7 +164,7 @@ async def test_the_same_idempotency_key_gives_the_same_answer_and_one_session(
     assert await first.json() == await again.json()
     assert again.headers["Idempotent-Replayed"] == "true"
     assert len(sessions_in(world)) == 1 and len(sent) == 1
-    assert sent[0].headers["Idempotency-Key"] == f"checkout:{headers['Idempotency-Key']}"
+    assert stripe_keys(sent) == [f"checkout:{headers['Idempotency-Key']}"]
     for refused in (other, elsewhere):
         assert refused.status == 409
         error = (await refused.json())["error"]
@@ -194,7 +196,7 @@ async def test_a_key_being_served_is_409_until_stale_and_refused_requests_claim_
                                        headers={"Idempotency-Key": "k1"})
         limited = await client.post(CONTRIBUTIONS, json=order(),
                                     headers={"Idempotency-Key": "k-limited"})
-        keys = [r.headers["Idempotency-Key"] for r in created_sessions(fake)]
+        keys = stripe_keys(created_sessions(fake))
 
     assert unknown.status == 422
     assert (await unknown.json())["error"]["code"] == "unknown_campaign"
@@ -229,7 +231,7 @@ async def test_a_failed_stripe_call_frees_the_seat_and_the_key_for_a_retry(
         retried = await client.post(SUBSCRIPTIONS, json=subscription(), headers=headers)
         assert retried.status == 201
         assert (await retried.json())["founding_discount"] is True
-        keys = [r.headers["Idempotency-Key"] for r in created_sessions(fake)]
+        keys = stripe_keys(created_sessions(fake))
     # a new Stripe key for the new try: Stripe keeps a key's first result, errors included
     assert keys == ["checkout:retry-me", "checkout:retry-me:2"]
     assert await pool.fetchval("SELECT count(*) FROM founding_holds") == 1
@@ -252,24 +254,25 @@ async def test_readers_keys_never_share_a_stripe_key_whatever_they_hold(
         second = await client.post(CONTRIBUTIONS, json=order(),
                                    headers={"Idempotency-Key": "k"})
         assert second.status == 201
-        keys = [r.headers["Idempotency-Key"] for r in created_sessions(fake)]
+        keys = stripe_keys(created_sessions(fake))
     assert (await first.json())["id"] != (await second.json())["id"]
     assert keys == ["checkout:k%3A2", "checkout:k", "checkout:k:2"]
     assert len(set(keys)) == 3
 
 
 def test_stripe_keys_keep_the_reader_s_key_apart_from_what_follows_it() -> None:
-    keys = {
-        ("k", 1, False): "checkout:k",  # (as before for keys without ':' or '%')
-        ("k", 2, False): "checkout:k:2",
-        ("k:2", 1, False): "checkout:k%3A2",
-        ("k", 1, True): "checkout:k:full-price",
-        ("k:full-price", 1, False): "checkout:k%3Afull-price",
-        ("k%3A2", 1, False): "checkout:k%253A2",
-        ("k", 3, True): "checkout:k:3:full-price",
+    keys = {  # (claimed at 1795000000)
+        ("k", 1, False): "checkout:k:1795000000",
+        ("k", 2, False): "checkout:k:1795000000:2",
+        ("k:2", 1, False): "checkout:k%3A2:1795000000",
+        ("k", 1, True): "checkout:k:1795000000:full-price",
+        ("k:full-price", 1, False): "checkout:k%3Afull-price:1795000000",
+        ("k%3A2", 1, False): "checkout:k%253A2:1795000000",
+        ("k", 3, True): "checkout:k:1795000000:3:full-price",
     }
     for (key, attempt, full_price), expected in keys.items():
-        assert idempotency.stripe_key(key, attempt, full_price=full_price) == expected
+        assert idempotency.stripe_key(key, 1_795_000_000, attempt,
+                                      full_price=full_price) == expected
     assert len(set(keys.values())) == len(keys)
 
 
@@ -281,14 +284,14 @@ async def test_a_key_too_long_for_stripe_once_escaped_is_sent_as_its_hash(
     a prefix no escaped key has, and its second try gets a key of its own as ever."""
     key = ("order:" * 34)[:200]  # 33 of them ':'
     digest = hashlib.sha256(key.encode()).hexdigest()
-    assert idempotency.stripe_key(key, 2, full_price=True) == \
-        f"checkout-sha256:{digest}:2:full-price"
+    assert idempotency.stripe_key(key, 1_795_000_000, 2, full_price=True) == \
+        f"checkout-sha256:{digest}:1795000000:2:full-price"
     async with checkout_service(aiohttp_client, dsn) as (client, fake):
         response = await client.post(CONTRIBUTIONS, json=order(),
                                      headers={"Idempotency-Key": key})
         assert response.status == 201, await response.text()
         [sent] = created_sessions(fake)
-    assert sent.headers["Idempotency-Key"] == f"checkout-sha256:{digest}"
+    assert stripe_keys([sent]) == [f"checkout-sha256:{digest}"]
 
 
 async def test_a_failed_seat_hold_frees_the_key_for_a_retry(
@@ -306,7 +309,7 @@ async def test_a_failed_seat_hold_frees_the_key_for_a_retry(
                                " founding_seat_hold")  # (its argument types are its own)
         state = await pool.fetchval("SELECT state FROM checkout_requests")
         retried = await client.post(SUBSCRIPTIONS, json=subscription(), headers=headers)
-        keys = [r.headers["Idempotency-Key"] for r in created_sessions(fake)]
+        keys = stripe_keys(created_sessions(fake))
     assert failed.status == 500
     assert state == "failed"
     assert retried.status == 201
@@ -813,3 +816,34 @@ async def test_a_stripe_refusal_is_a_502_stripe_rejected_request_in_the_contract
     assert len(response.headers["X-Request-ID"]) == 32
     assert response.headers["Access-Control-Allow-Origin"] == SITE  # the form can read it
     assert asked == [SESSIONS]  # a 400 is not retried
+
+
+async def test_a_key_forgotten_after_a_day_is_served_again_not_refused_by_stripe(
+    pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
+) -> None:
+    """Our Idempotency-Keys are forgotten 24 hours after they were first seen
+    (idempotency.KEEP, deleted by the housekeeping), but Stripe only promises to drop its own
+    keys *at least* 24 hours after it saw them: right after ours is gone, Stripe may still hold
+    `checkout:<key>`. A reader whose page kept its key (a tab left open overnight, a page
+    restored by the back button) then sends it again: we treat it as new, claim it with
+    attempt 1 and send Stripe the very same `checkout:<key>` with other parameters (a new
+    `expires_at`), which Stripe refuses as an idempotency error: the reader gets a 502
+    `stripe_idempotency_conflict` for a valid request. A key we no longer remember must never
+    reach Stripe as a key it may still remember: the new request should get its session (201)."""
+    headers = {"Idempotency-Key": "kept-overnight"}
+    async with checkout_service(aiohttp_client, dsn) as (client, fake):
+        first = await client.post(CONTRIBUTIONS, json=order(), headers=headers)
+        assert first.status == 201, await first.text()
+        # a day and an hour later: the housekeeping has forgotten the key; Stripe (which keeps
+        # its keys at least 24 hours) has not yet
+        await pool.execute("UPDATE checkout_requests SET created_at = now() - interval '25 h',"
+                           " claimed_at = now() - interval '25 h'")
+        async with db.connection(pool) as conn:
+            assert await idempotency.forget_old(conn) == 1
+        await asyncio.sleep(1.1)  # a later expiry than the first session's, as a day later
+        again = await client.post(CONTRIBUTIONS, json=order(), headers=headers)
+        body = await again.json()
+        keys = [r.headers["Idempotency-Key"] for r in created_sessions(fake)]
+
+    assert again.status == 201, (body, keys)
+    assert body["id"] != (await first.json())["id"]
