@@ -364,7 +364,8 @@ def derive_payment(key: str, cluster: Cluster) -> PaymentRow | None:
     )
     return PaymentRow(
         payment_key=key,
-        kind="recurring" if (invoices or subscription) else "one_off",
+        kind="recurring" if subscription else "one_off",  # (an invoice of no subscription: a
+        # one-off sent from the Dashboard, a Payment Link's receipt, is a one-off gift)
         status=status,
         currency=currency,
         amount=amount,

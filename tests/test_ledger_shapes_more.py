@@ -14,6 +14,7 @@ import asyncpg
 
 from tests.conftest import Client
 from tests.fakestripe import objects as o
+from tests.ledger_check import reference
 from tests.webhook_helpers import count, post_all, post_event
 
 T0 = 1_796_000_000  # after the pinned version's date
@@ -168,3 +169,63 @@ def test_a_subscription_item_removed_never_ranks_the_later_snapshot_below_the_ea
     assert subscription_period_start(sub(100, 200)) <= subscription_period_start(sub(100))
     assert subscription_period_start(sub(100)) <= subscription_period_start(sub(100, 300))
     assert subscription_period_start(sub(100, 200)) <= subscription_period_start(sub(150, 200))
+
+
+def _one_off_invoice() -> tuple[list[dict[str, Any]], str, str]:
+    """A one-off invoice (staff sent a supporter an invoice for a gift from the Dashboard, or a
+    Payment Link with `invoice_creation`): `parent` is null (stripe/_invoice.py: "The parent
+    that generates this invoice", `subscription_details` only for a subscription's), its line's
+    parent an invoice item; paid by a payment intent through an invoice payment."""
+    cus, inv, pi, ch = "cus_review_gift", "in_review_gift", "pi_review_gift", "ch_review_gift"
+    p = o.price(unit_amount=5000, currency="gbp", created=T0, product="prod_review",
+                id="price_review_gift")
+    line = o.invoice_line_item(invoice=inv, subscription="", subscription_item="", price=p,
+                               period_start=T0, period_end=T0)
+    line["parent"] = {"type": "invoice_item_details", "subscription_item_details": None,
+                      "invoice_item_details": {"invoice_item": "ii_review_gift",
+                                               "proration": False, "proration_details": None,
+                                               "subscription": None}}
+    invoice = o.invoice(id=inv, customer=cus, currency="gbp", created=T0, lines=[line],
+                        billing_reason="manual", finalized_at=T0, paid_at=T0 + 60)
+    assert invoice["parent"] is None
+    intent = o.payment_intent(amount=5000, currency="gbp", created=T0, id=pi, latest_charge=ch,
+                              customer=cus)
+    charge = o.charge(amount=5000, currency="gbp", created=T0 + 60, id=ch, payment_intent=pi,
+                      customer=cus)
+    inpay = o.invoice_payment(invoice=inv, amount_requested=5000, currency="gbp", created=T0,
+                              id="inpay_review_gift", payment_intent=pi, paid_at=T0 + 60)
+    return [
+        _ev("invoice.finalized", {**invoice, "status": "open", "amount_paid": 0}, T0, "gift1"),
+        _ev("payment_intent.succeeded", intent, T0 + 60, "gift2"),
+        _ev("charge.succeeded", charge, T0 + 60, "gift3"),
+        _ev("invoice.paid", invoice, T0 + 60, "gift4"),
+        _ev("invoice_payment.paid", inpay, T0 + 60, "gift5"),
+    ], pi, inv
+
+
+async def test_a_paid_invoice_of_no_subscription_is_a_one_off_payment(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """A payment of an invoice that no subscription generated is a one-off contribution: the
+    contract's contributions report gives each payment's `kind` (`one_off`, `recurring`), and
+    recurring support is a subscription's. The ledger calls every payment that has an invoice
+    `recurring` (ledger.derive_payment: `"recurring" if (invoices or subscription)`), so this
+    gift is reported (and summarised, and counted in /metrics) as recurring support, with no
+    subscription."""
+    events, pi, inv = _one_off_invoice()
+    payments = reference(events)["payments"]
+    assert set(payments) == {pi}
+    row = payments[pi]
+    assert (row["status"], row["amount"], row["invoice"], row["subscription"]) == (
+        "succeeded", 5000, inv, None)
+    assert row["kind"] == "one_off"
+
+    # the same before its invoice payment is seen (the payment is keyed by the invoice then)
+    early = reference([e for e in events if e["type"] != "invoice_payment.paid"])["payments"]
+    assert early[inv]["kind"] == "one_off"
+
+    # and so in the database, through the webhook
+    await post_all(client, events)
+    stored = await pool.fetchrow("SELECT kind, subscription FROM payments WHERE payment_key = $1",
+                                 pi)
+    assert stored is not None and (stored["kind"], stored["subscription"]) == ("one_off", None)

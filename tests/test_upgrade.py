@@ -30,9 +30,10 @@ from donations.events import parse_event, subscription_period_start
 from donations.ingest import ingest
 from donations.ledger import FoundingOffer, snapshot_of
 from donations.metrics import Metrics
-from tests.conftest import Client, _admin, _with_database
+from tests.conftest import Client, _admin, _with_database, scratch_database
 from tests.fakestripe.world import World
 from tests.test_fees import stripe_against
+from tests.test_ledger_shapes_more import _one_off_invoice
 from tests.webhook_helpers import post_all
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,7 +46,7 @@ UPGRADE = ("019_payments_settled_at.sql", "020_founding_coupon_used_up.sql",
            "029_founding_seats_never_started.sql",
            "030_subscription_statuses.sql", "031_coupons.sql", "032_failed_bank_debits.sql",
            "033_subscription_period_progress.sql", "034_founding_holds_per_site.sql",
-           "035_supporter_emails.sql")
+           "035_supporter_emails.sql", "036_one_off_invoices.sql")
 
 # Run with the 018-era code (cwd: its tree): fill a database at 018 as that code would.
 POPULATE = r'''
@@ -615,3 +616,40 @@ async def test_sql_033_ranks_the_subscriptions_kept_by_their_period_as_ingest_do
             assert await conn.fetch(others_sql) == others
         finally:
             await tr.rollback()
+
+
+async def test_upgrade_makes_the_payments_of_invoices_of_no_subscription_one_off(
+    server_dsn: str
+) -> None:
+    """sql/036: a payment of an invoice no subscription generated, stored as recurring by the
+    derivation before it, becomes one_off as derive_payment now makes it, and the kept counts
+    by kind (/metrics, sql/025) follow it; a subscription's payment stays recurring."""
+    events, gift, _ = _one_off_invoice()
+    world = World(seed=3601)
+    renewal = world.subscribe(1000, "gbp")
+    async with scratch_database(server_dsn, "upgrade_036", migrated=False) as (url, _):
+        before = [m for m in db.load_migrations() if m.name < "036"]
+        await db.migrate(url, before)
+        pool = await db.create_pool(url)
+        try:
+            for event in [*events, *world.events]:
+                await ingest(pool, parse_event(event), json.dumps(event), FoundingOffer())
+            # as the derivation before sql/036 stored it
+            await pool.execute("UPDATE payments SET kind = 'recurring' WHERE payment_key = $1",
+                               gift)
+        finally:
+            await pool.close()
+        assert await db.migrate(url) == ["036_one_off_invoices.sql"]
+        conn = await asyncpg.connect(url)
+        try:
+            kinds = {r["payment_key"]: r["kind"] for r in await conn.fetch(
+                "SELECT payment_key, kind FROM payments WHERE status = 'succeeded'")}
+            counts = {(r["kind"], r["contributions"]) for r in await conn.fetch(
+                "SELECT kind, sum(contributions) AS contributions FROM ("
+                " SELECT kind, contributions FROM ledger_counts"
+                " UNION ALL SELECT kind, contributions FROM ledger_count_deltas) AS c"
+                " GROUP BY kind")}
+        finally:
+            await conn.close()
+    assert kinds == {gift: "one_off", renewal.payment_intent: "recurring"}
+    assert counts == {("one_off", 1), ("recurring", 1)}
