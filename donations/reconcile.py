@@ -641,14 +641,14 @@ _REFUND_FIELDS = ("id", "status", "amount", "currency", "balance_transaction")
 _DISPUTE_FIELDS = ("id", "status", "amount", "currency", "amount_held")
 
 
-# The payments holding any of $1 (balance transactions) as a failed earlier try's (sql/032).
+# The payments holding any of $1 (balance transactions) as a failed earlier try's (sql/032; by
+# sql/037's indexes).
 _EARLIER_TRIES = f"""
 SELECT booked_balance_transaction AS booked, failure_balance_transaction AS failure,
        {', '.join(_PAYMENT_FIELDS)}
   FROM payments
- WHERE booked_balance_transaction IS NOT NULL
-   AND (booked_balance_transaction = any($1::text[])
-        OR failure_balance_transaction = any($1::text[]))
+ WHERE booked_balance_transaction = any($1::text[])
+    OR failure_balance_transaction = any($1::text[])
 """  # noqa: S608 - constants, not input
 
 

@@ -116,8 +116,11 @@ SELECT r.created_at, 'refund', p.kind, r.status, r.currency, -r.amount, bt.fee, 
   LEFT JOIN payments p ON p.payment_key = r.payment_key
   LEFT JOIN balance_transactions bt ON bt.id = r.balance_transaction
   LEFT JOIN customers c ON c.id = p.customer
- WHERE (r.status IN ('pending', 'requires_action', 'succeeded')
-        OR r.balance_transaction IS NOT NULL)
+ -- (a "refund" of a payment never taken, as Stripe made one for an authorisation released
+ -- before 2025-03-31, moved no money: not listed)
+ WHERE (r.balance_transaction IS NOT NULL
+        OR (r.status IN ('pending', 'requires_action', 'succeeded')
+            AND (p.status IS NULL OR p.status = 'succeeded')))
    AND r.created_at >= $1 AND r.created_at < $2
 UNION ALL
 SELECT back.at, 'refund', p.kind, 'refund_failure', r.currency,

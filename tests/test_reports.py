@@ -32,7 +32,8 @@ from donations.errors import BadRequest, Unprocessable
 from donations.metrics import Metrics
 from donations.money import to_major
 from tests.conftest import Client, make_settings, staff_cookie, wait_until
-from tests.fakestripe.world import DEFAULT_RATES, World
+from tests.fakestripe import objects as o
+from tests.fakestripe.world import DAY, DEFAULT_RATES, Emitted, World
 from tests.test_cli import _env, _run
 from tests.test_fees import stripe_against
 from tests.test_reconcile import signalled_half_way
@@ -1198,3 +1199,105 @@ async def test_monthly_recurring_is_converted_at_a_rate_to_the_reporting_currenc
     reporting = (await response.json())["reporting"]
     # $10.00 a month at the USD->GBP rate Stripe applied (0.79), not the USD->EUR one (0.92)
     assert reporting["monthly_recurring"] == {"amount": 790, "currency": "gbp"}
+
+
+def _retry_debit_that_succeeds(world: World, payment_intent: str) -> Emitted:
+    """A second debit on the same payment intent that the bank collects (a retry that works)."""
+    out = Emitted()
+    pi = world.get(payment_intent)
+    world.advance(DAY)
+    ch = world._put(o.charge(ids=world.ids, amount=pi["amount"], currency=pi["currency"],
+                             created=world.now, status="pending", payment_intent=pi["id"],
+                             method="sepa_debit"))
+    pi.update(status="processing", latest_charge=ch["id"], last_payment_error=None,
+              processing={"type": "sepa_debit", "sepa_debit": {}})
+    world._emit(out, "charge.pending", ch)
+    world._emit(out, "payment_intent.processing", pi)
+    world.advance(3 * DAY)
+    ch.update(status="succeeded", paid=True, captured=True, amount_captured=pi["amount"],
+              outcome=o.outcome(failed=False))
+    world._emit(out, "charge.succeeded", ch)
+    pi.update(status="succeeded", amount_received=pi["amount"], processing=None)
+    world._emit(out, "payment_intent.succeeded", pi)
+    world._attach_bt(out, ch)
+    return out
+
+
+async def test_a_refused_debit_before_a_successful_retry_is_joined_to_its_payment_in_the_payout(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """A SEPA debit Stripe booked and the bank refused, then tried again on the same payment
+    intent and collected: one payment, three balance transactions in the payout (the booking,
+    its reversal, the successful debit). The payouts report joins each transaction to the
+    ledger; the README says of such a booking and reversal: "in the payouts report both
+    transactions are joined to it and net to what Stripe kept". Here the booking and reversal
+    come back with no payment at all (payment_key, payment_amount, kind all null), so finance
+    cannot tell whose money the payout took back."""
+    world = World(seed=4403, start=START)
+    first = world.async_checkout(4500, "eur", False, booked=True)
+    _retry_debit_that_succeeds(world, first.payment_intent)
+    paid = world.payout()
+    await post_all(client, world.events)
+    await _settle_everything(pool, world)
+    headers = await _bearer(pool)
+    response = await client.get(f"/v1/reports/payouts/{paid.payout}", headers=headers)
+    assert response.status == 200
+    payout = await response.json()
+    assert payout["balanced"] is True
+    debits = [(m["type"], m["payment_key"], m["payment_amount"])
+              for m in payout["balance_transactions"] if m["type"] != "payout"]
+    eur = {"currency": "eur"}
+    assert sorted(debits, key=str) == sorted([
+        ("payment", first.payment_intent, {"amount": 4500, **eur}),
+        ("payment_failure_refund", first.payment_intent, {"amount": -4500, **eur}),
+        ("payment", first.payment_intent, {"amount": 4500, **eur}),
+    ], key=str)
+
+
+async def test_an_authorisation_released_before_basil_is_no_refund_in_the_reports(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """Before API version 2025-03-31 cancelling an uncaptured payment made a Refund for the
+    amount released (Stripe's changelog, "Partially capturing or canceling payments no longer
+    creates a Refund"); the service applies refund, charge and payment intent events of
+    versions from 2022-11-15 (README, "Other API versions"), and `donations import` brings in
+    the Refunds Stripe still lists from then. £30 authorised and released moved no money: the
+    contributions report must have no row for it and the summary no refund (there is no
+    payment to refund), or finance's refunds are overstated by money never taken."""
+    old = "2024-06-20"
+    t0 = START
+    pi, ch = "pi_review_released", "ch_review_released"
+    held_pi = o.payment_intent(amount=3000, currency="gbp", created=t0, id=pi, latest_charge=ch)
+    held_pi.update(status="requires_capture", amount_capturable=3000, amount_received=0,
+                   capture_method="manual")
+    held = o.charge(amount=3000, currency="gbp", created=t0, id=ch, payment_intent=pi,
+                    balance_transaction=None)
+    held.update(captured=False, amount_captured=0)
+    canceled_pi = dict(held_pi, status="canceled", amount_capturable=0,
+                       cancellation_reason="requested_by_customer")
+    refund = o.refund(amount=3000, currency="gbp", created=t0 + 600, charge=ch,
+                      payment_intent=pi, id="re_review_released", reason=None)
+    released = dict(held, amount_refunded=3000, refunded=True)
+    events = [
+        o.event("charge.succeeded", held, created=t0, id="evt_review_rel_1", api_version=old),
+        o.event("payment_intent.amount_capturable_updated", held_pi, created=t0,
+                id="evt_review_rel_2", api_version=old),
+        o.event("payment_intent.canceled", canceled_pi, created=t0 + 600,
+                id="evt_review_rel_3", api_version=old),
+        o.event("refund.created", refund, created=t0 + 600, id="evt_review_rel_4",
+                api_version=old),
+        o.event("charge.refunded", released, created=t0 + 600, id="evt_review_rel_5",
+                api_version=old),
+    ]
+    await post_all(client, events)
+    assert await pool.fetchval("SELECT status FROM payments WHERE payment_key = $1", pi) \
+        != "succeeded"
+    headers = await _bearer(pool)
+    response = await client.get("/v1/reports/contributions", headers=headers,
+                                params={**WIDE, "format": "json"})
+    assert response.status == 200
+    assert [(r["type"], r["status"], r["amount"]) for r in (await response.json())["data"]
+            if r["payment_intent"] == pi] == []
+    summary = await (await client.get("/v1/reports/summary", headers=headers,
+                                      params=WIDE)).json()
+    assert summary["reporting"]["refunds"] == {"amount": 0, "currency": "gbp"}
