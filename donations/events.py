@@ -241,8 +241,16 @@ def snapshot_version(event: Event) -> Version:
     elif kind == "payout":
         # a paid payout whose transactions Stripe has finished attaching is further along
         progress = 1 if obj.get("reconciliation_status") == "completed" else 0
-    elif kind in ("customer", "discount", "coupon"):
+    elif kind in ("customer", "discount"):
         progress = 1 if event.type.endswith(".deleted") or obj.get("deleted") else 0
+    elif kind == "coupon":
+        # A coupon's terms never change (Stripe lets only its name and metadata be updated), and
+        # deleting it leaves the discounts already given as they were: its deletion (an event
+        # without the `currency_options` a look-up brings) ranks below anything else known of
+        # it, never taking the options away. A coupon made again under the same id (a later
+        # `created`) is the one the id names now (sql/038 gave the stored coupons this figure).
+        deleted = event.type.endswith(".deleted") or bool(obj.get("deleted"))
+        progress = 2 * _int(obj.get("created")) + (0 if deleted else 1)
     elif kind == "subscription":
         # a subscription's period only moves forward (a renewal, a trial's end, a new billing
         # anchor), so two snapshots in one second rank by it, not by their ids (sql/033 gave the

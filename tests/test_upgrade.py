@@ -47,7 +47,7 @@ UPGRADE = ("019_payments_settled_at.sql", "020_founding_coupon_used_up.sql",
            "030_subscription_statuses.sql", "031_coupons.sql", "032_failed_bank_debits.sql",
            "033_subscription_period_progress.sql", "034_founding_holds_per_site.sql",
            "035_supporter_emails.sql", "036_one_off_invoices.sql",
-           "037_booked_debits_by_transaction.sql")
+           "037_booked_debits_by_transaction.sql", "038_coupon_progress.sql")
 
 # Run with the 018-era code (cwd: its tree): fill a database at 018 as that code would.
 POPULATE = r'''
