@@ -110,6 +110,11 @@ class PaymentRow:
     # charge that took the money (none, for a payment that failed: it kept no money).
     booked_balance_transaction: str | None = None
     failure_balance_transaction: str | None = None
+    # Every such charge of the payment, (charge, booking, reversal) by charge: a payment intent
+    # tried again (an invoice's retries) can have several. Kept in a table of their own
+    # (failed_debits, sql/039), not in the payment's row; the two columns above name one of them.
+    failed_debits: tuple[tuple[str, str, str | None], ...] = field(
+        default=(), metadata={"table": "failed_debits"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -392,6 +397,9 @@ def derive_payment(key: str, cluster: Cluster) -> PaymentRow | None:
                                     if failed_charge else None),
         failure_balance_transaction=(ref(failed_charge.get("failure_balance_transaction"))
                                      if failed_charge else None),
+        failed_debits=tuple(sorted(
+            (c.id, str(ref(c.get("balance_transaction"))),
+             ref(c.get("failure_balance_transaction"))) for c in booked)),
     )
 
 

@@ -213,13 +213,13 @@ SELECT l.payout, bt.id, bt.type, bt.reporting_category, bt.source, bt.amount, bt
   JOIN balance_transactions bt ON bt.id = l.balance_transaction
   CROSS JOIN LATERAL (SELECT coalesce(bt.reporting_category, '') = 'charge_failure'
                              OR bt.type = 'payment_failure_refund' AS charge) failed
-  -- (a bank debit's failed try, whose payment a later charge collected: by its booking and
-  -- reversal, which the payment keeps)
+  -- (a bank debit's failed try, whose payment a later charge may have collected: by its charge,
+  -- sql/039)
   LEFT JOIN LATERAL (SELECT * FROM payments WHERE balance_transaction = bt.id
                       OR (charge = bt.source
                           AND (bt.type IN ('charge', 'payment') OR failed.charge))
-                      OR booked_balance_transaction = bt.id
-                      OR failure_balance_transaction = bt.id
+                      OR payment_key = (SELECT f.payment_key FROM failed_debits f
+                                         WHERE f.charge = bt.source)
                       LIMIT 1) pc ON true
   LEFT JOIN refunds r ON r.id = bt.source
   LEFT JOIN payments pr ON pr.payment_key = r.payment_key

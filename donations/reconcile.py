@@ -641,14 +641,14 @@ _REFUND_FIELDS = ("id", "status", "amount", "currency", "balance_transaction")
 _DISPUTE_FIELDS = ("id", "status", "amount", "currency", "amount_held")
 
 
-# The payments holding any of $1 (balance transactions) as a failed earlier try's (sql/032; by
-# sql/037's indexes).
+# The payments holding any of $1 (charges) as a bank debit's failed try (sql/039), with the
+# try's booking and reversal.
 _EARLIER_TRIES = f"""
-SELECT booked_balance_transaction AS booked, failure_balance_transaction AS failure,
-       {', '.join(_PAYMENT_FIELDS)}
-  FROM payments
- WHERE booked_balance_transaction = any($1::text[])
-    OR failure_balance_transaction = any($1::text[])
+SELECT f.charge, f.booked_balance_transaction AS booked,
+       f.failure_balance_transaction AS failure, {', '.join('p.' + c for c in _PAYMENT_FIELDS)}
+  FROM failed_debits f
+  JOIN payments p ON p.payment_key = f.payment_key
+ WHERE f.charge = any($1::text[])
 """  # noqa: S608 - constants, not input
 
 
@@ -965,13 +965,12 @@ async def _compare(state: _Run, start: int, end: int, *, reexamine: bool
         # A bank debit's earlier try, booked by Stripe and reversed when the bank refused it,
         # whose payment a later charge of the same payment intent collected: the payment keeps
         # that try's two transactions (sql/032), found by their ids (the partial index).
-        others = [bt["id"] for charge, bts in by_object["payment"].items()
-                  if charge not in payments for bt in bts]
-        tries: dict[str, asyncpg.Record] = {}
-        for r in await conn.fetch(_EARLIER_TRIES, others) if others else []:
-            tries.update({r["booked"]: r, r["failure"]: r} if r["failure"] else {r["booked"]: r})
-    earlier_tries = {charge for charge, bts in by_object["payment"].items()
-                     if charge not in payments and all(bt["id"] in tries for bt in bts)}
+        others = [charge for charge in by_object["payment"] if charge not in payments]
+        tries = {r["charge"]: {r["booked"], r["failure"]} for r in await conn.fetch(
+            _EARLIER_TRIES, others)} if others else {}
+    # (each of its transactions one the ledger holds for it)
+    earlier_tries = {charge for charge, kept in tries.items()
+                     if all(bt["id"] in kept for bt in by_object["payment"][charge])}
     await _find_uncaptured_parts(state, by_object["payment"], payments)
     in_flight = await _debits_in_flight(
         state, {c: bts for c, bts in by_object["payment"].items() if c not in earlier_tries},

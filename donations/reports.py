@@ -79,24 +79,25 @@ SELECT coalesce(p.settled_at, p.created_at) AS created_at, 'payment' AS type, p.
 UNION ALL
 SELECT coalesce(bt.created_at, p.created_at), 'payment', p.kind, 'failed', p.currency, p.amount,
        bt.fee, bt.net, bt.currency, bt.amount, p.campaign, p.email, c.name, p.payment_intent,
-       coalesce(bt.source, p.charge), p.invoice, p.subscription, p.customer, bt.payout, NULL,
-       NULL, p.booked_balance_transaction, p.metadata, p.payment_key || ':booked'
-  FROM payments p
-  LEFT JOIN balance_transactions bt ON bt.id = p.booked_balance_transaction
+       f.charge, p.invoice, p.subscription, p.customer, bt.payout, NULL,
+       NULL, f.booked_balance_transaction, p.metadata, p.payment_key || ':booked:' || f.charge
+  FROM failed_debits f
+  JOIN payments p ON p.payment_key = f.payment_key
+  LEFT JOIN balance_transactions bt ON bt.id = f.booked_balance_transaction
   LEFT JOIN customers c ON c.id = p.customer
  -- (until the booking is fetched, dated as the payment: its time within seconds)
- WHERE p.booked_balance_transaction IS NOT NULL
-   AND coalesce(bt.created_at, p.created_at) >= $1 AND coalesce(bt.created_at, p.created_at) < $2
+ WHERE coalesce(bt.created_at, p.created_at) >= $1 AND coalesce(bt.created_at, p.created_at) < $2
 UNION ALL
 SELECT back.at, 'payment', p.kind, 'payment_failure', p.currency, -p.amount,
        bt.fee, bt.net, bt.currency, bt.amount, p.campaign, p.email, c.name, p.payment_intent,
-       coalesce(bt.source, booking.source, p.charge), p.invoice, p.subscription, p.customer,
-       bt.payout, NULL, NULL, p.failure_balance_transaction, p.metadata,
-       p.payment_key || ':failure'
-  FROM payments p
-  LEFT JOIN balance_transactions bt ON bt.id = p.failure_balance_transaction
-  LEFT JOIN balance_transactions booking ON booking.id = p.booked_balance_transaction
-  LEFT JOIN stripe_objects o ON o.id = coalesce(booking.source, p.charge)
+       f.charge, p.invoice, p.subscription, p.customer,
+       bt.payout, NULL, NULL, f.failure_balance_transaction, p.metadata,
+       p.payment_key || ':failure:' || f.charge
+  FROM failed_debits f
+  JOIN payments p ON p.payment_key = f.payment_key
+  LEFT JOIN balance_transactions bt ON bt.id = f.failure_balance_transaction
+  LEFT JOIN balance_transactions booking ON booking.id = f.booked_balance_transaction
+  LEFT JOIN stripe_objects o ON o.id = f.charge
   LEFT JOIN customers c ON c.id = p.customer
   -- when the money went out again: the reversal's time, else that of the event that said the
   -- charge failed (an imported object's synthetic event says nothing of it), else the booking's
@@ -105,8 +106,7 @@ SELECT back.at, 'payment', p.kind, 'payment_failure', p.currency, -p.amount,
                       CASE WHEN left(o.event_id, 11) <> 'evt_import_'
                            THEN to_timestamp(o.event_created) END,
                       booking.created_at, p.created_at) AS at) back
- WHERE p.booked_balance_transaction IS NOT NULL
-   AND back.at >= $1 AND back.at < $2
+ WHERE back.at >= $1 AND back.at < $2
 UNION ALL
 SELECT r.created_at, 'refund', p.kind, r.status, r.currency, -r.amount, bt.fee, bt.net,
        bt.currency, bt.amount, p.campaign, p.email, c.name,

@@ -538,8 +538,9 @@ LedgerRow = RefundRow | DisputeRow | SubscriptionRow | CustomerRow | PayoutRow
 
 
 def _columns(row: LedgerRow | PaymentRow) -> dict[str, Any]:
-    """A ledger row's columns and values (`asdict` without its deep copy of every value)."""
-    return {f.name: getattr(row, f.name) for f in fields(row)}
+    """A ledger row's columns and values (`asdict` without its deep copy of every value); a
+    field kept in a table of its own is not one."""
+    return {f.name: getattr(row, f.name) for f in fields(row) if "table" not in f.metadata}
 
 
 async def put_rows(
@@ -550,6 +551,30 @@ async def put_rows(
         await _upsert_rows(conn, table, [_columns(row) for row in rows], key)
 
 
+# A payment's bank debits that failed after Stripe booked them (ledger.PaymentRow.failed_debits),
+# each by its charge, and the look-up of their balance transactions for the reports.
+_FAILED_DEBITS = """
+WITH upsert AS (
+    INSERT INTO failed_debits AS f (charge, payment_key, booked_balance_transaction,
+                                    failure_balance_transaction)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
+    ON CONFLICT (charge) DO UPDATE
+       SET payment_key = excluded.payment_key,
+           booked_balance_transaction = excluded.booked_balance_transaction,
+           failure_balance_transaction = excluded.failure_balance_transaction
+     WHERE (f.payment_key, f.booked_balance_transaction, f.failure_balance_transaction)
+           IS DISTINCT FROM (excluded.payment_key, excluded.booked_balance_transaction,
+                             excluded.failure_balance_transaction)
+    RETURNING booked_balance_transaction, failure_balance_transaction
+)
+INSERT INTO balance_transaction_fetches (id)
+SELECT DISTINCT t.id FROM upsert
+ CROSS JOIN LATERAL (VALUES (upsert.booked_balance_transaction),
+                            (upsert.failure_balance_transaction)) AS t(id)
+ WHERE t.id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM balance_transactions b WHERE b.id = t.id)
+ON CONFLICT (id) DO NOTHING"""
+
+
 async def put_payments(conn: asyncpg.Connection, derived: dict[str, PaymentRow | None]) -> None:
     """Write the payments derived for these keys (None: no payment stands, the row goes), and
     queue the look-up of each new settlement's fee (fees come later, from the worker), and of
@@ -557,7 +582,13 @@ async def put_payments(conn: asyncpg.Connection, derived: dict[str, PaymentRow |
     reports, as a refund's are)."""
     gone = [key for key, row in derived.items() if row is None]
     if gone:
-        await conn.execute("DELETE FROM payments WHERE payment_key = any($1::text[])", gone)
+        await conn.execute(
+            "WITH debits AS (DELETE FROM failed_debits WHERE payment_key = any($1::text[]))"
+            " DELETE FROM payments WHERE payment_key = any($1::text[])", gone)
+    debits = [(charge, row.payment_key, booked, failure) for row in derived.values()
+              if row is not None for charge, booked, failure in row.failed_debits]
+    if debits:  # (a failed charge stays failed: a payment's only grow, or move to a new key)
+        await conn.execute(_FAILED_DEBITS, *map(list, zip(*debits, strict=True)))
     rows = [_columns(row) for row in derived.values() if row is not None]
     if not rows:
         return

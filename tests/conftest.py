@@ -38,7 +38,7 @@ TABLES = (
     "import_progress", "checkout_requests", "founding_holds", "rate_limit_hits",
     "totals", "totals_deltas", "totals_supporters", "totals_scopes", "founding_coupons_used_up",
     "staff_sessions", "stored_event_counts", "stored_event_count_deltas", "ledger_counts",
-    "ledger_count_deltas", "subscription_statuses", "coupon_lookups",
+    "ledger_count_deltas", "subscription_statuses", "coupon_lookups", "failed_debits",
 )
 
 

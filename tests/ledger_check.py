@@ -29,6 +29,12 @@ async def dump(pool: asyncpg.Pool) -> LedgerDump:
     for table, key in _TABLES.items():
         rows = await pool.fetch(f"SELECT * FROM {table}")  # noqa: S608 - constant names
         result[table] = {r[key]: _normalise(dict(r)) for r in rows}
+    # each payment's failed bank debits, kept in a table of their own (as PaymentRow has them)
+    for payment in result["payments"].values():
+        payment["failed_debits"] = []
+    for r in await pool.fetch("SELECT * FROM failed_debits ORDER BY charge"):
+        result["payments"][r["payment_key"]]["failed_debits"].append(
+            [r["charge"], r["booked_balance_transaction"], r["failure_balance_transaction"]])
     return result
 
 
@@ -56,5 +62,5 @@ def _normalise(row: dict[str, Any]) -> dict[str, Any]:
         if isinstance(value, str) and name == "metadata":
             row[name] = json.loads(value)
         elif isinstance(value, tuple):
-            row[name] = list(value)
+            row[name] = [list(v) if isinstance(v, tuple) else v for v in value]
     return row

@@ -47,7 +47,8 @@ UPGRADE = ("019_payments_settled_at.sql", "020_founding_coupon_used_up.sql",
            "030_subscription_statuses.sql", "031_coupons.sql", "032_failed_bank_debits.sql",
            "033_subscription_period_progress.sql", "034_founding_holds_per_site.sql",
            "035_supporter_emails.sql", "036_one_off_invoices.sql",
-           "037_booked_debits_by_transaction.sql", "038_coupon_progress.sql")
+           "037_booked_debits_by_transaction.sql", "038_coupon_progress.sql",
+           "039_failed_debits.sql")
 
 # Run with the 018-era code (cwd: its tree): fill a database at 018 as that code would.
 POPULATE = r'''
@@ -628,19 +629,18 @@ async def test_upgrade_makes_the_payments_of_invoices_of_no_subscription_one_off
     events, gift, _ = _one_off_invoice()
     world = World(seed=3601)
     renewal = world.subscribe(1000, "gbp")
-    async with scratch_database(server_dsn, "upgrade_036", migrated=False) as (url, _):
-        before = [m for m in db.load_migrations() if m.name < "036"]
-        await db.migrate(url, before)
+    async with scratch_database(server_dsn, "upgrade_036") as (url, _):
         pool = await db.create_pool(url)
         try:
             for event in [*events, *world.events]:
                 await ingest(pool, parse_event(event), json.dumps(event), FoundingOffer())
-            # as the derivation before sql/036 stored it
+            # as the derivation before sql/036 stored it, sql/036 not applied yet
             await pool.execute("UPDATE payments SET kind = 'recurring' WHERE payment_key = $1",
                                gift)
+            await pool.execute("DELETE FROM schema_migrations WHERE version = 36")
         finally:
             await pool.close()
-        assert (await db.migrate(url))[0] == "036_one_off_invoices.sql"
+        assert await db.migrate(url) == ["036_one_off_invoices.sql"]
         conn = await asyncpg.connect(url)
         try:
             kinds = {r["payment_key"]: r["kind"] for r in await conn.fetch(
@@ -654,3 +654,33 @@ async def test_upgrade_makes_the_payments_of_invoices_of_no_subscription_one_off
             await conn.close()
     assert kinds == {gift: "one_off", renewal.payment_intent: "recurring"}
     assert counts == {("one_off", 1), ("recurring", 1)}
+
+
+async def test_upgrade_lists_the_failed_bank_debits_already_in_the_ledger(
+    server_dsn: str
+) -> None:
+    """sql/039 fills failed_debits from the charges kept: the same rows the derivation writes
+    (a debit Stripe booked and the bank refused, by its charge, with its payment)."""
+    world = World(seed=3901, start=1_795_000_000)
+    world.async_checkout(4500, "eur", False, booked=True)
+    world.async_checkout(2000, "eur", True, booked=True)
+    async with scratch_database(server_dsn, "upgrade_039") as (url, _):
+        pool = await db.create_pool(url)
+        try:
+            for event in world.events:
+                await ingest(pool, parse_event(event), json.dumps(event), FoundingOffer())
+            derived = [tuple(r) for r in await pool.fetch(
+                "SELECT * FROM failed_debits ORDER BY charge")]
+            await pool.execute("DROP TABLE failed_debits")
+            await pool.execute("DELETE FROM schema_migrations WHERE version = 39")
+        finally:
+            await pool.close()
+        assert await db.migrate(url) == ["039_failed_debits.sql"]
+        conn = await asyncpg.connect(url)
+        try:
+            backfilled = [tuple(r) for r in await conn.fetch(
+                "SELECT * FROM failed_debits ORDER BY charge")]
+        finally:
+            await conn.close()
+    assert len(derived) == 1 and derived[0][2] is not None
+    assert backfilled == derived
