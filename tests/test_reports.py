@@ -1202,19 +1202,31 @@ async def test_monthly_recurring_is_converted_at_a_rate_to_the_reporting_currenc
     assert reporting["monthly_recurring"] == {"amount": 790, "currency": "gbp"}
 
 
-def _retry_debit_that_succeeds(world: World, payment_intent: str) -> Emitted:
-    """A second debit on the same payment intent that the bank collects (a retry that works)."""
-    out = Emitted()
+def _retry_debit(world: World, payment_intent: str, out: Emitted, *,
+                 booked: bool) -> dict[str, Any]:
+    """Another SEPA debit on the same payment intent (as Stripe's retries of an invoice's
+    payment make: one payment intent, a new charge per try), submitted a day later (booked by
+    Stripe then, if `booked`) and answered by the bank three days after; its charge."""
     pi = world.get(payment_intent)
     world.advance(DAY)
     ch = world._put(o.charge(ids=world.ids, amount=pi["amount"], currency=pi["currency"],
                              created=world.now, status="pending", payment_intent=pi["id"],
                              method="sepa_debit"))
+    if booked:
+        ch["balance_transaction"] = world._charge_bt(ch, type="payment")["id"]
+    world._emit(out, "charge.pending", ch)
     pi.update(status="processing", latest_charge=ch["id"], last_payment_error=None,
               processing={"type": "sepa_debit", "sepa_debit": {}})
-    world._emit(out, "charge.pending", ch)
     world._emit(out, "payment_intent.processing", pi)
     world.advance(3 * DAY)
+    return ch
+
+
+def _retry_debit_that_succeeds(world: World, payment_intent: str) -> Emitted:
+    """A second debit on the same payment intent that the bank collects (a retry that works)."""
+    out = Emitted()
+    ch = _retry_debit(world, payment_intent, out, booked=False)
+    pi = world.get(payment_intent)
     ch.update(status="succeeded", paid=True, captured=True, amount_captured=pi["amount"],
               outcome=o.outcome(failed=False))
     world._emit(out, "charge.succeeded", ch)
@@ -1305,21 +1317,11 @@ async def test_an_authorisation_released_before_basil_is_no_refund_in_the_report
 
 
 def _retry_debit_that_fails_again(world: World, payment_intent: str) -> Emitted:
-    """A second SEPA debit on the same payment intent (as Stripe's retries of an invoice's
-    payment make: one payment intent, a new charge per try), booked by Stripe when submitted
-    and reversed when the bank refuses it, Stripe keeping its fee again."""
+    """A second debit on the same payment intent, booked by Stripe when submitted and reversed
+    when the bank refuses it, Stripe keeping its fee again."""
     out = Emitted()
+    ch = _retry_debit(world, payment_intent, out, booked=True)
     pi = world.get(payment_intent)
-    world.advance(DAY)
-    ch = world._put(o.charge(ids=world.ids, amount=pi["amount"], currency=pi["currency"],
-                             created=world.now, status="pending", payment_intent=pi["id"],
-                             method="sepa_debit"))
-    ch["balance_transaction"] = world._charge_bt(ch, type="payment")["id"]
-    world._emit(out, "charge.pending", ch)
-    pi.update(status="processing", latest_charge=ch["id"], last_payment_error=None,
-              processing={"type": "sepa_debit", "sepa_debit": {}})
-    world._emit(out, "payment_intent.processing", pi)
-    world.advance(3 * DAY)
     booking = world.balance_transactions[ch["balance_transaction"]]
     ch["failure_balance_transaction"] = world._bt(
         amount=-int(booking["amount"]), currency=world.settlement_currency, source=ch["id"],
