@@ -323,16 +323,22 @@ async def test_stripe_failures_are_clear_502_and_503_answers(
     async with checkout_service(aiohttp_client, dsn) as (client, fake):
         fake.fail_next(1, 429, SESSIONS, should_retry=False)
         limited = await client.post(CONTRIBUTIONS, json=order())
-        fake.fail_next(1, 500, SESSIONS)  # retried by the library: the second try succeeds
+        # A 500 is saved by Stripe's idempotency layer and answered again to the library's
+        # retry under the same key: 503, and the reader's next try (a new session, a new key)
+        # gets its session.
+        fake.fail_next(1, 500, SESSIONS)
+        failing = await client.post(CONTRIBUTIONS, json=order())
         recovered = await client.post(CONTRIBUTIONS, json=order())
         metrics = await (await client.get("/metrics")).text()
+        tries = [r.headers["Idempotency-Key"] for r in created_sessions(fake)][1:]
     async with checkout_service(aiohttp_client, dsn, stocked=False) as (client, _):
         not_set_up = await client.post(CONTRIBUTIONS, json=order())
     async with checkout_service(aiohttp_client, dsn,
                                 stripe_secret_key=_secret("sk_test_not-a-key")) as (client, _):
         bad_key = await client.post(CONTRIBUTIONS, json=order())
 
-    expected = [(limited, 503, "stripe_rate_limited"), (not_set_up, 503, "stripe_not_set_up"),
+    expected = [(limited, 503, "stripe_rate_limited"), (failing, 503, "stripe_unavailable"),
+                (not_set_up, 503, "stripe_not_set_up"),
                 (bad_key, 502, "stripe_authentication_failed")]
     for response, status, code in expected:
         body = await response.json()
@@ -341,6 +347,8 @@ async def test_stripe_failures_are_clear_502_and_503_answers(
         assert "sk_test" not in str(body)
     assert limited.headers["Retry-After"] == "5"
     assert recovered.status == 201
+    # the library's retry of the 500 went under the 500's key; the reader's try under its own
+    assert len(tries) == 3 and tries[0] == tries[1] != tries[2], tries
     assert ('donations_stripe_errors_total{code="stripe_rate_limited",'
             'operation="checkout_session_create"} 1') in metrics
 

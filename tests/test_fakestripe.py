@@ -514,6 +514,24 @@ async def test_server_error_is_retried_by_the_library() -> None:
 
 
 @pytest.mark.asyncio
+async def test_a_500_of_a_post_is_answered_again_to_a_retry_with_its_key() -> None:
+    """Stripe saves the result of a POST that began executing under its Idempotency-Key and
+    answers it again to every retry with the key, "including 500 errors" (docs.stripe.com,
+    Idempotent requests): the library's retry gets the same 500; a new key is a new request."""
+    w = World()
+    async with running_fake_stripe(w) as fake, stripe_client(fake, retries=2) as client:
+        fake.fail_next(1, 500, path_prefix="/v1/products")
+        with pytest.raises(stripe.APIError):
+            await client.v1.products.create_async({"name": "Support"},
+                                                  {"idempotency_key": "product-1"})
+        made = await client.v1.products.create_async({"name": "Support"},
+                                                     {"idempotency_key": "product-2"})
+    assert made.name == "Support"
+    assert [r.headers["Idempotency-Key"] for r in fake.requests] == [
+        "product-1", "product-1", "product-1", "product-2"]
+
+
+@pytest.mark.asyncio
 async def test_rate_limit_is_raised_unless_stripe_says_retry() -> None:
     w = World()
     p = w.one_off(1000, "gbp")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
@@ -242,6 +243,10 @@ class FakeStripe:
         if world is not None:
             self.clock = lambda: max(world.now, int(time.time()))
         self._failures: list[_Failure] = []
+        # Idempotency-Key -> (path, form as JSON, status, body): what Stripe saves of a POST that
+        # began executing, replayed to every later request with the key, a 500 included
+        # (writes.py answers from it)
+        self.idempotent_answers: dict[str, tuple[str, str, int, Obj]] = {}
         self._held: list[Held] = []
         self._list_cache: dict[tuple[str, int, int], tuple[list[Obj], dict[str, int]]] = {}
         self._ids = IdGenerator(4242)
@@ -335,7 +340,18 @@ class FakeStripe:
         request_id = self._ids.new("req")
         await self._maybe_hold(request.path)
         try:
-            self._maybe_fail(request.path)
+            try:
+                self._maybe_fail(request.path)
+            except StripeError as failed:
+                key = request.headers.get("Idempotency-Key")
+                if request.method == "POST" and key is not None and failed.status >= 500 \
+                        and key not in self.idempotent_answers:
+                    # Stripe saves a 500 of a request that began executing and answers it again
+                    # to a retry with the same key ("including 500 errors": docs.stripe.com,
+                    # Idempotent requests); it says Stripe-Should-Retry: false with it
+                    self.idempotent_answers[key] = (request.path, json.dumps(form, sort_keys=True),
+                                                    failed.status, {"error": failed.body})
+                raise
             self._authenticate(request)
             try:
                 response = await handler(request)

@@ -77,7 +77,7 @@ def _metadata(value: Any, param: str) -> dict[str, str]:
 class _Writes:
     def __init__(self, fake: FakeStripe) -> None:
         self.fake = fake
-        self._answers: dict[str, tuple[str, str, int, Obj]] = {}  # key -> (path, form, answer)
+        self._answers = fake.idempotent_answers  # key -> (path, form, status, answer)
 
     @property
     def world(self) -> World:
