@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from stripe._api_version import _ApiVersion
@@ -21,6 +22,7 @@ _SHAPE_SINCE = {
     "invoice": "2025-03-31", "invoice_payment": "2025-03-31", "subscription": "2025-03-31",
 }
 _OLDEST_UNDERSTOOD = "2022-11-15"
+_BASIL = "2025-03-31"
 
 # Event type → the Stripe object its `data.object` holds. Anything else is stored and ignored.
 HANDLED: dict[str, str] = {
@@ -125,10 +127,11 @@ class Event:
     obj: dict[str, Any]
     # set on an event of a Connect account reaching the endpoint: another account's money
     account: str | None = None
+    thin: bool = False  # a thin event (`v2.core.event`): no object to read, whatever its type
 
     @property
     def object_kind(self) -> str | None:
-        return HANDLED.get(self.type)
+        return None if self.thin else HANDLED.get(self.type)
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -157,6 +160,8 @@ _LAST_SECOND = 253_402_300_799  # 9999-12-31T23:59:59Z: the last moment a timest
 
 def parse_event(body: dict[str, Any]) -> Event:
     """Read the envelope of an already verified event, refusing anything not shaped like one."""
+    if isinstance(body, dict) and body.get("object") == "v2.core.event":
+        return _thin_event(body)
     if not isinstance(body, dict) or body.get("object") != "event":
         raise NotAnEvent("the body is not a Stripe event (object must be 'event')")
     event_id, event_type = body.get("id"), body.get("type")
@@ -187,6 +192,27 @@ def parse_event(body: dict[str, Any]) -> Event:
     )
 
 
+def _thin_event(body: dict[str, Any]) -> Event:
+    """A thin event, as an event destination sends them (`v2.core.event`: its `created` in
+    RFC 3339, the object it is about named in `related_object`, not included): nothing the
+    ledger reads, so it stands with no object (stored and ignored, acknowledged so that Stripe
+    does not retry it for days and disable the destination)."""
+    event_id, event_type = body.get("id"), body.get("type")
+    if not isinstance(event_id, str) or not _EVENT_ID.match(event_id):
+        raise NotAnEvent("the event has no valid id")
+    if not isinstance(event_type, str) or not event_type:
+        raise NotAnEvent("the event has no type")
+    created = body.get("created")
+    try:
+        when = datetime.fromisoformat(str(created)) if isinstance(created, str) else None
+    except ValueError:
+        when = None
+    if when is None or when.tzinfo is None:
+        raise NotAnEvent("the event has no valid created timestamp")
+    return Event(id=event_id, type=event_type, api_version=None, created=int(when.timestamp()),
+                 livemode=bool(body.get("livemode")), obj={}, account=None, thin=True)
+
+
 def shape_understood(event: Event) -> bool:
     """Whether this code reads the event's object as the event's API version wrote it."""
     kind = event.object_kind
@@ -197,6 +223,10 @@ def shape_understood(event: Event) -> bool:
     date = event.api_version[:10]
     if date > PINNED_API_VERSION[:10]:
         return False  # a newer version than we know: its shapes may have moved
+    if kind in ("payment_intent", "charge") and date < _BASIL and event.obj.get("invoice"):
+        # before 2025-03-31 a subscription's payment named its invoice itself (`invoice`, gone
+        # since), which this code does not read: taken alone it would pass for a one-off
+        return False
     return date >= _SHAPE_SINCE.get(kind, _OLDEST_UNDERSTOOD)
 
 

@@ -192,17 +192,23 @@ async def _apply(
     changed = [s for s in snapshots if kept.get(s.id) == s.version.event_id]
 
     # stored before: a duplicate, or one that failed (or waits for attention) applied now
-    again = [event.id for event, _ in items if event.id not in stored]
+    again = {event.id: (event, raw) for event, raw in items if event.id not in stored}
     if again:
-        statuses = await store.event_statuses(conn, again)
-        for event_id in again:
+        statuses = await store.event_statuses(conn, list(again))
+        for event_id, (event, raw) in again.items():
             outcome, snapshot = classified[event_id]
-            if statuses.get(event_id) in FINAL:
+            status = statuses.get(event_id)
+            # a copy this code reads of an event set aside in a version it does not (listed by
+            # reconciliation in the account's older default version, then redelivered by the
+            # endpoint in the pinned one) replaces the stored copy and applies
+            readable = status == Outcome.NEEDS_ATTENTION and outcome is Outcome.PROCESSED
+            if status in FINAL and not readable:
                 outcomes[event_id] = Outcome.DUPLICATE
                 continue
             if snapshot is not None and await store.put_snapshot(conn, snapshot, event_id):
                 changed.append(snapshot)
-            await store.finish_event(conn, event_id, outcome.value)
+            await store.finish_event(conn, event_id, outcome.value,
+                                     (raw, event.api_version) if readable else None)
             outcomes[event_id] = outcome
 
     await apply_snapshots(conn, changed, offer, plan)

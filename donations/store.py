@@ -158,14 +158,21 @@ async def record_failure(
     )
 
 
-async def finish_event(conn: asyncpg.Connection, event_id: str, status: str) -> None:
+async def finish_event(conn: asyncpg.Connection, event_id: str, status: str,
+                       copy: tuple[str, str | None] | None = None) -> None:
+    """Record what became of a stored event; with `copy` (its body and API version), that copy
+    of it replaces the one stored (a copy in a version the ledger reads, of an event stored in
+    one it does not)."""
     await conn.execute(
         """
         UPDATE stripe_events
-           SET status = $2, attempts = attempts + 1, processed_at = now(), last_error = NULL
+           SET status = $2, attempts = attempts + 1, processed_at = now(), last_error = NULL,
+               payload = CASE WHEN $3 THEN $4::json ELSE payload END,
+               api_version = CASE WHEN $3 THEN $5 ELSE api_version END
          WHERE id = $1
         """,
-        event_id, status,
+        event_id, status, copy is not None, copy[0] if copy else None,
+        copy[1] if copy else None,
     )
 
 

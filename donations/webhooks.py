@@ -88,7 +88,9 @@ async def stripe_webhook(request: web.Request) -> web.Response:
 
     structlog.contextvars.bind_contextvars(event_id=event.id, event_type=event.type)
     mode = settings.stripe_mode
-    if mode is not None and event.livemode != (mode == "live"):
+    # (a connected account's event is stored and ignored whatever its mode: Stripe sends an
+    # account connected in live mode's test events to the live Connect endpoint too)
+    if mode is not None and event.livemode != (mode == "live") and event.account is None:
         log.warning("webhook_livemode_mismatch", event_livemode=event.livemode, key_mode=mode)
         request.app[METRICS].webhook_events.inc(type=event.type, outcome="livemode_mismatch")
         raise BadRequest(

@@ -771,3 +771,170 @@ async def test_a_signed_event_not_shaped_as_stripe_writes_it_is_set_aside_not_fa
     assert (status, body.get("outcome")) == (200, "needs_attention"), body
     row = await pool.fetchrow("SELECT status FROM stripe_events WHERE id = 'evt_badshape'")
     assert row is not None and row["status"] == "needs_attention"
+
+
+OLD_VERSION = "2025-01-27.acacia"  # the last version before 2025-03-31.basil
+
+
+async def test_a_test_mode_event_of_a_connected_account_on_a_live_endpoint_is_acknowledged(
+    pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
+) -> None:
+    """Stripe sends a live Connect endpoint the events of its connected accounts in both modes
+    ("both live and test webhooks will be sent to your production webhook URLs", Stripe's
+    Connect webhooks guide). The README says an event of a connected account (`account` set) is
+    stored and acknowledged as `ignored`. Such an event is legitimate: answering it 400
+    `livemode_mismatch` has Stripe retry it for three days and count the endpoint as failing
+    (and disable it) for events that touch none of this publisher's money. Expected: 200
+    `ignored`, stored."""
+    settings = make_settings(dsn, stripe_secret_key=Secret("sk_live_review123"),
+                             stripe_api_base="http://127.0.0.1:9")
+    client = await aiohttp_client(create_app(settings))
+    event = copy.deepcopy(World(seed=301).one_off(1000, "gbp").events[0])
+    event["account"] = "acct_1ConnectedReview"
+    assert event["livemode"] is False
+    status, body = await post_event(client, event)
+    assert (status, body.get("outcome")) == (200, "ignored"), (status, body)
+    assert await count(pool, "stripe_events") == 1
+    assert await count(pool, "payments") == 0
+
+
+def _as_acacia(events: list[dict[str, Any]], invoice: str, payment_intent: str, charge: str,
+               subscription: str) -> list[dict[str, Any]]:
+    """The events of a subscription's first payment as an endpoint (or `GET /v1/events`) on
+    2025-01-27.acacia gets them: a payment intent and charge name their `invoice`, an invoice
+    names its `subscription`, `payment_intent` and `charge` at the top level (no `parent`), and
+    there is no invoice_payment object yet."""
+    old = []
+    for event in copy.deepcopy(events):
+        if event["type"].startswith("invoice_payment."):
+            continue
+        event["api_version"] = OLD_VERSION
+        obj = event["data"]["object"]
+        if obj["object"] in ("payment_intent", "charge"):
+            obj["invoice"] = invoice
+        if obj["object"] == "invoice":
+            details = (obj.pop("parent", None) or {}).get("subscription_details") or {}
+            obj["subscription"] = subscription
+            obj["subscription_details"] = {"metadata": details.get("metadata") or {}}
+            obj["payment_intent"] = payment_intent if obj["status"] == "paid" else None
+            obj["charge"] = charge if obj["status"] == "paid" else None
+            obj["paid"] = obj["status"] == "paid"
+            obj["paid_out_of_band"] = False
+        old.append(event)
+    return old
+
+
+async def test_an_older_versions_subscription_payment_is_not_taken_for_a_one_off(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """Before 2025-03-31.basil a payment intent and a charge named the invoice they paid
+    (`invoice`, removed by basil: "Removed the invoice field from the PaymentIntent and Charge
+    objects"). The README says older versions are applied only "for the objects whose shape has
+    not changed since" and sets invoices, invoice payments and subscriptions aside; but payment
+    intents and charges are applied although their shape did change, and the ledger, which
+    links a payment to its invoice only through invoice_payment objects, then books a
+    subscription's payment as a one-off contribution with no subscription and without the
+    campaign the subscription was started for (campaign totals and the reports' `kind` are
+    wrong). Expected: such a payment is either read as recurring (its `invoice` read) or set
+    aside with the invoice for attention, never counted as a one-off."""
+    world = World(seed=302)
+    started = world.subscribe(1000, "gbp", campaign="founders")
+    assert started.payment_intent is not None and started.charge is not None
+    events = _as_acacia(world.events, started.invoice, started.payment_intent, started.charge,
+                        started.subscription)
+    for event in events:
+        status, body = await post_event(client, event)
+        assert status == 200, (event["type"], body)
+    rows = [dict(r) for r in await pool.fetch(
+        "SELECT payment_key, kind, status, campaign, subscription FROM payments")]
+    one_offs = [r for r in rows if r["kind"] == "one_off"]
+    assert one_offs == [], rows
+
+
+async def test_a_thin_event_is_acknowledged_not_refused(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """Stripe's event destinations send thin events (`object: "v2.core.event"`, `created` as
+    RFC 3339 text, `related_object` instead of `data.object`), signed exactly as snapshot
+    events are: the destination's own `v2.core.event_destination.ping` (what a "send test
+    event" or ping of the destination posts), v2 resources' events, and, in preview, thin
+    events of v1 resources. Pointed at this URL, such an event verifies; answering it 400
+    `not_an_event` has Stripe retry it for three days and count the destination as failing,
+    until it is disabled. It touches nothing of the ledger: expected, like any other type the
+    service does not handle, a 2xx (stored and ignored, or at least acknowledged)."""
+    event = {
+        "id": "evt_test_65R9Ijk8Yfqj1k6Xv2R16S2JPg8uSQfLDpmJj7cjCnH4",
+        "object": "v2.core.event",
+        "type": "v2.core.event_destination.ping",
+        "livemode": False,
+        "created": "2026-11-28T02:00:00.000Z",
+        "context": None,
+        "reason": None,
+        "related_object": {"id": "ed_test_61RM8ltWcTW4mbsxf16RJyfa2xSQLHJJh1sxm7H0KVT6",
+                           "type": "v2.core.event_destination",
+                           "url": "/v2/core/event_destinations/"
+                                  "ed_test_61RM8ltWcTW4mbsxf16RJyfa2xSQLHJJh1sxm7H0KVT6"},
+    }
+    status, body = await post_event(client, event)
+    assert 200 <= status < 300, (status, body)
+
+
+async def test_the_pinned_copy_of_an_event_set_aside_in_an_older_version_is_applied(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """`GET /v1/events` gives each event in the API version of its creation (the account's
+    default, which the README says may be older than the pinned one), while the webhook
+    endpoint, created with the pinned version, gets the same event id in the pinned shape.
+    When reconciliation lists an event first (the webhook delivery failed during an outage and
+    Stripe's retry comes later), its older copy of a subscription is stored `needs_attention`;
+    then Stripe's retry brings the same event in the shape the service reads, and it is
+    answered `duplicate` and thrown away: the event stays unapplied for ever (`events retry
+    --include-attention` only reads the stored older copy again), and the subscription stays
+    `incomplete` instead of `active` (active subscriptions, monthly recurring). Expected: the
+    copy the service understands is applied (processed), whichever copy came first."""
+    world = World(seed=303)
+    started = world.subscribe(1000, "gbp")
+    activated = [e for e in world.events if e["type"] == "customer.subscription.updated"
+                 and e["data"]["object"]["status"] == "active"]
+    assert len(activated) == 1
+    pinned = activated[0]
+    for event in world.events:
+        if event is not pinned:
+            status, body = await post_event(client, event)
+            assert status == 200, (event["type"], body)
+    older = copy.deepcopy(pinned)
+    older["api_version"] = OLD_VERSION  # the account's default version, as /v1/events has it
+    sub = older["data"]["object"]
+    item = sub["items"]["data"][0]
+    sub["current_period_start"] = item.pop("current_period_start")
+    sub["current_period_end"] = item.pop("current_period_end")
+    (outcome,) = await ingest_many(pool, [(parse_event(older), json.dumps(older))],
+                                   FoundingOffer(), source="reconcile")
+    assert outcome is Outcome.NEEDS_ATTENTION
+
+    status, body = await post_event(client, pinned)  # Stripe's retry, in the pinned version
+    row = await pool.fetchrow("SELECT status FROM subscriptions WHERE id = $1",
+                              started.subscription)
+    stored = await pool.fetchval("SELECT status FROM stripe_events WHERE id = $1", pinned["id"])
+    assert (status, body.get("outcome"), stored, row and row["status"]) == (
+        200, "processed", "processed", "active"), (status, body, stored, dict(row or {}))
+
+
+async def test_a_thin_event_of_a_handled_type_is_stored_and_ignored(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """A thin event whose type is one the ledger handles for snapshot events (thin events of v1
+    resources, in preview) names its object without including it: nothing to read, so it is
+    stored and ignored, never failed on a missing object."""
+    event = {
+        "id": "evt_test_65R9Ijk8Yfqj1k6Xv2R16S2JPg8uSQfLDpmJj7cjCnH5",
+        "object": "v2.core.event", "type": "charge.succeeded", "livemode": False,
+        "created": "2026-11-28T02:00:00.000Z", "context": None, "reason": None,
+        "related_object": {"id": "ch_thin", "type": "charge", "url": "/v1/charges/ch_thin"},
+    }
+    status, body = await post_event(client, event)
+    assert (status, body["outcome"]) == (200, "ignored"), body
+    row = await pool.fetchrow("SELECT status, created FROM stripe_events WHERE id = $1",
+                              event["id"])
+    assert row is not None and row["status"] == "ignored"
+    assert row["created"].isoformat() == "2026-11-28T02:00:00+00:00"
