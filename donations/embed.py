@@ -8,6 +8,7 @@ from html import escape
 from aiohttp import web
 
 from donations import display
+from donations.appkeys import SETTINGS, TOTALS
 from donations.errors import NotFound
 from donations.totals import Totals
 from donations.totals_api import campaign_scope, etag_of, respond, scope_totals
@@ -117,12 +118,14 @@ async def embed_page(request: web.Request) -> web.Response:
     try:
         entry = await scope_totals(request, campaign_scope(request.match_info["slug"]))
     except NotFound:  # shown inside the site's iframe: a page, not the API's JSON
+        # (kept no longer than the figures: a campaign made just after shows within the TTL)
         return web.Response(body=_NOT_FOUND_PAGE, status=404, headers={
             "Content-Type": "text/html; charset=utf-8", "Content-Security-Policy": PAGE_POLICY,
-            "Cache-Control": "public, max-age=60"})
+            "Cache-Control": f"public, max-age={request.app[SETTINGS].totals_ttl}"})
     assert entry.totals is not None
     return respond(request, page(entry.totals).encode(), etag_of(entry.etag, "embed"),
-                   "text/html; charset=utf-8", {"Content-Security-Policy": PAGE_POLICY})
+                   "text/html; charset=utf-8", {"Content-Security-Policy": PAGE_POLICY},
+                   request.app[TOTALS].age(entry))
 
 
 @routes.get("/embed.js")

@@ -44,6 +44,19 @@ class Entry:
     # made once per refresh, not per request (a CIMultiDict is the quickest for aiohttp to copy)
     headers: CIMultiDict[str] = field(default_factory=CIMultiDict)  # a 304's: caching, ETag
     json_headers: CIMultiDict[str] = field(default_factory=CIMultiDict)  # the 200's: and type
+    # the same with an `Age` (whole seconds since the figures were read), made once for each
+    aged: dict[int, tuple[CIMultiDict[str], CIMultiDict[str]]] = field(default_factory=dict)
+
+    def headers_at(self, age: int) -> tuple[CIMultiDict[str], CIMultiDict[str]]:
+        """A 304's and a 200's headers `age` seconds after the figures were read: a cache
+        downstream counts its max-age from then, not from when it got them (else figures
+        already near the TTL old would be kept for another whole TTL)."""
+        if age <= 0:
+            return self.headers, self.json_headers
+        if (found := self.aged.get(age)) is None:
+            found = self.aged[age] = (CIMultiDict(self.headers, Age=str(age)),
+                                      CIMultiDict(self.json_headers, Age=str(age)))
+        return found
 
 
 def etag_of(*parts: str) -> str:
@@ -125,6 +138,10 @@ class TotalsCache:
         if generation == self._generation:  # no campaign was created meanwhile (here)
             self._slugs = (slugs, self._clock())
         return slugs
+
+    def age(self, entry: Entry) -> int:
+        """Whole seconds since the entry's figures were read (its `Age` header)."""
+        return max(0, int(self._clock() - entry.fetched))
 
     def fresh(self, scope: str) -> Entry | None:
         """The scope's entry if it was read within the TTL (nearly always): nothing to await."""
@@ -214,11 +231,14 @@ def not_modified(request: web.Request, etag: str) -> bool:
 
 def respond(
     request: web.Request, body: bytes, etag: str, content_type: str,
-    extra: dict[str, str] | None = None,
+    extra: dict[str, str] | None = None, age: int = 0,
 ) -> web.Response:
+    """An answer made from figures read `age` seconds ago (its `Age`: see Entry.headers_at)."""
     headers = cache_headers(request.app[SETTINGS], etag)
     if extra:
         headers.update(extra)
+    if age > 0:
+        headers["Age"] = str(age)
     if not_modified(request, etag):
         return web.Response(status=304, headers=headers)
     headers["Content-Type"] = content_type
@@ -243,10 +263,12 @@ async def scope_totals(request: web.Request, scope: str) -> Entry:
 
 
 def respond_json(request: web.Request, entry: Entry) -> web.Response:
-    """A scope's JSON: `respond` with the headers made once per refresh, not per request."""
+    """A scope's JSON: `respond` with the headers made once per refresh (and age), not per
+    request."""
+    headers, json_headers = entry.headers_at(request.app[TOTALS].age(entry))
     if "If-None-Match" in request.headers and not_modified(request, entry.etag):
-        return web.Response(status=304, headers=entry.headers)
-    return web.Response(body=entry.body, headers=entry.json_headers)
+        return web.Response(status=304, headers=headers)
+    return web.Response(body=entry.body, headers=json_headers)
 
 
 # The two JSON answers take fresh figures (nearly always) without awaiting anything; else, or for
@@ -279,6 +301,7 @@ async def _progress(request: web.Request, scope: str) -> web.Response:
         etag_of(entry.etag, style.key()), "image/svg+xml; charset=utf-8",
         # an SVG opened on its own is a document: nothing in it may run or load
         {"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'"},
+        request.app[TOTALS].age(entry),
     )
 
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
+from typing import Any
 
 import asyncpg
 import pytest
 from pytest_aiohttp import AiohttpClient
 
 from donations.app import create_app
+from donations.appkeys import SETTINGS
 from donations.embed import SCRIPT
 from tests.conftest import Client, make_settings
 from tests.fakestripe.world import World
@@ -210,3 +213,61 @@ async def test_openapi_describes_the_statuses_the_public_endpoints_answer(
     spec = (await (await client.get("/openapi.json")).json())["paths"]
     assert "403" in spec["/v1/checkout/options"]["get"]["responses"]
     assert "304" in spec["/embed.js"]["get"]["responses"]
+
+
+async def _create_campaign_by_api(client: Client, pool: asyncpg.Pool, **body: Any) -> None:
+    token = await _token(pool, f"admin-{body['slug']}", "admin")
+    response = await client.post("/v1/campaigns", headers=_bearer(token), json=body)
+    assert response.status == 201, await response.text()
+
+
+def _max_age(cache_control: str) -> int:
+    match = re.search(r"max-age=(\d+)", cache_control)
+    assert match is not None, cache_control
+    return int(match.group(1))
+
+
+async def test_a_cached_answer_does_not_tell_caches_it_is_fresh_for_a_whole_ttl_again(
+    pool: asyncpg.Pool, dsn: str, aiohttp_client: AiohttpClient
+) -> None:
+    """README, Serving: figures are read at most once per TOTALS_TTL so that "a change committed
+    to the ledger shows within the TTL", and the answer carries `max-age=TOTALS_TTL` for the
+    browsers and CDNs in front. But an answer served from memory late in its TTL still says
+    `max-age=TTL` with no `Age` header, so any HTTP cache keeps figures that were already
+    TTL-old for another full TTL: a contribution committed just after a read shows up to 2 x TTL
+    later (with the default 5 s, 10 s; with TOTALS_TTL=300, ten minutes instead of five).
+    Expected: an answer from memory says how old it is (`Age`) or shortens its `max-age`, so the
+    freshness it grants never reaches past the TTL of the read it comes from."""
+    ttl = 2
+    client = await aiohttp_client(create_app(make_settings(dsn, totals_ttl=ttl)))
+    first = await client.get("/v1/totals")
+    assert first.status == 200
+    await asyncio.sleep(1.1)
+    later = await client.get("/v1/totals")
+    assert later.status == 200
+    assert (await later.json())["as_of"] == (await first.json())["as_of"]  # from memory
+    age = int(later.headers.get("Age", "0"))
+    remaining = _max_age(later.headers["Cache-Control"]) - age
+    # 1.1 s of the TTL were used up by the time of this answer: at most ~0.9 s remain
+    assert remaining <= ttl - 1, (later.headers["Cache-Control"], later.headers.get("Age"))
+
+
+async def test_the_widget_page_of_a_campaign_not_yet_created_is_not_cached_past_the_ttl(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """README, Serving: "A campaign created on one replica shows there at once, on the others
+    within the TTL", and the JSON 404 for an unknown slug is not cacheable. The widget's iframe
+    page for the same unknown slug, though, answers 404 with `Cache-Control: public,
+    max-age=60`: a site that puts the iframe up shortly before staff create the campaign (or a
+    CDN in front) keeps showing "This campaign does not exist" for a minute after it does,
+    twelve times the 5 s TTL every other public answer promises. Expected: the not-found page is
+    cacheable no longer than TOTALS_TTL (or not at all, like the JSON 404)."""
+    missing = await client.get("/embed/spring")
+    assert missing.status == 404
+    json_missing = await client.get("/v1/campaigns/spring/totals")
+    assert json_missing.status == 404
+    await _create_campaign_by_api(client, pool, slug="spring", title="Spring")
+    assert (await client.get("/embed/spring")).status == 200
+    ttl = client.app[SETTINGS].totals_ttl
+    cache_control = missing.headers.get("Cache-Control", "")
+    assert "max-age" not in cache_control or _max_age(cache_control) <= ttl, cache_control
