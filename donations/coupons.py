@@ -58,8 +58,13 @@ async def derive_users(pool: asyncpg.Pool, coupon_id: str, offer: FoundingOffer)
     look-up (one transaction); False when they are not known."""
 
     async def work(conn: asyncpg.Connection) -> bool:
-        snapshot = await store.load_snapshot(conn, coupon_id)
         if coupon_id != offer.coupon_id:  # (the founding coupon's terms are the settings')
+            # the coupon's lock first (first in the lock order), as a webhook bringing it or a
+            # discount naming it holds it: whatever such a one committed is seen below, and
+            # whatever it asks for after waits for this
+            lock = ingest.COUPON_LOCK + coupon_id
+            await db.lock(conn, [lock])
+            snapshot = await store.load_snapshot(conn, coupon_id)
             if snapshot is None or snapshot.kind != "coupon":
                 return False
             if lacks_options(snapshot.data) and await conn.fetchval(
@@ -67,7 +72,9 @@ async def derive_users(pool: asyncpg.Pool, coupon_id: str, offer: FoundingOffer)
                     " WHERE coupons && $1::text[] AND currency <> $2)",
                     [coupon_id], snapshot.data.get("currency")):
                 return False  # its amount in another currency comes only when asked for
-            await ingest.apply_snapshots(conn, [snapshot], offer, ingest.Plan.of([], offer))
+            held = ingest.Plan.of([], offer)
+            held.locked.add(lock)
+            await ingest.apply_snapshots(conn, [snapshot], offer, held)
         await conn.execute(_END, coupon_id)
         return True
 
@@ -96,6 +103,9 @@ async def run_once(
                         coupon_id, WITHOUT_KEY_SECONDS)
                 del left[coupon_id]
                 continue
+            if not await fees.still_leased(pool, QUEUE, KEY, coupon_id, attempts):
+                del left[coupon_id]
+                continue
             try:
                 # its amounts in other currencies are included only when asked for
                 coupon = plain(await client.v1.coupons.retrieve_async(
@@ -113,11 +123,13 @@ async def run_once(
             del left[coupon_id]
             if outcome is ingest.Outcome.FAILED:  # (logged; tried again once its lease ends)
                 continue
-            # the event's transaction kept the coupon and derived its users: the look-up is over
-            async with db.connection(pool) as conn:
-                await conn.execute(_END, coupon_id)
-            ended += 1
-            log.info("coupon_looked_up", coupon=coupon_id)
+            # the event's transaction kept the coupon and derived its users; the look-up ends
+            # if what is kept now gives every user its terms (a rename's event, without the
+            # options, may have outranked the coupon fetched while Stripe answered: then it
+            # stays, and is asked for again once its lease ends)
+            if await derive_users(pool, coupon_id, offer):
+                ended += 1
+                log.info("coupon_looked_up", coupon=coupon_id)
     except asyncio.CancelledError:
         await fees.give_back(pool, QUEUE, KEY, left)
         raise

@@ -135,6 +135,27 @@ async def store_balance_transactions(conn: asyncpg.Connection, bts: list[dict[st
             "DELETE FROM balance_transaction_fetches WHERE id = any($1::text[])", ids)
 
 
+async def still_leased(
+    pool: asyncpg.Pool, queue: str, key_column: str, key: str, attempts: int
+) -> bool:
+    """Whether the look-up is still this worker's (claimed with `attempts`, not done since nor
+    taken over by another replica once its lease ran out), its lease renewed if so: asked
+    before each Stripe call of a batch, so that a slow Stripe, which outlasts a batch's lease,
+    is never asked for the same object by several replicas.
+
+    Shared by the queues of look-ups at Stripe (balance transactions, payouts' members,
+    coupons)."""
+    async with db.connection(pool) as conn:
+        return bool(await conn.fetchval(
+            f"""
+            UPDATE {queue} SET next_attempt_at = now() + make_interval(secs => $3)
+             WHERE {key_column} = $1 AND attempts = $2 AND gave_up_at IS NULL
+            RETURNING true
+            """,  # noqa: S608 - the table and column are constants of the callers
+            key, attempts, LEASE_SECONDS,
+        ))
+
+
 async def postpone(
     pool: asyncpg.Pool, queue: str, key_column: str, key: str, attempts: int,
     error: stripe.StripeError,
@@ -236,6 +257,10 @@ async def run_once(
     left = dict(claimed)  # claimed (with its attempt count) and not yet stored or postponed
     try:
         for bt_id, attempts in claimed:
+            if not await still_leased(pool, "balance_transaction_fetches", "id", bt_id,
+                                      attempts):
+                del left[bt_id]
+                continue
             try:
                 bt = plain(await client.v1.balance_transactions.retrieve_async(bt_id))
             except stripe.StripeError as exc:

@@ -77,8 +77,10 @@ async def enqueue(conn: asyncpg.Connection) -> int:
     return int(result.rsplit(maxsplit=1)[-1])
 
 
-async def claim(conn: asyncpg.Connection, batch: int) -> list[tuple[str, int]]:
-    """Lease due payouts so that several replicas never fetch the same one at once."""
+async def claim(conn: asyncpg.Connection, batch: int) -> list[tuple[str, int, datetime]]:
+    """Lease due payouts so that several replicas never fetch the same one at once: each with
+    its attempt count and when it was queued for the state it has (a payout queued again
+    meanwhile, for a new status, is fetched again: see store_members)."""
     rows = await conn.fetch(
         """
         UPDATE payout_fetches AS f
@@ -90,11 +92,11 @@ async def claim(conn: asyncpg.Connection, batch: int) -> list[tuple[str, int]]:
                              ORDER BY next_attempt_at
                              LIMIT $1
                              FOR UPDATE SKIP LOCKED)
-        RETURNING f.payout, f.attempts
+        RETURNING f.payout, f.attempts, f.queued_at
         """,
         batch, LEASE_SECONDS,
     )
-    return [(r["payout"], r["attempts"]) for r in rows]
+    return [(r["payout"], r["attempts"], r["queued_at"]) for r in rows]
 
 
 async def fetch_members(client: stripe.StripeClient, payout_id: str) -> list[dict[str, Any]]:
@@ -106,9 +108,13 @@ async def fetch_members(client: stripe.StripeClient, payout_id: str) -> list[dic
 
 
 async def store_members(
-    conn: asyncpg.Connection, payout_id: str, members: list[dict[str, Any]]
+    conn: asyncpg.Connection, payout_id: str, members: list[dict[str, Any]],
+    queued_at: datetime | None = None,
 ) -> None:
-    """Keep the payout's transactions (filling fees of payments on the way) in one transaction."""
+    """Keep the payout's transactions (filling fees of payments on the way) in one transaction;
+    the payout is done only if it is still queued as it was when claimed (`queued_at`): one
+    queued again meanwhile for a new status (paid, then failed while its listing was read)
+    stays due, to be listed again for it."""
     async with conn.transaction():
         await conn.execute("DELETE FROM payout_balance_transactions WHERE payout = $1", payout_id)
         # all of them in a few statements (a payout holds a day's movements: hundreds or
@@ -124,8 +130,9 @@ async def store_members(
             payout_id, [bt["id"] for bt in members],
         )
         await conn.execute(
-            "UPDATE payout_fetches SET fetched_at = now(), last_error = NULL WHERE payout = $1",
-            payout_id,
+            "UPDATE payout_fetches SET fetched_at = now(), last_error = NULL"
+            " WHERE payout = $1 AND ($2::timestamptz IS NULL OR queued_at = $2)",
+            payout_id, queued_at,
         )
 
 
@@ -135,9 +142,14 @@ async def run_once(pool: asyncpg.Pool, client: stripe.StripeClient, batch: int =
         await enqueue(conn)
         claimed = await claim(conn, batch)
     stored = 0
-    left = dict(claimed)  # claimed (with its attempt count) and not yet stored or postponed
+    # claimed (with its attempt count) and not yet stored or postponed
+    left = {payout_id: attempts for payout_id, attempts, _ in claimed}
     try:
-        for payout_id, attempts in claimed:
+        for payout_id, attempts, queued_at in claimed:
+            if not await fees.still_leased(pool, "payout_fetches", "payout", payout_id,
+                                           attempts):
+                del left[payout_id]
+                continue
             try:
                 members = await fetch_members(client, payout_id)
             except stripe.StripeError as exc:
@@ -148,7 +160,7 @@ async def run_once(pool: asyncpg.Pool, client: stripe.StripeClient, batch: int =
                 del left[payout_id]
                 continue
             async with db.connection(pool) as conn:
-                await store_members(conn, payout_id, members)
+                await store_members(conn, payout_id, members, queued_at)
             del left[payout_id]
             log.info("payout_transactions_stored", payout=payout_id, transactions=len(members))
             stored += 1
