@@ -621,16 +621,21 @@ async def _with_stripe(settings: Settings, args: argparse.Namespace) -> int:
             if args.command == "import":
                 assert since is not None  # --since is required
                 try:
-                    done = await importer.run(pool, client, offer, since, progress=sys.stderr)
+                    try:
+                        done = await importer.run(pool, client, offer, since,
+                                                  progress=sys.stderr)
+                    except importer.AlreadyImporting:
+                        raise
+                    except BaseException:  # a Stripe failure, a signal, the database gone
+                        if sys.stderr.isatty():
+                            print(file=sys.stderr)  # ends the progress bar's line first
+                        raise
                 except importer.AlreadyImporting as exc:
                     print(f"donations: {exc}", file=sys.stderr)
                     return 1
                 except stripe.StripeError as exc:
-                    if sys.stderr.isatty():
-                        print(file=sys.stderr)  # ends the progress bar's line
-                    print(f"donations: Stripe failed: {type(exc).__name__}: "
-                          f"{exc.user_message or exc}; run it again to resume where it stopped",
-                          file=sys.stderr)
+                    print(f"donations: Stripe failed: {_stripe_said(exc)}; run it again to "
+                          "resume where it stopped", file=sys.stderr)
                     return 1
                 for name, count in done.imported.items():
                     note = " (finished before)" if name in done.skipped else ""
@@ -643,9 +648,8 @@ async def _with_stripe(settings: Settings, args: argparse.Namespace) -> int:
                 print(f"donations: {exc}", file=sys.stderr)
                 return 1
             except stripe.StripeError as exc:
-                print(f"donations: Stripe failed: {type(exc).__name__}: "
-                      f"{exc.user_message or exc}; the next run resumes where this one stopped",
-                      file=sys.stderr)
+                print(f"donations: Stripe failed: {_stripe_said(exc)}; the next run resumes "
+                      "where this one stopped", file=sys.stderr)
                 return 1
             print(result.summary())
             return 0 if result.matches else 1
@@ -655,6 +659,13 @@ async def _with_stripe(settings: Settings, args: argparse.Namespace) -> int:
         await http_client.close_async()  # type: ignore[no-untyped-call]  # unannotated upstream
         if embedded is not None:
             embedded.stop()
+
+
+def _stripe_said(exc: Exception) -> str:
+    """A Stripe error for a one-line message: its type and what it says, on one line (the
+    library's connection error says it over several)."""
+    said = getattr(exc, "user_message", None) or exc
+    return f"{type(exc).__name__}: {' '.join(str(said).split())}"
 
 
 async def _stripe_setup(settings: Settings) -> int:
@@ -673,8 +684,9 @@ async def _stripe_setup(settings: Settings) -> int:
         outcome = await stripe_setup.run(client, settings)
     except stripe.StripeError as exc:
         error = stripe_api.failure(exc)
+        said = " ".join(str(exc.user_message or type(exc).__name__).split())
         print(f"donations: stripe-setup failed: {error.message} ({error.code}; Stripe said: "
-              f"{exc.user_message or type(exc).__name__})", file=sys.stderr)
+              f"{said})", file=sys.stderr)
         return 1
     finally:
         await http_client.close_async()  # type: ignore[no-untyped-call]

@@ -397,8 +397,9 @@ async def _progress(pool: asyncpg.Pool, name: str, since: int, until: int) -> as
 
 
 # The payment intents of the charges and invoice payments made since --since, and of the
-# Checkout sessions stored, that are not stored (made before it, or paid by a bank debit that
-# settled after a gap began).
+# Checkout sessions, refunds and disputes stored, that are not stored (made before it, or paid by
+# a bank debit that settled after a gap began; a refund or dispute of an older payment, as the
+# window's charge.refunded or charge.dispute.* would have brought it).
 _MISSING_INTENTS = """
 SELECT DISTINCT r.id FROM (
        SELECT data ->> 'payment_intent' AS id FROM stripe_objects
@@ -408,19 +409,26 @@ SELECT DISTINCT r.id FROM (
         WHERE object = 'invoice_payment' AND (data ->> 'created')::bigint >= $1
        UNION ALL
        SELECT data ->> 'payment_intent' FROM stripe_objects
-        WHERE object = 'checkout.session' AND jsonb_typeof(data -> 'payment_intent') = 'string'
+        WHERE object IN ('checkout.session', 'refund', 'dispute')
+          AND jsonb_typeof(data -> 'payment_intent') = 'string'
        ) AS r
  WHERE r.id IS NOT NULL
    AND NOT EXISTS (SELECT 1 FROM stripe_objects o WHERE o.id = r.id)
  ORDER BY r.id
 """
 
-# The latest charges of stored payment intents that are not stored (a payment intent brought in
-# above, made before --since).
+# The latest charges of stored payment intents, and the charges of stored refunds and disputes,
+# that are not stored (a payment intent brought in above, made before --since; a charge of
+# before payment intents).
 _MISSING_CHARGES = """
-SELECT DISTINCT data ->> 'latest_charge' AS id FROM stripe_objects p
- WHERE object = 'payment_intent' AND jsonb_typeof(data -> 'latest_charge') = 'string'
-   AND NOT EXISTS (SELECT 1 FROM stripe_objects o WHERE o.id = p.data ->> 'latest_charge')
+SELECT DISTINCT r.id FROM (
+       SELECT data ->> 'latest_charge' AS id FROM stripe_objects
+        WHERE object = 'payment_intent' AND jsonb_typeof(data -> 'latest_charge') = 'string'
+       UNION ALL
+       SELECT data ->> 'charge' FROM stripe_objects
+        WHERE object IN ('refund', 'dispute') AND jsonb_typeof(data -> 'charge') = 'string'
+       ) AS r
+ WHERE NOT EXISTS (SELECT 1 FROM stripe_objects o WHERE o.id = r.id)
  ORDER BY 1
 """
 
