@@ -298,9 +298,14 @@ class _Reader:
                 and parts.port != 0
         except ValueError:  # an unclosed `[`, a port that is no number
             usable = False
-        if not usable or any(c.isspace() for c in raw):
-            raise ConfigError(f"{name} must be an http(s) URL with a host (and a port from 1 "
-                              f"to 65535, if any), got {raw!r}")
+        # (the stripe library puts `/v1/…` after it: a base ending in /v1, as Stripe's own URLs
+        # are written, would ask for /v1/v1/…; a query, fragment or user would be dropped or
+        # sent where they do not belong)
+        if not usable or any(c.isspace() for c in raw) or parts.query or parts.fragment \
+                or "@" in parts.netloc or parts.path.rstrip("/").endswith("/v1"):
+            raise ConfigError(f"{name} must be an http(s) URL of a host (a port from 1 to "
+                              "65535 and a path of a proxy's may follow; no /v1, query or "
+                              f"user), got {raw!r}")
         return raw.rstrip("/")
 
     def amounts(self, currencies_name: str, amounts_name: str, percent_off: int) -> AmountTable:

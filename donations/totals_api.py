@@ -54,9 +54,14 @@ class Entry:
         if age <= 0:
             return self.headers, self.json_headers
         if (found := self.aged.get(age)) is None:
-            found = self.aged[age] = (CIMultiDict(self.headers, Age=str(age)),
-                                      CIMultiDict(self.json_headers, Age=str(age)))
+            found = self.aged[age] = (_aged(self.headers, age), _aged(self.json_headers, age))
         return found
+
+
+def _aged(headers: CIMultiDict[str], age: int) -> CIMultiDict[str]:
+    aged = CIMultiDict(headers)
+    aged["Age"] = str(age)
+    return aged
 
 
 def etag_of(*parts: str) -> str:
@@ -196,7 +201,7 @@ class TotalsCache:
                 founding_seats=settings.founding_seats, campaign=campaign,
             )
             body, tag = render(figures, as_of)
-            headers = CIMultiDict(cache_headers(settings, tag), **PUBLIC_HEADERS)
+            headers = CIMultiDict(cache_headers(settings, tag), **PUBLIC_HEADERS, Age="0")
             entry = Entry(figures, body, tag, as_of, self._clock(), headers,
                           CIMultiDict(headers, **{"Content-Type": JSON}))
         self._entries[scope] = entry
@@ -231,13 +236,13 @@ def not_modified(request: web.Request, etag: str) -> bool:
 
 def respond(
     request: web.Request, body: bytes, etag: str, content_type: str,
-    extra: dict[str, str] | None = None, age: int = 0,
+    extra: dict[str, str] | None = None, age: int | None = None,
 ) -> web.Response:
     """An answer made from figures read `age` seconds ago (its `Age`: see Entry.headers_at)."""
     headers = cache_headers(request.app[SETTINGS], etag)
     if extra:
         headers.update(extra)
-    if age > 0:
+    if age is not None:
         headers["Age"] = str(age)
     if not_modified(request, etag):
         return web.Response(status=304, headers=headers)

@@ -311,3 +311,18 @@ def test_a_data_dir_under_an_unknown_users_home_is_a_config_error() -> None:
     with pytest.raises(ConfigError) as raised:
         Settings.from_env({"DONATIONS_DATA_DIR": "~no_such_user_for_donations/data"})
     assert str(raised.value).startswith("DONATIONS_DATA_DIR: ")
+
+
+def test_a_stripe_api_base_ending_in_v1_or_with_a_query_or_user_is_refused() -> None:
+    """STRIPE_API_BASE is where the stripe library puts `/v1/…`: one written as Stripe's own
+    URLs are (`…/v1`) would ask for `/v1/v1/…`, and a query, fragment or user would be dropped
+    or sent where they do not belong; each stops the start with one line naming it. A proxy's
+    path is kept."""
+    for base in ("https://api.stripe.example/v1", "https://api.stripe.example/v1/",
+                 "http://127.0.0.1:12111/?x=1", "http://127.0.0.1:12111/#top",
+                 "http://user:pw@127.0.0.1:12111"):
+        with pytest.raises(ConfigError) as raised:
+            Settings.from_env({"STRIPE_API_BASE": base})
+        assert str(raised.value).startswith("STRIPE_API_BASE "), base
+    proxied = Settings.from_env({"STRIPE_API_BASE": "https://proxy.example/stripe/"})
+    assert proxied.stripe_api_base == "https://proxy.example/stripe"

@@ -190,3 +190,25 @@ async def test_the_page_renders_in_headless_chromium(
     code, _ = await _chromium(f"--screenshot={shot}", "--window-size=1100,1400", page.as_uri())
     assert code == 0
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+
+
+async def test_a_refused_sign_in_is_the_sign_in_page_again_with_its_status(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """A refused staff sign-in (a wrong token: 401; no token: 400; the 21st failure: 429) is
+    answered, as a browser form should be, with the sign-in page again and the right status
+    (the README names it beside the JSON error shape every other answer has)."""
+    refused = []
+    for data in ({"token": "dnt_not_a_token"}, {}):
+        response = await client.post("/staff/login", data=data, allow_redirects=False)
+        refused.append((response.status, response.content_type, await response.text()))
+    for _ in range(20):
+        await client.post("/staff/login", data={"token": "dnt_not_a_token"},
+                          allow_redirects=False)
+    response = await client.post("/staff/login", data={"token": "dnt_not_a_token"},
+                                 allow_redirects=False)
+    refused.append((response.status, response.content_type, await response.text()))
+    assert [status for status, _, _ in refused] == [401, 400, 429]
+    for status, content_type, body in refused:
+        assert content_type == "text/html", (status, content_type, body[:80])
+        assert "<form" in body, (status, body[:200])

@@ -271,3 +271,15 @@ async def test_the_widget_page_of_a_campaign_not_yet_created_is_not_cached_past_
     ttl = client.app[SETTINGS].totals_ttl
     cache_control = missing.headers.get("Cache-Control", "")
     assert "max-age" not in cache_control or _max_age(cache_control) <= ttl, cache_control
+
+
+async def test_every_public_totals_answer_has_an_age(client: Client) -> None:
+    """README lines 544-546: "Every public answer has `Cache-Control: public,
+    max-age=TOTALS_TTL, stale-while-revalidate=…, stale-if-error=600`, an `Age` (whole seconds
+    since the figures it shows were read …)". An answer whose figures were read less than a
+    second ago (the first request, any request just after a refresh) has no `Age` header."""
+    for path in ("/v1/totals", "/v1/totals/progress.svg"):
+        response = await client.get(path)
+        assert response.status == 200
+        assert response.headers["Cache-Control"].startswith("public, max-age=5, ")
+        assert "Age" in response.headers, (path, dict(response.headers))
