@@ -36,6 +36,7 @@ from donations.errors import (
     ServiceUnavailable,
     Unprocessable,
 )
+from donations.logging import scrubbed
 from donations.metrics import Metrics
 from donations.money import Money, to_major
 from donations.offer import Interval
@@ -462,7 +463,7 @@ async def _fail_checkout(exc: stripe.StripeError, metrics: Metrics, pool: asyncp
     log.warning("stripe_call_failed", operation="checkout_session_create",
                 error_type=type(exc).__name__, http_status=exc.http_status,
                 stripe_code=exc.code, stripe_request_id=exc.request_id,
-                stripe_message=str(exc.user_message or "")[:300], answer=error.code)
+                stripe_message=scrubbed(str(exc.user_message or ""))[:300], answer=error.code)
     await _undo(pool, hold_id, key)
     raise error from None
 

@@ -21,7 +21,7 @@ from donations import db
 from donations.app import install_routes
 from donations.checkout import _EMAIL
 from donations.errors import BadRequest
-from donations.logging import _scrub, configure, mask_email, redact
+from donations.logging import _scrub, configure, mask_email, redact, scrubbed
 from donations.metrics import Metrics
 from tests.conftest import WEBHOOK_SECRET, Client, raw_request
 from tests.fakestripe.signing import signed_request
@@ -495,3 +495,13 @@ def test_addresses_checkout_accepts_are_masked_whole_in_free_text(
                 stripe_message=f"Invalid email address: {email}")
     assert "example.org" in json_logs.text
     assert "jane.doe" not in json_logs.text, json_logs.text
+
+
+def test_free_text_cut_short_is_scrubbed_before_the_cut() -> None:
+    """Checkout logs Stripe's refusal message cut to 300 characters. Cut first, an address
+    whose domain falls past the cut (`jane.doe@`) is no longer one the pipeline recognises, and
+    its local part would be written; scrubbed first, nothing of it is left."""
+    message = "Invalid email address: " + "x" * 260 + " jane.doe@example.org"
+    cut_at = message.index("@") + 1
+    assert "jane.doe" in str(_scrub("stripe_message", message[:cut_at]))  # the cut alone
+    assert "jane.doe" not in scrubbed(message)[:cut_at]
