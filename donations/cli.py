@@ -98,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     tokens_commands = tokens.add_subparsers(dest="tokens_command", required=True)
     create = tokens_commands.add_parser("create", help="make a token and print it once")
     create.add_argument("--name", required=True)
-    create.add_argument("--scope", required=True, nargs="+", choices=auth.SCOPES)
+    # (given twice, `--scope admin --scope reports:read`, both are kept)
+    create.add_argument("--scope", required=True, nargs="+", action="extend",
+                        choices=auth.SCOPES)
     tokens_commands.add_parser("list", help="names, scopes, created, last used")
     revoke = tokens_commands.add_parser("revoke", help="revoke the live token of that name")
     revoke.add_argument("name")

@@ -1390,11 +1390,34 @@ def _run_json(row: asyncpg.Record, found: list[asyncpg.Record], total: int) -> d
     }
 
 
+# The figures of a discrepancy's sides that are money, and the field naming each one's currency:
+# the ledger's amount in the payment's (refund's, dispute's) currency, its fee, net and settled
+# amount in the settlement currency; all of a balance transaction's in its own.
+_LEDGER_MONEY = {"amount": "currency", "amount_held": "currency", "fee": "settlement_currency",
+                 "net": "settlement_currency", "settlement_amount": "settlement_currency"}
+_STRIPE_MONEY = {"amount": "currency", "fee": "currency", "net": "currency",
+                 "amount_settled": "currency"}
+
+
+def _money_side(side: Any, money: Mapping[str, str]) -> Any:
+    """A discrepancy's side with its money as money objects, as everywhere in the API (the
+    side's other fields, its `currency` among them, as they are)."""
+    if not isinstance(side, dict):
+        return side
+    out = dict(side)
+    for name, currency in money.items():
+        value = side.get(name)
+        if isinstance(value, int) and not isinstance(value, bool):
+            out[name] = {"amount": value, "currency": side.get(currency)}
+    return out
+
+
 def _discrepancy_json(d: asyncpg.Record) -> dict[str, Any]:
     return {
         "id": d["id"], "kind": d["kind"], "object": d["object"], "stripe_id": d["stripe_id"],
-        "balance_transaction": d["balance_transaction"], "ledger": d["ledger"],
-        "stripe": d["stripe"], "repaired": d["repaired"],
+        "balance_transaction": d["balance_transaction"],
+        "ledger": _money_side(d["ledger"], _LEDGER_MONEY),
+        "stripe": _money_side(d["stripe"], _STRIPE_MONEY), "repaired": d["repaired"],
         "found_at": rfc3339(d["found_at"]), "resolved_at": rfc3339(d["resolved_at"]),
         "acknowledged": None if d["acknowledged_by"] is None else {
             "by": d["acknowledged_by"], "note": d["acknowledged_note"]},

@@ -499,7 +499,9 @@ async def test_runs_are_listed_for_reports_read_and_counted_in_metrics(
     [found] = run["discrepancies"]
     assert (found["kind"], found["stripe_id"], found["repaired"]) == (
         "amount_mismatch", paid.charge, False)
-    assert (found["ledger"]["amount"], found["stripe"]["amount"]) == (4000, 4001)
+    gbp = {"currency": "gbp"}
+    assert (found["ledger"]["amount"], found["stripe"]["amount"]) == (
+        {"amount": 4000, **gbp}, {"amount": 4001, **gbp})
     bad = await client.get("/v1/reconciliation/runs?limit=0",
                            headers={"Authorization": f"Bearer {reader}"})
     assert bad.status == 400
@@ -1984,3 +1986,44 @@ async def test_a_partial_capture_settles_and_counts_the_captured_amount(
     settled = pcap.authorisation["amount"] + pcap.reversal["amount"]
     net = pcap.authorisation["net"] + pcap.reversal["net"]
     assert (row["amount"], row["settlement_amount"], row["net"]) == (1500, settled, net)
+
+
+async def test_reconciliation_runs_give_the_discrepancies_money_as_money_objects(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """CONTRACT, Conventions: "Money in JSON is `{"amount": <integer, minor units>, "currency":
+    "<ISO 4217, lower-case>"}`"; HTTP: "`GET /v1/reconciliation/runs` | reports:read | recent
+    reconciliation runs and their discrepancies".
+
+    A fee that Stripe's balance transaction and the ledger disagree on is listed with the
+    ledger's and Stripe's figures as bare integers (`"fee": 58`, `"net": 2442`,
+    `"settlement_amount": 2500`, `"amount": 2500` beside a separate `"currency"`), not as money
+    objects."""
+    world = World(seed=605)
+    paid = world.one_off(5000, "usd")
+    await post_all(client, world.events)
+    async with stripe_against(world) as (_, stripe_client):
+        await reconcile_world(pool, stripe_client, world)
+        bt = world.balance_transactions[str(paid.balance_transaction)]
+        bt["fee"] += 7
+        bt["net"] -= 7
+        result = await reconcile_world(pool, stripe_client, world)
+    assert [d.kind for d in result.open] == ["fee_mismatch"]
+
+    async with pool.acquire() as conn:
+        token = await auth.create_token(cast(asyncpg.Connection, conn), "finance",
+                                        ["reports:read"])
+    headers = {"Authorization": f"Bearer {token}"}
+    response = await client.get("/v1/reconciliation/runs", headers=headers)
+    assert response.status == 200
+    found = [d for run in (await response.json())["runs"] for d in run["discrepancies"]]
+    mismatch = next(d for d in found if d["kind"] == "fee_mismatch")
+    for side in ("ledger", "stripe"):
+        for name in ("amount", "fee", "net"):
+            value = mismatch[side][name]
+            assert set(value) == {"amount", "currency"} and isinstance(value["amount"], int), (
+                side, name, mismatch[side])
+    # the fee and net in the currency they settled in, the amount in the payment's
+    assert mismatch["ledger"]["amount"]["currency"] == "usd"
+    assert mismatch["ledger"]["fee"]["currency"] == mismatch["stripe"]["fee"]["currency"] \
+        == bt["currency"]

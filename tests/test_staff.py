@@ -299,3 +299,22 @@ async def test_campaigns_create_with_a_slug_ending_in_a_newline_is_one_line(
     assert "Traceback" not in err, err[-1500:]
     assert (code, len(lines)) == (1, 1), err[-1500:]
     assert "slug" in lines[0]
+
+
+async def test_tokens_create_with_the_scope_option_given_twice_keeps_both_scopes(
+    pool: asyncpg.Pool, dsn: str
+) -> None:
+    """CONTRACT, Command line: "`tokens create --name NAME --scope SCOPE…` (prints the token
+    once)"; Conventions: "Scopes: `reports:read`, `admin` (implies all)".
+
+    `--scope admin --scope reports:read` is the usual way to give an option several values; the
+    command accepts it (exit 0) and says the token was made, but keeps only the last `--scope`:
+    the token silently lacks `admin`."""
+    env = _env(DATABASE_URL=dsn)
+    code, out, err = await _run("tokens", "create", "--name", "ops", "--scope", "admin",
+                                "--scope", "reports:read", env=env)
+    assert code == 0, err
+    code, out, err = await _run("tokens", "list", env=env)
+    assert code == 0, err
+    row = next(line.split("\t") for line in out.splitlines() if line.startswith("ops\t"))
+    assert set(row[1].split(",")) == {"admin", "reports:read"}, row
