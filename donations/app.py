@@ -395,6 +395,23 @@ class _ConnectionHandler(RequestHandler):
         response.force_close()  # what follows on the connection cannot be read either
         return response
 
+    def data_received(self, data: bytes) -> None:
+        # aiohttp's shutdown marks every connection to close and from then on drops what
+        # arrives, the rest of a body being read included: the request in flight (a webhook
+        # on a slow link when SIGTERM comes) would wait for it until the shutdown's timeout
+        # and go unanswered. Its bytes are still taken; no request after it is served (the
+        # marks are back before the handler can look for another).
+        marked = (self._force_close, self._close)
+        if any(marked) and self._request_in_progress and self.transport is not None:
+            self._force_close = self._close = False
+            try:
+                super().data_received(data)
+            finally:
+                self._force_close = self._force_close or marked[0]
+                self._close = self._close or marked[1]
+            return
+        super().data_received(data)
+
     async def finish_response(self, request: BaseRequest, resp: web.StreamResponse,
                               start_time: float | None) -> tuple[web.StreamResponse, bool]:
         if isinstance(resp, web.HTTPException) and resp.status >= 400:

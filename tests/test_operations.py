@@ -946,3 +946,41 @@ async def test_an_empty_postmaster_pid_left_by_a_crash_is_removed_and_the_server
     assert "applied 0 migration(s)" in out
     assert "embedded_postgres_empty_pid_file" in err
     assert _postmaster(pgdata.parent) is None
+
+
+async def test_sigterm_while_a_webhooks_body_is_still_arriving_lets_it_finish(
+    pool: asyncpg.Pool, dsn: str, tmp_path: Path
+) -> None:
+    """CONTRACT: `serve` finishes requests in flight on SIGTERM, and answers a webhook 2xx once
+    its event is stored. A delivery whose body is still arriving when the signal comes (a slow
+    link, a large event) is in flight: the rest of its body is read, the event stored and
+    answered 200, and serve exits 0 at once after (aiohttp's shutdown stopped reading it: the
+    handler waited for bytes thrown away until the 30 s timeout dropped the connection)."""
+    world = World(seed=77, start=1_795_000_000)
+    world.one_off(2500, "gbp")
+    event = next(e for e in world.events if e["type"] == "charge.succeeded")
+    body, headers = signed_request(event, WEBHOOK_SECRET)
+    env = _env(DATABASE_URL=dsn, PORT=str(_free_port()), STRIPE_WEBHOOK_SECRET=WEBHOOK_SECRET,
+               LOG_LEVEL="warning")
+    log = tmp_path / "serve.log"
+    async with _serving(env, log) as process:
+        reader, writer = await asyncio.open_connection("127.0.0.1", int(env["PORT"]))
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        writer.write(f"POST /webhooks/stripe HTTP/1.1\r\nHost: x\r\n{head}"
+                     f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:100])
+        await writer.drain()
+        await asyncio.sleep(0.5)  # the handler waits for the rest of the body
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.5)
+        writer.write(body[100:])
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 20)
+        writer.close()
+        code = await asyncio.wait_for(process.wait(), 30)
+        took = time.monotonic() - signalled
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+    assert code == 0, log.read_text()[-2000:]
+    assert took < 10, f"serve took {took:.1f} s to stop"
+    assert await pool.fetchval("SELECT status FROM stripe_events WHERE id = $1",
+                               event["id"]) == "processed"
