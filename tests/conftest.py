@@ -109,11 +109,20 @@ async def dsn(server_dsn: str) -> AsyncIterator[str]:
         yield url
 
 
+# Which of them hold rows: TRUNCATE costs about 1.5 ms a table whether it holds any or not (57 ms
+# for all of them, before every test), a look costs next to nothing.
+_HOLDING_ROWS = " UNION ALL ".join(
+    f"SELECT '{table}' WHERE EXISTS (SELECT FROM {table})" for table in TABLES)  # noqa: S608
+
+
 async def empty_tables(pool: asyncpg.Pool) -> None:
-    """Empty every table the tests write to, before the test's app starts its background work."""
+    """Empty every table the tests write to, before the test's app starts its background work
+    (those that hold rows, and, CASCADE, whatever refers to them)."""
     for attempt in range(10):
         try:
-            await pool.execute(f"TRUNCATE {', '.join(TABLES)}")
+            holding = [r[0] for r in await pool.fetch(_HOLDING_ROWS)]
+            if holding:
+                await pool.execute(f"TRUNCATE {', '.join(holding)} CASCADE")
             return
         except asyncpg.DeadlockDetectedError:
             # a previous test's app may still be compacting totals as it shuts down
