@@ -504,8 +504,9 @@ def _closed_parents(data_dir: Path) -> list[tuple[Path, int]]:
 def _forget_dead_handles(path: Path) -> None:
     """Drop from the wheel's list of processes using the server those that no longer run. The
     wheel rewrites the list in place (truncated, then written): one left empty or cut short by a
-    process killed in between is read as no process (the wheel would otherwise fail on it at
-    every start), and each list is written whole under a temporary name, then renamed."""
+    process killed in between is read as no process, or, while a server runs there, as its
+    postmaster (the wheel would otherwise fail on it at every start), and each list is written
+    whole under a temporary name, then renamed."""
     try:
         pids = json.loads(path.read_text())
         if not isinstance(pids, list) or not all(type(pid) is int for pid in pids):
@@ -513,11 +514,18 @@ def _forget_dead_handles(path: Path) -> None:
     except FileNotFoundError:
         return
     except ValueError as exc:  # (a JSONDecodeError too)
+        # a server running there is another process's (a `serve` beside this command): its
+        # postmaster stands in for the processes the list named, so that the server is not
+        # stopped when this command exits (it then stays up after the last of them: the next
+        # run takes it over)
+        running = _postmaster_pid(path.parent)
         log.warning("embedded_postgres_process_list_unreadable", path=str(path),
-                    error=str(exc)[:200])
-        pids = None
-    alive = [pid for pid in pids or [] if _running(pid)]
-    if alive != pids:
+                    error=str(exc)[:200], server_kept_running=running is not None)
+        pids, unreadable = ([] if running is None else [running]), True
+    else:
+        unreadable = False
+    alive = [pid for pid in pids if _running(pid)]
+    if alive != pids or unreadable:
         written = path.with_name(path.name + ".new")
         written.write_text(json.dumps(alive))
         written.replace(path)
@@ -556,6 +564,17 @@ def _drop_stale_pid_file(pgdata: Path) -> None:
     if not ours:
         log.warning("embedded_postgres_stale_pid_file", pid=pid, process=name[:40])
         pid_file.unlink(missing_ok=True)
+
+
+def _postmaster_pid(pgdata: Path) -> int | None:
+    """The pid of a PostgreSQL running on `pgdata` (its postmaster.pid, checked in /proc)."""
+    try:
+        pid = int((pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
+        ours = (Path("/proc") / str(pid) / "comm").read_text().strip() == "postgres" \
+            and Path(os.readlink(Path("/proc") / str(pid) / "cwd")) == pgdata.resolve()
+    except (OSError, ValueError):
+        return None
+    return pid if ours else None
 
 
 def _postgres_in(pgdata: Path) -> bool:

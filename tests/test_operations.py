@@ -984,3 +984,34 @@ async def test_sigterm_while_a_webhooks_body_is_still_arriving_lets_it_finish(
     assert took < 10, f"serve took {took:.1f} s to stop"
     assert await pool.fetchval("SELECT status FROM stripe_events WHERE id = $1",
                                event["id"]) == "processed"
+
+
+async def test_a_command_run_beside_serve_after_a_cut_short_process_list_leaves_the_server_up(
+    embedded_tmp: Path,
+) -> None:
+    """The wheel stops the embedded PostgreSQL when the last process on its list
+    (pgdata/.handle_pids.json) exits. `serve` runs on the server; the list is then left empty
+    by a process killed while rewriting it (what db._forget_dead_handles now reads "as no
+    process"). A `donations migrate` beside it must start and exit without taking the database
+    away from the running `serve`: expected, after it, serve still ready (its database up).
+    Today the unreadable list is rewritten as [] (every live user of the server forgotten), the
+    command adds only itself, and on exit, the "last" one, stops the server under serve."""
+    data = embedded_tmp / "data"
+    port = str(_free_port())
+    env = _env(DONATIONS_DATA_DIR=str(data), PORT=port, LOG_LEVEL="warning")
+    log = embedded_tmp / "serve.log"
+    try:
+        async with _serving(env, log):
+            pids_file = data / "pgdata" / ".handle_pids.json"
+            assert json.loads(pids_file.read_text())  # serve is on it
+            pids_file.write_text("")  # a process killed between the truncate and the write
+            code, _, err = await _run("migrate", env=env)
+            assert code == 0, err[-1500:]
+            await asyncio.sleep(1)
+            async with aiohttp.ClientSession() as session, \
+                    session.get(f"http://127.0.0.1:{port}/readyz") as ready:
+                status, body = ready.status, await ready.text()
+            assert _postmaster(data) is not None, "the embedded server was stopped"
+            assert status == 200, (status, body)
+    finally:
+        _stop_postmaster(data)

@@ -48,7 +48,8 @@ UPGRADE = ("019_payments_settled_at.sql", "020_founding_coupon_used_up.sql",
            "033_subscription_period_progress.sql", "034_founding_holds_per_site.sql",
            "035_supporter_emails.sql", "036_one_off_invoices.sql",
            "037_booked_debits_by_transaction.sql", "038_coupon_progress.sql",
-           "039_failed_debits.sql", "040_booked_debits_indexes_dropped.sql")
+           "039_failed_debits.sql", "040_booked_debits_indexes_dropped.sql",
+           "041_failed_debits_fees.sql")
 
 # Run with the 018-era code (cwd: its tree): fill a database at 018 as that code would.
 POPULATE = r'''

@@ -17,7 +17,7 @@ from pytest_aiohttp import AiohttpClient
 
 from donations.app import create_app
 from donations.events import PINNED_API_VERSION, NotAnEvent, parse_event
-from donations.ingest import Outcome, ingest_many, retry_unfinished
+from donations.ingest import Outcome, ingest_many, reapply, retry_unfinished
 from donations.ledger import FoundingOffer
 from donations.openapi import SPEC
 from donations.reconcile import PAGE_MAX
@@ -938,3 +938,50 @@ async def test_a_thin_event_of_a_handled_type_is_stored_and_ignored(
                               event["id"])
     assert row is not None and row["status"] == "ignored"
     assert row["created"].isoformat() == "2026-11-28T02:00:00+00:00"
+
+
+async def test_the_pinned_copy_replacing_one_set_aside_is_the_snapshot_kept(
+    client: Client, pool: asyncpg.Pool
+) -> None:
+    """An event stored `needs_attention` in an older API version (listed by reconciliation)
+    and then delivered in the pinned version is applied from the pinned copy, which replaces
+    the stored one (ingest._apply, store.finish_event). Expected: the snapshot kept for the
+    object (stripe_objects.data, what every later derivation reads) is the pinned copy's
+    object, so the ledger is the one the pinned events describe, and stays so when the
+    subscription is derived again (`events reapply`, or any later event about it). What
+    happens: put_snapshot copies `data.object` from the stored event's body *before*
+    finish_event replaces that body, so the older copy's object is kept under the pinned
+    copy's version; the row is right only until the next derivation, which loses the
+    subscription's current period (read from its items in the pinned shape)."""
+    world = World(seed=303)
+    started = world.subscribe(1000, "gbp")
+    activated = [e for e in world.events if e["type"] == "customer.subscription.updated"
+                 and e["data"]["object"]["status"] == "active"]
+    pinned = activated[0]
+    for event in world.events:
+        if event is not pinned:
+            status, body = await post_event(client, event)
+            assert status == 200, (event["type"], body)
+    older = copy.deepcopy(pinned)
+    older["api_version"] = OLD_VERSION
+    sub = older["data"]["object"]
+    item = sub["items"]["data"][0]
+    sub["current_period_start"] = item.pop("current_period_start")
+    sub["current_period_end"] = item.pop("current_period_end")
+    (outcome,) = await ingest_many(pool, [(parse_event(older), json.dumps(older))],
+                                   FoundingOffer(), source="reconcile")
+    assert outcome is Outcome.NEEDS_ATTENTION
+    status, body = await post_event(client, pinned)
+    assert (status, body.get("outcome")) == (200, "processed"), body
+
+    kept = await pool.fetchval("SELECT data FROM stripe_objects WHERE id = $1",
+                               started.subscription)
+    kept = json.loads(kept) if isinstance(kept, str) else kept
+    expected = reference(world.events)["subscriptions"][started.subscription]
+    assert (await dump(pool))["subscriptions"][started.subscription] == expected
+    # derived again from what is kept (as `events reapply` or the next event does)
+    await reapply(pool, FoundingOffer(), "customer.subscription.%")
+    after = (await dump(pool))["subscriptions"][started.subscription]
+    assert (after["current_period_start"], after["current_period_end"]) == (
+        expected["current_period_start"], expected["current_period_end"]), after
+    assert kept == pinned["data"]["object"]
