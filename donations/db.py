@@ -557,39 +557,36 @@ def _drop_stale_pid_file(pgdata: Path) -> None:
         name = (proc / str(pid) / "comm").read_text().strip()
     except (OSError, ValueError):
         return  # no /proc, or no such process
-    try:
-        ours = name == "postgres" and Path(os.readlink(proc / str(pid) / "cwd")) == pgdata.resolve()
-    except OSError:  # another user's process: not a server this service started
-        ours = False
-    if not ours:
+    if not _postgres_of(pid, pgdata):
         log.warning("embedded_postgres_stale_pid_file", pid=pid, process=name[:40])
         pid_file.unlink(missing_ok=True)
+
+
+def _postgres_of(pid: int, pgdata: Path) -> bool:
+    """Whether process `pid` is a PostgreSQL running in `pgdata`, as /proc tells (False for one
+    gone, or another user's)."""
+    proc = Path("/proc") / str(pid)
+    try:
+        return (proc / "comm").read_text().strip() == "postgres" \
+            and Path(os.readlink(proc / "cwd")) == pgdata.resolve()
+    except OSError:
+        return False
 
 
 def _postmaster_pid(pgdata: Path) -> int | None:
     """The pid of a PostgreSQL running on `pgdata` (its postmaster.pid, checked in /proc)."""
     try:
         pid = int((pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
-        ours = (Path("/proc") / str(pid) / "comm").read_text().strip() == "postgres" \
-            and Path(os.readlink(Path("/proc") / str(pid) / "cwd")) == pgdata.resolve()
     except (OSError, ValueError):
         return None
-    return pid if ours else None
+    return pid if _postgres_of(pid, pgdata) else None
 
 
 def _postgres_in(pgdata: Path) -> bool:
-    """Whether a PostgreSQL process (of any user whose processes /proc shows) runs in
+    """Whether any PostgreSQL process (of the users whose processes /proc shows) runs in
     `pgdata`."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if (entry / "comm").read_text().strip() == "postgres" \
-                    and Path(os.readlink(entry / "cwd")) == pgdata.resolve():
-                return True
-        except OSError:  # gone meanwhile, or another user's
-            continue
-    return False
+    return any(_postgres_of(int(entry.name), pgdata)
+               for entry in Path("/proc").iterdir() if entry.name.isdigit())
 
 
 def _running(pid: int) -> bool:

@@ -164,11 +164,7 @@ def parse_event(body: dict[str, Any]) -> Event:
         return _thin_event(body)
     if not isinstance(body, dict) or body.get("object") != "event":
         raise NotAnEvent("the body is not a Stripe event (object must be 'event')")
-    event_id, event_type = body.get("id"), body.get("type")
-    if not isinstance(event_id, str) or not _EVENT_ID.match(event_id):
-        raise NotAnEvent("the event has no valid id")
-    if not isinstance(event_type, str) or not event_type:
-        raise NotAnEvent("the event has no type")
+    event_id, event_type = _id_and_type(body)
     created = body.get("created")
     if (isinstance(created, bool) or not isinstance(created, int)
             or not 0 <= created <= _LAST_SECOND):
@@ -192,16 +188,22 @@ def parse_event(body: dict[str, Any]) -> Event:
     )
 
 
-def _thin_event(body: dict[str, Any]) -> Event:
-    """A thin event, as an event destination sends them (`v2.core.event`: its `created` in
-    RFC 3339, the object it is about named in `related_object`, not included): nothing the
-    ledger reads, so it stands with no object (stored and ignored, acknowledged so that Stripe
-    does not retry it for days and disable the destination)."""
+def _id_and_type(body: dict[str, Any]) -> tuple[str, str]:
+    """An event's id and type, of either shape; NotAnEvent when one is missing or malformed."""
     event_id, event_type = body.get("id"), body.get("type")
     if not isinstance(event_id, str) or not _EVENT_ID.match(event_id):
         raise NotAnEvent("the event has no valid id")
     if not isinstance(event_type, str) or not event_type:
         raise NotAnEvent("the event has no type")
+    return event_id, event_type
+
+
+def _thin_event(body: dict[str, Any]) -> Event:
+    """A thin event, as an event destination sends them (`v2.core.event`: its `created` in
+    RFC 3339, the object it is about named in `related_object`, not included): nothing the
+    ledger reads, so it stands with no object (stored and ignored, acknowledged so that Stripe
+    does not retry it for days and disable the destination)."""
+    event_id, event_type = _id_and_type(body)
     created = body.get("created")
     try:
         when = datetime.fromisoformat(str(created)) if isinstance(created, str) else None

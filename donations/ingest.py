@@ -205,12 +205,11 @@ async def _apply(
             if status in FINAL and not readable:
                 outcomes[event_id] = Outcome.DUPLICATE
                 continue
-            if readable:  # (first: the snapshot kept is taken from the stored body)
-                await store.finish_event(conn, event_id, outcome.value, (raw, event.api_version))
+            # (before the snapshot: it is taken from the stored body, the copy's when replaced)
+            await store.finish_event(conn, event_id, outcome.value,
+                                     (raw, event.api_version) if readable else None)
             if snapshot is not None and await store.put_snapshot(conn, snapshot, event_id):
                 changed.append(snapshot)
-            if not readable:
-                await store.finish_event(conn, event_id, outcome.value)
             outcomes[event_id] = outcome
 
     await apply_snapshots(conn, changed, offer, plan)

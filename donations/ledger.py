@@ -369,8 +369,8 @@ def derive_payment(key: str, cluster: Cluster) -> PaymentRow | None:
     )
     return PaymentRow(
         payment_key=key,
-        kind="recurring" if subscription else "one_off",  # (an invoice of no subscription: a
-        # one-off sent from the Dashboard, a Payment Link's receipt, is a one-off gift)
+        # (an invoice of no subscription, one sent from the Dashboard, is a one-off gift)
+        kind="recurring" if subscription else "one_off",
         status=status,
         currency=currency,
         amount=amount,

@@ -963,8 +963,8 @@ async def _compare(state: _Run, start: int, end: int, *, reexamine: bool
             "WHERE id = any($1::text[])", list(by_object["dispute"]) + [
                 i for o, i in missing_at_stripe if o == "dispute"])}
         # A bank debit's earlier try, booked by Stripe and reversed when the bank refused it,
-        # whose payment a later charge of the same payment intent collected: the payment keeps
-        # that try's two transactions (sql/032), found by their ids (the partial index).
+        # whose payment a later charge of the same payment intent collected: failed_debits
+        # (sql/039) keeps that try's two transactions with its payment, by its charge.
         others = [charge for charge in by_object["payment"] if charge not in payments]
         tries = {r["charge"]: {r["booked"], r["failure"]} for r in await conn.fetch(
             _EARLIER_TRIES, others)} if others else {}

@@ -108,8 +108,8 @@ class Settings:
             database_url=get.secret("DATABASE_URL", check=_check_database_url),
             data_dir=get.folder("DONATIONS_DATA_DIR", ".donations"),
             host=get.host("HOST", "127.0.0.1"),
-            port=get.integer("PORT", 8080, low=1, high=65535),  # (0, "any free port", would leave
-            # nobody knowing where the service listens)
+            # (not 0, "any free port": nobody would know where the service listens)
+            port=get.integer("PORT", 8080, low=1, high=65535),
             stripe_secret_key=get.secret("STRIPE_SECRET_KEY", check=_check_stripe_key),
             stripe_webhook_secrets=get.secrets("STRIPE_WEBHOOK_SECRET", prefix="whsec_"),
             stripe_api_base=get.url("STRIPE_API_BASE"),

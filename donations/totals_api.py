@@ -54,8 +54,13 @@ class Entry:
         if age <= 0:
             return self.headers, self.json_headers
         if (found := self.aged.get(age)) is None:
-            found = self.aged[age] = (_aged(self.headers, age), _aged(self.json_headers, age))
+            found = (_aged(self.headers, age), _aged(self.json_headers, age))
+            if len(self.aged) < _AGES_KEPT:  # (figures served stale through an outage age on)
+                self.aged[age] = found
         return found
+
+
+_AGES_KEPT = 64  # an entry's headers kept made for this many ages (a TTL's worth, usually)
 
 
 def _aged(headers: CIMultiDict[str], age: int) -> CIMultiDict[str]:

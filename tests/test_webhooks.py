@@ -879,6 +879,34 @@ async def test_a_thin_event_is_acknowledged_not_refused(
     assert 200 <= status < 300, (status, body)
 
 
+async def _set_aside_in_an_older_version(
+    client: Client, pool: asyncpg.Pool
+) -> tuple[World, Any, dict[str, Any]]:
+    """A subscription's events delivered but the one that makes it active, whose copy in the
+    account's older default version (as `GET /v1/events` lists it) reconciliation stored
+    `needs_attention`: the World, the subscription, and that event in the pinned version."""
+    world = World(seed=303)
+    started = world.subscribe(1000, "gbp")
+    activated = [e for e in world.events if e["type"] == "customer.subscription.updated"
+                 and e["data"]["object"]["status"] == "active"]
+    assert len(activated) == 1
+    pinned = activated[0]
+    for event in world.events:
+        if event is not pinned:
+            status, body = await post_event(client, event)
+            assert status == 200, (event["type"], body)
+    older = copy.deepcopy(pinned)
+    older["api_version"] = OLD_VERSION
+    sub = older["data"]["object"]
+    item = sub["items"]["data"][0]
+    sub["current_period_start"] = item.pop("current_period_start")
+    sub["current_period_end"] = item.pop("current_period_end")
+    (outcome,) = await ingest_many(pool, [(parse_event(older), json.dumps(older))],
+                                   FoundingOffer(), source="reconcile")
+    assert outcome is Outcome.NEEDS_ATTENTION
+    return world, started, pinned
+
+
 async def test_the_pinned_copy_of_an_event_set_aside_in_an_older_version_is_applied(
     client: Client, pool: asyncpg.Pool
 ) -> None:
@@ -892,26 +920,7 @@ async def test_the_pinned_copy_of_an_event_set_aside_in_an_older_version_is_appl
     --include-attention` only reads the stored older copy again), and the subscription stays
     `incomplete` instead of `active` (active subscriptions, monthly recurring). Expected: the
     copy the service understands is applied (processed), whichever copy came first."""
-    world = World(seed=303)
-    started = world.subscribe(1000, "gbp")
-    activated = [e for e in world.events if e["type"] == "customer.subscription.updated"
-                 and e["data"]["object"]["status"] == "active"]
-    assert len(activated) == 1
-    pinned = activated[0]
-    for event in world.events:
-        if event is not pinned:
-            status, body = await post_event(client, event)
-            assert status == 200, (event["type"], body)
-    older = copy.deepcopy(pinned)
-    older["api_version"] = OLD_VERSION  # the account's default version, as /v1/events has it
-    sub = older["data"]["object"]
-    item = sub["items"]["data"][0]
-    sub["current_period_start"] = item.pop("current_period_start")
-    sub["current_period_end"] = item.pop("current_period_end")
-    (outcome,) = await ingest_many(pool, [(parse_event(older), json.dumps(older))],
-                                   FoundingOffer(), source="reconcile")
-    assert outcome is Outcome.NEEDS_ATTENTION
-
+    _, started, pinned = await _set_aside_in_an_older_version(client, pool)
     status, body = await post_event(client, pinned)  # Stripe's retry, in the pinned version
     row = await pool.fetchrow("SELECT status FROM subscriptions WHERE id = $1",
                               started.subscription)
@@ -953,24 +962,7 @@ async def test_the_pinned_copy_replacing_one_set_aside_is_the_snapshot_kept(
     finish_event replaces that body, so the older copy's object is kept under the pinned
     copy's version; the row is right only until the next derivation, which loses the
     subscription's current period (read from its items in the pinned shape)."""
-    world = World(seed=303)
-    started = world.subscribe(1000, "gbp")
-    activated = [e for e in world.events if e["type"] == "customer.subscription.updated"
-                 and e["data"]["object"]["status"] == "active"]
-    pinned = activated[0]
-    for event in world.events:
-        if event is not pinned:
-            status, body = await post_event(client, event)
-            assert status == 200, (event["type"], body)
-    older = copy.deepcopy(pinned)
-    older["api_version"] = OLD_VERSION
-    sub = older["data"]["object"]
-    item = sub["items"]["data"][0]
-    sub["current_period_start"] = item.pop("current_period_start")
-    sub["current_period_end"] = item.pop("current_period_end")
-    (outcome,) = await ingest_many(pool, [(parse_event(older), json.dumps(older))],
-                                   FoundingOffer(), source="reconcile")
-    assert outcome is Outcome.NEEDS_ATTENTION
+    world, started, pinned = await _set_aside_in_an_older_version(client, pool)
     status, body = await post_event(client, pinned)
     assert (status, body.get("outcome")) == (200, "processed"), body
 
